@@ -14,6 +14,7 @@ import {
   PROTOCOL_VERSION,
   ToListener,
   UsageError,
+  checkFlags,
   createPrinter,
   decode,
   dial,
@@ -548,8 +549,8 @@ function env(name: string): string | undefined {
 export const command = defineCommand({
   meta: { name: "client", version: "0.1.0", description: "Peer node: registers with a contact registry and greets the other nodes." },
   args: {
-    registryHost: { type: "positional", required: false, description: "Registry host [env REGISTRY_HOST]" },
-    registryPort: { type: "positional", required: false, description: "Registry port [env REGISTRY_PORT]" },
+    "registry-host": { type: "positional", required: false, description: "Registry host [env REGISTRY_HOST]" },
+    "registry-port": { type: "positional", required: false, description: "Registry port [env REGISTRY_PORT]" },
     json: { type: "boolean", description: "One JSON event per line on stdout [env LOG_JSON=1]" },
     listen: { type: "string", description: "Address to listen on for greetings [env NODE_LISTEN, default ::, all interfaces]" },
     port: { type: "string", description: "Port to listen on [env NODE_PORT, default 0: the OS picks]" },
@@ -562,8 +563,9 @@ export const command = defineCommand({
     "greet-retries": { type: "string", description: `Extra attempts per greeting [env NODE_GREET_RETRIES, default ${DEFAULTS.greetRetries}]` },
     "reconnect-max": { type: "string", description: `Cap of the reconnect backoff in ms [env NODE_RECONNECT_MAX_MS, default ${DEFAULTS.reconnectMaxMs}]` },
   },
-  async run({ args }) {
+  async run({ args, rawArgs }) {
     await runCli(async () => {
+      checkFlags(rawArgs, command.args as Record<string, { type?: string }>);
       const flag = (key: keyof typeof args, envName: string) => {
         const v = args[key];
         return v === undefined || v === "" ? env(envName) : String(v);
@@ -572,8 +574,8 @@ export const command = defineCommand({
         const v = flag(key, envName);
         return v === undefined ? undefined : intArg(String(key), v, min);
       };
-      const registryHost = flag("registryHost", "REGISTRY_HOST");
-      const portText = flag("registryPort", "REGISTRY_PORT");
+      const registryHost = flag("registry-host", "REGISTRY_HOST");
+      const portText = flag("registry-port", "REGISTRY_PORT");
       if (!registryHost) throw new UsageError("missing the registry address: bun client.ts <registry-host> <registry-port>");
       if (portText === undefined) throw new UsageError("missing the registry port: bun client.ts <registry-host> <registry-port>");
       const registryPort = parsePort(portText, false);

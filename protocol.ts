@@ -575,6 +575,20 @@ export function intArg(name: string, value: unknown, min = 0): number {
   return Number(text);
 }
 
+/**
+ * citty ignores flags it does not know; a mistyped `--tokn` silently dropping
+ * the token is worse than refusing to start, so unknown flags are usage errors.
+ */
+export function checkFlags(rawArgs: string[], known: Record<string, { type?: string }>): void {
+  for (const arg of rawArgs) {
+    if (arg === "--") break;
+    if (!arg.startsWith("-") || /^-\d/.test(arg)) continue;
+    const name = arg.replace(/^--?/, "").split("=")[0]!;
+    const def = known[name] ?? (name.startsWith("no-") ? known[name.slice(3)] : undefined);
+    if (!def || def.type === "positional") throw new UsageError(`unknown option ${arg.split("=")[0]}`);
+  }
+}
+
 /** A bad command line: the scripts print it and exit 2. */
 export class UsageError extends Error {
   override name = "UsageError";

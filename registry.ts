@@ -15,6 +15,7 @@ import {
   PROTOCOL_VERSION,
   ToRegistry,
   UsageError,
+  checkFlags,
   createPrinter,
   decode,
   dial,
@@ -72,7 +73,7 @@ export interface RegistryStats {
   pairsGreeted: number;
   pairsExpected: number;
   /** Registration latency (register received -> reply sent) percentiles, ms, over a recent window. */
-  latencyMs: { p50: number; p90: number; p99: number; max: number; count: number };
+  latencyMs: { p50: number; p90: number; p99: number; max: number; count: number; /** Of every registration since start. */ sum: number };
   startedAt: number;
   /** Time the mesh last became complete after the last join, ms since the join (null while incomplete). */
   meshCompleteMs: number | null;
@@ -140,6 +141,7 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
     rejected: {} as Partial<Record<ErrorCode, number>>,
     latencies: new Float64Array(4096),
     latencyCount: 0,
+    latencySumMs: 0,
     pairsGreeted: 0,
     lastJoinAt: 0,
     meshCompleteMs: null as number | null,
@@ -318,7 +320,9 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
     stats.registrations++;
     stats.lastJoinAt = performance.now();
     stats.meshCompleteMs = nodes.size < 2 ? 0 : null;
-    stats.latencies[stats.latencyCount++ % stats.latencies.length] = performance.now() - started;
+    const latency = performance.now() - started;
+    stats.latencies[stats.latencyCount++ % stats.latencies.length] = latency;
+    stats.latencySumMs += latency;
     emit({ event: "node-registered", id: entry.id, host, port: entry.port, name: entry.name, source, nodes: nodes.size, seq });
   }
 
@@ -446,7 +450,7 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
         seq,
         pairsGreeted: stats.pairsGreeted,
         pairsExpected: (nodes.size * (nodes.size - 1)) / 2,
-        latencyMs: { p50: pct(0.5), p90: pct(0.9), p99: pct(0.99), max: n ? round(sorted[n - 1]!) : 0, count: stats.latencyCount },
+        latencyMs: { p50: pct(0.5), p90: pct(0.9), p99: pct(0.99), max: n ? round(sorted[n - 1]!) : 0, count: stats.latencyCount, sum: round(stats.latencySumMs) },
         startedAt: stats.startedAt,
         meshCompleteMs: stats.meshCompleteMs === null ? null : round(stats.meshCompleteMs),
       };
@@ -588,8 +592,9 @@ export const command = defineCommand({
     http: { type: "string", description: "Serve the status API and live page on this port [env REGISTRY_HTTP_PORT]" },
     "http-host": { type: "string", description: "Address for the status page [env REGISTRY_HTTP_HOST, default: same as host]" },
   },
-  async run({ args }) {
+  async run({ args, rawArgs }) {
     await runCli(async () => {
+      checkFlags(rawArgs, command.args as Record<string, { type?: string }>);
       const flag = (key: keyof typeof args, envName: string) => {
         const v = args[key];
         return v === undefined || v === "" ? env(envName) : String(v);

@@ -128,7 +128,10 @@ export class Proc {
 async function readLines(stream: ReadableStream<Uint8Array>, onLine: (line: string) => void): Promise<void> {
   const decoder = new TextDecoder();
   let rest = "";
-  for await (const chunk of stream) {
+  const reader = stream.getReader();
+  for (;;) {
+    const { value: chunk, done } = await reader.read();
+    if (done) break;
     rest += decoder.decode(chunk, { stream: true });
     let nl: number;
     while ((nl = rest.indexOf("\n")) >= 0) {
