@@ -562,6 +562,9 @@ export const command = defineCommand({
     "greet-concurrency": { type: "string", description: `Greetings in flight at once [env NODE_GREET_CONCURRENCY, default ${DEFAULTS.greetConcurrency}]` },
     "greet-retries": { type: "string", description: `Extra attempts per greeting [env NODE_GREET_RETRIES, default ${DEFAULTS.greetRetries}]` },
     "reconnect-max": { type: "string", description: `Cap of the reconnect backoff in ms [env NODE_RECONNECT_MAX_MS, default ${DEFAULTS.reconnectMaxMs}]` },
+    "max-line": { type: "string", description: `Longest line the greeting listener accepts, bytes [env NODE_MAX_LINE, default ${DEFAULTS.maxLineBytes}]` },
+    "inbound-timeout": { type: "string", description: `Lifetime of an inbound greeting connection, ms [env NODE_INBOUND_TIMEOUT_MS, default ${DEFAULTS.inboundTimeoutMs}]` },
+    "max-inbound": { type: "string", description: `Open inbound greeting connections at most [env NODE_MAX_INBOUND, default ${DEFAULTS.maxInboundConns}]` },
   },
   async run({ args, rawArgs }) {
     await runCli(async () => {
@@ -606,6 +609,9 @@ export const command = defineCommand({
         greetConcurrency: num("greet-concurrency", "NODE_GREET_CONCURRENCY", 1),
         greetRetries: num("greet-retries", "NODE_GREET_RETRIES"),
         reconnectMaxMs: num("reconnect-max", "NODE_RECONNECT_MAX_MS", 1),
+        maxLineBytes: num("max-line", "NODE_MAX_LINE", 64),
+        inboundTimeoutMs: num("inbound-timeout", "NODE_INBOUND_TIMEOUT_MS", 1),
+        maxInboundConns: num("max-inbound", "NODE_MAX_INBOUND", 1),
         onEvent: print,
       });
       const shutdown = async () => {
