@@ -1,0 +1,373 @@
+/**
+ * The wire format without sockets: NDJSON framing under every way TCP can cut
+ * a stream, the schemas (each accepts its documented example, rejects bad
+ * input with a code and a field path), and the address parsers.
+ */
+import { describe, expect, test } from "bun:test";
+import type * as v from "valibot";
+import {
+  ErrorMessage,
+  FromListener,
+  FromRegistry,
+  Hello,
+  Joined,
+  Leave,
+  Left,
+  LineSplitter,
+  PING_LINE,
+  PONG_LINE,
+  Ping,
+  Pong,
+  Probe,
+  ProbeOk,
+  Receipt,
+  Register,
+  Registered,
+  Snapshot,
+  Sync,
+  ToListener,
+  ToRegistry,
+  Welcome,
+  decode,
+  encode,
+  normalizeHost,
+  parseHostPort,
+  parsePort,
+  type Message,
+} from "../protocol.ts";
+
+const utf8 = new TextEncoder();
+
+/** Documented examples (docs/PROTOCOL.md), as values; the tables below reuse them. */
+const examples = {
+  register: {
+    type: "register",
+    v: 1,
+    id: "9f86d081884c7d65",
+    port: 40000,
+    host: "192.0.2.10",
+    name: "alice",
+    token: "s3cret",
+  } satisfies Message,
+  registered: {
+    type: "registered",
+    v: 1,
+    boot: "5f3e9a1c0b7d2e44",
+    seq: 2,
+    heartbeat: 2000,
+    timeout: 6000,
+    self: { id: "9f86d081884c7d65", host: "192.0.2.10", port: 40000, name: "alice" },
+    peers: [{ id: "2c26b46b68ffc68f", host: "192.0.2.7", port: 40001 }],
+  } satisfies Message,
+  hello: { type: "hello", v: 1, id: "9f86d081884c7d65", host: "192.0.2.10", port: 40000, name: "alice" } satisfies Message,
+};
+
+describe("LineSplitter", () => {
+  test("one byte at a time yields the same lines as one chunk", () => {
+    const text = '{"type":"ping"}\n{"type":"register","v":1,"id":"a","port":1}\nlast\n';
+    const { lines, overflows, push } = splitter(1024);
+    for (const b of utf8.encode(text)) expect(push(Uint8Array.of(b))).toBe(true);
+    expect(lines).toEqual(['{"type":"ping"}', '{"type":"register","v":1,"id":"a","port":1}', "last"]);
+    expect(overflows()).toBe(0);
+  });
+
+  test("two lines in one chunk", () => {
+    const { lines, push } = splitter(1024);
+    push(utf8.encode("first\nsecond\n"));
+    expect(lines).toEqual(["first", "second"]);
+  });
+
+  test("one line over three chunks, emitted only when whole", () => {
+    const { lines, push } = splitter(1024);
+    push(utf8.encode('{"type":'));
+    push(utf8.encode('"pi'));
+    expect(lines).toEqual([]);
+    push(utf8.encode('ng"}\n'));
+    expect(lines).toEqual(['{"type":"ping"}']);
+  });
+
+  test("a partial line waits for the next chunk and the rest of that chunk is kept", () => {
+    const { lines, push } = splitter(1024);
+    push(utf8.encode("a\nb"));
+    expect(lines).toEqual(["a"]);
+    push(utf8.encode("c\nd\ne"));
+    expect(lines).toEqual(["a", "bc", "d"]);
+    push(utf8.encode("\n"));
+    expect(lines).toEqual(["a", "bc", "d", "e"]);
+  });
+
+  // Every cut position inside each character: a decoder working per chunk would produce U+FFFD.
+  const chars = [
+    ["é (2 bytes)", "é"],
+    ["€ (3 bytes)", "€"],
+    ["🙂 (4 bytes)", "🙂"],
+  ] as const;
+  test.each(chars)("multi-byte UTF-8 %s split inside the character survives", (_label, ch) => {
+    const line = `{"name":"caf${ch}${ch}"}`;
+    const bytes = utf8.encode(line + "\n");
+    const charStart = utf8.encode(`{"name":"caf`).byteLength;
+    const charLen = utf8.encode(ch).byteLength;
+    for (let cut = charStart + 1; cut < charStart + charLen; cut++) {
+      const { lines, push } = splitter(1024);
+      push(bytes.subarray(0, cut));
+      push(bytes.subarray(cut));
+      expect(lines).toEqual([line]);
+    }
+    // and byte by byte, so every character of the line is cut somewhere
+    const { lines, push } = splitter(1024);
+    for (const b of bytes) push(Uint8Array.of(b));
+    expect(lines).toEqual([line]);
+    expect(lines[0]).not.toContain("\uFFFD");
+  });
+
+  test("CRLF line endings are tolerated, also with CR and LF in different chunks", () => {
+    const { lines, push } = splitter(1024);
+    push(utf8.encode("one\r\ntwo\r"));
+    push(utf8.encode("\nthree\n"));
+    expect(lines).toEqual(["one", "two", "three"]);
+  });
+
+  test("empty lines (LF or CRLF alone) are skipped", () => {
+    const { lines, push } = splitter(1024);
+    push(utf8.encode("\n\n\r\na\n\n"));
+    push(utf8.encode("\n"));
+    push(utf8.encode("b\n"));
+    expect(lines).toEqual(["a", "b"]);
+  });
+
+  test("a line of exactly the cap is accepted, one byte more overflows", () => {
+    const cap = 16;
+    const ok = splitter(cap);
+    expect(ok.push(utf8.encode("x".repeat(cap) + "\n"))).toBe(true);
+    expect(ok.lines).toEqual(["x".repeat(cap)]);
+    expect(ok.overflows()).toBe(0);
+
+    // The CR of a CRLF is part of the line ending, not of the line.
+    const crlf = splitter(cap);
+    expect(crlf.push(utf8.encode("c".repeat(cap) + "\r\n"))).toBe(true);
+    expect(crlf.lines).toEqual(["c".repeat(cap)]);
+
+    const over = splitter(cap);
+    expect(over.push(utf8.encode("x".repeat(cap + 1) + "\n"))).toBe(false);
+    expect(over.lines).toEqual([]);
+    expect(over.overflows()).toBe(1);
+  });
+
+  test("a partial line is reported as overflow as soon as it passes the cap, without a newline", () => {
+    const cap = 64;
+    const { lines, overflows, push } = splitter(cap);
+    let fed = 0;
+    let result = true;
+    // Small chunks and never a newline: a peer that would make us buffer forever.
+    while (result && fed < cap * 4) {
+      result = push(utf8.encode("yyyy"));
+      fed += 4;
+    }
+    expect(result).toBe(false);
+    expect(overflows()).toBe(1);
+    // The cap (plus one byte of room for a CR) is where it stops, not somewhere later.
+    expect(fed).toBeGreaterThan(cap);
+    expect(fed).toBeLessThanOrEqual(cap + 1 + 4);
+    expect(lines).toEqual([]);
+  });
+
+  test("nothing is emitted after an overflow, in the same chunk or later ones", () => {
+    const cap = 8;
+    const { lines, overflows, push } = splitter(cap);
+    expect(push(utf8.encode("ok\n" + "z".repeat(cap + 5) + "\nafter\n"))).toBe(false);
+    expect(lines).toEqual(["ok"]);
+    expect(overflows()).toBe(1);
+    push(utf8.encode("later\n"));
+    push(utf8.encode('{"type":"ping"}\n'));
+    expect(lines).toEqual(["ok"]);
+    expect(overflows()).toBe(1);
+  });
+});
+
+describe("decode", () => {
+  test.each([
+    ["not JSON at all", "hello"],
+    ["truncated JSON", '{"type":'],
+    ["binary garbage", "\u0000\u0001\u00ff\u00fe"],
+    ["single quotes", "{'type':'ping'}"],
+  ])("%s -> bad-json", (_label, line) => {
+    const r = decode(ToRegistry, line);
+    expect(r.ok).toBe(false);
+    if (!r.ok) {
+      expect(r.code).toBe("bad-json");
+      expect(r.message).toStartWith("invalid JSON");
+    }
+  });
+
+  test.each([
+    ["register.port is a string", ToRegistry, { type: "register", v: 1, id: "a", port: "8080" }, "port"],
+    ["register.port out of range", ToRegistry, { type: "register", v: 1, id: "a", port: 70000 }, "port"],
+    ["register.port not an integer", ToRegistry, { type: "register", v: 1, id: "a", port: 80.5 }, "port"],
+    ["register.v missing", ToRegistry, { type: "register", id: "a", port: 1 }, "v"],
+    ["register.id with a space", ToRegistry, { type: "register", v: 1, id: "a b", port: 1 }, "id"],
+    ["register.id too long", ToRegistry, { type: "register", v: 1, id: "a".repeat(65), port: 1 }, "id"],
+    ["register.name too long", ToRegistry, { type: "register", v: 1, id: "a", port: 1, name: "n".repeat(65) }, "name"],
+    ["receipt.ids[1] invalid", ToRegistry, { type: "receipt", ids: ["ok", "not ok"] }, "ids.1"],
+    ["registered.peers[0].port a string", FromRegistry, { ...examples.registered, peers: [{ id: "b", host: "h", port: "1" }] }, "peers.0.port"],
+    ["registered.self.id missing", FromRegistry, { ...examples.registered, self: { host: "h", port: 1 } }, "self.id"],
+    ["left.reason unknown", FromRegistry, { type: "left", seq: 1, id: "a", reason: "bored" }, "reason"],
+    ["error.code unknown", FromRegistry, { type: "error", code: "nope", message: "x" }, "code"],
+    ["hello.host empty", ToListener, { ...examples.hello, host: "" }, "host"],
+    ["welcome.id a number", FromListener, { type: "welcome", v: 1, id: 7 }, "id"],
+  ] as const)("%s -> bad-message naming %s", (_label, schema, value, path) => {
+    const r = decode(schema as v.GenericSchema, JSON.stringify(value));
+    expect(r.ok).toBe(false);
+    if (!r.ok) {
+      expect(r.code).toBe("bad-message");
+      expect(r.message).toStartWith(`${path}: `);
+    }
+  });
+
+  test.each([
+    ["to the registry", ToRegistry, { type: "hello", v: 1, id: "a", host: "h", port: 1 }],
+    ["to the registry, made-up type", ToRegistry, { type: "frobnicate" }],
+    ["from the registry", FromRegistry, { type: "register", v: 1, id: "a", port: 1 }],
+    ["to a listener", ToListener, { type: "register", v: 1, id: "a", port: 1 }],
+    ["from a listener", FromListener, { type: "ping" }],
+    ["without any type", ToRegistry, { v: 1, id: "a", port: 1 }],
+  ] as const)("a type not accepted %s -> bad-message about `type`", (_label, schema, value) => {
+    const r = decode(schema as v.GenericSchema, JSON.stringify(value));
+    expect(r.ok).toBe(false);
+    if (!r.ok) {
+      expect(r.code).toBe("bad-message");
+      expect(r.message).toStartWith("type: ");
+    }
+  });
+
+  test.each([
+    ["null", "null"],
+    ["a number", "42"],
+    ["a string", '"register"'],
+  ])("JSON that is not an object (%s) -> bad-message", (_label, line) => {
+    const r = decode(ToRegistry, line);
+    expect(r.ok).toBe(false);
+    if (!r.ok) expect(r.code).toBe("bad-message");
+  });
+
+  test("unknown extra fields are ignored (forward compatibility)", () => {
+    const r = decode(ToRegistry, JSON.stringify({ ...examples.register, future: { x: 1 } }));
+    expect(r.ok).toBe(true);
+    if (r.ok) expect(r.msg).toEqual(examples.register);
+  });
+});
+
+describe("schemas", () => {
+  // [name, message schema, union it travels in, documented example]
+  const cases: [string, v.GenericSchema, v.GenericSchema, Message][] = [
+    ["register", Register, ToRegistry, examples.register],
+    ["register (minimal)", Register, ToRegistry, { type: "register", v: 1, id: "n1", port: 1 }],
+    ["ping", Ping, ToRegistry, { type: "ping" }],
+    ["leave", Leave, ToRegistry, { type: "leave" }],
+    ["sync", Sync, ToRegistry, { type: "sync" }],
+    ["receipt", Receipt, ToRegistry, { type: "receipt", ids: ["9f86d081884c7d65", "2c26b46b68ffc68f"] }],
+    ["registered", Registered, FromRegistry, examples.registered],
+    ["joined", Joined, FromRegistry, { type: "joined", seq: 5, peer: { id: "2c26b46b68ffc68f", host: "192.0.2.7", port: 40001 } }],
+    ["left", Left, FromRegistry, { type: "left", seq: 6, id: "2c26b46b68ffc68f", reason: "closed" }],
+    ["snapshot", Snapshot, FromRegistry, { type: "snapshot", boot: "5f3e9a1c0b7d2e44", seq: 6, peers: [] }],
+    ["pong", Pong, FromRegistry, { type: "pong" }],
+    ["error (from the registry)", ErrorMessage, FromRegistry, { type: "error", code: "line-too-long", message: "line exceeds 16384 bytes" }],
+    ["hello", Hello, ToListener, examples.hello],
+    ["probe", Probe, ToListener, { type: "probe", v: 1, id: "9f86d081884c7d65", nonce: "a3f1c2d4e5b60789" }],
+    ["welcome", Welcome, FromListener, { type: "welcome", v: 1, id: "2c26b46b68ffc68f", name: "bob" }],
+    ["probe-ok", ProbeOk, FromListener, { type: "probe-ok", id: "9f86d081884c7d65", nonce: "a3f1c2d4e5b60789" }],
+    ["error (from a listener)", ErrorMessage, FromListener, { type: "error", code: "wrong-node", message: "this is node x, not y" }],
+  ];
+
+  test.each(cases)("%s: its example is accepted and encode() round-trips through decode()", (_name, schema, union, example) => {
+    const line = encode(example);
+    expect(line.endsWith("\n")).toBe(true);
+    expect(line.indexOf("\n")).toBe(line.length - 1); // one message, one line
+    for (const s of [schema, union]) {
+      const r = decode(s, line.slice(0, -1));
+      expect(r).toEqual({ ok: true, msg: example });
+    }
+  });
+
+  test("every message type of the unions has an example above", () => {
+    const covered = new Set(cases.map(([, , , m]) => m.type));
+    for (const t of ["register", "ping", "leave", "sync", "receipt", "registered", "joined", "left", "snapshot", "pong", "error", "hello", "probe", "welcome", "probe-ok"]) {
+      expect(covered.has(t as Message["type"])).toBe(true);
+    }
+  });
+
+  test("the pre-encoded ping and pong lines are valid messages", () => {
+    expect(decode(ToRegistry, PING_LINE)).toEqual({ ok: true, msg: { type: "ping" } });
+    expect(PONG_LINE.endsWith("\n")).toBe(true);
+    expect(decode(FromRegistry, PONG_LINE.trimEnd())).toEqual({ ok: true, msg: { type: "pong" } });
+  });
+
+  test("a non-ASCII name survives encode, byte-wise framing and decode", () => {
+    const msg: Message = { ...examples.register, name: "Zoë 🙂 東京" };
+    const bytes = utf8.encode(encode(msg));
+    const { lines, push } = splitter(1024);
+    for (const b of bytes) push(Uint8Array.of(b));
+    expect(lines.length).toBe(1);
+    expect(decode(ToRegistry, lines[0]!)).toEqual({ ok: true, msg });
+  });
+});
+
+describe("addresses", () => {
+  test.each([
+    ["::ffff:1.2.3.4", "1.2.3.4"],
+    ["::FFFF:10.0.0.1", "10.0.0.1"],
+    ["[::1]", "::1"],
+    ["::1", "::1"],
+    ["  127.0.0.1 ", "127.0.0.1"],
+    ["LocalHost", "localhost"],
+    ["[FE80::1]", "fe80::1"],
+    ["::ffff:zzz", "::ffff:zzz"], // not an IPv4 tail: left alone
+  ])("normalizeHost(%p) = %p", (input, expected) => {
+    expect(normalizeHost(input)).toBe(expected);
+  });
+
+  test.each([
+    ["localhost", { host: "localhost", port: undefined }],
+    ["localhost:8080", { host: "localhost", port: 8080 }],
+    ["10.1.2.3:1", { host: "10.1.2.3", port: 1 }],
+    ["[::1]:8080", { host: "::1", port: 8080 }],
+    ["[::1]", { host: "::1", port: undefined }],
+    ["::1", { host: "::1", port: undefined }],
+    ["fe80::1:2", { host: "fe80::1:2", port: undefined }], // bare IPv6: all of it is the host
+    ["[::ffff:1.2.3.4]:9", { host: "1.2.3.4", port: 9 }],
+    ["example.org:65535", { host: "example.org", port: 65535 }],
+  ])("parseHostPort(%p)", (input, expected) => {
+    expect(parseHostPort(input)).toEqual(expected);
+  });
+
+  test.each(["host:abc", "host:0", "host:65536", "[::1]:x", "host:-1"])("parseHostPort(%p) throws naming the text", (input) => {
+    expect(() => parseHostPort(input)).toThrow(input);
+  });
+
+  test.each([
+    ["0", true, 0],
+    ["0", false, undefined],
+    ["1", false, 1],
+    ["8080", true, 8080],
+    [" 80 ", true, 80],
+    ["65535", true, 65535],
+    ["65536", true, undefined],
+    ["-1", true, undefined],
+    ["8e1", true, undefined],
+    ["0x50", true, undefined],
+    ["", true, undefined],
+    ["abc", true, undefined],
+    ["123456", true, undefined],
+  ] as const)("parsePort(%p, allowZero=%p) = %p", (text, allowZero, expected) => {
+    expect(parsePort(text, allowZero)).toBe(expected);
+  });
+});
+
+// --- internal ----------------------------------------------------------------
+
+/** A LineSplitter with its output collected. */
+function splitter(cap: number) {
+  const lines: string[] = [];
+  let overflowCount = 0;
+  const s = new LineSplitter(cap, (l) => lines.push(l), () => overflowCount++);
+  return { lines, overflows: () => overflowCount, push: (chunk: Uint8Array) => s.push(chunk) };
+}
