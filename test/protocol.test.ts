@@ -4,6 +4,7 @@
  * input with a code and a field path), and the address parsers.
  */
 import { describe, expect, test } from "bun:test";
+import { join } from "node:path";
 import type * as v from "valibot";
 import {
   ErrorMessage,
@@ -35,8 +36,14 @@ import {
   parsePort,
   type Message,
 } from "../protocol.ts";
+import { ROOT } from "./helpers.ts";
 
 const utf8 = new TextEncoder();
+
+/** Every message type of the protocol, from the schemas themselves. */
+const ALL_TYPES = new Set(
+  [ToRegistry, FromRegistry, ToListener, FromListener].flatMap((u) => u.options.map((o) => o.entries.type.literal as string)),
+);
 
 /** Documented examples (docs/PROTOCOL.md), as values; the tables below reuse them. */
 const examples = {
@@ -289,10 +296,31 @@ describe("schemas", () => {
   });
 
   test("every message type of the unions has an example above", () => {
-    const covered = new Set(cases.map(([, , , m]) => m.type));
-    for (const t of ["register", "ping", "leave", "sync", "receipt", "registered", "joined", "left", "snapshot", "pong", "error", "hello", "probe", "welcome", "probe-ok"]) {
-      expect(covered.has(t as Message["type"])).toBe(true);
+    const covered = new Set<string>(cases.map(([, , , m]) => m.type));
+    expect([...covered].sort()).toEqual([...ALL_TYPES].sort());
+  });
+
+  // The page a compatible implementation is written from must not show a message our code rejects.
+  test("every JSON example in docs/PROTOCOL.md decodes, and together they cover every message type", async () => {
+    const doc = await Bun.file(join(ROOT, "docs/PROTOCOL.md")).text();
+    const blocks = Array.from(doc.matchAll(/```json\n([\s\S]*?)```/g), (m) => m[1]!.trim());
+    expect(blocks.length).toBeGreaterThanOrEqual(15);
+    const types = new Set<string>();
+    for (const block of blocks) {
+      expect(block).not.toContain("\n"); // "shown on one line, exactly as sent"
+      const accepted = [ToRegistry, FromRegistry, ToListener, FromListener].map((u) => decode(u, block)).find((r) => r.ok);
+      if (!accepted?.ok) throw new Error(`docs/PROTOCOL.md example rejected by every schema: ${block}`);
+      types.add(accepted.msg.type);
     }
+    expect([...types].sort()).toEqual([...ALL_TYPES].sort());
+  });
+
+  test("the error example in docs/PROTOCOL.md is the message decode() really produces", async () => {
+    const doc = await Bun.file(join(ROOT, "docs/PROTOCOL.md")).text();
+    const shown = /\{"type":"error","code":"bad-message","message":"(port: [^"]*)"\}/.exec(doc)?.[1];
+    expect(shown).toBeDefined();
+    const r = decode(ToRegistry, JSON.stringify({ ...examples.register, port: 70000 }));
+    expect(r).toEqual({ ok: false, code: "bad-message", message: shown! });
   });
 
   test("the pre-encoded ping and pong lines are valid messages", () => {
