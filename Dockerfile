@@ -1,0 +1,42 @@
+# Contact registry and peer node in one image; the first argument picks the role:
+#   docker run IMAGE registry [host] [port] [flags]     (default :: / 8080)
+#   docker run IMAGE client <registry-host> <port> [flags]
+#   docker run IMAGE registry --help | client --help
+# Build:  docker build -t contact-registry .
+# Classic Dockerfile syntax only (no BuildKit-only flags), so the legacy
+# builder of an older engine builds it too.
+
+ARG BUN_VERSION=1.4.4
+
+# --- build: production dependencies, exactly as bun.lock pins them ---------
+FROM oven/bun:${BUN_VERSION} AS build
+WORKDIR /build
+COPY package.json bun.lock ./
+# --production leaves out devDependencies, among them the npm `bun` package
+# (whose postinstall would fetch a second Bun) and playwright-core;
+# --omit=peer leaves out typescript, which valibot lists as an optional peer
+# and Bun would otherwise install (23 MB nobody runs).
+RUN bun install --frozen-lockfile --production --omit=peer --ignore-scripts \
+ && rm -rf /root/.bun/install/cache
+
+# --- runtime: slim base, non-root, only what runs ---------------------------
+FROM oven/bun:${BUN_VERSION}-slim AS runtime
+ENV NODE_ENV=production \
+    BUN_RUNTIME_TRANSPILER_CACHE_PATH=0 \
+    NO_COLOR=1
+WORKDIR /app
+# Files stay owned by root: the `bun` user can read and run them, not change them.
+COPY --from=build /build/node_modules ./node_modules
+COPY package.json protocol.ts registry.ts client.ts docker-entrypoint.sh ./
+# `status.*` matches status.ts alone or status.ts + status.html (a glob with
+# at least one match is fine where a missing plain name would fail the build).
+COPY status.* ./
+COPY scripts/healthcheck.ts ./scripts/
+USER bun
+EXPOSE 8080/tcp
+# Registry: /healthz when the status server runs, else a TCP connect to its
+# port; node: a TCP connect to its greeting listener. See scripts/healthcheck.ts.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+  CMD ["bun", "/app/scripts/healthcheck.ts"]
+ENTRYPOINT ["/bin/sh", "/app/docker-entrypoint.sh"]
+CMD ["--help"]

@@ -1,0 +1,60 @@
+#!/bin/sh
+# Entrypoint of the contact-registry image: the first argument picks the role,
+# the rest goes to that role's script unchanged.
+#   registry [host] [port] [flags]        bun registry.ts ...
+#   client <registry-host> <port> [flags] bun client.ts ...
+# `exec` makes bun the container's main process, so `docker stop` (SIGTERM)
+# reaches the script's own shutdown handler: a node says `leave`, the
+# registry tells its nodes it is stopping.
+set -eu
+
+usage() {
+  cat <<'EOF'
+contact-registry image: the first argument is the role.
+
+  registry [host] [port] [flags]        run the contact registry
+                                        (default host :: falling back to 0.0.0.0, port 8080)
+  client <registry-host> <port> [flags] run a peer node
+  registry --help | client --help       every flag and environment variable of a role
+
+Examples:
+  docker run -d --name registry --network mesh contact-registry registry
+  docker run -d --network mesh contact-registry client registry 8080 --json
+
+Secrets: set REGISTRY_TOKEN_FILE to a file (for example a compose secret at
+/run/secrets/registry_token) instead of REGISTRY_TOKEN, to keep the token out of
+the container's environment listing.
+EOF
+}
+
+# A *_FILE variable fills its variable from a file; an explicit variable wins.
+if [ -n "${REGISTRY_TOKEN_FILE:-}" ] && [ -z "${REGISTRY_TOKEN:-}" ]; then
+  if [ ! -r "$REGISTRY_TOKEN_FILE" ]; then
+    echo "error: REGISTRY_TOKEN_FILE=$REGISTRY_TOKEN_FILE is not a readable file (the image runs as user bun, uid 1000)" >&2
+    exit 2
+  fi
+  REGISTRY_TOKEN=$(cat "$REGISTRY_TOKEN_FILE")
+  export REGISTRY_TOKEN
+fi
+unset REGISTRY_TOKEN_FILE
+
+role="${1-}"
+case "$role" in
+  registry | client)
+    shift
+    exec bun "/app/$role.ts" "$@"
+    ;;
+  -h | --help | help)
+    usage
+    exit 0
+    ;;
+  "")
+    usage >&2
+    exit 2
+    ;;
+  *)
+    echo "error: unknown role \"$role\": the first argument must be \"registry\" or \"client\"" >&2
+    echo "run with --help for usage" >&2
+    exit 2
+    ;;
+esac
