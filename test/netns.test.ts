@@ -1,0 +1,152 @@
+/**
+ * Registry and nodes on separate network stacks: every host is a network
+ * namespace on a private test bridge (test/netns.ts), and the real scripts
+ * run inside them. What loopback tests cannot show: the address the registry
+ * hands out is the one other hosts can reach, over IPv4 and IPv6; a host
+ * that falls silent (no FIN) is evicted by the heartbeat; the dial-back probe
+ * refuses an address nobody can reach.
+ */
+import { afterAll, describe, expect, test } from "bun:test";
+import { formatAddress } from "../protocol.ts";
+import { meshProblems, waitUntil, withDeadline, type Proc } from "./helpers.ts";
+import { UNUSED4, createNetwork, netnsUnavailable, removeOwn, type Host } from "./netns.ts";
+
+const unavailable = await netnsUnavailable();
+if (unavailable) console.log(`SKIP netns: ${unavailable}`);
+
+const TEST_MS = 40_000;
+const WAIT_MS = 15_000;
+
+afterAll(async () => {
+  if (!unavailable) await removeOwn();
+});
+
+describe.skipIf(unavailable !== null)("across hosts (network namespaces)", () => {
+  test("full mesh over IPv4: registry on 0.0.0.0 hands out each host's own address", async () => {
+    await using net = await createNetwork(["r", "a", "b", "c"]);
+    await meshAcrossHosts(net.host("r"), [net.host("a"), net.host("b"), net.host("c")], 4);
+  }, TEST_MS);
+
+  test("full mesh over IPv6: registry on :: hands out each host's IPv6 address", async () => {
+    await using net = await createNetwork(["r", "a", "b", "c"]);
+    await meshAcrossHosts(net.host("r"), [net.host("a"), net.host("b"), net.host("c")], 6);
+  }, TEST_MS);
+
+  test("a host cut off without a FIN is evicted by the heartbeat; the others get peer-left timeout", async () => {
+    await using net = await createNetwork(["r", "a", "b", "c"]);
+    const [a, b, c] = [net.host("a"), net.host("b"), net.host("c")];
+    const reg = await registryOn(net.host("r"), "0.0.0.0", ["--heartbeat", "200", "--heartbeat-misses", "3"]);
+    const nodes = await Promise.all([a, b, c].map((h) => nodeOn(h, net.host("r").ipv4, reg.port)));
+    await reg.log.waitFor((e) => e.event === "mesh-complete" && e.nodes === 3, WAIT_MS, "mesh-complete with 3 nodes");
+    const [na, nb, nc] = nodes as [NodeProc, NodeProc, NodeProc];
+
+    await c.cutOff();
+
+    const left = await reg.log.waitFor((e) => e.event === "node-left" && e.id === nc.id, WAIT_MS, `registry to drop ${nc.id}`);
+    expect(left.reason).toBe("timeout");
+    for (const n of [na, nb]) {
+      const e = await n.log.waitFor((x) => x.event === "peer-left" && x.peer === nc.id, WAIT_MS, `peer-left ${nc.id} on ${n.host.name}`);
+      expect(e.reason).toBe("timeout");
+    }
+    // Silence, not a crash: the cut-off node still runs, and the survivors stay listed.
+    expect(nc.proc.exitCode).toBeNull();
+    expect(reg.log.named("node-left").map((e) => e.id)).toEqual([nc.id]);
+    expect([...na.log.named("peer-left"), ...nb.log.named("peer-left")].map((e) => e.peer)).toEqual([nc.id, nc.id]);
+  }, TEST_MS);
+
+  test("the dial-back probe refuses an advertised address nobody has; without --allow-advertise it is not allowed", async () => {
+    await using net = await createNetwork(["r", "a", "b"]);
+    const [r, a, b] = [net.host("r"), net.host("a"), net.host("b")];
+    for (const h of net.hosts) expect([h.ipv4, h.ipv6]).not.toContain(UNUSED4);
+    const lenient = await registryOn(r, "0.0.0.0", ["--allow-advertise"]);
+    const strict = await registryOn(r, "0.0.0.0");
+
+    const ghost = a.spawn("client.ts", [r.ipv4, String(lenient.port), "--json", "--advertise", UNUSED4], {}, "ghost@a");
+    const refused = a.spawn("client.ts", [r.ipv4, String(strict.port), "--json", "--advertise", UNUSED4], {}, "refused@a");
+    // Control: the probe passes when the advertised address is real, so the refusal above is about reachability.
+    const honest = await nodeOn(b, r.ipv4, lenient.port, ["--advertise", b.ipv4]);
+
+    const unreachable = await ghost.log.waitFor("error", WAIT_MS, "the ghost node's error");
+    expect(unreachable.code).toBe("unreachable");
+    expect(String(unreachable.message)).toContain(`${UNUSED4}:`);
+    expect(String(unreachable.message)).toContain("--advertise");
+    expect(await withDeadline(ghost.exited(), WAIT_MS, "the ghost node to exit")).not.toBe(0);
+
+    const notAllowed = await refused.log.waitFor("error", WAIT_MS, "the refused node's error");
+    expect(notAllowed.code).toBe("address-not-allowed");
+    expect(String(notAllowed.message)).toContain(UNUSED4);
+    expect(await withDeadline(refused.exited(), WAIT_MS, "the refused node to exit")).not.toBe(0);
+
+    expect(lenient.log.named("node-registered").map((e) => [e.id, e.host])).toEqual([[honest.id, b.ipv4]]);
+    expect(lenient.log.named("error").map((e) => e.code)).toEqual(["unreachable"]);
+    expect(strict.log.named("node-registered")).toEqual([]);
+    expect(strict.log.named("error").map((e) => e.code)).toEqual(["address-not-allowed"]);
+  }, TEST_MS);
+});
+
+// --- internal ----------------------------------------------------------------
+
+type RegistryProc = Proc & { port: number };
+type NodeProc = Proc & { id: string; port: number; host: Host };
+
+/** Registry on `host`, nodes on `nodeHosts` given only the registry's address; checks mesh and addresses. */
+async function meshAcrossHosts(host: Host, nodeHosts: Host[], family: 4 | 6): Promise<void> {
+  const addr = (h: Host) => (family === 4 ? h.ipv4 : h.ipv6);
+  const reg = await registryOn(host, family === 4 ? "0.0.0.0" : "::");
+  const nodes = await Promise.all(nodeHosts.map((h) => nodeOn(h, addr(host), reg.port)));
+  const byId = new Map(nodes.map((n) => [n.id, n]));
+  const pairs = (nodes.length * (nodes.length - 1)) / 2;
+
+  await reg.log.waitFor((e) => e.event === "mesh-complete" && e.nodes === nodes.length, WAIT_MS, `mesh-complete with ${nodes.length} nodes`);
+  // Both ends report a greeting, each on its own stdout; wait for all of them.
+  const count = (event: string) => nodes.reduce((sum, n) => sum + n.log.named(event).length, 0);
+  await waitUntil(() => count("greeted") >= pairs && count("greeting") >= pairs, WAIT_MS, `${pairs} greeted and greeting events`);
+
+  const greeted = new Map(nodes.map((n) => [n.id, n.log.named("greeted").map((e) => String(e.peer))]));
+  const greetings = new Map(nodes.map((n) => [n.id, n.log.named("greeting").map((e) => String(e.peer))]));
+  const ids = nodes.map((n) => n.id);
+  expect(meshProblems(ids, greeted)).toEqual([]);
+  expect(meshProblems(ids, greetings)).toEqual([]);
+
+  // The registry lists each node under the address it connected from, which is its host's own.
+  const registered = reg.log.named("node-registered");
+  expect(registered.map((e) => [e.id, e.host, e.source, e.port]).sort()).toEqual(
+    nodes.map((n) => [n.id, addr(n.host), addr(n.host), n.port]).sort(),
+  );
+  for (const n of nodes) {
+    const self = formatAddress(addr(n.host), n.port);
+    expect(n.log.named("registered").map((e) => e.address)).toEqual([self]);
+    // Whom it greeted, it reached at that node's own host address; who greeted it said its own.
+    for (const e of n.log.named("greeted")) {
+      const peer = byId.get(String(e.peer))!;
+      expect(e.address).toBe(formatAddress(addr(peer.host), peer.port));
+    }
+    for (const e of n.log.named("greeting")) {
+      const peer = byId.get(String(e.peer))!;
+      expect(e.address).toBe(formatAddress(addr(peer.host), peer.port));
+    }
+    expect(n.log.named("error")).toEqual([]);
+    expect(n.log.named("greet-failed")).toEqual([]);
+  }
+  expect(reg.log.named("error")).toEqual([]);
+}
+
+async function registryOn(host: Host, bind: string, extra: string[] = []): Promise<RegistryProc> {
+  const p = host.spawn("registry.ts", [bind, "0", "--json", ...extra], {}, `registry@${host.name}`);
+  const e = await p.log.waitFor("listening", WAIT_MS, `registry on ${host.name} to listen`).catch((err) => {
+    throw new Error(`${(err as Error).message}; stderr: ${p.stderr.join("\n")}`);
+  });
+  return Object.assign(p, { port: Number(e.port) });
+}
+
+async function nodeOn(host: Host, registryHost: string, registryPort: number, extra: string[] = []): Promise<NodeProc> {
+  const p = host.spawn("client.ts", [registryHost, String(registryPort), "--json", "--name", host.name, ...extra], {}, `node@${host.name}`);
+  try {
+    const l = await p.log.waitFor("listening", WAIT_MS, `node on ${host.name} to listen`);
+    await p.log.waitFor("registered", WAIT_MS, `node on ${host.name} to register`);
+    return Object.assign(p, { id: String(l.id), port: Number(l.port), host });
+  } catch (err) {
+    const events = p.log.events.map((e) => JSON.stringify(e)).join("\n");
+    throw new Error(`${(err as Error).message}; events: ${events}; stderr: ${p.stderr.join("\n")}`);
+  }
+}
