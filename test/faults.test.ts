@@ -1,0 +1,442 @@
+/**
+ * Membership under faults (issue 3): crashed, frozen and departing nodes, a
+ * frozen and a restarted registry, unreachable and duplicate addresses, and
+ * sequence gaps. Registry and nodes run as real processes wherever a signal
+ * is the fault; in-process (or as a raw socket) where the test must control
+ * exactly what one side says.
+ */
+import { afterEach, describe, expect, test } from "bun:test";
+import { startRegistry } from "../registry.ts";
+import { startNode } from "../client.ts";
+import { PROTOCOL_VERSION, type EventRecord, type Peer } from "../protocol.ts";
+import { EventLog, disposeAll, spawnNode, spawnRegistry, spawnScript, waitUntil, withDeadline, type Proc } from "./helpers.ts";
+
+/** Short timings: a beat every 200 ms, eviction after 3 missed beats. */
+const HEARTBEAT_MS = 200;
+const MISSES = 3;
+const REGISTRY_ARGS = ["--heartbeat", String(HEARTBEAT_MS), "--heartbeat-misses", String(MISSES)];
+const NODE_ARGS = ["--listen", "127.0.0.1", "--reconnect-max", "300", "--greet-timeout", "500", "--greet-retries", "1"];
+/** Deadline for anything that should happen within a few beats; generous because two cores are shared. */
+const SOON = 10_000;
+
+/** Everything a test started; killed (SIGCONT first, then SIGKILL) after each test, pass or fail. */
+const fixtures: AsyncDisposable[] = [];
+afterEach(async () => {
+  await disposeAll(fixtures.splice(0));
+});
+
+function track<T extends AsyncDisposable>(x: T): T {
+  fixtures.push(x);
+  return x;
+}
+
+describe("node faults (processes)", () => {
+  test("kill -9 of a node: the registry drops it (closed) and the others get peer-left", async () => {
+    const reg = track(await spawnRegistry(REGISTRY_ARGS));
+    const [a, b, c] = await startNodes(reg.port, 3);
+
+    await b.kill("SIGKILL");
+    await reg.log.waitFor((e) => e.event === "node-left" && e.id === b.id, SOON, "registry to drop the killed node");
+    for (const n of [a, c]) {
+      const left = await n.log.waitFor((e) => e.event === "peer-left" && e.peer === b.id, SOON, `${n.id} to see ${b.id} leave`);
+      expect(left.reason).toBe("closed");
+    }
+    expect(registryLeft(reg, b.id)).toEqual(["closed"]);
+    expect(registryList(reg)).toEqual(sorted([a.id, c.id]));
+  });
+
+  test("SIGSTOP of a node: evicted by heartbeat (timeout); SIGCONT makes it re-register exactly once", async () => {
+    const reg = track(await spawnRegistry(REGISTRY_ARGS));
+    const [a, b, c] = await startNodes(reg.port, 3);
+    await c.log.waitForCount("greeted", 2, SOON, "the last node to greet both others");
+
+    b.signal("SIGSTOP");
+    const stoppedAt = performance.now();
+    await reg.log.waitFor((e) => e.event === "node-left" && e.id === b.id, SOON, "heartbeat eviction of the frozen node");
+    const evictedAfter = performance.now() - stoppedAt;
+    expect(registryLeft(reg, b.id)).toEqual(["timeout"]);
+    // Not a speed target: eviction must not come before the misses have been missed.
+    expect(evictedAfter).toBeGreaterThanOrEqual(HEARTBEAT_MS * (MISSES - 1));
+    for (const n of [a, c]) {
+      const left = await n.log.waitFor((e) => e.event === "peer-left" && e.peer === b.id, SOON, `${n.id} to see the frozen node leave`);
+      expect(left.reason).toBe("timeout");
+    }
+    expect(registryList(reg)).toEqual(sorted([a.id, c.id]));
+
+    b.signal("SIGCONT");
+    const again = await b.log.waitFor((e) => e.event === "registered" && e.again === true, SOON, "the thawed node to register again");
+    expect(again.boot).toBe(registryBoot(reg));
+    for (const n of [a, c]) await n.log.waitFor((e) => e.event === "peer-joined" && e.peer === b.id, SOON, `${n.id} to see it rejoin`);
+    expect(registryList(reg)).toEqual(sorted([a.id, b.id, c.id]));
+    expect(reg.log.events.filter((e) => e.event === "node-registered" && e.id === b.id)).toHaveLength(2);
+    // A later node's greeting reaching b marks a point after any greeting b would have sent on re-registering.
+    const d = track(await spawnNode(reg.port, NODE_ARGS));
+    await b.log.waitFor((e) => e.event === "greeting" && e.peer === d.id, SOON, "the thawed node to answer a new node");
+    // It already met both peers: re-registration must not greet them again.
+    expect(b.log.named("greeted")).toHaveLength(1);
+    expect(c.log.named("greeting")).toHaveLength(0);
+  });
+
+  test("SIGTERM and SIGINT of a node: it says leave and exits 0; SIGTERM of the registry exits 0", async () => {
+    const reg = track(await spawnRegistry(REGISTRY_ARGS));
+    const [a, b, c] = await startNodes(reg.port, 3);
+
+    for (const [n, sig] of [[a, "SIGTERM"], [b, "SIGINT"]] as const) {
+      n.signal(sig);
+      expect(await withDeadline(n.exited(), SOON, `${n.id} to exit on ${sig}`)).toBe(0);
+      await n.log.waitFor("stopped", 0, `${n.id} to print stopped`);
+      await reg.log.waitFor((e) => e.event === "node-left" && e.id === n.id, SOON, `registry to drop ${n.id}`);
+      expect(registryLeft(reg, n.id)).toEqual(["leave"]);
+      const left = await c.log.waitFor((e) => e.event === "peer-left" && e.peer === n.id, SOON, `c to see ${n.id} leave`);
+      expect(left.reason).toBe("leave");
+    }
+    expect(registryList(reg)).toEqual([c.id]);
+
+    reg.signal("SIGTERM");
+    expect(await withDeadline(reg.exited(), SOON, "registry to exit on SIGTERM")).toBe(0);
+    await reg.log.waitFor("stopped", 0, "registry to print stopped");
+    // The remaining node is told, and goes on trying to reconnect rather than dying.
+    await c.log.waitFor("disconnected", SOON, "the node to notice the registry stopped");
+    await c.log.waitFor("reconnecting", SOON, "the node to try again");
+    expect(c.proc.exitCode).toBeNull();
+  });
+
+  test("SIGTERM of a node that cannot reach its registry yet: exits 0 promptly", async () => {
+    const port = await closedPort();
+    const n = track(spawnScript("client.ts", ["127.0.0.1", String(port), "--json", ...NODE_ARGS], {}, "node"));
+    await n.log.waitFor("reconnecting", SOON, "the node to be retrying");
+    n.signal("SIGTERM");
+    expect(await withDeadline(n.exited(), SOON, "the node to exit on SIGTERM")).toBe(0);
+  });
+});
+
+describe("registry faults (processes)", () => {
+  test("SIGSTOP of the registry: nodes notice by heartbeat; SIGCONT brings every node back exactly once", async () => {
+    const reg = track(await spawnRegistry(REGISTRY_ARGS));
+    const nodes = await startNodes(reg.port, 2);
+
+    reg.signal("SIGSTOP");
+    for (const n of nodes) {
+      const d = await n.log.waitFor((e) => e.event === "disconnected" && e.registered === true, SOON, `${n.id} to notice the frozen registry`);
+      expect(String(d.reason)).toContain("silent");
+    }
+    reg.signal("SIGCONT");
+    for (const n of nodes) await n.log.waitFor((e) => e.event === "registered" && e.again === true, SOON, `${n.id} to register again`);
+    await waitUntil(() => same(registryList(reg), sorted(nodes.map((n) => n.id))), SOON, "registry list to equal the live nodes");
+  });
+
+  test("kill -9 of the registry and restart on the same port: all nodes back once, a new node greets them all", async () => {
+    const first = track(await spawnRegistry(REGISTRY_ARGS));
+    const port = first.port;
+    const old = await startNodes(port, 3);
+    await old[2]!.log.waitForCount("greeted", 2, SOON, "the mesh of the first three");
+    const greetedBefore = old.map((n) => n.log.named("greeted").length);
+    expect(greetedBefore).toEqual([0, 1, 2]);
+
+    await first.kill("SIGKILL");
+    for (const n of old) await n.log.waitFor("disconnected", SOON, `${n.id} to notice the registry died`);
+
+    const second = track(spawnScript("registry.ts", ["127.0.0.1", String(port), "--json", ...REGISTRY_ARGS], {}, "registry2"));
+    const listening = await second.log.waitFor("listening", SOON, "the restarted registry to listen");
+    expect(listening.port).toBe(port);
+    const boot = String(listening.boot);
+    expect(boot).not.toBe(registryBoot(first));
+    for (const n of old) {
+      await n.log.waitFor((e) => e.event === "registered" && e.again === true && e.boot === boot, SOON, `${n.id} to re-register`);
+    }
+    const ids = sorted(old.map((n) => n.id));
+    await waitUntil(() => same(registryList(second), ids), SOON, "the new registry to list every live node");
+    expect(sorted(second.log.named("node-registered").map((e) => String(e.id)))).toEqual(ids); // each exactly once
+
+    const late = track(await spawnNode(port, NODE_ARGS));
+    const greeted = await late.log.waitForCount("greeted", 3, SOON, "the late node to greet every live node");
+    expect(sorted(greeted.map((e) => String(e.peer)))).toEqual(ids);
+    expect(late.log.named("greet-failed")).toEqual([]);
+    for (const n of old) await n.log.waitFor((e) => e.event === "greeting" && e.peer === late.id, SOON, `${n.id} to be greeted`);
+    // Old pairs had met before the restart; re-registering must not greet them again.
+    expect(old.map((n) => n.log.named("greeted").length)).toEqual(greetedBefore);
+    expect(registryList(second)).toEqual(sorted([...ids, late.id]));
+  });
+});
+
+describe("addresses (in-process registry, raw sockets)", () => {
+  test("an unreachable address in the list: one greet-failed for it, greeted for the rest, round finishes", async () => {
+    const reg = track(await startRegistry({ host: "127.0.0.1", port: 0, probe: false, heartbeatMs: 60_000 }));
+    const refused = await closedPort();
+    await using silent = silentListener();
+    await using fakeA = await rawRegister(reg.port, { id: "fake-refused", port: refused });
+    await using fakeB = await rawRegister(reg.port, { id: "fake-silent", port: silent.port });
+    expect(fakeA.log.named("registered")).toHaveLength(1);
+    expect(fakeB.log.named("registered")).toHaveLength(1);
+
+    const real = [];
+    for (let i = 0; i < 2; i++) real.push(track(await startNode({ registryHost: "127.0.0.1", registryPort: reg.port, listenHost: "127.0.0.1", greetRetries: 0, greetTimeoutMs: 300 })));
+    const log = new EventLog();
+    const greetTimeoutMs = 300;
+    const greetRetries = 1;
+    const node = track(await startNode({ registryHost: "127.0.0.1", registryPort: reg.port, listenHost: "127.0.0.1", greetTimeoutMs, greetRetries, onEvent: log.push }));
+
+    // A round is over when each listed peer has a greeted or a greet-failed. Bound: every try timing out, plus backoff.
+    const bound = (greetRetries + 1) * greetTimeoutMs + 400 * greetRetries + SOON;
+    await log.waitForCount((e) => e.event === "greeted" || e.event === "greet-failed", 4, bound, "the greeting round to finish");
+    const failed = log.named("greet-failed");
+    expect(sorted(failed.map((e) => String(e.peer)))).toEqual(["fake-refused", "fake-silent"]);
+    for (const f of failed) {
+      expect(f.tries).toBe(greetRetries + 1);
+      expect(String(f.reason)).not.toBe("");
+    }
+    expect(String(failed.find((e) => e.peer === "fake-silent")!.reason)).toContain("no welcome");
+    expect(sorted(log.named("greeted").map((e) => String(e.peer)))).toEqual(sorted(real.map((n) => n.id)));
+    expect(node.registered).toBe(true);
+    expect(sorted(node.peers().map((p) => p.id))).toEqual(sorted(["fake-refused", "fake-silent", ...real.map((n) => n.id)]));
+  });
+
+  test("the same id registering again, and a new id on a listed address, replace the old entry", async () => {
+    const log = new EventLog();
+    const reg = track(await startRegistry({ host: "127.0.0.1", port: 0, probe: false, allowAdvertise: true, heartbeatMs: 60_000, onEvent: log.push }));
+    const watcher = track(await startNode({ registryHost: "127.0.0.1", registryPort: reg.port, listenHost: "127.0.0.1" }));
+    const list = () => sorted(reg.nodes().filter((n) => n.id !== watcher.id).map((n) => `${n.id}@${n.host}:${n.port}`));
+    const viewOf = () => sorted(watcher.peers().map((p) => `${p.id}@${p.host}:${p.port}`));
+    // 127.0.0.2 is advertised, never dialled: probes are off and the watcher joined first, so it greets nobody.
+    const host = "127.0.0.2";
+
+    await using s1 = await rawRegister(reg.port, { id: "x1", host, port: 40001 });
+    expect(list()).toEqual(["x1@127.0.0.2:40001"]);
+
+    await using s2 = await rawRegister(reg.port, { id: "x1", host, port: 40001 });
+    const replaced = await s1.log.waitFor("error", SOON, "the first session to be told it was replaced");
+    expect(replaced.code).toBe("replaced");
+    await s1.closed;
+    expect(list()).toEqual(["x1@127.0.0.2:40001"]);
+
+    await using s3 = await rawRegister(reg.port, { id: "x2", host, port: 40001 });
+    expect((await s2.log.waitFor("error", SOON, "x1 to be replaced by x2")).code).toBe("replaced");
+    await s2.closed;
+    expect(list()).toEqual(["x2@127.0.0.2:40001"]);
+    expect(log.events.filter((e) => e.event === "node-left" && e.id === "x1").map((e) => e.reason)).toEqual(["replaced"]);
+
+    // Same id on a new port: the old address must be free afterwards, not still mapped to x2.
+    await using s4 = await rawRegister(reg.port, { id: "x2", host, port: 40005 });
+    await s3.closed;
+    await using s5 = await rawRegister(reg.port, { id: "x3", host, port: 40001 });
+    expect(list()).toEqual(["x2@127.0.0.2:40005", "x3@127.0.0.2:40001"]);
+    expect(s4.log.named("error")).toEqual([]);
+    expect(s5.log.named("error")).toEqual([]);
+    await waitUntil(() => same(viewOf(), list()), SOON, "the watcher's view to follow the replacements");
+  });
+});
+
+describe("views (a fake registry)", () => {
+  test("a sequence gap makes the node sync; a snapshot and a new boot replace its view", async () => {
+    await using fake = fakeRegistry();
+    const log = new EventLog();
+    const node = track(
+      await startNode({ registryHost: "127.0.0.1", registryPort: fake.port, listenHost: "127.0.0.1", greetRetries: 0, greetTimeoutMs: 200, reconnectBaseMs: 10, reconnectMaxMs: 50, onEvent: log.push }),
+    );
+    // startNode resolved, so the fake has answered the first register.
+    const s1 = fake.sessions[0]!;
+    const p = (n: number): Peer => ({ id: `p${n}`, host: "127.0.0.1", port: 1 }); // port 1 refuses: greetings fail fast
+    const ids = () => sorted(node.peers().map((x) => x.id));
+    expect(ids()).toEqual(["p1"]);
+
+    s1.send({ type: "joined", seq: 7, peer: p(3) }); // 6 is missing
+    await s1.log.waitFor("sync", SOON, "the node to ask for a snapshot");
+    const resync = await log.waitFor("resync", 0, "a resync event");
+    expect(resync).toMatchObject({ expected: 6, got: 7 });
+    s1.send({ type: "snapshot", boot: "boot-1", seq: 7, peers: [p(1), p(2), fake.self!] });
+    await waitUntil(() => same(ids(), ["p1", "p2"]), SOON, "the snapshot to become the view");
+
+    s1.send({ type: "joined", seq: 8, peer: p(4) }); // numbering continues from the snapshot
+    await waitUntil(() => same(ids(), ["p1", "p2", "p4"]), SOON, "the next push to apply");
+
+    // A new registry (new boot) on the next session: its list replaces the view, the differences are reported.
+    fake.nextBoot = "boot-2";
+    fake.nextPeers = [p(5)];
+    s1.close();
+    const again = await log.waitFor((e) => e.event === "registered" && e.again === true, SOON, "the node to register again");
+    expect(again.boot).toBe("boot-2");
+    expect(ids()).toEqual(["p5"]);
+    const restartLeaves = log.events.filter((e) => e.event === "peer-left" && e.reason === "restart").map((e) => String(e.peer));
+    expect(sorted(restartLeaves)).toEqual(["p1", "p2", "p4"]);
+
+    // A snapshot from a registry the node did not register with is not trusted: the node starts over.
+    const s2 = fake.sessions[1]!;
+    s2.send({ type: "joined", seq: 9, peer: p(6) });
+    await s2.log.waitFor("sync", SOON, "the second session to sync");
+    s2.send({ type: "snapshot", boot: "boot-other", seq: 9, peers: [p(6)] });
+    await s2.closed;
+    await waitUntil(() => fake.sessions.length === 3 && fake.sessions[2]!.log.named("register").length === 1, SOON, "a third session");
+    expect(ids()).not.toContain("p6");
+  });
+
+  test("a registry that accepts but never answers register is given up and retried", async () => {
+    await using fake = fakeRegistry({ answer: false });
+    const log = new EventLog();
+    const node = track(
+      await startNode({ registryHost: "127.0.0.1", registryPort: fake.port, listenHost: "127.0.0.1", registerTimeoutMs: 300, reconnectBaseMs: 10, reconnectMaxMs: 50, waitForRegistration: false, onEvent: log.push }),
+    );
+    await waitUntil(() => fake.sessions.length >= 2, SOON, "the node to give up on a silent registry and dial again");
+    expect(node.registered).toBe(false);
+    const gaveUp = await log.waitFor("disconnected", SOON, "a disconnected event");
+    expect(String(gaveUp.reason)).toContain("no answer to register");
+    expect(fake.sessions[0]!.log.named("register")).toHaveLength(1);
+  });
+});
+
+// --- internal ----------------------------------------------------------------
+
+type NodeProc = Proc & { id: string; port: number };
+
+/** Starts nodes one after another, so each greets all earlier ones. */
+async function startNodes(registryPort: number, n: 2): Promise<[NodeProc, NodeProc]>;
+async function startNodes(registryPort: number, n: 3): Promise<[NodeProc, NodeProc, NodeProc]>;
+async function startNodes(registryPort: number, n: number): Promise<NodeProc[]> {
+  const out: NodeProc[] = [];
+  for (let i = 0; i < n; i++) out.push(track(await spawnNode(registryPort, NODE_ARGS)));
+  return out;
+}
+
+/** The registry's list, rebuilt from its events since its (last) start. */
+function registryList(reg: Proc): string[] {
+  const ids = new Set<string>();
+  for (const e of reg.log.events) {
+    if (e.event === "listening") ids.clear();
+    else if (e.event === "node-registered") ids.add(String(e.id));
+    else if (e.event === "node-left") ids.delete(String(e.id));
+  }
+  return sorted([...ids]);
+}
+
+function registryLeft(reg: Proc, id: string): unknown[] {
+  return reg.log.events.filter((e) => e.event === "node-left" && e.id === id).map((e) => e.reason);
+}
+
+function registryBoot(reg: Proc): string {
+  return String(reg.log.named("listening").at(-1)?.boot);
+}
+
+function sorted(xs: string[]): string[] {
+  return [...xs].sort();
+}
+
+function same(a: string[], b: string[]): boolean {
+  return a.length === b.length && a.every((x, i) => x === b[i]);
+}
+
+/** A free loopback port with nothing listening on it (connects are refused). */
+async function closedPort(): Promise<number> {
+  const l = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
+  const port = l.port;
+  l.stop(true);
+  return port;
+}
+
+/** A listener that accepts greetings and never answers them. */
+function silentListener(): { port: number } & AsyncDisposable {
+  const sockets = new Set<Bun.Socket<undefined>>();
+  const l = Bun.listen<undefined>({
+    hostname: "127.0.0.1",
+    port: 0,
+    socket: {
+      open: (s) => void sockets.add(s),
+      data() {},
+      close: (s) => void sockets.delete(s),
+    },
+  });
+  return {
+    port: l.port,
+    async [Symbol.asyncDispose]() {
+      for (const s of sockets) s.terminate();
+      l.stop(true);
+    },
+  };
+}
+
+/** One NDJSON session over a raw socket; every received message lands in `log` as `{event: type, ...}`. */
+interface RawSession extends AsyncDisposable {
+  log: EventLog;
+  send(msg: object): void;
+  close(): void;
+  /** Resolves when the socket has closed. */
+  closed: Promise<void>;
+}
+
+type RawState = { session: RawSession; rest: string; onClose: () => void };
+
+function rawHandlers(onOpen?: (s: RawSession) => void): Bun.SocketHandler<RawState> {
+  return {
+    open(socket) {
+      const closed = Promise.withResolvers<void>();
+      const session: RawSession = {
+        log: new EventLog(),
+        send: (msg) => void socket.write(JSON.stringify(msg) + "\n"),
+        close: () => socket.end(),
+        closed: closed.promise,
+        async [Symbol.asyncDispose]() {
+          socket.terminate();
+          await closed.promise;
+        },
+      };
+      socket.data = { session, rest: "", onClose: closed.resolve };
+      onOpen?.(session);
+    },
+    data(socket, chunk) {
+      // Test-only framing: the peers here send short ASCII lines.
+      const d = socket.data;
+      d.rest += chunk.toString();
+      let nl: number;
+      while ((nl = d.rest.indexOf("\n")) >= 0) {
+        const line = d.rest.slice(0, nl);
+        d.rest = d.rest.slice(nl + 1);
+        const msg = JSON.parse(line) as { type: string };
+        d.session.log.push({ ...msg, event: msg.type } as EventRecord);
+      }
+    },
+    close(socket) {
+      socket.data?.onClose();
+    },
+  };
+}
+
+/** Registers a fake node over a raw socket (probes off), resolving once the registry answered. */
+async function rawRegister(registryPort: number, fields: { id: string; port: number; host?: string }): Promise<RawSession> {
+  const socket = await Bun.connect({ hostname: "127.0.0.1", port: registryPort, socket: rawHandlers() });
+  const s = socket.data.session;
+  s.send({ type: "register", v: PROTOCOL_VERSION, ...fields });
+  const reply = await s.log.waitFor((e) => e.event === "registered" || e.event === "error", SOON, `registry to answer ${fields.id}`);
+  if (reply.event !== "registered") throw new Error(`register ${fields.id} refused: ${JSON.stringify(reply)}`);
+  return s;
+}
+
+/**
+ * A registry played by the test: answers each register with `registered`
+ * (boot and peers as set at that moment, seq 5) unless `answer` is false, and
+ * otherwise says nothing unless told to.
+ */
+function fakeRegistry(opts: { answer?: boolean } = {}) {
+  const state = {
+    sessions: [] as RawSession[],
+    nextBoot: "boot-1",
+    nextPeers: [{ id: "p1", host: "127.0.0.1", port: 1 }] as Peer[],
+    self: undefined as Peer | undefined,
+    port: 0,
+    async [Symbol.asyncDispose]() {
+      await Promise.all(state.sessions.map((s) => s[Symbol.asyncDispose]()));
+      listener.stop(true);
+    },
+  };
+  const listener = Bun.listen({
+    hostname: "127.0.0.1",
+    port: 0,
+    socket: rawHandlers((s) => {
+      state.sessions.push(s);
+      if (opts.answer === false) return;
+      void s.log.waitFor("register", SOON).then((m) => {
+        state.self = { id: String(m.id), host: "127.0.0.1", port: Number(m.port) };
+        s.send({ type: "registered", v: PROTOCOL_VERSION, boot: state.nextBoot, seq: 5, heartbeat: 60_000, timeout: 180_000, self: state.self, peers: state.nextPeers });
+      }, () => {});
+    }),
+  });
+  state.port = listener.port;
+  return state;
+}
