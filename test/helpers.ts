@@ -207,3 +207,184 @@ export function meshProblems(ids: string[], greetedBy: Map<string, string[]>): s
   }
   return problems;
 }
+
+/** A message as a raw client saw it: parsed JSON, or `{ type: "(not json)", line }`. */
+export type WireMessage = { type?: unknown } & Record<string, unknown>;
+
+/**
+ * A raw NDJSON TCP client for precise and hostile tests: writes exactly the
+ * bytes it is given (queued on partial writes, flushed on drain), splits what
+ * it receives on 0x0A itself, and lets a test wait for a message under a
+ * deadline. With `collect: false` it only counts bytes (bulk clients that
+ * must keep reading but whose traffic is not under test).
+ */
+export class RawClient implements AsyncDisposable {
+  readonly messages: WireMessage[] = [];
+  bytesReceived = 0;
+  closed = false;
+  private socket!: Bun.Socket<RawClient>;
+  private parts: Uint8Array[] = [];
+  private out: Uint8Array[] = [];
+  private listeners = new Set<() => void>();
+  private readonly closedSignal = Promise.withResolvers<void>();
+  private static readonly decoder = new TextDecoder();
+
+  private constructor(readonly collect: boolean) {}
+
+  static async connect(port: number, opts: { host?: string; collect?: boolean; timeoutMs?: number } = {}): Promise<RawClient> {
+    const client = new RawClient(opts.collect ?? true);
+    await withDeadline(
+      Bun.connect<RawClient>({ hostname: opts.host ?? "127.0.0.1", port, data: client, socket: rawHandlers }),
+      opts.timeoutMs ?? 5_000,
+      `raw connection to port ${port}`,
+    );
+    return client;
+  }
+
+  /** Writes bytes or text as is (add the "\n" yourself). False once closed. */
+  write(data: string | Uint8Array): boolean {
+    if (this.closed) return false;
+    const bytes = typeof data === "string" ? new TextEncoder().encode(data) : data;
+    if (this.out.length) {
+      this.out.push(bytes);
+      return true;
+    }
+    const n = this.socket.write(bytes);
+    if (n < 0) return false;
+    if (n < bytes.byteLength) this.out.push(bytes.subarray(n));
+    return true;
+  }
+
+  /** One JSON message plus newline. */
+  send(msg: object): boolean {
+    return this.write(JSON.stringify(msg) + "\n");
+  }
+
+  /** Writes one byte per loop turn, so the peer reads the data in many small chunks. */
+  async writeSlowly(data: string | Uint8Array): Promise<void> {
+    const bytes = typeof data === "string" ? new TextEncoder().encode(data) : data;
+    for (const b of bytes) {
+      this.write(Uint8Array.of(b));
+      await new Promise((r) => setImmediate(r));
+    }
+  }
+
+  /** First message (already received or still to come) matching `pred`; rejects early if the connection closes first. */
+  waitFor(pred: ((m: WireMessage) => boolean) | string, timeoutMs = 10_000, what?: string): Promise<WireMessage> {
+    const p = typeof pred === "string" ? (m: WireMessage) => m.type === pred : pred;
+    const label = what ?? (typeof pred === "string" ? `message ${pred}` : "matching message");
+    return withDeadline(
+      new Promise<WireMessage>((resolve, reject) => {
+        const check = () => {
+          const found = this.messages.find(p);
+          if (found) {
+            this.listeners.delete(check);
+            resolve(found);
+          } else if (this.closed) {
+            this.listeners.delete(check);
+            reject(new Error(`connection closed before ${label}; got: ${JSON.stringify(this.messages).slice(0, 2000)}`));
+          }
+        };
+        this.listeners.add(check);
+        check();
+      }),
+      timeoutMs,
+      label,
+    );
+  }
+
+  /** Resolves when the peer (or we) closed the connection. */
+  waitClosed(timeoutMs = 10_000): Promise<void> {
+    return withDeadline(this.closedSignal.promise, timeoutMs, "connection to close");
+  }
+
+  /** Stops reading: the peer's writes back up into the kernel buffers, then its own queue. */
+  pause(): void {
+    this.socket.pause();
+  }
+
+  resume(): void {
+    this.socket.resume();
+  }
+
+  /** Local port of this connection (what the other side sees as its remote port). */
+  get localPort(): number {
+    return this.socket.localPort;
+  }
+
+  /** Closes with a reset, as a crashed peer would. */
+  destroy(): void {
+    if (!this.closed) this.socket.terminate();
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    this.destroy();
+    await this.waitClosed(2_000).catch(() => {});
+  }
+
+  /** @internal */ attach(socket: Bun.Socket<RawClient>): void {
+    this.socket = socket;
+  }
+
+  /** @internal */ onData(chunk: Uint8Array): void {
+    this.bytesReceived += chunk.byteLength;
+    if (!this.collect) return;
+    let start = 0;
+    for (let nl = chunk.indexOf(10); nl >= 0; nl = chunk.indexOf(10, start)) {
+      this.parts.push(chunk.subarray(start, nl));
+      start = nl + 1;
+      const line = RawClient.decoder.decode(Buffer.concat(this.parts)).replace(/\r$/, "");
+      this.parts = [];
+      if (!line) continue;
+      try {
+        this.messages.push(JSON.parse(line) as WireMessage);
+      } catch {
+        this.messages.push({ type: "(not json)", line });
+      }
+    }
+    if (start < chunk.byteLength) this.parts.push(chunk.slice(start));
+    this.notify();
+  }
+
+  /** @internal */ onDrain(): void {
+    while (this.out.length) {
+      const head = this.out[0]!;
+      const n = this.socket.write(head);
+      if (n < 0) return;
+      if (n < head.byteLength) {
+        this.out[0] = head.subarray(n);
+        return;
+      }
+      this.out.shift();
+    }
+  }
+
+  /** @internal */ onClose(): void {
+    this.closed = true;
+    this.closedSignal.resolve();
+    this.notify();
+  }
+
+  private notify(): void {
+    for (const fn of [...this.listeners]) fn();
+  }
+}
+
+const rawHandlers: Bun.SocketHandler<RawClient> = {
+  open(socket) {
+    socket.data.attach(socket);
+    socket.setNoDelay(true);
+  },
+  data(socket, chunk) {
+    socket.data.onData(chunk);
+  },
+  drain(socket) {
+    socket.data.onDrain();
+  },
+  close(socket) {
+    socket.data.onClose();
+  },
+  error(socket) {
+    socket.terminate();
+  },
+};
