@@ -1,0 +1,512 @@
+#!/usr/bin/env bun
+/**
+ * The container check (`bun run test:docker`): builds the image, runs a
+ * registry and three nodes on a Docker network this run creates, and checks
+ * from the nodes' --json output that they formed a full mesh at the
+ * addresses Docker gave them; then the image's HEALTHCHECK for both roles, a
+ * graceful `docker stop`, the entrypoint's role handling, and (when the
+ * engine allows an IPv6 network) a registry and nodes speaking IPv6 only.
+ *
+ * Without a usable engine (`docker info` fails, or the oven/bun base image is
+ * missing) it prints one line `SKIP docker: <reason>` and exits 0; with
+ * --require (or DOCKER_TEST_REQUIRE=1) that is a failure, exit 1. Otherwise
+ * it ends with `docker: N passed, N failed[, N skipped]`, exit 0 only if
+ * nothing failed. Containers and networks carry a label with this run's pid
+ * and are removed in `finally`; leftovers of a run that was killed are
+ * removed by the next run. Waits are for log lines or states under
+ * deadlines, never for time.
+ */
+import { defineCommand, runMain } from "citty";
+import { join } from "node:path";
+import { checkFlags, intArg, runCli, UsageError, type EventRecord } from "../protocol.ts";
+import { meshProblems, Proc, withDeadline } from "../test/helpers.ts";
+
+const ROOT = join(import.meta.dir, "..");
+const LABEL = "contact-registry-test.pid";
+
+export const command = defineCommand({
+  meta: { name: "docker-test", description: "Build the image and check a registry + nodes mesh in Docker (skips without an engine)." },
+  args: {
+    image: { type: "string", description: "Tag to build and test", default: "contact-registry:test" },
+    nodes: { type: "string", description: "Node containers in the mesh check", default: "3" },
+    timeout: { type: "string", description: "Give up after this many seconds, build included", default: "300" },
+    require: { type: "boolean", description: "A missing engine or base image is a failure, not a skip [env DOCKER_TEST_REQUIRE=1]" },
+    ipv6: { type: "boolean", description: "Also check an IPv6 network when the engine allows one; --no-ipv6 to leave it out", default: true },
+  },
+  async run({ args, rawArgs }) {
+    await runCli(async () => {
+      checkFlags(rawArgs, command.args as Record<string, { type?: string }>);
+      const nodes = intArg("nodes", args.nodes, 2);
+      if (nodes > 20) throw new UsageError("--nodes: at most 20 (this is a correctness check, not a benchmark)");
+      const code = await main({
+        image: String(args.image),
+        nodes,
+        timeoutMs: intArg("timeout", args.timeout, 10) * 1000,
+        require: Boolean(args.require) || process.env.DOCKER_TEST_REQUIRE === "1",
+        ipv6: args.ipv6 !== false,
+      });
+      process.exit(code);
+    });
+  },
+});
+
+export interface DockerTestOptions {
+  image: string;
+  nodes: number;
+  timeoutMs: number;
+  require: boolean;
+  ipv6: boolean;
+}
+
+/** Runs every check; returns the exit code. */
+export async function main(o: DockerTestOptions): Promise<number> {
+  const started = performance.now();
+  const docker = Bun.which("docker") ?? "/usr/bin/docker";
+  const baseImages = baseImagesOf(await Bun.file(join(ROOT, "Dockerfile")).text());
+  const unusable = await engineProblem(docker, baseImages);
+  if (unusable) {
+    process.stdout.write(`SKIP docker: ${unusable}\n`);
+    return o.require ? 1 : 0;
+  }
+
+  const run = new Run(docker, o, baseImages.at(-1)!);
+  const onSignal = () => {
+    // Cleanup first, so an interrupted run leaves no containers behind.
+    void run.cleanup().finally(() => process.exit(130));
+  };
+  process.once("SIGINT", onSignal);
+  process.once("SIGTERM", onSignal);
+  try {
+    await withDeadline(run.all(), o.timeoutMs, "the docker checks").catch((e: Error) => run.fail("overall deadline", e.message));
+  } finally {
+    await run.cleanup();
+    process.off("SIGINT", onSignal);
+    process.off("SIGTERM", onSignal);
+  }
+  const secs = ((performance.now() - started) / 1000).toFixed(1);
+  process.stdout.write(`took ${secs}s\n`);
+  process.stdout.write(`docker: ${run.passed} passed, ${run.failed} failed${run.skipped ? `, ${run.skipped} skipped` : ""}\n`);
+  return run.failed ? 1 : 0;
+}
+
+// --- internal ----------------------------------------------------------------
+
+interface Exec {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+/** Thrown by a check whose failure makes the following ones meaningless. */
+class Abort extends Error {}
+
+class Run {
+  passed = 0;
+  failed = 0;
+  skipped = 0;
+  private readonly tag = `crtest-${process.pid}-${crypto.randomUUID().slice(0, 6)}`;
+  private readonly containers = new Set<string>();
+  private readonly networks = new Set<string>();
+  private readonly followers = new Set<Proc>();
+  /** `docker run` / `network create` still running: cleanup waits for them, or what they create would outlive it. */
+  private readonly creating = new Set<Promise<unknown>>();
+  private stopping = false;
+
+  constructor(
+    private readonly docker: string,
+    private readonly o: DockerTestOptions,
+    /** The runtime stage's base, to tell what the image adds to it. */
+    private readonly runtimeBase: string,
+  ) {}
+
+  async all(): Promise<void> {
+    await this.removeLeftovers();
+    try {
+      await this.build();
+      await this.entrypoint();
+      await this.mesh();
+      if (this.o.ipv6) await this.ipv6();
+    } catch (e) {
+      if (!(e instanceof Abort)) this.fail("unexpected error", (e as Error).stack ?? String(e));
+      process.stdout.write("aborted: the remaining checks need the one that failed\n");
+    }
+  }
+
+  pass(name: string, detail = ""): void {
+    this.passed++;
+    process.stdout.write(`ok    ${name}${detail ? `: ${detail}` : ""}\n`);
+  }
+
+  fail(name: string, why: string): void {
+    this.failed++;
+    process.stdout.write(`FAIL  ${name}: ${why}\n`);
+  }
+
+  skip(name: string, why: string): void {
+    this.skipped++;
+    process.stdout.write(`skip  ${name}: ${why}\n`);
+  }
+
+  /** Runs a check; a thrown error is its failure. `fatal` stops the run there. */
+  private async check(name: string, fn: () => Promise<string | void>, fatal = false): Promise<boolean> {
+    try {
+      this.pass(name, (await fn()) ?? "");
+      return true;
+    } catch (e) {
+      this.fail(name, (e as Error).message);
+      if (fatal) throw new Abort(name);
+      return false;
+    }
+  }
+
+  private async build(): Promise<void> {
+    await this.check(
+      "image builds",
+      async () => {
+        const t = performance.now();
+        const r = await this.exec(["build", "-t", this.o.image, ROOT], 280_000);
+        if (r.code !== 0) throw new Error(`docker build exited ${r.code}:\n${tail(r.stdout + r.stderr, 30)}`);
+        const size = Number((await this.execOk(["image", "inspect", "-f", "{{.Size}}", this.o.image])).trim());
+        const base = Number((await this.execOk(["image", "inspect", "-f", "{{.Size}}", this.runtimeBase])).trim());
+        process.stdout.write(`image ${this.o.image}: ${human(size)} (${size} bytes; ${human(size - base)} over its base ${this.runtimeBase})\n`);
+        return `${((performance.now() - t) / 1000).toFixed(1)}s`;
+      },
+      true,
+    );
+    await this.check("runtime stage runs as a non-root user, with a HEALTHCHECK", async () => {
+      const cfg = JSON.parse(await this.execOk(["image", "inspect", "-f", "{{json .Config}}", this.o.image])) as {
+        User?: string;
+        Healthcheck?: { Test?: string[] };
+      };
+      if (!cfg.User || cfg.User === "root" || cfg.User === "0") throw new Error(`image user is "${cfg.User ?? ""}"`);
+      const test = cfg.Healthcheck?.Test?.join(" ") ?? "";
+      if (!test.includes("healthcheck.ts")) throw new Error(`no healthcheck.ts HEALTHCHECK, got "${test}"`);
+      return `user ${cfg.User}`;
+    });
+  }
+
+  /** The role dispatch: --help for each role, usage on an unknown role. */
+  private async entrypoint(): Promise<void> {
+    const runOnce = (args: string[]) => this.exec(["run", "--rm", "--label", `${LABEL}=${process.pid}`, this.o.image, ...args], 30_000);
+    const [reg, cli, bad] = await Promise.all([runOnce(["registry", "--help"]), runOnce(["client", "--help"]), runOnce(["nonsense"])]);
+    await this.check("`registry --help` prints the registry's usage, exit 0", async () => {
+      if (reg.code !== 0 || !/USAGE\s+registry/.test(reg.stdout)) throw new Error(`exit ${reg.code}: ${tail(reg.stdout + reg.stderr, 5)}`);
+    });
+    await this.check("`client --help` prints the node's usage, exit 0", async () => {
+      if (cli.code !== 0 || !/USAGE\s+client/.test(cli.stdout)) throw new Error(`exit ${cli.code}: ${tail(cli.stdout + cli.stderr, 5)}`);
+    });
+    await this.check("an unknown role says so, exit 2", async () => {
+      if (bad.code !== 2 || !bad.stderr.includes('unknown role "nonsense"')) throw new Error(`exit ${bad.code}: ${tail(bad.stdout + bad.stderr, 5)}`);
+    });
+  }
+
+  /** Registry + N nodes on a fresh IPv4 network: mesh, addresses, health, graceful stop. */
+  private async mesh(): Promise<void> {
+    const net = await this.network(`${this.tag}-net`, []);
+    const registry = `${this.tag}-registry`;
+    const reg = await this.start(registry, net, ["registry", "--json"]);
+    await this.check("registry container listens", async () => {
+      const e = await reg.log.waitFor("listening", 30_000, "the registry's listening event");
+      return `port ${e.port}`;
+    }, true);
+
+    const names = Array.from({ length: this.o.nodes }, (_, i) => `${this.tag}-node${i + 1}`);
+    const nodes = await Promise.all(names.map((n) => this.start(n, net, ["client", registry, "8080", "--json"])));
+    const ids = new Map<Proc, string>();
+    await this.check(`${names.length} node containers register`, async () => {
+      await Promise.all(
+        nodes.map(async (p) => {
+          const l = await p.log.waitFor("listening", 30_000, `${p.label} to listen`);
+          ids.set(p, String(l.id));
+          await p.log.waitFor("registered", 30_000, `${p.label} to register`).catch((e: Error) => {
+            throw new Error(`${e.message}; its output: ${lastEvents(p)}`);
+          });
+        }),
+      );
+    }, true);
+
+    await this.check("each node is listed at its own container address", async () => {
+      const wrong: string[] = [];
+      for (const p of nodes) {
+        const ip = (await this.execOk(["inspect", "-f", `{{(index .NetworkSettings.Networks "${net}").IPAddress}}`, p.label])).trim();
+        const reg = p.log.named("registered")[0]!;
+        const address = String(reg.address);
+        if (!address.startsWith(`${ip}:`)) wrong.push(`${p.label} registered as ${address}, container address ${ip}`);
+      }
+      if (wrong.length) throw new Error(wrong.join("; "));
+    });
+
+    const pairs = (names.length * (names.length - 1)) / 2;
+    await this.check(`full mesh: each of the ${pairs} pairs exactly one greeted and one greeting`, async () => {
+      const count = (event: string) => nodes.reduce((n, p) => n + p.log.named(event).length, 0);
+      await waitFor(() => count("greeted") >= pairs && count("greeting") >= pairs, 30_000, `${pairs} greeted and greeting events`).catch(
+        (e: Error) => {
+          throw new Error(`${e.message} (have ${count("greeted")} greeted, ${count("greeting")} greeting)`);
+        },
+      );
+      const all = [...ids.values()];
+      const greeted = new Map<string, string[]>();
+      const greetedBy = new Map<string, string[]>();
+      for (const p of nodes) {
+        greeted.set(ids.get(p)!, p.log.named("greeted").map((e) => String(e.peer)));
+        greetedBy.set(ids.get(p)!, p.log.named("greeting").map((e) => String(e.peer)));
+      }
+      const problems = [
+        ...meshProblems(all, greeted).map((m) => `greeted ${m}`),
+        ...meshProblems(all, greetedBy).map((m) => `greeting ${m}`),
+      ];
+      // Both ends must tell of the same greeting: a greeted b  <=>  b got a greeting from a.
+      for (const [a, tos] of greeted) {
+        for (const b of tos) if (!greetedBy.get(b)?.includes(a)) problems.push(`${a} greeted ${b}, which saw no greeting from it`);
+      }
+      const failed = nodes.flatMap((p) => p.log.named("greet-failed").map((e) => `${p.label}: ${e.reason}`));
+      if (failed.length) problems.push(`greet-failed: ${failed.join("; ")}`);
+      if (problems.length) throw new Error(problems.join("; "));
+    });
+
+    await this.check("the registry reports the mesh complete", async () => {
+      const e = await reg.log.waitFor((e) => e.event === "mesh-complete" && e.nodes === names.length, 15_000, "mesh-complete over all nodes");
+      return `${e.pairs} pairs`;
+    });
+
+    await this.check("HEALTHCHECK: registry and a node become healthy", async () => {
+      const [r, n] = await Promise.all([this.healthy(registry), this.healthy(names[0]!)]);
+      return `registry "${r}", node "${n}"`;
+    });
+
+    const last = nodes.at(-1)!;
+    const lastId = ids.get(last)!;
+    await this.check("`docker stop` on a node: it leaves cleanly, the others see it go", async () => {
+      const r = await this.exec(["stop", "-t", "10", last.label], 30_000);
+      if (r.code !== 0) throw new Error(`docker stop exited ${r.code}: ${r.stderr.trim()}`);
+      const exit = (await this.execOk(["inspect", "-f", "{{.State.ExitCode}}", last.label])).trim();
+      if (exit !== "0") throw new Error(`node exited ${exit}; its output: ${lastEvents(last)}`);
+      await Promise.all(
+        nodes
+          .filter((p) => p !== last)
+          .map((p) =>
+            p.log.waitFor((e) => e.event === "peer-left" && e.peer === lastId, 15_000, `${p.label} to see ${lastId} leave`).then((e) => {
+              if (e.reason !== "leave") throw new Error(`${p.label} saw it leave with reason ${e.reason}, expected leave`);
+            }),
+          ),
+      );
+    });
+  }
+
+  /** A registry and two nodes on an IPv6 network, the nodes given the registry's IPv6 address. */
+  private async ipv6(): Promise<void> {
+    // A random ULA /64 of our own: no other network on this engine has it.
+    const hex = () => Math.floor(Math.random() * 0x10000).toString(16);
+    const subnet = `fd${hex().padStart(2, "0").slice(0, 2)}:${hex()}:${hex()}::/64`;
+    const net = `${this.tag}-v6`;
+    this.networks.add(net);
+    const r = await this.creates(["network", "create", "--label", `${LABEL}=${process.pid}`, "--ipv6", "--subnet", subnet, net], 30_000);
+    if (r.code !== 0) return this.skip("IPv6 network", `this engine cannot create one: ${r.stderr.trim()}`);
+    const registry = `${this.tag}-registry6`;
+    const reg = await this.start(registry, net, ["registry", "--json"]);
+    await this.check("IPv6: registry listens on an IPv6 network", async () => {
+      await reg.log.waitFor("listening", 30_000, "the IPv6 registry's listening event");
+    }, true);
+    const v6 = (await this.execOk(["inspect", "-f", `{{(index .NetworkSettings.Networks "${net}").GlobalIPv6Address}}`, registry])).trim();
+    if (!v6) return this.fail("IPv6: registry address", `container ${registry} got no IPv6 address on ${net}`);
+    const nodes = await Promise.all(["a", "b"].map((s) => this.start(`${this.tag}-node6${s}`, net, ["client", v6, "8080", "--json"])));
+    await this.check(`IPv6: nodes register over IPv6 (registry at [${v6}]) and greet each other`, async () => {
+      for (const p of nodes) {
+        const e = await p.log.waitFor("registered", 30_000, `${p.label} to register`).catch((e: Error) => {
+          throw new Error(`${e.message}; its output: ${lastEvents(p)}`);
+        });
+        if (!String(e.address).startsWith("[")) throw new Error(`${p.label} registered as ${e.address}, not an IPv6 address`);
+      }
+      await waitFor(
+        () => nodes.some((p) => p.log.named("greeted").length) && nodes.some((p) => p.log.named("greeting").length),
+        30_000,
+        "the greeting between the IPv6 nodes",
+      );
+      return String(nodes[1]!.log.named("registered")[0]!.address);
+    });
+  }
+
+  /** Starts a labelled container and follows its log; the follower parses --json lines. */
+  private async start(name: string, net: string, args: string[]): Promise<Proc> {
+    if (this.stopping) throw new Abort("stopping");
+    this.containers.add(name);
+    const r = await this.creates(
+      ["run", "-d", "--name", name, "--network", net, "--label", `${LABEL}=${process.pid}`,
+        // The image's own check, run every second instead of every 10 s so the test need not wait long.
+        "--health-interval", "1s", "--health-start-period", "30s", this.o.image, ...args],
+      60_000,
+    );
+    if (r.code !== 0) throw new Error(`docker run ${name} exited ${r.code}: ${r.stderr.trim()}`);
+    const follower = new Proc(
+      Bun.spawn([this.docker, "logs", "-f", name], { stdin: "ignore", stdout: "pipe", stderr: "pipe" }),
+      name,
+    );
+    this.followers.add(follower);
+    return follower;
+  }
+
+  private async network(name: string, extra: string[]): Promise<string> {
+    this.networks.add(name);
+    const r = await this.creates(["network", "create", "--label", `${LABEL}=${process.pid}`, ...extra, name], 30_000);
+    if (r.code !== 0) throw new Error(`docker network create ${name} exited ${r.code}: ${r.stderr.trim()}`);
+    return name;
+  }
+
+  /** Polls the health state (Docker has it only as state) until healthy, failing fast on unhealthy. */
+  private async healthy(container: string): Promise<string> {
+    let state = "";
+    let output = "";
+    await waitFor(
+      async () => {
+        const h = JSON.parse(await this.execOk(["inspect", "-f", "{{json .State.Health}}", container])) as {
+          Status: string;
+          Log?: { Output: string }[];
+        } | null;
+        state = h?.Status ?? "none";
+        output = h?.Log?.at(-1)?.Output.trim() ?? "";
+        if (state === "unhealthy") throw new Error(`${container} is unhealthy: ${output}`);
+        return state === "healthy";
+      },
+      30_000,
+      `${container} to become healthy`,
+      250,
+    ).catch((e: Error) => {
+      throw new Error(`${e.message} (state ${state}, last check: ${output || "none yet"})`);
+    });
+    return output;
+  }
+
+  /** Removes what an earlier, killed run left (its pid is gone); never another live run's. */
+  private async removeLeftovers(): Promise<void> {
+    const stale = async (kind: "container" | "network") => {
+      const list = kind === "container"
+        ? await this.exec(["ps", "-a", "--filter", `label=${LABEL}`, "--format", `{{.Names}} {{.Label "${LABEL}"}}`], 30_000)
+        : await this.exec(["network", "ls", "--filter", `label=${LABEL}`, "--format", `{{.Name}} {{.Label "${LABEL}"}}`], 30_000);
+      return list.stdout
+        .split("\n")
+        .map((l) => l.trim().split(" "))
+        .filter(([name, pid]) => name && pid && !alive(Number(pid)))
+        .map(([name]) => name!);
+    };
+    const containers = await stale("container");
+    if (containers.length) await this.exec(["rm", "-f", ...containers], 60_000);
+    const networks = await stale("network");
+    if (networks.length) await this.exec(["network", "rm", ...networks], 60_000);
+    if (containers.length || networks.length) process.stdout.write(`removed leftovers of an earlier run: ${[...containers, ...networks].join(" ")}\n`);
+  }
+
+  /** Removes this run's containers and networks; safe to call twice. */
+  async cleanup(): Promise<void> {
+    this.stopping = true;
+    await Promise.allSettled([...this.creating]);
+    const containers = [...this.containers];
+    this.containers.clear();
+    if (containers.length) {
+      const r = await this.exec(["rm", "-f", ...containers], 60_000);
+      if (r.code !== 0 && !/No such container/.test(r.stderr)) process.stdout.write(`cleanup: docker rm: ${r.stderr.trim()}\n`);
+    }
+    await Promise.allSettled([...this.followers].map((f) => f[Symbol.asyncDispose]()));
+    this.followers.clear();
+    const networks = [...this.networks];
+    this.networks.clear();
+    if (networks.length) {
+      const r = await this.exec(["network", "rm", ...networks], 60_000);
+      if (r.code !== 0 && !/not found/.test(r.stderr)) process.stdout.write(`cleanup: docker network rm: ${r.stderr.trim()}\n`);
+    }
+  }
+
+  /** A docker command that creates something; tracked until it returns. */
+  private creates(args: string[], timeoutMs: number): Promise<Exec> {
+    if (this.stopping) return Promise.reject(new Abort("stopping"));
+    const p = this.exec(args, timeoutMs);
+    this.creating.add(p);
+    return p.finally(() => this.creating.delete(p));
+  }
+
+  exec(args: string[], timeoutMs: number): Promise<Exec> {
+    return execFile([this.docker, ...args], timeoutMs);
+  }
+
+  async execOk(args: string[], timeoutMs = 30_000): Promise<string> {
+    const r = await this.exec(args, timeoutMs);
+    if (r.code !== 0) throw new Error(`docker ${args.slice(0, 3).join(" ")} exited ${r.code}: ${r.stderr.trim()}`);
+    return r.stdout;
+  }
+}
+
+/** Why Docker cannot be used here, or undefined if it can. */
+async function engineProblem(docker: string, bases: string[]): Promise<string | undefined> {
+  if (!Bun.which(docker) && !(await Bun.file(docker).exists())) return "no docker command on PATH";
+  const info = await execFile([docker, "info", "--format", "{{.ServerVersion}}"], 20_000);
+  if (info.code !== 0) return `docker info failed (no engine running?): ${firstLine(info.stderr || info.stdout)}`;
+  for (const base of bases) {
+    const r = await execFile([docker, "image", "inspect", "--format", "{{.Id}}", base], 20_000);
+    if (r.code !== 0) return `base image ${base} is missing (no registry to pull from; ../shared/tools/docker-engine.sh makes a local one)`;
+  }
+  return undefined;
+}
+
+/** The `FROM` images of the Dockerfile, with its ARG defaults filled in. */
+function baseImagesOf(dockerfile: string): string[] {
+  const args = new Map<string, string>();
+  const out: string[] = [];
+  for (const line of dockerfile.split("\n")) {
+    const arg = /^\s*ARG\s+(\w+)=(\S+)/i.exec(line);
+    if (arg) args.set(arg[1]!, arg[2]!);
+    const from = /^\s*FROM\s+(\S+)/i.exec(line);
+    if (from) out.push(from[1]!.replace(/\$\{(\w+)\}|\$(\w+)/g, (_, a, b) => args.get(a ?? b) ?? ""));
+  }
+  return [...new Set(out)];
+}
+
+async function execFile(cmd: string[], timeoutMs: number): Promise<Exec> {
+  const p = Bun.spawn(cmd, { stdin: "ignore", stdout: "pipe", stderr: "pipe", timeout: timeoutMs, killSignal: "SIGKILL" });
+  const [stdout, stderr, code] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
+  if (p.signalCode) return { code: 124, stdout, stderr: `${stderr}\n(${cmd.slice(0, 3).join(" ")} killed after ${timeoutMs}ms)` };
+  return { code, stdout, stderr };
+}
+
+/** Re-evaluates `cond` every `everyMs` until true; a throw from `cond` ends the wait with it. */
+async function waitFor(cond: () => boolean | Promise<boolean>, ms: number, what: string, everyMs = 20): Promise<void> {
+  const deadline = performance.now() + ms;
+  while (!(await cond())) {
+    if (performance.now() > deadline) throw new Error(`timed out after ${ms}ms waiting for ${what}`);
+    await Bun.sleep(everyMs);
+  }
+}
+
+function alive(pid: number): boolean {
+  if (!Number.isInteger(pid) || pid <= 0) return false;
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as { code?: string }).code === "EPERM";
+  }
+}
+
+function lastEvents(p: Proc): string {
+  const events = p.log.events.slice(-4).map((e: EventRecord) => JSON.stringify(e));
+  return [...events, ...p.stderr.slice(-4)].join(" | ") || "(nothing)";
+}
+
+function human(bytes: number): string {
+  const units = ["B", "kB", "MB", "GB"];
+  let n = bytes;
+  let i = 0;
+  while (Math.abs(n) >= 1000 && i < units.length - 1) {
+    n /= 1000;
+    i++;
+  }
+  return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
+}
+
+function tail(text: string, lines: number): string {
+  return text.trim().split("\n").slice(-lines).join("\n");
+}
+
+function firstLine(text: string): string {
+  return text.trim().split("\n")[0] ?? "";
+}
+
+if (import.meta.main) await runMain(command);
