@@ -175,8 +175,9 @@ describe("bad input to the registry", () => {
       // Exactly one error, nothing else.
       expect(bad.messages.map((m) => m.type)).toEqual(["error"]);
     }
-    // An overflow is answered by the connection layer itself, which the registry's counters do not see.
-    if (code !== "line-too-long") expect(reg.stats().rejected[code as keyof ReturnType<Registry["stats"]>["rejected"]]).toBe(before + 1);
+    expect(reg.stats().rejected[code as keyof ReturnType<Registry["stats"]>["rejected"]]).toBe(before + 1);
+    // The operator sees every refusal in the registry's own events, overflows included.
+    expect(regLog.named("error").filter((e) => e.code === code).length).toBe(before + 1);
     const log = new EventLog();
     await using good = await startNode({ registryHost: "127.0.0.1", registryPort: reg.port, onEvent: log.push });
     expect(good.registered).toBe(true);
