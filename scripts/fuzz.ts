@@ -1,0 +1,846 @@
+#!/usr/bin/env bun
+/**
+ * Seeded, reproducible fuzzing of the two servers a network can reach: the
+ * registry and a node's greeting listener. Both run as real processes; this
+ * process sends them thousands of random and mutated frames (truncated JSON,
+ * huge numbers, deep nesting, wrong types, binary garbage, very long lines,
+ * valid messages in the wrong order), split at random points across writes,
+ * over many connections, while real nodes register and greet each other. At
+ * the end neither server may have crashed, their memory must have stayed
+ * bounded, and every real node must have registered and met the others.
+ *
+ *   bun scripts/fuzz.ts --iterations 20000 --seed 42
+ *
+ * The seed is printed; the same seed replays the same frames.
+ */
+import { defineCommand, runMain } from "citty";
+import net from "node:net";
+import { readFileSync } from "node:fs";
+import * as v from "valibot";
+import { startNode, type PeerNode } from "../client.ts";
+import { DEFAULTS, PROTOCOL_VERSION, Register, type EventRecord } from "../protocol.ts";
+import { spawnNode, spawnRegistry, withDeadline, type Proc } from "../test/helpers.ts";
+
+export interface FuzzOptions {
+  /** Frames to send in all (split between the registry and the node's listener). */
+  iterations?: number;
+  seed?: number;
+  /** Connections open at once. */
+  concurrency?: number;
+  /** Real nodes started (in this process) while the fuzz runs; each must register. */
+  realNodes?: number;
+  /** Allowed growth of either server's resident memory over its idle baseline, MiB. */
+  maxRssGrowthMiB?: number;
+  /** How long a connection waits for the server to close it after its last write, ms. */
+  lingerMs?: number;
+  /** Progress and summary lines (default: none). */
+  log?: (line: string) => void;
+}
+
+export interface FuzzResult {
+  ok: boolean;
+  seed: number;
+  problems: string[];
+  frames: number;
+  framesByKind: Record<string, number>;
+  connections: { registry: number; listener: number };
+  /** Error codes the servers answered with, per target. */
+  replies: { registry: Record<string, number>; listener: Record<string, number> };
+  /** Successful registrations of fuzz frames (the fuzzer answers the registry's probe). */
+  fuzzRegistrations: number;
+  rssMiB: { registry: RssFigures; node: RssFigures };
+  realNodes: { started: number; registered: number };
+  ms: number;
+}
+
+export interface RssFigures {
+  baseline: number;
+  peak: number;
+  final: number;
+}
+
+/** Runs one fuzz session against fresh registry and node processes. Never throws for a finding: see `problems`. */
+export async function runFuzz(options: FuzzOptions = {}): Promise<FuzzResult> {
+  const o = {
+    iterations: options.iterations ?? 5000,
+    seed: (options.seed ?? Math.floor(Math.random() * 2 ** 32)) >>> 0,
+    concurrency: options.concurrency ?? 32,
+    realNodes: options.realNodes ?? 5,
+    maxRssGrowthMiB: options.maxRssGrowthMiB ?? 128,
+    lingerMs: options.lingerMs ?? 250,
+    log: options.log ?? (() => {}),
+  };
+  const started = performance.now();
+  const problems: string[] = [];
+  const rand = mulberry32(o.seed);
+  const gen = new FrameGenerator(rand, DEFAULTS.maxLineBytes);
+  const framesByKind: Record<string, number> = {};
+  const replies = { registry: {} as Record<string, number>, listener: {} as Record<string, number> };
+  const connections = { registry: 0, listener: 0 };
+  const realNodes: PeerNode[] = [];
+  const realNodeStarts: Promise<void>[] = [];
+  const realEvents: EventRecord[] = [];
+  let realRegistered = 0;
+  let frames = 0;
+  o.log(`fuzz: seed ${o.seed}, ${o.iterations} frames, ${o.concurrency} connections at once`);
+
+  // The fuzzer answers the registry's probe itself, so that fuzz registrations
+  // can succeed and the frames after them reach a registered session.
+  const responder = startProbeResponder();
+  const closedPort = await unusedPort();
+  let registry: (Proc & { port: number }) | undefined;
+  let node: (Proc & { id: string; port: number }) | undefined;
+  const rss = new RssSampler();
+  try {
+    // A short registration deadline so half-sent frames are also cut by the registry, not only by us.
+    registry = await spawnRegistry(["--register-timeout", "1000"]);
+    node = await spawnNode(registry.port, ["--listen", "127.0.0.1"]);
+    gen.targets = {
+      nodeId: node.id,
+      registerPorts: [responder.port, responder.port, responder.port, node.port, registry.port, closedPort],
+    };
+    rss.watch("registry", registry.pid);
+    rss.watch("node", node.pid);
+    rss.sample();
+
+    const nodeEvery = Math.max(1, Math.floor(o.iterations / (o.realNodes + 1)));
+    let nextNodeAt = nodeEvery;
+    const startRealNode = (n: number) => {
+      const p = startNode({
+        registryHost: "127.0.0.1",
+        registryPort: registry!.port,
+        listenHost: "127.0.0.1",
+        name: `real-${n}`,
+        onEvent: (e) => realEvents.push({ ...e, node: n }),
+      }).then(
+        (peer) => {
+          realNodes.push(peer);
+          realRegistered++;
+        },
+        (e) => {
+          problems.push(`real node ${n} failed to register: ${(e as Error).message}`);
+        },
+      );
+      realNodeStarts.push(withDeadline(p, 30_000, `real node ${n} to register`).catch((e) => void problems.push((e as Error).message)));
+    };
+
+    // The frame stream is drawn from the PRNG in one sequence, so a seed
+    // replays the same frames whatever the timing of the connections.
+    const plans: ConnPlan[] = [];
+    while (frames < o.iterations) {
+      const target: Target = rand() < 0.6 ? "registry" : "listener";
+      const count = Math.min(o.iterations - frames, 1 + Math.floor(rand() * rand() * 8));
+      const plan = gen.connection(target, count);
+      for (const k of plan.kinds) framesByKind[k] = (framesByKind[k] ?? 0) + 1;
+      frames += count;
+      plans.push(plan);
+    }
+
+    let done = 0;
+    let next = 0;
+    const progressEvery = Math.max(1, Math.floor(plans.length / 10));
+    const worker = async () => {
+      while (next < plans.length) {
+        const plan = plans[next++]!;
+        const port = plan.target === "registry" ? registry!.port : node!.port;
+        connections[plan.target]++;
+        const codes = await playConnection(port, plan, o.lingerMs);
+        for (const c of codes) replies[plan.target][c] = (replies[plan.target][c] ?? 0) + 1;
+        done++;
+        while (realNodeStarts.length < o.realNodes && done * (o.iterations / plans.length) >= nextNodeAt) {
+          startRealNode(realNodeStarts.length);
+          nextNodeAt += nodeEvery;
+        }
+        if (done % progressEvery === 0) o.log(`fuzz: ${done}/${plans.length} connections`);
+      }
+    };
+    const sampler = setInterval(() => rss.sample(), 100);
+    try {
+      await Promise.all(Array.from({ length: o.concurrency }, worker));
+    } finally {
+      clearInterval(sampler);
+    }
+    while (realNodeStarts.length < o.realNodes) startRealNode(realNodeStarts.length);
+    await Promise.all(realNodeStarts);
+    rss.sample();
+
+    // Liveness: both servers still run, and the mesh of real nodes (plus the fuzzed node) completes.
+    for (const p of [registry, node]) {
+      if (p.proc.exitCode !== null || p.proc.signalCode !== null) {
+        problems.push(`${p.label} exited (${p.proc.exitCode ?? p.proc.signalCode}); stderr: ${p.stderr.slice(-5).join(" | ")}`);
+      }
+    }
+    const lost = node.log.named("disconnected");
+    if (lost.length) problems.push(`the fuzzed node lost its registry session ${lost.length} time(s): ${String(lost[0]?.reason)}`);
+    const ids = [node.id, ...realNodes.map((n) => n.id)];
+    if (realNodes.length === o.realNodes && !problems.length) {
+      const fuzzedMet = () => new Set([...node!.log.named("greeting"), ...node!.log.named("greeted")].map((e) => String(e.peer)));
+      const missing = () => {
+        const out: string[] = [];
+        for (const n of realNodes) for (const other of ids) if (other !== n.id && !n.met().includes(other)) out.push(`${n.id}->${other}`);
+        const f = fuzzedMet();
+        for (const n of realNodes) if (!f.has(n.id)) out.push(`${node!.id}->${n.id}`);
+        return out;
+      };
+      try {
+        await waitFor(() => missing().length === 0, 20_000);
+      } catch {
+        problems.push(`real nodes did not all meet: missing ${missing().slice(0, 10).join(", ")}`);
+      }
+    }
+    const failedGreets = realEvents.filter((e) => e.event === "greet-failed" && ids.includes(String(e.peer)));
+    if (failedGreets.length) problems.push(`real nodes failed to greet each other: ${JSON.stringify(failedGreets[0])}`);
+
+    for (const [label, f] of Object.entries(rss.figures())) {
+      if (f.peak - f.baseline > o.maxRssGrowthMiB) {
+        problems.push(`${label} memory grew from ${f.baseline} MiB to ${f.peak} MiB (allowed growth ${o.maxRssGrowthMiB} MiB)`);
+      }
+    }
+    if (!Object.keys(replies.registry).length && connections.registry) problems.push("the registry never answered a fuzz frame");
+    if (!Object.keys(replies.listener).length && connections.listener) problems.push("the node's listener never answered a fuzz frame");
+  } catch (e) {
+    problems.push(`fuzz run failed: ${(e as Error).message}`);
+  } finally {
+    await Promise.allSettled(realNodes.map((n) => n.stop()));
+    rss.stop();
+    responder.stop();
+    await Promise.allSettled([node?.[Symbol.asyncDispose](), registry?.[Symbol.asyncDispose]()]);
+  }
+
+  const result: FuzzResult = {
+    ok: problems.length === 0,
+    seed: o.seed,
+    problems,
+    frames,
+    framesByKind,
+    connections,
+    replies,
+    fuzzRegistrations: responder.probes(),
+    rssMiB: rss.figures() as FuzzResult["rssMiB"],
+    realNodes: { started: realNodeStarts.length, registered: realRegistered },
+    ms: Math.round(performance.now() - started),
+  };
+  o.log(summary(result));
+  return result;
+}
+
+/** mulberry32: a tiny, fast 32-bit PRNG; good enough to pick fuzz inputs and fully determined by its seed. */
+export function mulberry32(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+/**
+ * A raw TCP client for hostile-input tests, on node:net because Bun.connect
+ * cannot choose the local address: binding 127.0.0.2, 127.0.0.3, ... makes
+ * connections that a server counts as coming from different hosts.
+ */
+export class RawConn {
+  /** Lines received (the first 1000; the rest are counted in `bytesIn`). */
+  readonly lines: string[] = [];
+  bytesIn = 0;
+  closed = false;
+  error: Error | undefined;
+  readonly whenClosed: Promise<void>;
+  private rest = "";
+  private waiters = new Set<() => void>();
+
+  private constructor(readonly socket: net.Socket) {
+    const closed = Promise.withResolvers<void>();
+    this.whenClosed = closed.promise;
+    socket.setNoDelay(true);
+    socket.on("data", (chunk: Buffer) => {
+      this.bytesIn += chunk.byteLength;
+      if (this.lines.length >= 1000) return;
+      this.rest += chunk.toString("utf8");
+      let nl: number;
+      while ((nl = this.rest.indexOf("\n")) >= 0) {
+        this.lines.push(this.rest.slice(0, nl));
+        this.rest = this.rest.slice(nl + 1);
+      }
+      if (this.rest.length > 1 << 20) this.rest = "";
+      this.wake();
+    });
+    socket.on("error", (e) => {
+      this.error = e;
+    });
+    socket.on("close", () => {
+      this.closed = true;
+      closed.resolve();
+      this.wake();
+    });
+  }
+
+  /** Connects to `host:port`, optionally from a given local address. */
+  static connect(port: number, opts: { host?: string; localAddress?: string; timeoutMs?: number } = {}): Promise<RawConn> {
+    const socket = net.connect({ host: opts.host ?? "127.0.0.1", port, ...(opts.localAddress ? { localAddress: opts.localAddress } : {}) });
+    const conn = new RawConn(socket);
+    const ready = new Promise<RawConn>((resolve, reject) => {
+      socket.once("connect", () => resolve(conn));
+      socket.once("error", reject);
+    });
+    return withDeadline(ready, opts.timeoutMs ?? 5_000, `connect to port ${port}`).catch((e) => {
+      socket.destroy();
+      throw e;
+    });
+  }
+
+  /** Writes and resolves once node:net has handed the bytes on (or the socket failed). */
+  write(data: string | Uint8Array): Promise<boolean> {
+    if (this.closed || this.socket.destroyed) return Promise.resolve(false);
+    return new Promise((resolve) => {
+      try {
+        this.socket.write(data, (err) => resolve(!err));
+      } catch {
+        resolve(false);
+      }
+    });
+  }
+
+  /** Parsed JSON lines; lines that are not JSON are skipped. */
+  messages(): Record<string, unknown>[] {
+    const out: Record<string, unknown>[] = [];
+    for (const l of this.lines) {
+      try {
+        const m: unknown = JSON.parse(l);
+        if (m && typeof m === "object") out.push(m as Record<string, unknown>);
+      } catch {
+        // a server answering with non-JSON is caught by whoever inspects `lines`
+      }
+    }
+    return out;
+  }
+
+  /** The `code` of every error message received. */
+  errorCodes(): string[] {
+    return this.messages()
+      .filter((m) => m.type === "error")
+      .map((m) => String(m.code));
+  }
+
+  /** Resolves with the first received message matching `pred`. */
+  async waitForMessage(pred: (m: Record<string, unknown>) => boolean, ms: number, what: string): Promise<Record<string, unknown>> {
+    await this.until(() => this.messages().some(pred) || this.closed, ms, what);
+    const m = this.messages().find(pred);
+    if (!m) throw new Error(`connection closed before ${what}; got ${JSON.stringify(this.lines.slice(0, 3))}`);
+    return m;
+  }
+
+  /** Resolves once the server closed the connection. */
+  waitClosed(ms: number, what = "the server to close the connection"): Promise<void> {
+    return withDeadline(this.whenClosed, ms, what);
+  }
+
+  end(): void {
+    this.socket.end();
+  }
+
+  destroy(): void {
+    this.socket.destroy();
+  }
+
+  private until(cond: () => boolean, ms: number, what: string): Promise<void> {
+    if (cond()) return Promise.resolve();
+    const p = new Promise<void>((resolve) => {
+      const check = () => {
+        if (cond()) {
+          this.waiters.delete(check);
+          resolve();
+        }
+      };
+      this.waiters.add(check);
+    });
+    return withDeadline(p, ms, what);
+  }
+
+  private wake(): void {
+    for (const w of [...this.waiters]) w();
+  }
+}
+
+/** A port nothing listens on (it was just released by the OS). */
+export async function unusedPort(): Promise<number> {
+  const l = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
+  const port = l.port;
+  l.stop(true);
+  return port;
+}
+
+/** Reads a process's resident set size from /proc, in MiB (undefined off Linux or once it exited). */
+export function rssMiB(pid: number): number | undefined {
+  try {
+    const m = /VmRSS:\s+(\d+)\s+kB/.exec(readFileSync(`/proc/${pid}/status`, "utf8"));
+    return m ? Math.round((Number(m[1]) / 1024) * 10) / 10 : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+export const command = defineCommand({
+  meta: { name: "fuzz", description: "Seeded fuzzing of the registry and a node's listener; exits 1 on any finding." },
+  args: {
+    iterations: { type: "string", description: "Frames to send", default: "20000" },
+    seed: { type: "string", description: "PRNG seed (default: random, printed)" },
+    concurrency: { type: "string", description: "Connections open at once", default: "32" },
+    nodes: { type: "string", description: "Real nodes that register during the run", default: "5" },
+    "max-rss-growth": { type: "string", description: "Allowed memory growth of each server, MiB", default: "128" },
+  },
+  async run({ args }) {
+    const int = (name: string, text: string | undefined, min: number) => {
+      if (text === undefined) return undefined;
+      if (!/^\d+$/.test(text.trim()) || Number(text) < min || !Number.isSafeInteger(Number(text))) {
+        process.stderr.write(`usage error: --${name} must be an integer >= ${min}, got "${text}"\n`);
+        process.exit(2);
+      }
+      return Number(text);
+    };
+    const result = await runFuzz({
+      iterations: int("iterations", args.iterations, 1),
+      seed: int("seed", args.seed, 0),
+      concurrency: int("concurrency", args.concurrency, 1),
+      realNodes: int("nodes", args.nodes, 0),
+      maxRssGrowthMiB: int("max-rss-growth", args["max-rss-growth"], 1),
+      log: (line) => process.stdout.write(`${line}\n`),
+    });
+    process.exit(result.ok ? 0 : 1);
+  },
+});
+
+// --- internal ----------------------------------------------------------------
+
+type Target = "registry" | "listener";
+
+interface ConnPlan {
+  target: Target;
+  kinds: string[];
+  /** The frames' bytes, already cut into the writes that carry them. */
+  writes: Uint8Array[];
+  /** Yield to the event loop between writes, so the cuts reach the server as separate segments. */
+  spaced: boolean;
+  close: "linger" | "end" | "destroy";
+}
+
+interface Targets {
+  nodeId: string;
+  /** Ports a fuzz `register` may name: the probe responder (so some succeed) and ports that fail the probe. */
+  registerPorts: number[];
+}
+
+const enc = new TextEncoder();
+
+/** Builds frames from a PRNG; every choice goes through `rand`, so a seed fixes the output. */
+class FrameGenerator {
+  targets: Targets = { nodeId: "x", registerPorts: [1] };
+  private readonly kinds: [string, number, (t: Target) => Uint8Array][] = [
+    ["valid", 18, (t) => this.line(this.valid(t))],
+    ["wrong-type", 14, (t) => this.line(this.wrongType(t))],
+    ["huge-number", 7, (t) => this.hugeNumber(t)],
+    ["truncated", 10, (t) => this.truncated(t)],
+    ["deep-nesting", 5, (t) => this.deepNesting(t)],
+    ["binary", 10, () => this.binary()],
+    ["long-line", 4, (t) => this.longLine(t)],
+    ["mutated", 16, (t) => this.mutated(t)],
+    ["odd-json", 12, (t) => this.oddJson(t)],
+    ["cross-role", 4, (t) => this.line(this.crossRole(t))],
+  ];
+  private readonly totalWeight = this.kinds.reduce((s, k) => s + k[1], 0);
+
+  constructor(
+    private readonly rand: () => number,
+    private readonly maxLine: number,
+  ) {}
+
+  connection(target: Target, count: number): ConnPlan {
+    const kinds: string[] = [];
+    const parts: Uint8Array[] = [];
+    // Many connections open with a valid first frame, so later frames meet a session past its first line.
+    if (count > 1 && this.rand() < 0.4) {
+      kinds.push("valid");
+      parts.push(this.line(this.valid(target, true)));
+      count--;
+    }
+    for (let i = 0; i < count; i++) {
+      let r = this.rand() * this.totalWeight;
+      const kind = this.kinds.find((k) => (r -= k[1]) < 0) ?? this.kinds[0]!;
+      kinds.push(kind[0]);
+      parts.push(target === "registry" ? this.tameRegister(kind[2](target)) : kind[2](target));
+    }
+    const bytes = concatBytes(parts);
+    const cuts = new Set<number>();
+    const pieces = Math.floor(this.rand() * this.rand() * 8);
+    for (let i = 0; i < pieces; i++) cuts.add(1 + Math.floor(this.rand() * Math.max(1, bytes.byteLength - 1)));
+    const sorted = [...cuts].filter((c) => c < bytes.byteLength).sort((a, b) => a - b);
+    const writes: Uint8Array[] = [];
+    let at = 0;
+    for (const c of sorted) {
+      writes.push(bytes.subarray(at, c));
+      at = c;
+    }
+    writes.push(bytes.subarray(at));
+    const c = this.rand();
+    return { target, kinds, writes, spaced: this.rand() < 0.5, close: c < 0.6 ? "linger" : c < 0.8 ? "end" : "destroy" };
+  }
+
+  private int(n: number): number {
+    return Math.floor(this.rand() * n);
+  }
+
+  private pick<T>(xs: readonly T[]): T {
+    return xs[this.int(xs.length)]!;
+  }
+
+  private line(obj: unknown): Uint8Array {
+    return enc.encode(JSON.stringify(obj) + (this.rand() < 0.05 ? "\r\n" : "\n"));
+  }
+
+  private id(): string {
+    const alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:-";
+    const n = 1 + this.int(this.rand() < 0.1 ? 70 : 16);
+    let s = "";
+    for (let i = 0; i < n; i++) s += alphabet[this.int(alphabet.length)];
+    return s;
+  }
+
+  private text(): string {
+    const pool = ["a", "Z", "0", " ", "é", "中", "😀", "\u0000", "\n", "\\", '"', "\u202e", "\ud800", "\uffff", "<script>"];
+    let s = "";
+    const n = this.int(this.rand() < 0.1 ? 300 : 20);
+    for (let i = 0; i < n; i++) s += this.pick(pool);
+    return s;
+  }
+
+  private value(depth = 0): unknown {
+    switch (this.int(depth > 2 ? 7 : 9)) {
+      case 0:
+        return this.int(70000);
+      case 1:
+        return this.pick([0, -1, 1.5, 2 ** 53 + 2, -(2 ** 31), 1e308, -1e-308, 65536, 65535, 1]);
+      case 2:
+        return this.text();
+      case 3:
+        return this.id();
+      case 4:
+        return this.rand() < 0.5;
+      case 5:
+        return null;
+      case 6:
+        return "";
+      case 7:
+        return Array.from({ length: this.int(5) }, () => this.value(depth + 1));
+      default: {
+        const o: Record<string, unknown> = {};
+        for (let i = this.int(4); i > 0; i--) o[this.id()] = this.value(depth + 1);
+        return o;
+      }
+    }
+  }
+
+  /** A well-formed message for the target; sent in any order, so most are valid but unexpected. */
+  private valid(target: Target, opening = false): Record<string, unknown> {
+    if (target === "listener") {
+      if (this.rand() < 0.5) {
+        const id = this.rand() < 0.5 ? this.targets.nodeId : this.id().slice(0, 64);
+        return { type: "probe", v: PROTOCOL_VERSION, id, nonce: this.id().slice(0, 64) };
+      }
+      return { type: "hello", v: PROTOCOL_VERSION, id: this.id().slice(0, 64), host: "127.0.0.1", port: 1 + this.int(65535), ...(this.rand() < 0.3 ? { name: this.text().slice(0, 60) } : {}) };
+    }
+    const k = opening ? 0 : this.int(6);
+    switch (k) {
+      case 0:
+      case 1:
+        return {
+          type: "register",
+          v: PROTOCOL_VERSION,
+          id: this.id().slice(0, 64),
+          port: this.pick(this.targets.registerPorts),
+          ...(this.rand() < 0.2 ? { name: this.text().slice(0, 60) } : {}),
+          ...(this.rand() < 0.2 ? { host: this.pick(["127.0.0.1", "127.0.0.2", "::1", "0.0.0.0", "10.255.255.1"]) } : {}),
+          ...(this.rand() < 0.1 ? { token: this.text() } : {}),
+        };
+      case 2:
+        return { type: "ping" };
+      case 3:
+        return { type: "sync" };
+      case 4:
+        return { type: "receipt", ids: Array.from({ length: this.int(10) }, () => this.id().slice(0, 64)) };
+      default:
+        return { type: "leave" };
+    }
+  }
+
+  private crossRole(target: Target): Record<string, unknown> {
+    return this.pick([
+      { type: "registered", v: 1, boot: "b", seq: 1, heartbeat: 1, timeout: 1, self: { id: "a", host: "127.0.0.1", port: 1 }, peers: [] },
+      { type: "joined", seq: 1, peer: { id: "a", host: "127.0.0.1", port: 1 } },
+      { type: "welcome", v: 1, id: "a" },
+      { type: "probe-ok", id: "a", nonce: "n" },
+      { type: "error", code: "unauthorized", message: "x" },
+      { type: "pong" },
+      this.valid(target === "registry" ? "listener" : "registry"),
+    ]);
+  }
+
+  private wrongType(target: Target): Record<string, unknown> {
+    const m = this.valid(target);
+    const keys = [...Object.keys(m), "type", "v", "extra"];
+    for (let i = 1 + this.int(2); i > 0; i--) m[this.pick(keys)] = this.value();
+    return m;
+  }
+
+  private hugeNumber(target: Target): Uint8Array {
+    const m = JSON.stringify(this.valid(target));
+    const big = this.pick(["1e400", "-1e400", "123456789012345678901234567890", "1" + "0".repeat(400), "0.0000000000000000000001", "-0", "1E+999999", "9".repeat(5000)]);
+    const out = /"(v|port|seq)":\d+/.test(m) ? m.replace(/"(v|port|seq)":\d+/, `"$1":${big}`) : m.replace(/}$/, `,"n":${big}}`);
+    return enc.encode(out + "\n");
+  }
+
+  private truncated(target: Target): Uint8Array {
+    const m = JSON.stringify(this.valid(target));
+    const cut = m.slice(0, this.int(m.length));
+    return enc.encode(this.rand() < 0.7 ? cut + "\n" : cut);
+  }
+
+  private deepNesting(target: Target): Uint8Array {
+    // Up to 100k levels: past the line limit for the defaults, but within a node's reply limit.
+    const depth = this.rand() < 0.5 ? this.int(this.maxLine) : 100_000;
+    const open = this.pick(["[", '{"a":', "[{", '{"type":']);
+    const close = open === "[" ? "]" : open === "[{" ? "" : "}";
+    const prefix = this.rand() < 0.5 ? "" : target === "registry" ? '{"type":"register","v":1,"id":' : '{"type":"hello","v":1,"id":';
+    const body = open.repeat(Math.ceil(depth / open.length)) + (this.rand() < 0.5 ? close.repeat(Math.ceil(depth / open.length)) : "");
+    return enc.encode(prefix + body + "\n");
+  }
+
+  private binary(): Uint8Array {
+    const n = this.int(this.rand() < 0.1 ? 20_000 : 200);
+    const out = new Uint8Array(n + 1);
+    for (let i = 0; i < n; i++) out[i] = this.rand() < 0.1 ? this.pick([0, 0xff, 0xc0, 0xed, 0xa0, 0x80, 13]) : this.int(256);
+    out[n] = 10;
+    return out;
+  }
+
+  private longLine(target: Target): Uint8Array {
+    // Right at the limit (off by a few either way), or far past it.
+    const n = this.rand() < 0.6 ? this.maxLine - 3 + this.int(7) : 64 * 1024 + this.int(4 * 1024 * 1024);
+    const head = JSON.stringify(this.valid(target)).slice(0, -1) + ',"pad":"';
+    const fill = Math.max(0, n - head.length - 2);
+    const body = head + "x".repeat(fill) + '"}';
+    return enc.encode(this.rand() < 0.8 ? body + "\n" : body);
+  }
+
+  private mutated(target: Target): Uint8Array {
+    const bytes = Array.from(enc.encode(JSON.stringify(this.valid(target))));
+    for (let i = 1 + this.int(4); i > 0; i--) {
+      const at = this.int(bytes.length + 1);
+      switch (this.int(5)) {
+        case 0:
+          bytes[at] = this.int(256);
+          break;
+        case 1:
+          bytes.splice(at, 1);
+          break;
+        case 2:
+          bytes.splice(at, 0, this.pick([34, 44, 58, 91, 93, 123, 125, 92, 48, 10]));
+          break;
+        case 3: {
+          const len = this.int(20);
+          bytes.splice(at, 0, ...bytes.slice(at, at + len));
+          break;
+        }
+        default:
+          bytes.splice(at, this.int(10));
+      }
+    }
+    bytes.push(10);
+    return Uint8Array.from(bytes);
+  }
+
+  private oddJson(target: Target): Uint8Array {
+    const m = JSON.stringify(this.valid(target));
+    const odd = this.pick([
+      "",
+      " ",
+      "\r",
+      "null",
+      "[]",
+      "{}",
+      '"register"',
+      "true",
+      "\ufeff" + m,
+      m.replace("{", '{"__proto__":{"type":"register","admin":true},'),
+      m.replace("{", '{"constructor":{"prototype":{"x":1}},'),
+      m.replace("{", '{"type":"ping",'),
+      m.replace(/"type":"(\w+)"/, '"type":"$1","type":"register"'),
+      m.replace(/"/g, "'"),
+      m.replace(/:/g, ": \t\n "),
+      m + m,
+      m + "garbage",
+      m.replace(/"(\w+)":/, '"\\u0074ype":'),
+      '{"type":"\\ud800"}',
+      '{"type":"register","v":1,"id":"a","port":1,"port":2}',
+      "NaN",
+      '{"type":"register","v":Infinity}',
+    ]);
+    return enc.encode(odd + "\n");
+  }
+
+  /**
+   * A register the registry would accept could name any port, and the registry
+   * would then probe that port and the nodes greet it. Keep fuzz traffic on our
+   * own sockets: valid registers are rewritten to a port of this test and an IP
+   * literal (a host name would make the registry resolve it through DNS).
+   */
+  private tameRegister(frame: Uint8Array): Uint8Array {
+    if (frame.byteLength > this.maxLine + 2 || !frame.includes(10)) return frame;
+    const text = new TextDecoder().decode(frame);
+    let changed = false;
+    const lines = text.split("\n").map((line) => {
+      let raw: unknown;
+      try {
+        raw = JSON.parse(line);
+      } catch {
+        return line;
+      }
+      const r = v.safeParse(Register, raw);
+      if (!r.success) return line;
+      changed = true;
+      const host = r.output.host === undefined || /^[\d.:]+$/.test(r.output.host) ? r.output.host : "127.0.0.1";
+      return JSON.stringify({ ...r.output, host, port: this.pick(this.targets.registerPorts) });
+    });
+    return changed ? enc.encode(lines.join("\n")) : frame;
+  }
+}
+
+/** Sends one planned connection's writes; returns the error codes the server answered with. */
+async function playConnection(port: number, plan: ConnPlan, lingerMs: number): Promise<string[]> {
+  let conn: RawConn;
+  try {
+    conn = await RawConn.connect(port);
+  } catch {
+    return ["(connect failed)"];
+  }
+  try {
+    for (const w of plan.writes) {
+      if (conn.closed) break;
+      await conn.write(w);
+      if (plan.spaced) await new Promise((r) => setImmediate(r));
+    }
+    if (plan.close === "end") conn.end();
+    if (plan.close === "destroy") conn.destroy();
+    else await conn.waitClosed(lingerMs).catch(() => {});
+  } finally {
+    conn.destroy();
+  }
+  const codes = conn.errorCodes();
+  return codes.length ? codes : [conn.messages().length ? "(answered)" : "(silent)"];
+}
+
+/** Answers every probe (and greeting) like a node with any id would, counting the probes. */
+function startProbeResponder(): { port: number; probes(): number; stop(): void } {
+  let probes = 0;
+  const l = Bun.listen<{ buf: string }>({
+    hostname: "127.0.0.1",
+    port: 0,
+    socket: {
+      open(s) {
+        s.data = { buf: "" };
+      },
+      data(s, chunk) {
+        s.data.buf += chunk.toString();
+        const nl = s.data.buf.indexOf("\n");
+        if (nl < 0) {
+          if (s.data.buf.length > 64 * 1024) s.end();
+          return;
+        }
+        try {
+          const m = JSON.parse(s.data.buf.slice(0, nl)) as { type?: string; id?: string; nonce?: string };
+          if (m.type === "probe") {
+            probes++;
+            s.write(JSON.stringify({ type: "probe-ok", id: m.id, nonce: m.nonce }) + "\n");
+          } else {
+            s.write(JSON.stringify({ type: "error", code: "wrong-node", message: "fuzz responder" }) + "\n");
+          }
+        } catch {
+          // a malformed probe is the registry's bug, and its own probe reports it
+        }
+        s.end();
+      },
+      error() {},
+    },
+  });
+  return { port: l.port, probes: () => probes, stop: () => l.stop(true) };
+}
+
+class RssSampler {
+  private pids = new Map<string, number>();
+  private figs = new Map<string, RssFigures>();
+
+  watch(label: string, pid: number): void {
+    this.pids.set(label, pid);
+  }
+
+  sample(): void {
+    for (const [label, pid] of this.pids) {
+      const mib = rssMiB(pid);
+      if (mib === undefined) continue;
+      const f = this.figs.get(label);
+      if (!f) this.figs.set(label, { baseline: mib, peak: mib, final: mib });
+      else {
+        f.peak = Math.max(f.peak, mib);
+        f.final = mib;
+      }
+    }
+  }
+
+  figures(): Record<string, RssFigures> {
+    return Object.fromEntries(this.figs);
+  }
+
+  stop(): void {
+    this.pids.clear();
+  }
+}
+
+async function waitFor(cond: () => boolean, ms: number): Promise<void> {
+  const deadline = performance.now() + ms;
+  while (!cond()) {
+    if (performance.now() > deadline) throw new Error("timed out");
+    await Bun.sleep(20);
+  }
+}
+
+function concatBytes(parts: Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.byteLength, 0));
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.byteLength;
+  }
+  return out;
+}
+
+function summary(r: FuzzResult): string {
+  const fmt = (o: Record<string, number>) =>
+    Object.entries(o)
+      .sort((a, b) => b[1] - a[1])
+      .map(([k, n]) => `${k}=${n}`)
+      .join(" ");
+  const mem = (f: RssFigures | undefined) => (f ? `${f.baseline}->${f.peak} (final ${f.final}) MiB` : "n/a");
+  return [
+    `fuzz: seed ${r.seed}: ${r.frames} frames over ${r.connections.registry} registry + ${r.connections.listener} listener connections in ${r.ms} ms`,
+    `  frames:     ${fmt(r.framesByKind)}`,
+    `  registry:   ${fmt(r.replies.registry)}`,
+    `  listener:   ${fmt(r.replies.listener)}`,
+    `  fuzz registrations that passed the probe: ${r.fuzzRegistrations}`,
+    `  real nodes: ${r.realNodes.registered}/${r.realNodes.started} registered`,
+    `  rss:        registry ${mem(r.rssMiB.registry)}, node ${mem(r.rssMiB.node)}`,
+    r.ok ? "fuzz: OK" : `fuzz: FAILED\n${r.problems.map((p) => `  - ${p}`).join("\n")}`,
+  ].join("\n");
+}
+
+if (import.meta.main) await runMain(command);
