@@ -1,0 +1,420 @@
+/**
+ * Limits and access control (issue 5): every limit answers with its error code
+ * and a message that says which limit, the registry keeps serving a real node
+ * while the limit is being hit, the shared-secret token is checked and never
+ * shows up in what the registry reports, advertised addresses cannot be
+ * spoofed unless the operator allows it, and a node survives a hostile
+ * registry. Attackers are raw sockets; connections that must count as another
+ * host are bound to 127.0.0.2, 127.0.0.3, ... (all of 127/8 is loopback).
+ */
+import { afterEach, describe, expect, test } from "bun:test";
+import { RegistrationError, startNode, type NodeOptions, type PeerNode } from "../client.ts";
+import { startRegistry, type Registry, type RegistryOptions } from "../registry.ts";
+import { RawConn, unusedPort } from "../scripts/fuzz.ts";
+import { EventLog, RawClient, spawnNode, spawnRegistry, spawnScript, waitUntil, withDeadline, type Proc } from "./helpers.ts";
+
+const cleanups: (() => unknown)[] = [];
+afterEach(async () => {
+  for (const fn of cleanups.splice(0).reverse()) await Promise.resolve().then(fn).catch(() => {});
+});
+
+describe("registry limits", () => {
+  test("a line over --max-line is answered line-too-long and closed; the boundary length is read; a real node registers meanwhile", async () => {
+    const { reg, log } = await registry({ maxLineBytes: 1024 });
+    const unfinished = await raw(reg.port);
+    await unfinished.write("x".repeat(2000));
+    const finished = await raw(reg.port);
+    await finished.write(`{"type":"register","pad":"${"y".repeat(1100)}"}\n`);
+    for (const c of [unfinished, finished]) {
+      const err = await c.waitForMessage((m) => m.type === "error", 5_000, "line-too-long");
+      expect(err).toMatchObject({ type: "error", code: "line-too-long" });
+      expect(String(err.message)).toContain("1024");
+      await c.waitClosed(5_000);
+    }
+    // Exactly at the limit: read and judged on its content (a ping before register).
+    const exact = await raw(reg.port);
+    const ping = `{"type":"ping","pad":"`;
+    await exact.write(ping + "z".repeat(1024 - ping.length - 2) + '"}\n');
+    expect((await exact.waitForMessage((m) => m.type === "error", 5_000, "reply to a 1024-byte line")).code).toBe("unexpected-message");
+
+    const node = await realNode(reg.port);
+    expect(node.registered).toBe(true);
+    // The registry reports the overflow like every other refusal.
+    await log.waitFor((e) => e.event === "error" && e.code === "line-too-long", 5_000, "line-too-long event");
+    expect(reg.stats().rejected["line-too-long"]).toBe(2);
+  });
+
+  test("--max-nodes: a node past the limit gets registry-full, keeps retrying, and gets in once a slot frees", async () => {
+    const { reg } = await registry({ maxNodes: 2 });
+    const a = await realNode(reg.port);
+    const b = await realNode(reg.port);
+    const over = await raw(reg.port);
+    await over.write(JSON.stringify({ type: "register", v: 1, id: "one-too-many", port: 1 }) + "\n");
+    const err = await over.waitForMessage((m) => m.type === "error", 5_000, "registry-full");
+    expect(err.code).toBe("registry-full");
+    expect(String(err.message)).toContain("maximum of 2 nodes");
+    await over.waitClosed(5_000);
+
+    const waitingLog = new EventLog();
+    const waiting = await realNode(reg.port, { onEvent: waitingLog.push, waitForRegistration: false });
+    await waitingLog.waitFor((e) => e.event === "error" && e.code === "registry-full", 10_000, "registry-full for the third node");
+    expect(waiting.registered).toBe(false);
+    expect(a.registered && b.registered).toBe(true);
+    await a.stop();
+    await waitingLog.waitFor("registered", 15_000, "the third node to get the freed slot");
+    expect(new Set(reg.nodes().map((n) => n.id))).toEqual(new Set([b.id, waiting.id]));
+  });
+
+  test("--register-timeout: silent, half-line and byte-trickling connections are all cut at the deadline (trickling does not extend it)", async () => {
+    const { reg, log } = await registry({ registerTimeoutMs: 300 });
+    const silent = await raw(reg.port);
+    const partial = await raw(reg.port);
+    await partial.write('{"type":"register","v":1,"id":"slow');
+    const trickle = await raw(reg.port);
+    // One byte at a time for as long as the connection lives; an idle timer reset by traffic would never fire.
+    const body = JSON.stringify({ type: "register", v: 1, id: "trickle", port: 1, name: "t".repeat(60) });
+    void (async () => {
+      for (let i = 0; !trickle.closed; i = (i + 1) % body.length) {
+        await trickle.write(body[i]!);
+        await Bun.sleep(20);
+      }
+    })();
+    const node = await realNode(reg.port);
+    for (const c of [silent, partial, trickle]) {
+      const err = await c.waitForMessage((m) => m.type === "error", 10_000, "registration-timeout");
+      expect(err.code).toBe("registration-timeout");
+      expect(String(err.message)).toContain("300ms");
+      await c.waitClosed(5_000);
+    }
+    expect(node.registered).toBe(true);
+    expect(log.named("error").filter((e) => e.code === "registration-timeout").length).toBe(3);
+  });
+
+  test("--max-conns-per-ip: the connection past the cap gets too-many-connections; other addresses, and the same one after closes, still get in", async () => {
+    const { reg, log } = await registry({ maxConnsPerAddress: 3, probe: false });
+    const held = await Promise.all([1, 2, 3].map(() => raw(reg.port, "127.0.0.2")));
+    const over = await raw(reg.port, "127.0.0.2");
+    const err = await over.waitForMessage((m) => m.type === "error", 5_000, "too-many-connections");
+    expect(err.code).toBe("too-many-connections");
+    expect(String(err.message)).toContain("more than 3 connections from 127.0.0.2");
+    await over.waitClosed(5_000);
+    await log.waitFor((e) => e.event === "error" && e.code === "too-many-connections" && String(e.remote).startsWith("127.0.0.2:"), 5_000);
+
+    // Another source address is not affected, and neither is a real node.
+    const other = await raw(reg.port, "127.0.0.3");
+    await other.write(JSON.stringify({ type: "register", v: 1, id: "from-3", port: 4000 }) + "\n");
+    expect((await other.waitForMessage((m) => m.type === "registered" || m.type === "error", 5_000, "register from 127.0.0.3")).type).toBe("registered");
+    const node = await realNode(reg.port);
+    expect(node.registered).toBe(true);
+
+    // The three held connections were admitted, not refused.
+    for (const c of held) expect(c.closed).toBe(false);
+    for (const c of held) c.destroy();
+    // The count goes back down: a fresh connection from the same address is admitted again.
+    await waitUntil(() => log.named("error").length >= 1 && held.every((c) => c.closed), 5_000, "held connections closed");
+    let admitted: RawConn | undefined;
+    await waitUntilAsync(async () => {
+      const c = await raw(reg.port, "127.0.0.2");
+      await c.write('{"type":"sync"}\n');
+      const m = await c.waitForMessage((m) => m.type === "error", 5_000, "reply from the registry");
+      if (m.code === "unexpected-message") admitted = c;
+      return admitted !== undefined;
+    }, 10_000, "127.0.0.2 admitted again after its connections closed");
+    expect(admitted).toBeDefined();
+  });
+
+  test("a registered node that stops reading is dropped once its unsent backlog passes the queue cap; others carry on", async () => {
+    const { reg, log } = await registry({ probe: false, heartbeatMs: 60_000 });
+    // Fill the list so that every `sync` answer is large.
+    const fillers: RawConn[] = [];
+    for (let i = 0; i < 40; i++) {
+      const c = await raw(reg.port);
+      await c.write(JSON.stringify({ type: "register", v: 1, id: `filler-${i}-`.padEnd(64, "f"), port: 20_000 + i, name: "n".repeat(64) }) + "\n");
+      fillers.push(c);
+    }
+    await waitUntil(() => reg.stats().nodes === 40, 10_000, "40 fillers registered");
+    const slow = await RawClient.connect(reg.port);
+    cleanups.push(() => slow[Symbol.asyncDispose]());
+    slow.send({ type: "register", v: 1, id: "slow-reader", port: 30_000 });
+    await slow.waitFor("registered", 5_000);
+    slow.pause();
+    // ~8 KB per answer: 6000 of them is about 50 MB, past the 32 MiB cap plus what the kernel buffers.
+    slow.write('{"type":"sync"}\n'.repeat(6000));
+    const left = await log.waitFor((e) => e.event === "node-left" && e.id === "slow-reader", 30_000, "the slow reader to be dropped");
+    expect(left.reason).toBe("closed");
+    const why = await log.waitFor((e) => e.event === "error" && e.code === "slow-consumer", 5_000, "slow-consumer event");
+    expect(String(why.message)).toContain("does not read");
+    expect(reg.stats().rejected["slow-consumer"]).toBe(1);
+    const node = await realNode(reg.port);
+    expect(node.registered).toBe(true);
+    expect(reg.nodes().some((n) => n.id === "slow-reader")).toBe(false);
+  }, 60_000);
+});
+
+describe("token", () => {
+  // Letters and digits only: a JSON parser's error message would quote it as an identifier.
+  const TOKEN = `Secret${crypto.randomUUID().replace(/-/g, "")}`;
+
+  test("missing or wrong token: unauthorized and closed; the right one registers; the token appears in no event", async () => {
+    const { reg, log } = await registry({ token: TOKEN });
+    const nodeLog = new EventLog();
+    for (const [token, message] of [
+      [undefined, "this registry requires a token"],
+      ["wrong", "wrong token"],
+      [TOKEN.slice(0, -1), "wrong token"],
+      ["x".repeat(1024), "wrong token"],
+    ] as const) {
+      const e = await realNode(reg.port, { token, onEvent: nodeLog.push }).catch((e: unknown) => e);
+      expect(e).toBeInstanceOf(RegistrationError);
+      expect((e as RegistrationError).code).toBe("unauthorized");
+      expect((e as Error).message).toContain(message);
+    }
+    const rawWrong = await raw(reg.port);
+    await rawWrong.write(JSON.stringify({ type: "register", v: 1, id: "w", port: 1, token: "nope" }) + "\n");
+    expect((await rawWrong.waitForMessage((m) => m.type === "error", 5_000, "unauthorized")).code).toBe("unauthorized");
+    await rawWrong.waitClosed(5_000);
+
+    const good = await realNode(reg.port, { token: TOKEN, onEvent: nodeLog.push });
+    expect(good.registered).toBe(true);
+
+    // The right token inside lines the registry refuses for other reasons: the refusal must not quote it.
+    const carriers = [
+      `{"type":"register","v":1,"id":"t1","port":1,"token":${TOKEN}}`,
+      `{"type":"register","v":1,"id":"t2","port":"1","token":"${TOKEN}"}`,
+      `{"type":"register","v":2,"id":"t3","port":1,"token":"${TOKEN}"}`,
+      `{"type":"register","v":1,"id":"${TOKEN}!","port":1}`,
+      `{"type":"${TOKEN}"}`,
+      TOKEN,
+    ];
+    for (const line of carriers) {
+      const c = await raw(reg.port);
+      await c.write(line + "\n");
+      await c.waitForMessage((m) => m.type === "error", 5_000, `refusal of ${line.slice(0, 40)}`);
+    }
+    await waitUntil(() => log.named("error").length >= 5 + carriers.length, 5_000, "every refusal reported");
+    const leaked = [...log.events, ...nodeLog.events].filter((e) => JSON.stringify(e).includes(TOKEN));
+    expect(leaked).toEqual([]);
+    expect(log.named("error").every((e) => typeof e.code === "string" && typeof e.message === "string")).toBe(true);
+  });
+
+  test("processes: REGISTRY_TOKEN from the environment on both sides; a wrong --token exits 1 with unauthorized; no output shows the token", async () => {
+    const registryProc = await spawnRegistry([], { REGISTRY_TOKEN: TOKEN });
+    cleanups.push(() => registryProc[Symbol.asyncDispose]());
+    const good = await spawnNode(registryProc.port, [], { REGISTRY_TOKEN: TOKEN });
+    cleanups.push(() => good[Symbol.asyncDispose]());
+    await registryProc.log.waitFor((e) => e.event === "node-registered" && e.id === good.id, 10_000);
+
+    const bad = spawnScript("client.ts", ["127.0.0.1", String(registryProc.port), "--json", "--token", "not-the-token"]);
+    cleanups.push(() => bad[Symbol.asyncDispose]());
+    expect(await withDeadline(bad.exited(), 15_000, "node with a wrong token to exit")).toBe(1);
+    expect(bad.log.named("error").map((e) => e.code)).toContain("unauthorized");
+    expect(bad.stderr.join("\n")).toContain("unauthorized");
+    await registryProc.log.waitFor((e) => e.event === "error" && e.code === "unauthorized", 5_000);
+
+    const outputs = (p: Proc) => [...p.log.events.map((e) => JSON.stringify(e)), ...p.stderr];
+    expect([...outputs(registryProc), ...outputs(good), ...outputs(bad)].filter((l) => l.includes(TOKEN))).toEqual([]);
+  }, 30_000);
+});
+
+describe("advertised addresses", () => {
+  test("advertising another host is refused by default with address-not-allowed; --allow-advertise accepts it; 0.0.0.0 never", async () => {
+    const strict = await registry({});
+    const e = await realNode(strict.reg.port, { listenHost: "::", advertise: "127.0.0.5" }).catch((e: unknown) => e);
+    expect(e).toBeInstanceOf(RegistrationError);
+    expect((e as RegistrationError).code).toBe("address-not-allowed");
+    expect((e as Error).message).toContain("127.0.0.5");
+    expect((e as Error).message).toContain("--allow-advertise");
+    // Naming the host it really connects from is no spoof.
+    const honest = await realNode(strict.reg.port, { advertise: "127.0.0.1" });
+    expect(strict.reg.nodes().map((n) => n.host)).toEqual(["127.0.0.1"]);
+    expect(honest.registered).toBe(true);
+
+    const open = await registry({ allowAdvertise: true });
+    const moved = await realNode(open.reg.port, { listenHost: "::", advertise: "127.0.0.5" });
+    const listed = open.reg.nodes().find((n) => n.id === moved.id);
+    expect(listed).toMatchObject({ host: "127.0.0.5", source: "127.0.0.1" });
+    const unspecified = await realNode(open.reg.port, { listenHost: "::", advertise: "0.0.0.0" }).catch((e: unknown) => e);
+    expect((unspecified as RegistrationError).code).toBe("address-not-allowed");
+  });
+});
+
+describe("a node's greeting listener", () => {
+  test("line size, open connections and connection lifetime are bounded; a real greeting still gets through", async () => {
+    const { reg } = await registry({});
+    const targetLog = new EventLog();
+    const target = await realNode(reg.port, { maxLineBytes: 256, maxInboundConns: 2, inboundTimeoutMs: 300, onEvent: targetLog.push });
+
+    const long = await raw(target.port);
+    await long.write("h".repeat(300));
+    expect((await long.waitForMessage((m) => m.type === "error", 5_000, "line-too-long")).code).toBe("line-too-long");
+    await long.waitClosed(5_000);
+
+    const idle = [await raw(target.port), await raw(target.port)];
+    const third = await raw(target.port);
+    const err = await third.waitForMessage((m) => m.type === "error", 5_000, "too-many-connections");
+    expect(err.code).toBe("too-many-connections");
+    expect(String(err.message)).toContain("2");
+    // Held connections, however quiet or slow, are cut at the lifetime bound.
+    void (async () => {
+      while (!idle[1]!.closed) {
+        await idle[1]!.write(" ");
+        await Bun.sleep(20);
+      }
+    })();
+    for (const c of idle) await c.waitClosed(10_000, "the inbound lifetime bound to close a held connection");
+
+    const greeterLog = new EventLog();
+    const greeter = await realNode(reg.port, { onEvent: greeterLog.push });
+    await greeterLog.waitFor((e) => e.event === "greeted" && e.peer === target.id, 10_000, "greeting of the bounded node");
+    await targetLog.waitFor((e) => e.event === "greeting" && e.peer === greeter.id, 10_000);
+  });
+});
+
+describe("a hostile registry", () => {
+  test("garbage, wrong types, deep nesting, absurd numbers and an oversize line: the node reports each, reconnects, and registers when sense arrives", async () => {
+    const closedPort = await unusedPort();
+    const script: ((s: Bun.Socket<{ n: number }>) => void)[] = [
+      // 1: garbage of every kind, then a line past the node's reply limit (the node must hang up).
+      (s) => {
+        s.write(Uint8Array.from([0, 255, 254, 10]));
+        s.write("not json\n");
+        s.write('{"type":"registered","v":"1"}\n');
+        s.write('{"type":"joined","seq":-1,"peer":{}}\n');
+        s.write(`${"[".repeat(60_000)}\n`); // deep, yet under the reply limit: it reaches the parser
+        s.write('{"type":"error","code":"no-such-code","message":"?"}\n');
+        s.write(`{"type":"pong","x":1e999999}\n`);
+        s.write("z".repeat(70_000));
+      },
+      // 2: a valid reply with absurd timers and a peer nobody listens at, then a sequence gap.
+      (s) => {
+        s.write(
+          JSON.stringify({
+            type: "registered",
+            v: 1,
+            boot: "hostile",
+            seq: 5,
+            heartbeat: 1e300,
+            timeout: 1e300,
+            self: { id: "me", host: "127.0.0.1", port: 1 },
+            peers: [{ id: "ghost", host: "127.0.0.1", port: closedPort }],
+          }) + "\n",
+        );
+        s.write(JSON.stringify({ type: "joined", seq: 9, peer: { id: "gap", host: "127.0.0.1", port: closedPort } }) + "\n");
+      },
+    ];
+    const { port, conns, received } = fakeRegistry(script);
+    const log = new EventLog();
+    const node = await startNode({
+      registryHost: "127.0.0.1",
+      registryPort: port,
+      listenHost: "127.0.0.1",
+      maxReplyBytes: 64 * 1024,
+      reconnectBaseMs: 20,
+      reconnectMaxMs: 100,
+      greetRetries: 0,
+      waitForRegistration: false,
+      onEvent: log.push,
+    });
+    cleanups.push(() => node.stop());
+    await log.waitFor("registered", 15_000, "registration on the second connection");
+    const codes = log.named("error").map((e) => e.code);
+    expect(codes).toContain("bad-json");
+    expect(codes).toContain("bad-message");
+    expect(log.named("disconnected").length).toBeGreaterThanOrEqual(1);
+    expect(conns()).toBeGreaterThanOrEqual(2);
+    await log.waitFor((e) => e.event === "greet-failed" && e.peer === "ghost", 10_000);
+    await log.waitFor("resync", 5_000);
+    await waitUntil(() => received().some((l) => l.includes('"type":"sync"')), 5_000, "the node to ask for a snapshot");
+    // Timers beyond what setInterval can hold must not turn into a 1 ms ping loop.
+    const pingsBefore = received().filter((l) => l.includes('"ping"')).length;
+    await Bun.sleep(200); // a window to count in; the expectation is that nothing happens in it
+    expect(received().filter((l) => l.includes('"ping"')).length - pingsBefore).toBeLessThan(5);
+    expect(node.registered).toBe(true);
+  });
+
+  test("a registry that never answers: the node gives up on that session, says why, and dials again", async () => {
+    const { port, conns } = fakeRegistry([() => {}, () => {}]);
+    const log = new EventLog();
+    const node = await startNode({
+      registryHost: "127.0.0.1",
+      registryPort: port,
+      listenHost: "127.0.0.1",
+      registerTimeoutMs: 200,
+      reconnectBaseMs: 20,
+      reconnectMaxMs: 100,
+      waitForRegistration: false,
+      onEvent: log.push,
+    });
+    cleanups.push(() => node.stop());
+    const d = await log.waitFor("disconnected", 10_000, "the node to give up on a silent registry");
+    expect(String(d.reason)).toContain("no answer to register");
+    await waitUntil(() => conns() >= 2, 10_000, "a second connection");
+  });
+
+  test("a refusal that retrying cannot fix ends the node with that code", async () => {
+    // Like the real registry, it closes after refusing.
+    const { port } = fakeRegistry([(s) => void s.end('{"type":"error","code":"unauthorized","message":"go away"}\n')]);
+    const e = await startNode({ registryHost: "127.0.0.1", registryPort: port, listenHost: "127.0.0.1" }).catch((e: unknown) => e);
+    expect(e).toBeInstanceOf(RegistrationError);
+    expect((e as RegistrationError).code).toBe("unauthorized");
+  });
+});
+
+// --- internal ----------------------------------------------------------------
+
+async function registry(options: RegistryOptions): Promise<{ reg: Registry; log: EventLog }> {
+  const log = new EventLog();
+  const reg = await startRegistry({ host: "127.0.0.1", port: 0, onEvent: log.push, ...options });
+  cleanups.push(() => reg.stop());
+  return { reg, log };
+}
+
+async function realNode(registryPort: number, options: Partial<NodeOptions> = {}): Promise<PeerNode> {
+  const node = await startNode({
+    registryHost: "127.0.0.1",
+    registryPort,
+    listenHost: "127.0.0.1",
+    reconnectBaseMs: 50,
+    reconnectMaxMs: 200,
+    ...options,
+  });
+  cleanups.push(() => node.stop());
+  return node;
+}
+
+async function raw(port: number, localAddress?: string): Promise<RawConn> {
+  const c = await RawConn.connect(port, { localAddress });
+  cleanups.push(() => c.destroy());
+  return c;
+}
+
+async function waitUntilAsync(cond: () => Promise<boolean>, ms: number, what: string): Promise<void> {
+  const deadline = performance.now() + ms;
+  while (!(await cond())) {
+    if (performance.now() > deadline) throw new Error(`timed out after ${ms}ms waiting for ${what}`);
+  }
+}
+
+/** A registry impostor: connection n runs script[n] (the last one repeats); records what nodes send. */
+function fakeRegistry(script: ((s: Bun.Socket<{ n: number }>) => void)[]): { port: number; conns(): number; received(): string[] } {
+  let count = 0;
+  const lines: string[] = [];
+  const l = Bun.listen<{ n: number }>({
+    hostname: "127.0.0.1",
+    port: 0,
+    socket: {
+      open(s) {
+        s.data = { n: count++ };
+      },
+      data(s, chunk) {
+        const text = chunk.toString();
+        lines.push(...text.split("\n").filter(Boolean));
+        if (text.includes('"register"')) script[Math.min(s.data.n, script.length - 1)]!(s);
+      },
+      error() {},
+    },
+  });
+  cleanups.push(() => l.stop(true));
+  return { port: l.port, conns: () => count, received: () => lines };
+}
+
