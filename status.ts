@@ -58,13 +58,16 @@ export function startStatusServer(registry: Registry, options: StatusServerOptio
     port: options.port ?? 0,
     host: options.host ?? "::",
     keepAliveMs: options.keepAliveMs ?? STATUS_DEFAULTS.keepAliveMs,
-    rateWindowSeconds: options.rateWindowSeconds ?? STATUS_DEFAULTS.rateWindowSeconds,
+    rateWindowSeconds: Math.max(1, Math.round(options.rateWindowSeconds ?? STATUS_DEFAULTS.rateWindowSeconds)),
     matrixLimit: options.matrixLimit ?? STATUS_DEFAULTS.matrixLimit,
     maxClientBacklogBytes: options.maxClientBacklogBytes ?? STATUS_DEFAULTS.maxClientBacklogBytes,
   };
   const startedAt = performance.now();
   const clients = new Set<Client>();
-  const joinTimes: number[] = []; // performance.now() of recent registrations, oldest first
+  // Registrations per whole second in a ring: constant work per join even at
+  // thousands of joins per second (a list of timestamps would not be).
+  const joinCounts = new Float64Array(o.rateWindowSeconds);
+  const joinSecond = new Float64Array(o.rateWindowSeconds).fill(-Infinity);
   const log: LogEntry[] = [];
   // Leave events carry only the id; the page and the log want the name too.
   const names = new Map<string, string>();
@@ -165,9 +168,7 @@ export function startStatusServer(registry: Registry, options: StatusServerOptio
   function onRegistryEvent(e: EventRecord): void {
     switch (e.event) {
       case "node-registered": {
-        const now = performance.now();
-        joinTimes.push(now);
-        trimJoins(now);
+        countJoin();
         const node = {
           id: String(e.id),
           name: typeof e.name === "string" ? e.name : undefined,
@@ -321,19 +322,25 @@ export function startStatusServer(registry: Registry, options: StatusServerOptio
     };
   }
 
-  function registrationRate(): number {
-    const now = performance.now();
-    trimJoins(now);
-    // Until the server has run a full window, average over the time it has run.
-    const seconds = Math.max(1, Math.min(o.rateWindowSeconds, (now - startedAt) / 1000));
-    return Math.round((joinTimes.length / seconds) * 1000) / 1000;
+  function countJoin(): void {
+    const second = Math.floor(performance.now() / 1000);
+    const i = second % o.rateWindowSeconds;
+    if (joinSecond[i] !== second) {
+      joinSecond[i] = second;
+      joinCounts[i] = 0;
+    }
+    joinCounts[i]!++;
   }
 
-  function trimJoins(now: number): void {
-    const cutoff = now - o.rateWindowSeconds * 1000;
-    let drop = 0;
-    while (drop < joinTimes.length && joinTimes[drop]! < cutoff) drop++;
-    if (drop) joinTimes.splice(0, drop);
+  /** Joins in the current second and the window's previous whole seconds, per second. */
+  function registrationRate(): number {
+    const now = performance.now();
+    const second = Math.floor(now / 1000);
+    let joins = 0;
+    for (let i = 0; i < o.rateWindowSeconds; i++) if (joinSecond[i]! > second - o.rateWindowSeconds) joins += joinCounts[i]!;
+    // Until the server has run a full window, average over the time it has run.
+    const seconds = Math.max(1, Math.min(o.rateWindowSeconds, (now - startedAt) / 1000));
+    return Math.round((joins / seconds) * 1000) / 1000;
   }
 
   function statsJson(s: RegistryStats) {
