@@ -49,6 +49,8 @@ export interface NodeOptions {
   greetConcurrency?: number;
   greetRetries?: number;
   connectTimeoutMs?: number;
+  /** Deadline for the registry's answer to `register`; past it the node dials again. */
+  registerTimeoutMs?: number;
   reconnectBaseMs?: number;
   reconnectMaxMs?: number;
   maxLineBytes?: number;
@@ -102,6 +104,8 @@ export async function startNode(options: NodeOptions): Promise<PeerNode> {
     greetConcurrency: options.greetConcurrency ?? DEFAULTS.greetConcurrency,
     greetRetries: options.greetRetries ?? DEFAULTS.greetRetries,
     connectTimeoutMs: options.connectTimeoutMs ?? 3_000,
+    // Twice the registry's own deadline for `register`, so a registry busy probing is not abandoned early.
+    registerTimeoutMs: options.registerTimeoutMs ?? 2 * DEFAULTS.registerTimeoutMs,
     reconnectBaseMs: options.reconnectBaseMs ?? DEFAULTS.reconnectBaseMs,
     reconnectMaxMs: options.reconnectMaxMs ?? DEFAULTS.reconnectMaxMs,
     maxLineBytes: options.maxLineBytes ?? DEFAULTS.maxLineBytes,
@@ -265,6 +269,9 @@ export async function startNode(options: NodeOptions): Promise<PeerNode> {
   }
 
   function startHeartbeat(conn: Conn<RegistryState>, intervalMs: number, timeoutMs: number): void {
+    // Timers take at most 2^31-1 ms and turn anything larger into 1 ms: a registry's absurd figure must not become a ping loop.
+    intervalMs = Math.min(intervalMs, MAX_TIMER_MS);
+    timeoutMs = Math.min(timeoutMs, MAX_TIMER_MS);
     clearInterval(heartbeat);
     lastHeard = performance.now();
     heartbeat = setInterval(() => {
@@ -302,6 +309,13 @@ export async function startNode(options: NodeOptions): Promise<PeerNode> {
       ...(name ? { name } : {}),
       ...(options.token ? { token: options.token } : {}),
     });
+    // Heartbeats start only once registered: without this, a registry that accepts and never
+    // answers (frozen, or a link lost without FIN) would hold the node unregistered forever.
+    setTimeout(() => {
+      if (!conn.state.current || registered) return;
+      conn.state.lastError = `no answer to register within ${o.registerTimeoutMs}ms`;
+      conn.destroy();
+    }, o.registerTimeoutMs).unref();
   }
 
   function scheduleReconnect(): void {
@@ -471,6 +485,8 @@ export async function startNode(options: NodeOptions): Promise<PeerNode> {
 
 // --- internal ----------------------------------------------------------------
 
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
 /** Ids per receipt line: 200 ids of up to 64 chars stay under the registry's default line limit. */
 const RECEIPT_CHUNK = 200;
 
@@ -613,6 +629,9 @@ export const command = defineCommand({
         inboundTimeoutMs: num("inbound-timeout", "NODE_INBOUND_TIMEOUT_MS", 1),
         maxInboundConns: num("max-inbound", "NODE_MAX_INBOUND", 1),
         onEvent: print,
+        // Signals must stop the node even while its registry is still out of reach;
+        // a refused first registration still ends the process through `done`.
+        waitForRegistration: false,
       });
       const shutdown = async () => {
         await node.stop();
@@ -620,6 +639,8 @@ export const command = defineCommand({
       };
       process.once("SIGTERM", shutdown);
       process.once("SIGINT", shutdown);
+      // Lets a harness (scripts/chaos.ts) read this node's view without replaying its whole history.
+      process.on("SIGUSR1", () => print({ event: "view", registered: node.registered, peers: node.peers().map((p) => p.id) }));
       await node.done;
     });
   },

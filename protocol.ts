@@ -174,6 +174,8 @@ export function decode<S extends v.GenericSchema>(schema: S, line: string): Deco
 export class LineSplitter {
   private parts: Uint8Array[] = [];
   private partBytes = 0;
+  /** Once over the limit the stream is out of sync: no later byte can be trusted to start a line. */
+  private overflowed = false;
   private static readonly decoder = new TextDecoder();
 
   constructor(
@@ -184,6 +186,7 @@ export class LineSplitter {
 
   /** Feeds one chunk; returns false once the stream has overflowed (drop the rest). */
   push(chunk: Uint8Array): boolean {
+    if (this.overflowed) return false;
     let start = 0;
     for (;;) {
       const nl = chunk.indexOf(10, start);
@@ -196,9 +199,9 @@ export class LineSplitter {
         this.partBytes = 0;
       }
       start = nl + 1;
-      if (bytes.byteLength > this.maxLineBytes) return this.overflow();
       let end = bytes.byteLength;
       if (end && bytes[end - 1] === 13) end--; // tolerate CRLF
+      if (end > this.maxLineBytes) return this.overflow(); // the CR, like the LF, is not part of the line
       if (end) this.onLine(LineSplitter.decoder.decode(bytes.subarray(0, end)));
     }
     if (start < chunk.byteLength) {
@@ -211,6 +214,7 @@ export class LineSplitter {
   }
 
   private overflow(): false {
+    this.overflowed = true;
     this.parts = [];
     this.partBytes = 0;
     this.onOverflow();
@@ -248,6 +252,8 @@ export class Conn<S = unknown> {
   private queuedBytes = 0;
   private ending = false;
   readonly splitter: LineSplitter;
+  /** Set when this layer itself ends the connection over a limit, so the owner can report it on close. */
+  limitHit: { code: ErrorCode; message: string } | undefined;
 
   constructor(
     readonly socket: Bun.Socket<Conn<S>>,
@@ -262,7 +268,10 @@ export class Conn<S = unknown> {
     this.splitter = new LineSplitter(
       maxLineBytes,
       (line) => onLine(this, line),
-      () => this.fail("line-too-long", `line exceeds ${maxLineBytes} bytes`),
+      () => {
+        this.limitHit = { code: "line-too-long", message: `line exceeds ${maxLineBytes} bytes` };
+        this.fail(this.limitHit.code, this.limitHit.message);
+      },
     );
   }
 
@@ -322,6 +331,7 @@ export class Conn<S = unknown> {
     this.queue.push(bytes);
     this.queuedBytes += bytes.byteLength;
     if (this.queuedBytes > this.maxQueueBytes) {
+      this.limitHit = { code: "slow-consumer", message: `over ${this.maxQueueBytes} bytes unsent: the peer does not read` };
       this.queue = [];
       this.queuedBytes = 0;
       this.destroy();

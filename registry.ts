@@ -123,6 +123,9 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
   const sessions = new Set<Conn<Session>>();
   const connsPerAddress = new Map<string, number>();
   const tokenDigest = o.token ? sha256(o.token) : undefined;
+  // Refusals quote what the peer sent (a parser's message, a field's value); the token must not reach an event that way.
+  const redact = (text: string) =>
+    o.token ? text.split(o.token).join("[token]").split(JSON.stringify(o.token).slice(1, -1)).join("[token]") : text;
   let seq = 0;
   let stopping = false;
 
@@ -164,6 +167,11 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
     line: onLine,
     close(conn) {
       sessions.delete(conn);
+      // The connection layer cut it over a limit (line size, unsent backlog): reported like any refusal.
+      if (conn.limitHit && conn.state.phase !== "closing") {
+        countReject(conn.limitHit.code);
+        emit({ event: "error", ...conn.limitHit, remote: formatAddress(conn.remoteAddress, conn.remotePort) });
+      }
       if (conn.state.counted) {
         const n = (connsPerAddress.get(conn.remoteAddress) ?? 1) - 1;
         if (n > 0) connsPerAddress.set(conn.remoteAddress, n);
@@ -424,7 +432,8 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
     stats.rejected[code] = (stats.rejected[code] ?? 0) + 1;
   }
 
-  function reject(conn: Conn<Session>, code: ErrorCode, message: string): void {
+  function reject(conn: Conn<Session>, code: ErrorCode, rawMessage: string): void {
+    const message = redact(rawMessage);
     countReject(code);
     conn.state.phase = "closing";
     conn.state.lastSeen = performance.now();
