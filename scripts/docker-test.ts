@@ -111,6 +111,8 @@ class Run {
   /** `docker run` / `network create` still running: cleanup waits for them, or what they create would outlive it. */
   private readonly creating = new Set<Promise<unknown>>();
   private stopping = false;
+  /** compose projects to take down: the command prefix and its environment. */
+  private readonly composeProjects = new Map<string, { base: string[]; env: Record<string, string | undefined> }>();
 
   constructor(
     private readonly docker: string,
@@ -126,6 +128,7 @@ class Run {
       await this.entrypoint();
       await this.mesh();
       if (this.o.ipv6) await this.ipv6();
+      await this.compose();
     } catch (e) {
       if (!(e instanceof Abort)) this.fail("unexpected error", (e as Error).stack ?? String(e));
       process.stdout.write("aborted: the remaining checks need the one that failed\n");
@@ -237,32 +240,7 @@ class Run {
     });
 
     const pairs = (names.length * (names.length - 1)) / 2;
-    await this.check(`full mesh: each of the ${pairs} pairs exactly one greeted and one greeting`, async () => {
-      const count = (event: string) => nodes.reduce((n, p) => n + p.log.named(event).length, 0);
-      await waitFor(() => count("greeted") >= pairs && count("greeting") >= pairs, 30_000, `${pairs} greeted and greeting events`).catch(
-        (e: Error) => {
-          throw new Error(`${e.message} (have ${count("greeted")} greeted, ${count("greeting")} greeting)`);
-        },
-      );
-      const all = [...ids.values()];
-      const greeted = new Map<string, string[]>();
-      const greetedBy = new Map<string, string[]>();
-      for (const p of nodes) {
-        greeted.set(ids.get(p)!, p.log.named("greeted").map((e) => String(e.peer)));
-        greetedBy.set(ids.get(p)!, p.log.named("greeting").map((e) => String(e.peer)));
-      }
-      const problems = [
-        ...meshProblems(all, greeted).map((m) => `greeted ${m}`),
-        ...meshProblems(all, greetedBy).map((m) => `greeting ${m}`),
-      ];
-      // Both ends must tell of the same greeting: a greeted b  <=>  b got a greeting from a.
-      for (const [a, tos] of greeted) {
-        for (const b of tos) if (!greetedBy.get(b)?.includes(a)) problems.push(`${a} greeted ${b}, which saw no greeting from it`);
-      }
-      const failed = nodes.flatMap((p) => p.log.named("greet-failed").map((e) => `${p.label}: ${e.reason}`));
-      if (failed.length) problems.push(`greet-failed: ${failed.join("; ")}`);
-      if (problems.length) throw new Error(problems.join("; "));
-    });
+    await this.check(`full mesh: each of the ${pairs} pairs exactly one greeted and one greeting`, () => fullMesh(nodes));
 
     await this.check("the registry reports the mesh complete", async () => {
       const e = await reg.log.waitFor((e) => e.event === "mesh-complete" && e.nodes === names.length, 15_000, "mesh-complete over all nodes");
@@ -326,6 +304,44 @@ class Run {
     });
   }
 
+  /** compose.yaml as the README runs it: a registry and `--scale client=5`, the token by interpolation. */
+  private async compose(): Promise<void> {
+    const cmd = await composeCommand(this.docker);
+    if (!cmd) return this.skip("compose", "neither `docker compose` nor `docker-compose` is installed");
+    const project = `${this.tag}-compose`;
+    const token = crypto.randomUUID();
+    // REGISTRY_TOKEN set here wins over a developer's .env next to compose.yaml.
+    const env = { ...process.env, CONTACT_REGISTRY_IMAGE: this.o.image, REGISTRY_TOKEN: token };
+    const base = [...cmd, "-p", project, "-f", join(ROOT, "compose.yaml")];
+    const scale = 5;
+    if (this.stopping) throw new Abort("stopping");
+    this.composeProjects.set(project, { base, env });
+    const up = await this.check(`compose (${cmd.join(" ")}): up --scale client=${scale}`, async () => {
+      const p = execFile([...base, "up", "-d", "--no-build", "--scale", `client=${scale}`], 120_000, env);
+      this.creating.add(p);
+      const r = await p.finally(() => this.creating.delete(p));
+      if (r.code !== 0) throw new Error(`exited ${r.code}: ${tail(r.stderr + r.stdout, 10)}`);
+    });
+    if (!up) return;
+    const ps = (service: string) =>
+      this.execOk(["ps", "-a", "--filter", `label=com.docker.compose.project=${project}`, "--filter", `label=com.docker.compose.service=${service}`, "--format", "{{.Names}}"]).then((o) =>
+        o.split("\n").map((l) => l.trim()).filter(Boolean),
+      );
+    const [registries, clients] = await Promise.all([ps("registry"), ps("client")]);
+    await this.check(`compose: ${scale} clients form a full mesh`, async () => {
+      if (registries.length !== 1 || clients.length !== scale) throw new Error(`found ${registries.length} registry and ${clients.length} client containers`);
+      await fullMesh(clients.map((c) => this.follow(c)));
+    });
+    await this.check("compose: the token reaches the registry, and a node without it is refused", async () => {
+      const registry = registries[0]!;
+      const envs = await this.execOk(["inspect", "-f", "{{range .Config.Env}}{{println .}}{{end}}", registry]);
+      if (!envs.includes(`REGISTRY_TOKEN=${token}`)) throw new Error("the registry container has no REGISTRY_TOKEN from the interpolation");
+      const net = (await this.execOk(["inspect", "-f", "{{range $k, $v := .NetworkSettings.Networks}}{{$k}} {{end}}", registry])).trim().split(" ")[0]!;
+      const r = await this.creates(["run", "--rm", "--label", `${LABEL}=${process.pid}`, "--network", net, this.o.image, "client", "registry", "8080", "--json"], 30_000);
+      if (r.code === 0 || !r.stdout.includes('"code":"unauthorized"')) throw new Error(`a node without the token: exit ${r.code}, ${tail(r.stdout + r.stderr, 4)}`);
+    });
+  }
+
   /** Starts a labelled container and follows its log; the follower parses --json lines. */
   private async start(name: string, net: string, args: string[]): Promise<Proc> {
     if (this.stopping) throw new Abort("stopping");
@@ -337,10 +353,12 @@ class Run {
       60_000,
     );
     if (r.code !== 0) throw new Error(`docker run ${name} exited ${r.code}: ${r.stderr.trim()}`);
-    const follower = new Proc(
-      Bun.spawn([this.docker, "logs", "-f", name], { stdin: "ignore", stdout: "pipe", stderr: "pipe" }),
-      name,
-    );
+    return this.follow(name);
+  }
+
+  /** Follows a container's output; --json lines become events. */
+  private follow(name: string): Proc {
+    const follower = new Proc(Bun.spawn([this.docker, "logs", "-f", name], { stdin: "ignore", stdout: "pipe", stderr: "pipe" }), name);
     this.followers.add(follower);
     return follower;
   }
@@ -376,18 +394,27 @@ class Run {
     return output;
   }
 
-  /** Removes what an earlier, killed run left (its pid is gone); never another live run's. */
+  /**
+   * Removes what an earlier, killed run left (its pid is gone); never another
+   * live run's. Our containers and networks carry the pid as a label; compose
+   * ones carry it in their project name (`crtest-<pid>-...`).
+   */
   private async removeLeftovers(): Promise<void> {
-    const stale = async (kind: "container" | "network") => {
-      const list = kind === "container"
-        ? await this.exec(["ps", "-a", "--filter", `label=${LABEL}`, "--format", `{{.Names}} {{.Label "${LABEL}"}}`], 30_000)
-        : await this.exec(["network", "ls", "--filter", `label=${LABEL}`, "--format", `{{.Name}} {{.Label "${LABEL}"}}`], 30_000);
-      return list.stdout
-        .split("\n")
-        .map((l) => l.trim().split(" "))
-        .filter(([name, pid]) => name && pid && !alive(Number(pid)))
-        .map(([name]) => name!);
+    const PROJECT = "com.docker.compose.project";
+    const list = async (kind: "container" | "network", label: string) => {
+      const r = kind === "container"
+        ? await this.exec(["ps", "-a", "--filter", `label=${label}`, "--format", `{{.Names}} {{.Label "${label}"}}`], 30_000)
+        : await this.exec(["network", "ls", "--filter", `label=${label}`, "--format", `{{.Name}} {{.Label "${label}"}}`], 30_000);
+      return r.stdout.split("\n").map((l) => l.trim().split(" ")).filter((f): f is [string, string] => Boolean(f[0] && f[1]));
     };
+    const dead = (value: string, fromProject: boolean) => {
+      const pid = fromProject ? /^crtest-(\d+)-/.exec(value)?.[1] : value;
+      return pid !== undefined && !alive(Number(pid));
+    };
+    const stale = async (kind: "container" | "network") => [
+      ...(await list(kind, LABEL)).filter(([, pid]) => dead(pid, false)).map(([name]) => name),
+      ...(await list(kind, PROJECT)).filter(([, project]) => dead(project, true)).map(([name]) => name),
+    ];
     const containers = await stale("container");
     if (containers.length) await this.exec(["rm", "-f", ...containers], 60_000);
     const networks = await stale("network");
@@ -405,6 +432,10 @@ class Run {
       const r = await this.exec(["rm", "-f", ...containers], 60_000);
       if (r.code !== 0 && !/No such container/.test(r.stderr)) process.stdout.write(`cleanup: docker rm: ${r.stderr.trim()}\n`);
     }
+    await Promise.allSettled(
+      Array.from(this.composeProjects.values(), ({ base, env }) => execFile([...base, "down", "--remove-orphans", "-t", "5"], 60_000, env)),
+    );
+    this.composeProjects.clear();
     await Promise.allSettled([...this.followers].map((f) => f[Symbol.asyncDispose]()));
     this.followers.clear();
     const networks = [...this.networks];
@@ -434,6 +465,38 @@ class Run {
   }
 }
 
+/**
+ * Waits for every pair of nodes to have greeted, then checks each pair has
+ * exactly one `greeted` and one `greeting`, told by both of its ends.
+ */
+async function fullMesh(nodes: Proc[]): Promise<void> {
+  const ids = await Promise.all(nodes.map(async (p) => String((await p.log.waitFor("listening", 30_000, `${p.label} to listen`)).id)));
+  const pairs = (nodes.length * (nodes.length - 1)) / 2;
+  const count = (event: string) => nodes.reduce((n, p) => n + p.log.named(event).length, 0);
+  await waitFor(() => count("greeted") >= pairs && count("greeting") >= pairs, 30_000, `${pairs} greeted and greeting events`).catch(
+    (e: Error) => {
+      throw new Error(`${e.message} (have ${count("greeted")} greeted, ${count("greeting")} greeting)`);
+    },
+  );
+  const greeted = new Map<string, string[]>();
+  const greetedBy = new Map<string, string[]>();
+  nodes.forEach((p, i) => {
+    greeted.set(ids[i]!, p.log.named("greeted").map((e) => String(e.peer)));
+    greetedBy.set(ids[i]!, p.log.named("greeting").map((e) => String(e.peer)));
+  });
+  const problems = [
+    ...meshProblems(ids, greeted).map((m) => `greeted ${m}`),
+    ...meshProblems(ids, greetedBy).map((m) => `greeting ${m}`),
+  ];
+  // Both ends must tell of the same greeting: a greeted b  <=>  b got a greeting from a.
+  for (const [a, tos] of greeted) {
+    for (const b of tos) if (!greetedBy.get(b)?.includes(a)) problems.push(`${a} greeted ${b}, which saw no greeting from it`);
+  }
+  const failed = nodes.flatMap((p) => p.log.named("greet-failed").map((e) => `${p.label}: ${e.reason}`));
+  if (failed.length) problems.push(`greet-failed: ${failed.join("; ")}`);
+  if (problems.length) throw new Error(problems.join("; "));
+}
+
 /** Why Docker cannot be used here, or undefined if it can. */
 async function engineProblem(docker: string, bases: string[]): Promise<string | undefined> {
   if (!Bun.which(docker) && !(await Bun.file(docker).exists())) return "no docker command on PATH";
@@ -443,6 +506,14 @@ async function engineProblem(docker: string, bases: string[]): Promise<string | 
     const r = await execFile([docker, "image", "inspect", "--format", "{{.Id}}", base], 20_000);
     if (r.code !== 0) return `base image ${base} is missing (no registry to pull from; ../shared/tools/docker-engine.sh makes a local one)`;
   }
+  return undefined;
+}
+
+/** `docker compose` (v2 plugin) if it answers, else `docker-compose` (v1), else none. */
+async function composeCommand(docker: string): Promise<string[] | undefined> {
+  if ((await execFile([docker, "compose", "version"], 20_000)).code === 0) return [docker, "compose"];
+  const v1 = Bun.which("docker-compose");
+  if (v1 && (await execFile([v1, "version"], 20_000)).code === 0) return [v1];
   return undefined;
 }
 
@@ -459,8 +530,8 @@ function baseImagesOf(dockerfile: string): string[] {
   return [...new Set(out)];
 }
 
-async function execFile(cmd: string[], timeoutMs: number): Promise<Exec> {
-  const p = Bun.spawn(cmd, { stdin: "ignore", stdout: "pipe", stderr: "pipe", timeout: timeoutMs, killSignal: "SIGKILL" });
+async function execFile(cmd: string[], timeoutMs: number, env?: Record<string, string | undefined>): Promise<Exec> {
+  const p = Bun.spawn(cmd, { stdin: "ignore", stdout: "pipe", stderr: "pipe", timeout: timeoutMs, killSignal: "SIGKILL", env });
   const [stdout, stderr, code] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
   if (p.signalCode) return { code: 124, stdout, stderr: `${stderr}\n(${cmd.slice(0, 3).join(" ")} killed after ${timeoutMs}ms)` };
   return { code, stdout, stderr };
