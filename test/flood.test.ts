@@ -1,0 +1,139 @@
+/**
+ * A flood of idle and half-open connections against a registry process,
+ * bounded by the per-address cap and the registration deadline, while real
+ * nodes register and meet as usual. The flood comes from 127.0.0.2-5 and the
+ * real nodes from 127.0.0.1, so the test also shows that one address
+ * exhausting its cap does not starve another. Afterwards every socket the
+ * flood cost the registry is closed again (counted in /proc/PID/fd).
+ */
+import { afterEach, expect, test } from "bun:test";
+import { readdirSync, readlinkSync } from "node:fs";
+import { startNode, type PeerNode } from "../client.ts";
+import { RawConn } from "../scripts/fuzz.ts";
+import { EventLog, spawnRegistry, waitUntil, withDeadline } from "./helpers.ts";
+
+const CAP = 20;
+const PER_ADDRESS = 3 * CAP;
+const REGISTER_TIMEOUT_MS = 1500;
+const REAL_NODES = 5;
+
+const cleanups: (() => unknown)[] = [];
+afterEach(async () => {
+  for (const fn of cleanups.splice(0).reverse()) await Promise.resolve().then(fn).catch(() => {});
+});
+
+type Kind = "idle" | "partial" | "trickle" | "half-closed";
+const ATTACKERS: [Kind, string][] = [
+  ["idle", "127.0.0.2"],
+  ["partial", "127.0.0.3"],
+  ["trickle", "127.0.0.4"],
+  ["half-closed", "127.0.0.5"],
+];
+
+test("idle, half-sent, trickling and half-closed floods are capped per address and cut at the deadline; real nodes register meanwhile; the registry ends with no leftover sockets", async () => {
+  const registry = await spawnRegistry(["--register-timeout", String(REGISTER_TIMEOUT_MS), "--max-conns-per-ip", String(CAP)]);
+  cleanups.push(() => registry[Symbol.asyncDispose]());
+  // Warm up (one registration and its probe) before counting the registry's sockets.
+  const warm = await startNode({ registryHost: "127.0.0.1", registryPort: registry.port, listenHost: "127.0.0.1" });
+  await warm.stop();
+  await registry.log.waitFor((e) => e.event === "node-left" && e.id === warm.id, 10_000);
+  const baseline = socketCount(registry.pid);
+
+  // The flood: every connection opened at once, per address.
+  const flood = new Map<Kind, RawConn[]>();
+  const opening = ATTACKERS.map(async ([kind, from]) => {
+    const conns = await Promise.all(Array.from({ length: PER_ADDRESS }, () => RawConn.connect(registry.port, { localAddress: from, timeoutMs: 10_000 })));
+    for (const c of conns) cleanups.push(() => c.destroy());
+    flood.set(kind, conns);
+    for (const c of conns) void attack(kind, c);
+  });
+
+  // Real nodes register while the flood is open, from an address the flood does not use.
+  const logs = Array.from({ length: REAL_NODES }, () => new EventLog());
+  const nodes: PeerNode[] = [];
+  const starting = logs.map(async (log) => {
+    const n = await withDeadline(startNode({ registryHost: "127.0.0.1", registryPort: registry.port, listenHost: "127.0.0.1", onEvent: log.push }), 20_000, "a real node to register during the flood");
+    nodes.push(n);
+    cleanups.push(() => n.stop());
+  });
+  await Promise.all([...opening, ...starting]);
+  expect(nodes.every((n) => n.registered)).toBe(true);
+  const ids = nodes.map((n) => n.id);
+  await waitUntil(() => nodes.every((n) => ids.every((id) => id === n.id || n.met().includes(id))), 20_000, "the real nodes to meet each other");
+
+  // Every flood connection is closed by the registry, with the reason it was given.
+  for (const [kind, conns] of flood) {
+    await withDeadline(Promise.all(conns.map((c) => c.whenClosed)), 15_000, `the registry to close every ${kind} connection`);
+  }
+  const capEvents = registry.log.named("error").filter((e) => e.code === "too-many-connections");
+  for (const [kind, from] of ATTACKERS) {
+    const conns = flood.get(kind)!;
+    const codes = conns.map((c) => c.errorCodes().join(",") || "(none)");
+    const refused = codes.filter((c) => c === "too-many-connections").length;
+    const timedOut = codes.filter((c) => c === "registration-timeout").length;
+    if (kind === "half-closed") {
+      // The registry closes on the client's FIN; before that, only the cap can have answered.
+      expect(codes.every((c) => c === "(none)" || c === "too-many-connections")).toBe(true);
+    } else {
+      expect({ kind, unexplained: codes.filter((c) => c !== "too-many-connections" && c !== "registration-timeout") }).toEqual({ kind, unexplained: [] });
+      // The first CAP connections are admitted (nothing closes before the deadline), so at least CAP time out.
+      expect(timedOut).toBeGreaterThanOrEqual(CAP);
+      expect(refused).toBeGreaterThanOrEqual(1);
+    }
+    // The registry reported each refusal for this address, and only for it.
+    expect(capEvents.filter((e) => String(e.remote).startsWith(`${from}:`)).length).toBe(refused);
+  }
+  expect(capEvents.some((e) => String(e.remote).startsWith("127.0.0.1:"))).toBe(false);
+
+  // With the real nodes gone too, the registry holds no more sockets than before the flood.
+  await Promise.all(nodes.map((n) => n.stop()));
+  await waitUntil(() => socketCount(registry.pid) <= baseline, 10_000, `registry sockets back to ${baseline}`);
+
+  // The per-address counts are back to zero: an address gets its full cap again, and no more.
+  const again = await Promise.all(Array.from({ length: CAP }, () => RawConn.connect(registry.port, { localAddress: "127.0.0.2" })));
+  for (const c of again) cleanups.push(() => c.destroy());
+  const extra = await RawConn.connect(registry.port, { localAddress: "127.0.0.2" });
+  cleanups.push(() => extra.destroy());
+  expect((await extra.waitForMessage((m) => m.type === "error", 5_000, "the cap to refuse the extra connection")).code).toBe("too-many-connections");
+  for (const c of again) await c.write('{"type":"sync"}\n');
+  const answers = await Promise.all(again.map((c) => c.waitForMessage((m) => m.type === "error", 5_000, "an admitted connection's answer")));
+  expect(answers.every((m) => m.code === "unexpected-message")).toBe(true);
+  expect(registry.proc.exitCode).toBeNull();
+}, 60_000);
+
+// --- internal ----------------------------------------------------------------
+
+/** What one flood connection does until the registry closes it. */
+async function attack(kind: Kind, c: RawConn): Promise<void> {
+  const register = JSON.stringify({ type: "register", v: 1, id: "flood", port: 1, name: "f".repeat(60) });
+  switch (kind) {
+    case "idle":
+      return;
+    case "partial":
+      await c.write(register.slice(0, 20));
+      return;
+    case "half-closed":
+      await c.write(register.slice(0, 20));
+      c.end();
+      return;
+    case "trickle":
+      for (let i = 0; !c.closed; i = (i + 1) % register.length) {
+        await c.write(register[i]!);
+        await Bun.sleep(50); // the attacker's pace, not a wait for anything
+      }
+  }
+}
+
+/** Open sockets of a process (listeners and connections), from /proc. */
+function socketCount(pid: number): number {
+  let n = 0;
+  for (const fd of readdirSync(`/proc/${pid}/fd`)) {
+    try {
+      if (readlinkSync(`/proc/${pid}/fd/${fd}`).startsWith("socket:")) n++;
+    } catch {
+      // closed between the listing and the readlink
+    }
+  }
+  return n;
+}
+
