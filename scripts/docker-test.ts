@@ -207,9 +207,16 @@ class Run {
   private async mesh(): Promise<void> {
     const net = await this.network(`${this.tag}-net`, []);
     const registry = `${this.tag}-registry`;
-    const reg = await this.start(registry, net, ["registry", "--json"]);
-    await this.check("registry container listens", async () => {
-      const e = await reg.log.waitFor("listening", 30_000, "the registry's listening event");
+    // With the status server on, the HEALTHCHECK below goes through /healthz
+    // (and the image is shown to carry what status.ts needs).
+    const reg = await this.start(registry, net, ["registry", "--json"], ["-e", "REGISTRY_HTTP_PORT=8081"]);
+    await this.check("registry container listens, status server included", async () => {
+      const e = await reg.log.waitFor("listening", 30_000, "the registry's listening event").catch((e: Error) => {
+        throw new Error(`${e.message}; its output: ${lastEvents(reg)}`);
+      });
+      await reg.log.waitFor("http-listening", 15_000, "the status server").catch((e: Error) => {
+        throw new Error(`${e.message}; its output: ${lastEvents(reg)}`);
+      });
       return `port ${e.port}`;
     }, true);
 
@@ -249,6 +256,7 @@ class Run {
 
     await this.check("HEALTHCHECK: registry and a node become healthy", async () => {
       const [r, n] = await Promise.all([this.healthy(registry), this.healthy(names[0]!)]);
+      if (!r.includes("/healthz 200")) throw new Error(`the registry's check did not use /healthz: "${r}"`);
       return `registry "${r}", node "${n}"`;
     });
 
@@ -343,13 +351,13 @@ class Run {
   }
 
   /** Starts a labelled container and follows its log; the follower parses --json lines. */
-  private async start(name: string, net: string, args: string[]): Promise<Proc> {
+  private async start(name: string, net: string, args: string[], runFlags: string[] = []): Promise<Proc> {
     if (this.stopping) throw new Abort("stopping");
     this.containers.add(name);
     const r = await this.creates(
       ["run", "-d", "--name", name, "--network", net, "--label", `${LABEL}=${process.pid}`,
-        // The image's own check, run every second instead of every 10 s so the test need not wait long.
-        "--health-interval", "1s", "--health-start-period", "30s", this.o.image, ...args],
+        // The image's own check, run every second instead of every 15 s so the test need not wait long.
+        "--health-interval", "1s", "--health-start-period", "30s", ...runFlags, this.o.image, ...args],
       60_000,
     );
     if (r.code !== 0) throw new Error(`docker run ${name} exited ${r.code}: ${r.stderr.trim()}`);
