@@ -3,9 +3,11 @@
  * The container check (`bun run test:docker`): builds the image, runs a
  * registry and three nodes on a Docker network this run creates, and checks
  * from the nodes' --json output that they formed a full mesh at the
- * addresses Docker gave them; then the image's HEALTHCHECK for both roles, a
- * graceful `docker stop`, the entrypoint's role handling, and (when the
- * engine allows an IPv6 network) a registry and nodes speaking IPv6 only.
+ * addresses Docker gave them; then the image's HEALTHCHECK for both roles
+ * (the registry's through /healthz), a graceful `docker stop`, the
+ * entrypoint's role handling, a registry and nodes speaking IPv6 only (when
+ * the engine allows an IPv6 network), and compose.yaml with `--scale
+ * client=5` and a token (when `docker compose` or `docker-compose` exists).
  *
  * Without a usable engine (`docker info` fails, or the oven/bun base image is
  * missing) it prints one line `SKIP docker: <reason>` and exits 0; with
