@@ -638,13 +638,16 @@ export const command = defineCommand({
         const code = (e as { code?: string }).code;
         throw new Error(code === "EADDRINUSE" ? `port ${port} is already in use` : (e as Error).message);
       });
+      let status: { stop(): Promise<void> } | undefined;
       if (httpPort !== undefined) {
         const { startStatusServer } = await import("./status.ts");
         const server = startStatusServer(registry, { port: httpPort, host: flag("http-host", "REGISTRY_HTTP_HOST") ?? registry.host });
+        status = server;
         print({ event: "http-listening", url: server.url });
       }
       const shutdown = async () => {
-        await registry.stop();
+        await registry.stop(); // open status pages get their `stopped` event before the server goes
+        await status?.stop();
         process.exit(0);
       };
       process.once("SIGTERM", shutdown);
