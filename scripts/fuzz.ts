@@ -126,32 +126,35 @@ export async function runFuzz(options: FuzzOptions = {}): Promise<FuzzResult> {
 
     // The frame stream is drawn from the PRNG in one sequence, so a seed
     // replays the same frames whatever the timing of the connections.
-    const plans: ConnPlan[] = [];
-    while (frames < o.iterations) {
+    // Each connection's frames are drawn when a worker takes it, in one
+    // sequence from the PRNG: a seed replays the same frames whatever the
+    // timing, and only the connections in flight hold their bytes.
+    const nextPlan = (): ConnPlan | undefined => {
+      if (frames >= o.iterations) return undefined;
       const target: Target = rand() < 0.6 ? "registry" : "listener";
       const count = Math.min(o.iterations - frames, 1 + Math.floor(rand() * rand() * 8));
       const plan = gen.connection(target, count);
       for (const k of plan.kinds) framesByKind[k] = (framesByKind[k] ?? 0) + 1;
       frames += count;
-      plans.push(plan);
-    }
+      return plan;
+    };
 
-    let done = 0;
-    let next = 0;
-    const progressEvery = Math.max(1, Math.floor(plans.length / 10));
+    const progressEvery = Math.max(1, Math.floor(o.iterations / 10));
+    let nextProgress = progressEvery;
     const worker = async () => {
-      while (next < plans.length) {
-        const plan = plans[next++]!;
+      for (let plan = nextPlan(); plan; plan = nextPlan()) {
         const port = plan.target === "registry" ? registry!.port : node!.port;
         connections[plan.target]++;
         const codes = await playConnection(port, plan, o.lingerMs);
         for (const c of codes) replies[plan.target][c] = (replies[plan.target][c] ?? 0) + 1;
-        done++;
-        while (realNodeStarts.length < o.realNodes && done * (o.iterations / plans.length) >= nextNodeAt) {
+        while (realNodeStarts.length < o.realNodes && frames >= nextNodeAt) {
           startRealNode(realNodeStarts.length);
           nextNodeAt += nodeEvery;
         }
-        if (done % progressEvery === 0) o.log(`fuzz: ${done}/${plans.length} connections`);
+        if (frames >= nextProgress) {
+          o.log(`fuzz: ${frames}/${o.iterations} frames`);
+          nextProgress += progressEvery;
+        }
       }
     };
     const sampler = setInterval(() => rss.sample(), 100);

@@ -11,7 +11,7 @@ test("fuzz: neither server crashes or grows without bound, and real nodes all re
   const seed = process.env.FUZZ_SEED ? Number(process.env.FUZZ_SEED) : undefined;
   const lines: string[] = [];
   const r = await runFuzz({ iterations: 4000, seed, realNodes: 4, log: (l) => lines.push(l) });
-  console.log(lines.filter((l) => !l.endsWith(" connections")).join("\n"));
+  console.log(lines.filter((l) => !l.endsWith(" frames")).join("\n"));
   expect(r.problems).toEqual([]);
   expect(r.ok).toBe(true);
   expect(r.frames).toBe(4000);
