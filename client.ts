@@ -160,7 +160,7 @@ export async function startNode(options: NodeOptions): Promise<PeerNode> {
       conn.send(name ? { type: "welcome", v: PROTOCOL_VERSION, id, name } : { type: "welcome", v: PROTOCOL_VERSION, id });
       conn.end();
       if (m.id === id || met.has(m.id)) return; // a retried greeting is acknowledged again but counted once
-      met.add(m.id);
+      remember(m.id);
       emit({ event: "greeting", peer: m.id, address: formatAddress(m.host, m.port), name: m.name });
     },
     close(conn) {
@@ -239,7 +239,10 @@ export async function startNode(options: NodeOptions): Promise<PeerNode> {
       case "error":
         conn.state.lastError = `${m.code}: ${m.message}`;
         emit({ event: "error", code: m.code, message: m.message });
-        if (!registered && FATAL.has(m.code)) conn.state.fatal = new RegistrationError(m.code, m.message);
+        if (!registered && FATAL.has(m.code)) {
+          conn.state.fatal = new RegistrationError(m.code, m.message);
+          conn.end(); // no reason to wait for the registry to hang up
+        }
         return;
     }
   }
@@ -328,6 +331,17 @@ export async function startNode(options: NodeOptions): Promise<PeerNode> {
     reconnectTimer = setTimeout(connect, delay);
   }
 
+  /**
+   * Records a peer as met. Anyone can send `hello` with a fresh id, so the set
+   * is bounded: past the cap, ids no longer in the view are forgotten (a
+   * forgotten peer that comes back is at worst greeted a second time).
+   */
+  function remember(peerId: string): void {
+    met.add(peerId);
+    if (met.size <= MAX_MET) return;
+    for (const known of met) if (!view.has(known)) met.delete(known);
+  }
+
   // --- greetings ---
   const queue: Peer[] = [];
   const pending = new Set<string>();
@@ -362,7 +376,7 @@ export async function startNode(options: NodeOptions): Promise<PeerNode> {
       try {
         await greetOnce(peer);
         if (stopped) return;
-        met.add(peer.id);
+        remember(peer.id);
         emit({ event: "greeted", peer: peer.id, address, name: peer.name, tries });
         sendReceipt([peer.id]);
         return;
@@ -487,6 +501,9 @@ export async function startNode(options: NodeOptions): Promise<PeerNode> {
 
 const MAX_TIMER_MS = 2 ** 31 - 1;
 
+/** Peers remembered as met before those that left are forgotten: twice the registry's default node cap. */
+const MAX_MET = 2 * DEFAULTS.maxNodes;
+
 /** Ids per receipt line: 200 ids of up to 64 chars stay under the registry's default line limit. */
 const RECEIPT_CHUNK = 200;
 
@@ -578,6 +595,8 @@ export const command = defineCommand({
     "greet-concurrency": { type: "string", description: `Greetings in flight at once [env NODE_GREET_CONCURRENCY, default ${DEFAULTS.greetConcurrency}]` },
     "greet-retries": { type: "string", description: `Extra attempts per greeting [env NODE_GREET_RETRIES, default ${DEFAULTS.greetRetries}]` },
     "reconnect-max": { type: "string", description: `Cap of the reconnect backoff in ms [env NODE_RECONNECT_MAX_MS, default ${DEFAULTS.reconnectMaxMs}]` },
+    "register-timeout": { type: "string", description: `Deadline for the registry's answer to register, ms [env NODE_REGISTER_TIMEOUT_MS, default ${2 * DEFAULTS.registerTimeoutMs}]` },
+    "max-reply": { type: "string", description: `Longest line accepted from the registry, bytes [env NODE_MAX_REPLY_BYTES, default ${DEFAULTS.maxReplyBytes}]` },
     "max-line": { type: "string", description: `Longest line the greeting listener accepts, bytes [env NODE_MAX_LINE, default ${DEFAULTS.maxLineBytes}]` },
     "inbound-timeout": { type: "string", description: `Lifetime of an inbound greeting connection, ms [env NODE_INBOUND_TIMEOUT_MS, default ${DEFAULTS.inboundTimeoutMs}]` },
     "max-inbound": { type: "string", description: `Open inbound greeting connections at most [env NODE_MAX_INBOUND, default ${DEFAULTS.maxInboundConns}]` },
@@ -628,6 +647,8 @@ export const command = defineCommand({
         maxLineBytes: num("max-line", "NODE_MAX_LINE", 64),
         inboundTimeoutMs: num("inbound-timeout", "NODE_INBOUND_TIMEOUT_MS", 1),
         maxInboundConns: num("max-inbound", "NODE_MAX_INBOUND", 1),
+        registerTimeoutMs: num("register-timeout", "NODE_REGISTER_TIMEOUT_MS", 1),
+        maxReplyBytes: num("max-reply", "NODE_MAX_REPLY_BYTES", 1024),
         onEvent: print,
         // Signals must stop the node even while its registry is still out of reach;
         // a refused first registration still ends the process through `done`.

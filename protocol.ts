@@ -28,6 +28,8 @@ export const DEFAULTS = {
   /** Dial-back check of a registering node's address. */
   probeTimeoutMs: 1_000,
   maxNodes: 50_000,
+  /** Open connections the registry accepts in all, registered or not. */
+  maxConns: 60_000,
   maxConnsPerAddress: 1_024,
   /** Greeting dials: connect + reply deadline, parallel dials, extra attempts. */
   greetTimeoutMs: 2_000,
@@ -46,7 +48,8 @@ export const DEFAULTS = {
 // --- schemas -----------------------------------------------------------------
 
 const Id = v.pipe(v.string(), v.regex(/^[A-Za-z0-9._:-]{1,64}$/, "must be 1-64 of A-Z a-z 0-9 . _ : -"));
-const Name = v.pipe(v.string(), v.maxLength(64));
+// Control characters would let a name forge lines or escape sequences in people's logs.
+const Name = v.pipe(v.string(), v.maxLength(64), v.regex(/^[^\p{Cc}]*$/u, "must not contain control characters"));
 const Host = v.pipe(v.string(), v.minLength(1), v.maxLength(253));
 const Port = v.pipe(v.number(), v.integer(), v.minValue(1), v.maxValue(65535));
 const Version = v.pipe(v.number(), v.integer());
@@ -345,6 +348,8 @@ export interface ConnHooks<S> {
   /** Fresh state for each socket (Bun shares a listener's `data` object between sockets). */
   state(socket: Bun.Socket<Conn<S>>): S;
   maxLineBytes: number;
+  /** Unsent bytes allowed before the connection is dropped (default DEFAULTS.maxQueueBytes). */
+  maxQueueBytes?: number;
   open?(conn: Conn<S>): void;
   line(conn: Conn<S>, line: string): void;
   close?(conn: Conn<S>, error?: Error): void;
@@ -364,7 +369,7 @@ export function lineHandlers<S>(hooks: ConnHooks<S>): Bun.SocketHandler<Conn<S>>
         } catch (e) {
           c.fail("bad-message", `internal error: ${(e as Error).message}`);
         }
-      });
+      }, hooks.maxQueueBytes);
       socket.data = conn;
       try {
         conn.state = hooks.state(socket);
@@ -577,10 +582,11 @@ export function createPrinter(
 }
 
 /** A citty argument value as a non-negative integer, or a usage error. */
-export function intArg(name: string, value: unknown, min = 0): number {
+export function intArg(name: string, value: unknown, min = 0, max = Number.MAX_SAFE_INTEGER): number {
   const text = String(value ?? "").trim();
-  if (!/^\d+$/.test(text) || Number(text) < min || !Number.isSafeInteger(Number(text))) {
-    throw new UsageError(`--${name} must be an integer >= ${min}, got "${String(value)}"`);
+  if (!/^\d+$/.test(text) || Number(text) < min || Number(text) > max || !Number.isSafeInteger(Number(text))) {
+    const range = max === Number.MAX_SAFE_INTEGER ? `>= ${min}` : `from ${min} to ${max}`;
+    throw new UsageError(`--${name} must be an integer ${range}, got "${String(value)}"`);
   }
   return Number(text);
 }

@@ -49,6 +49,10 @@ export interface RegistryOptions {
   maxNodes?: number;
   /** Open connections allowed from one source address (0 = no cap). */
   maxConnsPerAddress?: number;
+  /** Open connections in all, registered or not (0 = no cap). */
+  maxConns?: number;
+  /** Unsent bytes per session before it is dropped as a slow consumer. */
+  maxQueueBytes?: number;
   /** Shared secret nodes must present in `register`. */
   token?: string;
   /** Let nodes advertise a host other than the one they connect from. */
@@ -107,6 +111,8 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
     maxLineBytes: options.maxLineBytes ?? DEFAULTS.maxLineBytes,
     maxNodes: options.maxNodes ?? DEFAULTS.maxNodes,
     maxConnsPerAddress: options.maxConnsPerAddress ?? DEFAULTS.maxConnsPerAddress,
+    maxConns: options.maxConns ?? DEFAULTS.maxConns,
+    maxQueueBytes: options.maxQueueBytes ?? DEFAULTS.maxQueueBytes,
     token: options.token || undefined,
     allowAdvertise: options.allowAdvertise ?? false,
   };
@@ -153,6 +159,7 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
 
   const handlers = lineHandlers<Session>({
     maxLineBytes: o.maxLineBytes,
+    maxQueueBytes: o.maxQueueBytes,
     state: () => ({ phase: "new", openedAt: performance.now(), lastSeen: performance.now() }),
     open(conn) {
       if (stopping) return conn.fail("shutting-down", "registry is shutting down");
@@ -161,6 +168,10 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
       conn.state.counted = true;
       if (o.maxConnsPerAddress && n > o.maxConnsPerAddress) {
         return reject(conn, "too-many-connections", `more than ${o.maxConnsPerAddress} connections from ${conn.remoteAddress}`);
+      }
+      // The per-address cap does not stop many addresses at once (one IPv6 /64 holds plenty).
+      if (o.maxConns && sessions.size >= o.maxConns) {
+        return reject(conn, "too-many-connections", `registry holds its maximum of ${o.maxConns} connections`);
       }
       sessions.add(conn);
     },
@@ -271,7 +282,7 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
       if (wanted === "0.0.0.0" || wanted === "::") {
         return reject(conn, "address-not-allowed", `cannot advertise the unspecified address ${wanted}`);
       }
-      if (!o.allowAdvertise && wanted !== source && !(await resolvesTo(wanted, source))) {
+      if (!o.allowAdvertise && wanted !== source && !(await resolvesTo(wanted, source, o.probeTimeoutMs))) {
         return reject(
           conn,
           "address-not-allowed",
@@ -541,15 +552,23 @@ const probeHandlers = lineHandlers<ProbeState>({
   },
 });
 
+/** Longest delay a timer can hold; larger ones fire at once. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
 function sha256(text: string): Buffer {
   return createHash("sha256").update(text).digest();
 }
 
-async function resolvesTo(host: string, address: string): Promise<boolean> {
+/** Whether a name resolves to an address, within a deadline: the name is the client's choice, the resolver's patience is not. */
+async function resolvesTo(host: string, address: string, timeoutMs: number): Promise<boolean> {
+  let timer: Timer | undefined;
+  const late = new Promise<string[]>((resolve) => (timer = setTimeout(() => resolve([]), timeoutMs)));
   try {
-    return (await resolveHost(host)).includes(address);
+    return (await Promise.race([resolveHost(host), late])).includes(address);
   } catch {
     return false;
+  } finally {
+    clearTimeout(timer);
   }
 }
 
@@ -598,6 +617,8 @@ export const command = defineCommand({
     "max-line": { type: "string", description: `Longest accepted line in bytes [env REGISTRY_MAX_LINE, default ${DEFAULTS.maxLineBytes}]` },
     "max-nodes": { type: "string", description: `Most nodes listed at once [env REGISTRY_MAX_NODES, default ${DEFAULTS.maxNodes}]` },
     "max-conns-per-ip": { type: "string", description: `Open connections per source address, 0 = no cap [env REGISTRY_MAX_CONNS_PER_IP, default ${DEFAULTS.maxConnsPerAddress}]` },
+    "max-conns": { type: "string", description: `Open connections in all, 0 = no cap [env REGISTRY_MAX_CONNS, default ${DEFAULTS.maxConns}]` },
+    "max-queue": { type: "string", description: `Unsent bytes per connection before it is dropped as a slow consumer [env REGISTRY_MAX_QUEUE_BYTES, default ${DEFAULTS.maxQueueBytes}]` },
     http: { type: "string", description: "Serve the status API and live page on this port [env REGISTRY_HTTP_PORT]" },
     "http-host": { type: "string", description: "Address for the status page [env REGISTRY_HTTP_HOST, default: same as host]" },
   },
@@ -608,9 +629,9 @@ export const command = defineCommand({
         const v = args[key];
         return v === undefined || v === "" ? env(envName) : String(v);
       };
-      const num = (key: keyof typeof args, envName: string, min = 0) => {
+      const num = (key: keyof typeof args, envName: string, min = 0, max?: number) => {
         const v = flag(key, envName);
-        return v === undefined ? undefined : intArg(String(key), v, min);
+        return v === undefined ? undefined : intArg(String(key), v, min, max);
       };
       const portText = flag("port", "REGISTRY_PORT");
       const port = portText === undefined ? DEFAULTS.registryPort : parsePort(portText);
@@ -624,7 +645,7 @@ export const command = defineCommand({
         host: flag("host", "REGISTRY_HOST") ?? "::",
         port,
         token: flag("token", "REGISTRY_TOKEN"),
-        heartbeatMs: num("heartbeat", "REGISTRY_HEARTBEAT_MS", 1),
+        heartbeatMs: num("heartbeat", "REGISTRY_HEARTBEAT_MS", 1, MAX_TIMER_MS),
         heartbeatMisses: num("heartbeat-misses", "REGISTRY_HEARTBEAT_MISSES", 1),
         probe: args.probe !== false && env("REGISTRY_PROBE") !== "0",
         probeTimeoutMs: num("probe-timeout", "REGISTRY_PROBE_TIMEOUT_MS", 1),
@@ -633,6 +654,8 @@ export const command = defineCommand({
         maxLineBytes: num("max-line", "REGISTRY_MAX_LINE", 64),
         maxNodes: num("max-nodes", "REGISTRY_MAX_NODES", 1),
         maxConnsPerAddress: num("max-conns-per-ip", "REGISTRY_MAX_CONNS_PER_IP"),
+        maxConns: num("max-conns", "REGISTRY_MAX_CONNS"),
+        maxQueueBytes: num("max-queue", "REGISTRY_MAX_QUEUE_BYTES", 1024),
         onEvent: print,
       }).catch((e) => {
         const code = (e as { code?: string }).code;
