@@ -135,13 +135,14 @@ class ChaosRun {
     for (const s of this.slots) if (s.frozen) this.thaw(s);
     while (this.pending.size) await Promise.allSettled([...this.pending]);
 
-    const settled = await this.awaitAgreement(lastActionAt + o.settleMs);
-    const settledMs = settled ? Math.round(performance.now() - lastActionAt) : null;
+    const agreedAt = await this.awaitAgreement(lastActionAt + o.settleMs);
+    const settled = agreedAt !== null;
+    const settledMs = settled ? Math.max(0, Math.round(agreedAt - lastActionAt)) : null;
     const final = await this.check();
     if (!settled) this.problems.push(...final.problems);
     this.say(
       `found: ${final.live} live nodes, registry lists ${final.listed}, ${final.viewsAgreeing}/${final.live} views agree` +
-        (settled ? `; agreed ${settledMs}ms after the last action` : "; NO agreement"),
+        (settled ? `; agreed ${settledMs}ms after the last action (and still did ${this.stableWindowMs}ms later)` : "; NO agreement"),
     );
     for (const p of this.problems.slice(0, 30)) this.say(`problem: ${p}`);
     if (this.problems.length > 30) this.say(`... and ${this.problems.length - 30} more problems`);
@@ -330,18 +331,26 @@ class ChaosRun {
     }
   }
 
-  /** Polls the final check until it passes twice, a heartbeat timeout apart (no flapping), or the deadline. */
-  private async awaitAgreement(deadline: number): Promise<boolean> {
+  /** Agreement must hold this long (two eviction bounds) to count: a flapping membership fails. */
+  private get stableWindowMs(): number {
+    return 2 * this.o.heartbeatMs * MISSES;
+  }
+
+  /**
+   * Polls the final check until it passes and still passes a stable window
+   * later, or the deadline; returns when agreement was first seen, or null.
+   */
+  private async awaitAgreement(deadline: number): Promise<number | null> {
     let agreedAt: number | undefined;
-    const window = 2 * this.o.heartbeatMs * MISSES;
+    const window = this.stableWindowMs;
     while (performance.now() < deadline) {
       const c = await this.check();
       if (c.problems.length) agreedAt = undefined;
       else if (agreedAt === undefined) agreedAt = performance.now();
-      else if (performance.now() - agreedAt >= window) return true;
+      else if (performance.now() - agreedAt >= window) return agreedAt;
       await Bun.sleep(c.problems.length ? 250 : window / 2);
     }
-    return false;
+    return null;
   }
 
   /** Compares the live set, the registry's list and every live node's view, once. */

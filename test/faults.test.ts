@@ -101,10 +101,14 @@ describe("node faults (processes)", () => {
     expect(c.proc.exitCode).toBeNull();
   });
 
-  test("SIGTERM of a node that cannot reach its registry yet: exits 0 promptly", async () => {
+  test("a node without its registry retries with capped exponential backoff, and SIGTERM still exits 0", async () => {
     const port = await closedPort();
     const n = track(spawnScript("client.ts", ["127.0.0.1", String(port), "--json", ...NODE_ARGS], {}, "node"));
-    await n.log.waitFor("reconnecting", SOON, "the node to be retrying");
+    const tries = (await n.log.waitForCount("reconnecting", 6, SOON, "six reconnect attempts")).slice(0, 6);
+    // Full jitter: each delay lies in [0, min(cap, base * 2^attempt)], base 100 ms, cap --reconnect-max 300.
+    expect(tries.map((e) => e.attempt)).toEqual([1, 2, 3, 4, 5, 6]);
+    for (const e of tries) expect(Number(e.inMs)).toBeLessThanOrEqual(Math.min(300, 100 * 2 ** (Number(e.attempt) - 1)));
+    expect(n.log.named("registered")).toEqual([]);
     n.signal("SIGTERM");
     expect(await withDeadline(n.exited(), SOON, "the node to exit on SIGTERM")).toBe(0);
   });
