@@ -273,6 +273,21 @@ describe("views (a fake registry)", () => {
     expect(ids()).not.toContain("p6");
   });
 
+  test("a refusal after the node was registered once is retried, not fatal (a restarted registry may be briefly wrong)", async () => {
+    await using fake = fakeRegistry();
+    const log = new EventLog();
+    const node = track(
+      await startNode({ registryHost: "127.0.0.1", registryPort: fake.port, listenHost: "127.0.0.1", greetRetries: 0, greetTimeoutMs: 200, reconnectBaseMs: 10, reconnectMaxMs: 50, onEvent: log.push }),
+    );
+    // E.g. a restarted registry whose dial-back probe timed out under load: the node's address has not changed.
+    fake.nextRefusal = "unreachable";
+    fake.sessions[0]!.close();
+    await log.waitFor((e) => e.event === "error" && e.code === "unreachable", SOON, "the refusal");
+    await log.waitFor((e) => e.event === "registered" && e.again === true, SOON, "the node to try again and register");
+    expect(fake.sessions.map((x) => x.log.named("register").length)).toEqual([1, 1, 1]);
+    expect(node.registered).toBe(true);
+  });
+
   test("a registry that accepts but never answers register is given up and retried", async () => {
     await using fake = fakeRegistry({ answer: false });
     const log = new EventLog();
@@ -422,6 +437,8 @@ function fakeRegistry(opts: { answer?: boolean } = {}) {
     sessions: [] as RawSession[],
     nextBoot: "boot-1",
     nextPeers: [{ id: "p1", host: "127.0.0.1", port: 1 }] as Peer[],
+    /** If set, the next register is refused with this error code (once), the way the registry refuses. */
+    nextRefusal: undefined as string | undefined,
     self: undefined as Peer | undefined,
     port: 0,
     async [Symbol.asyncDispose]() {
@@ -436,6 +453,11 @@ function fakeRegistry(opts: { answer?: boolean } = {}) {
       state.sessions.push(s);
       if (opts.answer === false) return;
       void s.log.waitFor("register", SOON).then((m) => {
+        if (state.nextRefusal) {
+          s.send({ type: "error", code: state.nextRefusal, message: "refused by the test" });
+          state.nextRefusal = undefined;
+          return s.close();
+        }
         state.self = { id: String(m.id), host: "127.0.0.1", port: Number(m.port) };
         s.send({ type: "registered", v: PROTOCOL_VERSION, boot: state.nextBoot, seq: 5, heartbeat: 60_000, timeout: 180_000, self: state.self, peers: state.nextPeers });
       }, () => {});
