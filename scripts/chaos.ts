@@ -9,8 +9,8 @@
  *   2. every live node's own view of its peers is the registry's list minus
  *      itself.
  * Every node is a real `client.ts` process: 50 idle Bun processes fit two
- * cores (each sleeps between heartbeats), and only processes can be frozen
- * and killed for real. The registry's list comes from its --json events
+ * cores and ~2 GB (about 35 MB each, asleep between heartbeats), and only
+ * processes can be frozen and killed for real. The registry's list comes from its --json events
  * (every change to it is one); a node's view is asked for with SIGUSR1, which
  * makes client.ts print a `view` event.
  *
@@ -174,12 +174,12 @@ class ChaosRun {
     const due = canRestartRegistry && this.actions["registry-restart"] === 0 && performance.now() > this.midpoint;
     const action = due ? "registry-restart" : pick(weights, this.rand);
     if (action === "idle") return;
-    this.actions[action]++;
     const awake = live.filter((s) => !s.frozen);
     const victim = (from: Slot[]) => from[Math.floor(this.rand() * from.length)];
     switch (action) {
       case "kill": {
         const s = victim(live)!;
+        this.count("kill");
         this.say(`kill -9 node#${s.index} ${s.id} (pid ${s.proc!.pid})${s.frozen ? " while frozen" : ""}`);
         clearTimeout(s.frozen);
         s.frozen = undefined;
@@ -189,6 +189,7 @@ class ChaosRun {
       case "term": {
         const s = victim(awake);
         if (!s) return;
+        this.count("term");
         this.say(`SIGTERM node#${s.index} ${s.id} (pid ${s.proc!.pid})`);
         this.end(s, "SIGTERM");
         return;
@@ -196,6 +197,7 @@ class ChaosRun {
       case "freeze": {
         const s = victim(awake);
         if (!s) return;
+        this.count("freeze");
         const ms = Math.round(this.o.heartbeatMs * MISSES * (0.3 + this.rand() * 2.7));
         this.say(`SIGSTOP node#${s.index} ${s.id} for ${ms}ms`);
         s.proc!.signal("SIGSTOP");
@@ -207,13 +209,19 @@ class ChaosRun {
         const same = action === "restart-same";
         const candidates = same ? empty.filter((s) => s.lastId) : empty;
         const s = candidates[Math.floor(this.rand() * candidates.length)]!;
+        this.count(action);
         this.track(this.startNode(s, same));
         return;
       }
       case "registry-restart":
+        this.count("registry-restart");
         this.track(this.restartRegistry());
         return;
     }
+  }
+
+  private count(action: Action): void {
+    this.actions[action]++;
   }
 
   private thaw(s: Slot): void {
