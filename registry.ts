@@ -139,9 +139,13 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
   // rebuilt lazily after a leave, so the N-th reply does not re-encode N peers.
   let peersJson: string | null = "";
 
-  // Membership pushes of one loop turn go out as one write per session.
+  // Membership pushes go out as one write per session. A flush that took t ms
+  // is followed by at least PUSH_PACING * t ms of other work, so fan-out stays
+  // a bounded share of the loop: with few sessions t is microseconds and pushes
+  // leave on the next turn; with thousands, many changes share each write.
   let batch: string[] = [];
   let batchScheduled = false;
+  let nextFlushAt = 0;
 
   const stats = {
     joins: 0,
@@ -382,7 +386,9 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
     batch.push(line);
     if (batchScheduled) return;
     batchScheduled = true;
-    setImmediate(flushPushes);
+    const wait = nextFlushAt - performance.now();
+    if (wait > 0) setTimeout(flushPushes, wait);
+    else setImmediate(flushPushes);
   }
 
   function flushPushes(): void {
@@ -390,11 +396,14 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
     const lines = batch;
     batch = [];
     if (!lines.length) return;
+    const started = performance.now();
     // Encoded once for all sessions; a node skips events at or below the seq it already has.
     const bytes = Buffer.from(lines.join(""));
     for (const conn of sessions) {
       if (conn.state.phase === "registered") conn.send(bytes);
     }
+    const ended = performance.now();
+    nextFlushAt = ended + (ended - started) * PUSH_PACING;
   }
 
   function recordReceipt(entry: Entry, ids: string[]): void {
@@ -510,6 +519,9 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
 }
 
 // --- internal ----------------------------------------------------------------
+
+/** Fan-out pacing: after a flush of t ms, at least this many t of other work (fan-out <= 1/(1+PUSH_PACING) of the loop). */
+const PUSH_PACING = 4;
 
 interface Session {
   phase: "new" | "checking" | "registered" | "closing";
