@@ -136,7 +136,7 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
   let stopping = false;
 
   // The peer list as JSON fragments joined by commas: appended to on join,
-  // rebuilt lazily after a leave, so the N-th reply does not re-encode N peers.
+  // cut on leave, so the N-th reply does not re-encode N peers.
   let peersJson: string | null = "";
 
   // Membership pushes go out as one write per session. A flush that took t ms
@@ -367,7 +367,7 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
       if (e?.links.delete(entry.id)) stats.pairsGreeted--;
     }
     entry.links.clear();
-    peersJson = null;
+    peersJson = withoutFragment(peersJson, entry.json);
   }
 
   /** Ends the session an entry was registered on, without touching the list. */
@@ -566,6 +566,22 @@ const probeHandlers = lineHandlers<ProbeState>({
 
 /** Longest delay a timer can hold; larger ones fire at once. */
 const MAX_TIMER_MS = 2 ** 31 - 1;
+
+/**
+ * The comma-joined peer list without one entry's fragment, cut out in place
+ * instead of re-encoding the list. A fragment is found exactly: it starts with
+ * its own unique id, and quotes inside JSON strings are escaped. The search
+ * runs from the end, where short-lived nodes sit. Null (rebuild on next use)
+ * if it is not there.
+ */
+function withoutFragment(list: string | null, json: string): string | null {
+  if (list === null) return null;
+  const i = list.lastIndexOf(json);
+  if (i < 0) return null;
+  const end = i + json.length;
+  if (i === 0) return end === list.length ? "" : list.slice(end + 1);
+  return list.slice(0, i - 1) + list.slice(end);
+}
 
 function sha256(text: string): Buffer {
   return createHash("sha256").update(text).digest();
