@@ -187,6 +187,11 @@ export class LineSplitter {
     private readonly onOverflow: () => void,
   ) {}
 
+  /** True when nothing is buffered: the next chunk starts a line. */
+  get idle(): boolean {
+    return this.parts.length === 0 && !this.overflowed;
+  }
+
   /** Feeds one chunk; returns false once the stream has overflowed (drop the rest). */
   push(chunk: Uint8Array): boolean {
     if (this.overflowed) return false;
@@ -353,6 +358,13 @@ export interface ConnHooks<S> {
   open?(conn: Conn<S>): void;
   line(conn: Conn<S>, line: string): void;
   close?(conn: Conn<S>, error?: Error): void;
+  /**
+   * A chunk that is exactly `bytes` (one whole line with its newline, nothing
+   * buffered before it) goes to `handle` without being split or decoded; if
+   * `handle` returns false it takes the normal path. The heartbeat fast path:
+   * a ping arrives alone in its segment.
+   */
+  exact?: { bytes: Buffer; handle(conn: Conn<S>): boolean };
 }
 
 /**
@@ -361,6 +373,7 @@ export interface ConnHooks<S> {
  * must never reach Bun's loop, where it would end the process.
  */
 export function lineHandlers<S>(hooks: ConnHooks<S>): Bun.SocketHandler<Conn<S>> {
+  const exact = hooks.exact;
   return {
     open(socket) {
       const conn = new Conn<S>(socket, undefined as S, hooks.maxLineBytes, (c, line) => {
@@ -380,7 +393,15 @@ export function lineHandlers<S>(hooks: ConnHooks<S>): Bun.SocketHandler<Conn<S>>
     },
     data(socket, chunk) {
       const conn = socket.data;
-      if (!conn.closed) conn.splitter.push(chunk);
+      if (conn.closed) return;
+      if (exact && chunk.byteLength === exact.bytes.byteLength && conn.splitter.idle && exact.bytes.equals(chunk)) {
+        try {
+          if (exact.handle(conn)) return;
+        } catch {
+          // fall through: the normal path reports whatever is wrong
+        }
+      }
+      conn.splitter.push(chunk);
     },
     drain(socket) {
       socket.data.flush();

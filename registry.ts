@@ -165,6 +165,18 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
     maxLineBytes: o.maxLineBytes,
     maxQueueBytes: o.maxQueueBytes,
     state: () => ({ phase: "new", openedAt: performance.now(), lastSeen: performance.now() }),
+    // A ping alone in its chunk is answered without splitting or decoding: with
+    // 10,000 nodes that is 5,000 lines a second.
+    exact: {
+      bytes: PING_CHUNK,
+      handle(conn) {
+        const s = conn.state;
+        if (s.phase !== "registered") return false;
+        s.lastSeen = performance.now();
+        conn.send(PONG_BYTES);
+        return true;
+      },
+    },
     open(conn) {
       if (stopping) return conn.fail("shutting-down", "registry is shutting down");
       const n = (connsPerAddress.get(conn.remoteAddress) ?? 0) + 1;
@@ -519,6 +531,9 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
 }
 
 // --- internal ----------------------------------------------------------------
+
+const PING_CHUNK = Buffer.from(PING_LINE + "\n");
+const PONG_BYTES = Buffer.from(PONG_LINE);
 
 /** Fan-out pacing: after a flush of t ms, at least this many t of other work (fan-out <= 1/(1+PUSH_PACING) of the loop). */
 const PUSH_PACING = 4;
