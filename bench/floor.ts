@@ -1,0 +1,87 @@
+/**
+ * The floor: a bare Bun.listen server that answers every line with one fixed
+ * reply, no parsing, no state. Whatever the registry costs beyond this is the
+ * registry's own cost. The reply starts like a `registered` line (the load
+ * generator checks that) and is padded to the size the orchestrator asks for,
+ * which is the size of the registry's reply in the same cell. A heartbeat
+ * ping is answered with a pong, as the registry does, so a fleet of held
+ * sessions can be measured against it too.
+ *
+ * `bun bench/floor.ts`; prints {"event":"listening","port":N}; commands on
+ * stdin: {"cmd":"reply","bytes":N}, {"cmd":"stats"} (CPU time, RSS).
+ */
+import { cpuMs, emit, rssBytes, serveCommands, wallMs } from "./lib.ts";
+
+interface Sock {
+  queue: Uint8Array[];
+}
+
+let reply = makeReply(200);
+// A heartbeat gets the registry's answer, so held sessions cost what they cost the
+// registry. (protocol.ts PING_LINE / PONG_LINE, not imported: the floor loads nothing.)
+const PING = Buffer.from('{"type":"ping"}');
+const PONG = Buffer.from('{"type":"pong"}\n');
+
+const server = Bun.listen<Sock>({
+  hostname: "127.0.0.1",
+  port: 0,
+  socket: {
+    open(s) {
+      s.data = { queue: [] };
+    },
+    data(s, chunk) {
+      // Lines are never split here: the load generator and the holders send
+      // each line in one write, well under a segment.
+      let start = 0;
+      let at = chunk.indexOf(10);
+      while (at >= 0) {
+        send(s, at - start === PING.byteLength && PING.equals(chunk.subarray(start, at)) ? PONG : reply);
+        start = at + 1;
+        at = chunk.indexOf(10, start);
+      }
+    },
+    drain(s) {
+      const q = s.data.queue;
+      while (q.length) {
+        const head = q[0]!;
+        const n = s.write(head);
+        if (n < 0) return;
+        if (n < head.byteLength) {
+          q[0] = head.subarray(n);
+          return;
+        }
+        q.shift();
+      }
+    },
+    error(s) {
+      s.terminate();
+    },
+  },
+});
+
+emit({ event: "listening", port: server.port, pid: process.pid });
+
+serveCommands(async (cmd) => {
+  if (cmd.cmd === "reply") {
+    reply = makeReply(Number(cmd.bytes));
+    return { bytes: reply.byteLength };
+  }
+  if (cmd.cmd === "stats") return { cpuMs: cpuMs(), rss: await rssBytes(), t: wallMs() };
+  throw new Error(`unknown command ${String(cmd.cmd)}`);
+});
+
+function send(s: Bun.Socket<Sock>, b: Uint8Array): void {
+  if (s.data.queue.length) {
+    s.data.queue.push(b);
+    return;
+  }
+  const n = s.write(b);
+  if (n >= 0 && n < b.byteLength) s.data.queue.push(b.subarray(n));
+}
+
+function makeReply(bytes: number): Buffer {
+  const head = '{"type":"registered","pad":"';
+  const tail = '"}\n';
+  const pad = Math.max(0, Math.round(bytes) - head.length - tail.length);
+  return Buffer.from(head + "x".repeat(pad) + tail);
+}

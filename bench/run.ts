@@ -1,0 +1,528 @@
+#!/usr/bin/env bun
+/**
+ * The benchmark: `bun run bench` (full, under 3 minutes on 2 cores) or
+ * `bun bench/run.ts --quick` (CI smoke, under 30 s, thresholds not asserted).
+ * Every measured party runs in its own process: the registry
+ * (registry-proc.ts), the floor (floor.ts), the load generator (loadgen.ts),
+ * the simulated registered nodes (holder.ts) and in-process node fleets
+ * (nodes-proc.ts). Loopback only. Writes results.json, BENCHMARKS.md and
+ * sweep.svg (full run: bench/results.json, ./BENCHMARKS.md, bench/sweep.svg;
+ * quick run: a temp directory unless --out is given).
+ *
+ * Flags: --quick, --out DIR, --only a,b (phases: registration, sessions, mesh,
+ * departure, recovery), --counts 0,1000 and --concs 1,16 (a narrower sweep),
+ * --profile DIR (Bun CPU profiles of the registries, written when they exit),
+ * --compare a/registry.ts,b/registry.ts (other versions measured in the same
+ * registration cells, probe off: before/after numbers for a change).
+ */
+import { mkdirSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { DEFAULTS } from "../protocol.ts";
+import { Child, ROOT, closeAllChildren, deadline, dist, fdLimit, killAllChildren, pause, spawnChild, wallMs, type Msg } from "./lib.ts";
+import { NoiseMeter, machineInfo } from "./machine.ts";
+import { writeReport } from "./report.ts";
+
+const argv = process.argv.slice(2);
+const QUICK = argv.includes("--quick");
+const flagValue = (name: string) => {
+  const i = argv.indexOf(name);
+  return i >= 0 ? argv[i + 1] : undefined;
+};
+const OUT = flagValue("--out") ?? (QUICK ? join(tmpdir(), "contact-registry-bench-quick") : undefined);
+const ONLY = flagValue("--only")?.split(",");
+const PROFILE = flagValue("--profile");
+const numbers = (name: string) => flagValue(name)?.split(",").map(Number);
+const COMPARE = flagValue("--compare")?.split(",").filter(Boolean) ?? [];
+
+/** Everything sized here; the full run is what BENCHMARKS.md reports. */
+const CFG = QUICK
+  ? {
+      budgetMs: 60_000,
+      counts: [0, 300],
+      concs: [1, 16, 256],
+      warmupMs: 100,
+      durationMs: 400,
+      held: [300, 1000],
+      cpuWindowMs: 2_000,
+      mesh: [20, 50],
+      meshTimeoutMs: 15_000,
+      observers: 3,
+      killTrials: 4,
+      freezeVictims: 3,
+      freezeHeartbeatMs: 300,
+      recoveryNodes: 20,
+      recoveryTrials: 1,
+    }
+  : {
+      budgetMs: 280_000,
+      counts: [0, 1_000, 10_000],
+      concs: [1, 16, 256],
+      warmupMs: 300,
+      durationMs: 1_500,
+      held: [1_000, 10_000],
+      cpuWindowMs: 6_000,
+      mesh: [50, 200, 500],
+      meshTimeoutMs: 40_000,
+      observers: 5,
+      killTrials: 20,
+      freezeVictims: 8,
+      freezeHeartbeatMs: DEFAULTS.heartbeatMs,
+      recoveryNodes: 100,
+      recoveryTrials: 3,
+    };
+
+// Narrowed sweeps for profiling a single cell: --counts 0,1000 --concs 1,16.
+CFG.counts = numbers("--counts") ?? CFG.counts;
+CFG.concs = numbers("--concs") ?? CFG.concs;
+
+type Phase = "registration" | "sessions" | "mesh" | "departure" | "recovery";
+const PHASES: Phase[] = ["registration", "sessions", "mesh", "departure", "recovery"];
+
+const results: Msg = {};
+let failed = false;
+
+process.on("exit", killAllChildren);
+for (const sig of ["SIGINT", "SIGTERM", "SIGHUP"] as const) {
+  process.on(sig, () => {
+    killAllChildren();
+    process.exit(130);
+  });
+}
+process.on("uncaughtException", (e) => {
+  process.stderr.write(`bench: ${e.stack ?? e.message}\n`);
+  killAllChildren();
+  process.exit(1);
+});
+const watchdog = setTimeout(() => {
+  process.stderr.write(`bench: over the time budget of ${CFG.budgetMs} ms; stopping\n`);
+  killAllChildren();
+  process.exit(1);
+}, CFG.budgetMs);
+
+await main();
+
+async function main(): Promise<void> {
+  const started = performance.now();
+  const noise = new NoiseMeter();
+  await noise.start();
+  results.machine = await machineInfo();
+  results.config = { quick: QUICK, ...CFG };
+  results.command = QUICK ? "bun bench/run.ts --quick" : "bun run bench";
+  results.date = new Date().toISOString();
+  results.fdLimit = await fdLimit();
+  log(`bench ${QUICK ? "(quick) " : ""}on ${(results.machine as Msg).cpu} x${(results.machine as Msg).cores}, fd limit ${results.fdLimit}`);
+
+  const phases: Record<Phase, () => Promise<Msg>> = { registration, sessions, mesh, departure, recovery };
+  for (const phase of PHASES) {
+    if (ONLY && !ONLY.includes(phase)) continue;
+    noise.mark(phase);
+    const t = performance.now();
+    try {
+      results[phase] = await phases[phase]();
+    } catch (e) {
+      failed = true;
+      results[phase] = { error: (e as Error).message };
+      log(`${phase} FAILED: ${(e as Error).message}`);
+    } finally {
+      await closeAllChildren(PROFILE ? 10_000 : 1_000);
+    }
+    log(`${phase} done in ${((performance.now() - t) / 1000).toFixed(1)} s`);
+  }
+  noise.mark("end");
+  results.noise = await noise.stop();
+  results.totalMs = performance.now() - started;
+  clearTimeout(watchdog);
+
+  const paths = OUT
+    ? { dir: OUT, json: join(OUT, "results.json"), md: join(OUT, "BENCHMARKS.md"), svg: join(OUT, "sweep.svg"), svgRef: "sweep.svg" }
+    : {
+        dir: join(ROOT, "bench"),
+        json: join(ROOT, "bench", "results.json"),
+        md: join(ROOT, "BENCHMARKS.md"),
+        svg: join(ROOT, "bench", "sweep.svg"),
+        svgRef: "bench/sweep.svg",
+      };
+  mkdirSync(paths.dir, { recursive: true });
+  await Bun.write(paths.json, JSON.stringify(results, null, 2) + "\n");
+  await writeReport(results, paths);
+  log(`wrote ${paths.json}, ${paths.md}, ${paths.svg} in ${(results.totalMs as number / 1000).toFixed(1)} s total`);
+  process.exit(failed ? 1 : 0);
+}
+
+// --- phases ------------------------------------------------------------------
+
+/** 1 and 6: registration round trips, registry (probe off and on) next to the floor, per (registered, concurrency) cell. */
+async function registration(): Promise<Msg> {
+  const fd = Number(results.fdLimit);
+  const perHolder = Math.max(100, Math.min(5_000, Math.floor((fd - 300) / 2)));
+  const counts = CFG.counts.filter((n) => n + 600 <= fd);
+  const skipped = CFG.counts.filter((n) => !counts.includes(n));
+  const regOpts = { heartbeatMs: 60_000, maxConnsPerAddress: 0 };
+  const [off, on, floor, lg] = await Promise.all([
+    startRegistryProc("registry(probe off)", { ...regOpts, probe: false }),
+    startRegistryProc("registry(probe on)", { ...regOpts, probe: true }),
+    startReady("floor", "bench/floor.ts", [], "listening"),
+    startReady("loadgen", "bench/loadgen.ts", [], "ready"),
+  ]);
+  const floorPort = Number(floor.ready.port);
+  await lg.child.request({ cmd: "listeners", count: Math.max(...CFG.concs) }, 20_000);
+  const fleets = { off: new Fleet("off", off.port, false, perHolder), on: new Fleet("on", on.port, true, perHolder) };
+  const others = await Promise.all(
+    COMPARE.map(async (module, i) => {
+      const reg = await startRegistryProc(`registry(${module})`, { ...regOpts, probe: false }, { BENCH_REGISTRY: module });
+      return { module, reg, fleet: new Fleet(`c${i}-`, reg.port, false, perHolder) };
+    }),
+  );
+
+  const cells: Msg[] = [];
+  const growth: Msg[] = [];
+  for (const n of counts) {
+    const t = performance.now();
+    await Promise.all([fleets.off.growTo(n), fleets.on.growTo(n), ...others.map((o) => o.fleet.growTo(n))]);
+    growth.push({ n, ms: performance.now() - t });
+    for (const c of CFG.concs) {
+      const cell: Msg = { registered: n, conc: c };
+      cell.off = await registryCell(off, fleets.off, lg.child, c, `f${n}c${c}-`);
+      await floor.child.request({ cmd: "reply", bytes: Math.round(Number((cell.off as Msg).replyBytes) || 200) }, 5_000);
+      cell.floor = await lg.child.request(cellCmd(floorPort, c, `x${n}c${c}-`), cellTimeout(n));
+      cell.on = await registryCell(on, fleets.on, lg.child, c, `p${n}c${c}-`);
+      if (others.length) {
+        cell.compare = [];
+        for (const [i, o] of others.entries()) {
+          (cell.compare as Msg[]).push({ module: o.module, ...(await registryCell(o.reg, o.fleet, lg.child, c, `c${i}n${n}c${c}-`)) });
+        }
+      }
+      cells.push(cell);
+      log(cellLine(cell));
+    }
+  }
+  return { cells, skipped, growth, perHolder };
+}
+
+/**
+ * 2: sessions held at the default heartbeat: RSS, bytes per session, heartbeat
+ * CPU and time to register, next to the floor holding as many sessions with
+ * the same pings (its CPU window runs at the same time as the registry's).
+ */
+async function sessions(): Promise<Msg> {
+  const fd = Number(results.fdLimit);
+  const perHolder = Math.max(100, Math.min(5_000, Math.floor((fd - 300) / 2)));
+  const counts = CFG.held.filter((n) => n + 600 <= fd);
+  const hb = DEFAULTS.heartbeatMs;
+  const [reg, floor] = await Promise.all([
+    startRegistryProc("registry(sessions)", { maxConnsPerAddress: 0 }),
+    startReady("floor", "bench/floor.ts", [], "listening"),
+  ]);
+  const fleet = new Fleet("s", reg.port, true, perHolder, hb);
+  const floorFleet = new Fleet("fl", Number(floor.ready.port), false, perHolder, hb);
+  const base = await reg.child.request({ cmd: "gc" }, 10_000);
+  const floorBase = await floor.child.request({ cmd: "stats" }, 10_000);
+  const rows: Msg[] = [];
+  for (const n of counts) {
+    const t = performance.now();
+    await fleet.growTo(n);
+    const registerMs = performance.now() - t;
+    await floorFleet.growTo(n);
+    const check = await reg.child.request({ cmd: "stats" }, 10_000);
+    if (Number(check.nodes) !== n) throw new Error(`registry holds ${String(check.nodes)} nodes, expected ${n}`);
+    // Let the registration burst settle (GC, queued pushes), then measure a window of heartbeats only.
+    await pause(QUICK ? 300 : 1_000);
+    const [a, fa] = await Promise.all([reg.child.request({ cmd: "stats" }, 10_000), floor.child.request({ cmd: "stats" }, 10_000)]);
+    await pause(CFG.cpuWindowMs);
+    const [b, fb] = await Promise.all([reg.child.request({ cmd: "stats" }, 10_000), floor.child.request({ cmd: "stats" }, 10_000)]);
+    const g = await reg.child.request({ cmd: "gc" }, 20_000);
+    const pct = (x: Msg, y: Msg) => ((Number(y.cpuMs) - Number(x.cpuMs)) / (Number(y.t) - Number(x.t))) * 100;
+    const row = {
+      nodes: n,
+      registerMs,
+      rss: Number(b.rss),
+      rssAfterGc: Number(g.rss),
+      heapUsed: Number(g.heapUsed),
+      bytesPerSession: (Number(b.rss) - Number(base.rss)) / n,
+      bytesPerSessionAfterGc: (Number(g.rss) - Number(base.rss)) / n,
+      heartbeatCpuPct: pct(a, b),
+      floorCpuPct: pct(fa, fb),
+      floorRss: Number(fb.rss),
+      floorBytesPerSession: (Number(fb.rss) - Number(floorBase.rss)) / n,
+      pingsPerSec: n / (hb / 1000),
+      windowMs: Number(b.t) - Number(a.t),
+      evicted: Number((g.leaves as Msg).timeout),
+    };
+    rows.push(row);
+    log(
+      `sessions ${n}: registered in ${fmt(registerMs)} ms, RSS ${mb(row.rss)} MB (${mb(row.rssAfterGc)} after GC; floor ${mb(row.floorRss)}), ` +
+        `heartbeat CPU ${row.heartbeatCpuPct.toFixed(2)}% (floor ${row.floorCpuPct.toFixed(2)}%)`,
+    );
+  }
+  return { baseRss: Number(base.rss), floorBaseRss: Number(floorBase.rss), rows, heartbeatMs: hb };
+}
+
+/** 3: full mesh of in-process nodes joining one after another. */
+async function mesh(): Promise<Msg> {
+  const reg = await startRegistryProc("registry(mesh)", { maxConnsPerAddress: 0 });
+  const rows: Msg[] = [];
+  for (const n of CFG.mesh) {
+    const nodes = await startReady("nodes", "bench/nodes-proc.ts", [], "ready");
+    const r = await nodes.child.request({ cmd: "mesh", n, registryPort: reg.port, timeoutMs: CFG.meshTimeoutMs }, CFG.meshTimeoutMs + 30_000);
+    await nodes.child.close();
+    rows.push(r);
+    log(`mesh ${n}: ${r.complete ? "complete" : "INCOMPLETE"} in ${fmt(Number(r.meshMs))} ms (${fmt(Number(r.greetingsPerSec))} greetings/s, ${String(r.failed)} failed)`);
+    // The next fleet starts against an empty registry.
+    await waitFor(async () => Number((await reg.child.request({ cmd: "stats" }, 5_000)).nodes) === 0, 10_000, "registry to empty");
+  }
+  return { rows };
+}
+
+/** 4: kill -9 of a node process -> peer-left at the others; SIGSTOP -> eviction by heartbeat. */
+async function departure(): Promise<Msg> {
+  const hb = CFG.freezeHeartbeatMs;
+  const misses = DEFAULTS.heartbeatMisses;
+  const reg = await startRegistryProc("registry(departure)", { maxConnsPerAddress: 0, heartbeatMs: hb, events: ["node-left"] });
+  const obs = await startReady("observers", "bench/nodes-proc.ts", [], "ready");
+  await obs.child.request({ cmd: "start", n: CFG.observers, registryPort: reg.port, events: ["peer-joined", "peer-left"] }, 30_000);
+
+  const spawnVictims = async (count: number) => {
+    const vs = Array.from({ length: count }, (_, i) =>
+      spawnChild(`victim${i}`, "client.ts", ["127.0.0.1", String(reg.port), "--json", "--listen", "127.0.0.1"], { timeoutMs: 120_000 }),
+    );
+    const ids: string[] = [];
+    for (const v of vs) {
+      const l = await v.waitFor((m) => m.event === "listening", 20_000, "victim listening");
+      await v.waitFor((m) => m.event === "registered", 20_000, "victim registered");
+      ids.push(String(l.id));
+    }
+    for (const id of ids) await countEvents(obs.child, (m) => m.event === "peer-joined" && m.peer === id, CFG.observers, 10_000, `observers to see ${id}`);
+    return vs.map((child, i) => ({ child, id: ids[i]! }));
+  };
+
+  // kill -9, one at a time, so each close is detected and pushed on its own.
+  const killPushed: number[] = [];
+  const killDetected: number[] = [];
+  const batch = Math.min(10, CFG.killTrials);
+  for (let done = 0; done < CFG.killTrials; done += batch) {
+    const victims = await spawnVictims(Math.min(batch, CFG.killTrials - done));
+    for (const v of victims) {
+      const t0 = wallMs();
+      v.child.signal("SIGKILL");
+      const seen = await countEvents(obs.child, (m) => m.event === "peer-left" && m.peer === v.id, CFG.observers, 10_000, `peer-left ${v.id}`);
+      for (const e of seen) killPushed.push(Number(e.t) - t0);
+      const d = await reg.child.waitFor((m) => m.event === "node-left" && m.id === v.id, 5_000, "node-left");
+      killDetected.push(Number(d.t) - t0);
+      await v.child.exited;
+    }
+  }
+  log(`kill -9: pushed p50 ${fmt(dist(killPushed).p50)} p99 ${fmt(dist(killPushed).p99)} ms`);
+
+  // SIGSTOP: the victims are frozen at moments spread over one heartbeat
+  // interval, so the trials sample every phase of the ping cycle and the sweep.
+  const sweepMs = Math.max(50, Math.min(hb / 2, DEFAULTS.registerTimeoutMs / 4, 1000));
+  const boundMs = hb * misses + sweepMs;
+  const victims = await spawnVictims(CFG.freezeVictims);
+  const stoppedAt = new Map<string, number>();
+  for (const [i, v] of victims.entries()) {
+    if (i) await pause(hb / victims.length);
+    stoppedAt.set(v.id, wallMs());
+    v.child.signal("SIGSTOP");
+  }
+  const evictPushed: number[] = [];
+  const evictDetected: number[] = [];
+  const reasons = new Set<string>();
+  for (const v of victims) {
+    const e = await obs.child.waitFor((m) => m.event === "peer-left" && m.peer === v.id, boundMs + 10_000, `eviction of ${v.id}`);
+    reasons.add(String(e.reason));
+    evictPushed.push(Number(e.t) - stoppedAt.get(v.id)!);
+    const d = await reg.child.waitFor((m) => m.event === "node-left" && m.id === v.id, 5_000, "node-left");
+    evictDetected.push(Number(d.t) - stoppedAt.get(v.id)!);
+  }
+  for (const v of victims) await v.child.kill();
+  log(`SIGSTOP: evicted p50 ${fmt(dist(evictPushed).p50)} max ${fmt(dist(evictPushed).max)} ms (bound ${boundMs} ms)`);
+  return {
+    observers: CFG.observers,
+    kill: { trials: CFG.killTrials, pushedMs: dist(killPushed), detectedMs: dist(killDetected) },
+    freeze: {
+      trials: CFG.freezeVictims,
+      heartbeatMs: hb,
+      misses,
+      sweepMs,
+      boundMs,
+      pushedMs: dist(evictPushed),
+      detectedMs: dist(evictDetected),
+      reasons: Array.from(reasons),
+    },
+  };
+}
+
+/** 5: kill -9 of the registry, a new one on the same port, until every node is registered again. */
+async function recovery(): Promise<Msg> {
+  let reg = await startRegistryProc("registry(recovery)", { maxConnsPerAddress: 0 });
+  const port = reg.port;
+  const nodes = await startReady("nodes", "bench/nodes-proc.ts", [], "ready");
+  const n = CFG.recoveryNodes;
+  await nodes.child.request({ cmd: "start", n, registryPort: port, events: ["registered"] }, 60_000);
+  const trials: Msg[] = [];
+  for (let i = 0; i < CFG.recoveryTrials; i++) {
+    const mark = nodes.child.events.length;
+    const killedAt = wallMs();
+    await reg.child.kill();
+    reg = await startRegistryProc("registry(recovery)", { maxConnsPerAddress: 0, port });
+    const listeningAt = Number(reg.ready.t);
+    const back = new Map<number, number>();
+    await waitFor(
+      async () => {
+        for (const e of nodes.child.events.slice(mark)) if (e.event === "registered" && e.again) back.set(Number(e.node), Number(e.t));
+        return back.size >= n;
+      },
+      30_000,
+      `${n} nodes to register again`,
+    );
+    const last = Math.max(...back.values());
+    const trial = { restartMs: listeningAt - killedAt, fromRestartMs: last - listeningAt, fromKillMs: last - killedAt, nodes: back.size };
+    trials.push(trial);
+    log(`recovery ${i + 1}: registry back after ${fmt(trial.restartMs)} ms, all ${n} nodes ${fmt(trial.fromRestartMs)} ms later`);
+    const s = await reg.child.request({ cmd: "stats" }, 5_000);
+    if (Number(s.nodes) !== n) throw new Error(`registry holds ${String(s.nodes)} nodes after recovery, expected ${n}`);
+  }
+  return { nodes: n, trials, reconnectMaxMs: DEFAULTS.reconnectMaxMs, reconnectBaseMs: DEFAULTS.reconnectBaseMs };
+}
+
+// --- helpers -----------------------------------------------------------------
+
+/** Simulated registered nodes on one registry, spread over holder processes (fd limit). */
+class Fleet {
+  private holders: Child[] = [];
+  constructor(
+    readonly tag: string,
+    readonly port: number,
+    readonly probe: boolean,
+    readonly perHolder: number,
+    readonly pingMs = 0,
+  ) {}
+
+  get children(): Child[] {
+    return this.holders;
+  }
+
+  async growTo(n: number): Promise<void> {
+    const need = Math.ceil(n / this.perHolder);
+    while (this.holders.length < need) {
+      const k = this.holders.length;
+      const opts = { port: this.port, prefix: `${this.tag}${k}-`, portBase: 1024 + k * this.perHolder, probe: this.probe, pingMs: this.pingMs };
+      const h = spawnChild(`holder ${this.tag}${k}`, "bench/holder.ts", [JSON.stringify(opts)]);
+      await h.waitFor((m) => m.event === "ready", 20_000, "holder ready");
+      this.holders.push(h);
+    }
+    const rs = await Promise.all(
+      this.holders.map((h, k) => h.request({ cmd: "grow", to: Math.max(0, Math.min(this.perHolder, n - k * this.perHolder)), conc: 32 }, 180_000)),
+    );
+    const errors = rs.reduce((a, r) => a + Number(r.errors), 0);
+    if (errors) throw new Error(`${errors} simulated nodes failed to register: ${rs.map((r) => r.lastError).join(" ")}`);
+  }
+
+  /** Waits until every held session has seen `seq`; returns the time that took. */
+  async delivered(seq: number, timeoutMs: number): Promise<{ ms: number; reached: boolean }> {
+    if (!this.holders.length) return { ms: 0, reached: true };
+    const rs = await Promise.all(this.holders.map((h) => h.request({ cmd: "waitSeq", seq, timeoutMs }, timeoutMs + 5_000)));
+    return { ms: Math.max(...rs.map((r) => Number(r.ms))), reached: rs.every((r) => r.reached) };
+  }
+}
+
+async function registryCell(reg: RegistryProc, fleet: Fleet, lg: Child, c: number, prefix: string): Promise<Msg> {
+  const before = await reg.child.request({ cmd: "stats" }, 10_000);
+  const r = await lg.request(cellCmd(reg.port, c, prefix), cellTimeout(fleet.children.length ? 10_000 : 0));
+  const after = await reg.child.request({ cmd: "stats" }, 10_000);
+  const changes = Number(after.seq) - Number(before.seq);
+  // With sessions listening: how long until every one of them has every change of this cell.
+  const d = await fleet.delivered(Number(after.seq), 30_000);
+  return {
+    ...r,
+    changes,
+    deliveryLagMs: d.ms,
+    delivered: d.reached,
+    changesPerSec: changes / ((Number(r.wallMs) + d.ms) / 1000),
+    registryLatencyMs: after.latencyMs,
+    rejected: after.rejected,
+  };
+}
+
+function cellCmd(port: number, conc: number, prefix: string): Msg {
+  return { cmd: "run", port, conc, warmupMs: CFG.warmupMs, durationMs: CFG.durationMs, prefix };
+}
+
+function cellTimeout(registered: number): number {
+  return CFG.warmupMs + CFG.durationMs + 45_000 + registered;
+}
+
+interface RegistryProc {
+  child: Child;
+  port: number;
+  ready: Msg;
+}
+
+async function startRegistryProc(label: string, opts: Msg, env: Record<string, string> = {}): Promise<RegistryProc> {
+  const bunArgs = PROFILE ? ["--cpu-prof", "--cpu-prof-md", `--cpu-prof-dir=${PROFILE}`] : [];
+  for (let attempt = 0; ; attempt++) {
+    const child = spawnChild(label, "bench/registry-proc.ts", [JSON.stringify({ port: 0, ...opts })], { bunArgs, env });
+    try {
+      const ready = await child.waitFor((m) => m.event === "listening", 20_000, "registry listening");
+      return { child, port: Number(ready.port), ready };
+    } catch (e) {
+      // A restart on a fixed port can race the old socket's teardown: retry a few times.
+      if (attempt >= 4 || !opts.port) throw e;
+      await pause(100);
+    }
+  }
+}
+
+async function startReady(label: string, script: string, args: string[], event: string): Promise<{ child: Child; ready: Msg }> {
+  const child = spawnChild(label, script, args);
+  const ready = await child.waitFor((m) => m.event === event, 20_000, `${label} ${event}`);
+  return { child, ready };
+}
+
+async function countEvents(child: Child, pred: (m: Msg) => boolean, count: number, timeoutMs: number, what: string): Promise<Msg[]> {
+  let found: Msg[] = [];
+  await waitFor(
+    async () => {
+      found = child.events.filter(pred);
+      return found.length >= count;
+    },
+    timeoutMs,
+    what,
+  );
+  return found;
+}
+
+/** Polls `cond` (every 2 ms) until it holds, under a deadline that names what was awaited. */
+async function waitFor(cond: () => Promise<boolean>, timeoutMs: number, what: string): Promise<void> {
+  await deadline(
+    (async () => {
+      while (!(await cond())) await Bun.sleep(2);
+    })(),
+    timeoutMs,
+    what,
+  );
+}
+
+function cellLine(cell: Msg): string {
+  const f = (m: Msg) => `${fmt(Number(m.throughput))}/s p99 ${fmt(Number((m.latencyMs as Msg).p99))}ms${Number(m.errors) ? ` ERR ${String(m.errors)}` : ""}`;
+  const off = cell.off as Msg;
+  const on = cell.on as Msg;
+  const fl = cell.floor as Msg;
+  const x = (m: Msg) => `${(Number(m.throughput) / Number(fl.throughput)).toFixed(2)}x`;
+  const cmp = ((cell.compare as Msg[] | undefined) ?? []).map((m) => ` | ${String(m.module)} ${f(m)} (${x(m)})`).join("");
+  return `n=${String(cell.registered)} c=${String(cell.conc)}: floor ${f(fl)} | off ${f(off)} (${x(off)}) | on ${f(on)} (${x(on)}) | reply ${fmt(Number(off.replyBytes))} B${cmp}`;
+}
+
+function fmt(x: number): string {
+  return !Number.isFinite(x) ? String(x) : x >= 100 ? x.toFixed(0) : x >= 10 ? x.toFixed(1) : x.toFixed(2);
+}
+
+function mb(bytes: number): string {
+  return (bytes / 1e6).toFixed(1);
+}
+
+function log(text: string): void {
+  process.stderr.write(`[bench ${new Date().toISOString().slice(11, 19)}] ${text}\n`);
+}
+
