@@ -5,10 +5,12 @@
  * generator checks that) and is padded to the size the orchestrator asks for,
  * which is the size of the registry's reply in the same cell. A heartbeat
  * ping is answered with a pong, as the registry does, so a fleet of held
- * sessions can be measured against it too.
+ * sessions can be measured against it too. With `dial`, each line first
+ * gets the least possible dial-back (connect to the port it names, one line
+ * each way): the floor for a registry running its address probe.
  *
  * `bun bench/floor.ts`; prints {"event":"listening","port":N}; commands on
- * stdin: {"cmd":"reply","bytes":N}, {"cmd":"stats"} (CPU time, RSS).
+ * stdin: {"cmd":"reply","bytes":N,"dial":false}, {"cmd":"stats"} (CPU time, RSS).
  */
 import { cpuMs, emit, rssBytes, serveCommands, wallMs } from "./lib.ts";
 
@@ -17,6 +19,8 @@ interface Sock {
 }
 
 let reply = makeReply(200);
+/** Dial the sender's listener back (as the registry's probe does) before replying. */
+let dial = false;
 // A heartbeat gets the registry's answer, so held sessions cost what they cost the
 // registry. (protocol.ts PING_LINE / PONG_LINE, not imported: the floor loads nothing.)
 const PING = Buffer.from('{"type":"ping"}');
@@ -35,7 +39,9 @@ const server = Bun.listen<Sock>({
       let start = 0;
       let at = chunk.indexOf(10);
       while (at >= 0) {
-        send(s, at - start === PING.byteLength && PING.equals(chunk.subarray(start, at)) ? PONG : reply);
+        if (at - start === PING.byteLength && PING.equals(chunk.subarray(start, at))) send(s, PONG);
+        else if (dial) dialThenReply(s, chunk.subarray(start, at).toString());
+        else send(s, reply);
         start = at + 1;
         at = chunk.indexOf(10, start);
       }
@@ -64,11 +70,54 @@ emit({ event: "listening", port: server.port, pid: process.pid });
 serveCommands(async (cmd) => {
   if (cmd.cmd === "reply") {
     reply = makeReply(Number(cmd.bytes));
-    return { bytes: reply.byteLength };
+    dial = Boolean(cmd.dial);
+    return { bytes: reply.byteLength, dial };
   }
   if (cmd.cmd === "stats") return { cpuMs: cpuMs(), rss: await rssBytes(), t: wallMs() };
   throw new Error(`unknown command ${String(cmd.cmd)}`);
 });
+
+interface Dial {
+  line: string;
+  done: () => void;
+  answered: boolean;
+}
+
+// The least a dial-back can cost: connect to the port named in the line, send
+// one probe line, wait for one line back, cut the connection (RST, as the
+// registry's probe does). No parsing beyond finding the port and id.
+const dialHandlers: Bun.SocketHandler<Dial> = {
+  open(p) {
+    p.write(p.data.line);
+  },
+  data(p, chunk) {
+    if (p.data.answered || chunk.indexOf(10) < 0) return;
+    p.data.answered = true;
+    p.terminate();
+    p.data.done();
+  },
+  close(p) {
+    if (!p.data.answered) {
+      p.data.answered = true;
+      p.data.done();
+    }
+  },
+  error(p) {
+    p.terminate();
+  },
+};
+
+function dialThenReply(s: Bun.Socket<Sock>, line: string): void {
+  const port = Number(/"port":(\d+)/.exec(line)?.[1] ?? 0);
+  const id = /"id":"([^"]*)"/.exec(line)?.[1] ?? "x";
+  const data: Dial = { line: `{"type":"probe","v":1,"id":"${id}","nonce":"floorfloorfloor0"}\n`, done: () => send(s, reply), answered: false };
+  Bun.connect<Dial>({ hostname: "127.0.0.1", port, socket: dialHandlers, data }).catch(() => {
+    if (!data.answered) {
+      data.answered = true;
+      data.done();
+    }
+  });
+}
 
 function send(s: Bun.Socket<Sock>, b: Uint8Array): void {
   if (s.data.queue.length) {

@@ -36,6 +36,8 @@ const sessions: Session[] = [];
 const sockets: (Bun.Socket<Session> | undefined)[] = [];
 const listenerPorts: number[] = [];
 let closedAfterRegistration = 0;
+/** Bytes received after registration: the membership fan-out this fleet was sent. */
+let pushBytes = 0;
 let lastError = "";
 const SEQ = Buffer.from('"seq":');
 
@@ -146,7 +148,7 @@ async function grow(to: number, conc: number): Promise<Record<string, unknown>> 
   return { ms: performance.now() - started, ...stats(), errors, replyBytes: bytes, lastError };
 }
 
-function stats(): { sessions: number; registered: number; minSeq: number; maxSeq: number; closed: number } {
+function stats(): { sessions: number; registered: number; minSeq: number; maxSeq: number; closed: number; pushBytes: number } {
   let registered = 0;
   let minSeq = Infinity;
   let maxSeq = 0;
@@ -156,7 +158,7 @@ function stats(): { sessions: number; registered: number; minSeq: number; maxSeq
     if (n.lastSeq < minSeq) minSeq = n.lastSeq;
     if (n.lastSeq > maxSeq) maxSeq = n.lastSeq;
   }
-  return { sessions: sessions.length, registered, minSeq: registered ? minSeq : 0, maxSeq, closed: closedAfterRegistration };
+  return { sessions: sessions.length, registered, minSeq: registered ? minSeq : 0, maxSeq, closed: closedAfterRegistration, pushBytes };
 }
 
 function openListener(i: number): void {
@@ -190,6 +192,7 @@ function headSeq(chunk: Buffer): number {
 
 /** Advances lastSeq to the seq of the last complete push line in the stream. */
 function onPushes(n: Session, chunk: Buffer): void {
+  pushBytes += chunk.byteLength;
   let buf = n.tail ? Buffer.concat([n.tail, chunk]) : chunk;
   const lastNl = buf.lastIndexOf(10);
   if (lastNl < 0) {

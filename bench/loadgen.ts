@@ -77,6 +77,7 @@ function run(cmd: Msg): Promise<Msg> {
   const end = warmEnd + durationMs;
   const lat: number[] = [];
   let okInWindow = 0;
+  let okTotal = 0;
   let bytesInWindow = 0;
   let errors = 0;
   const errorSamples = new Set<string>();
@@ -143,6 +144,7 @@ function run(cmd: Msg): Promise<Msg> {
 
   function finish(r: Req, ok: boolean): void {
     const t1 = performance.now();
+    if (ok) okTotal++;
     if (ok && r.t0 >= warmEnd && r.t0 < end) lat.push(t1 - r.t0);
     if (ok && t1 >= warmEnd && t1 < end) {
       okInWindow++;
@@ -160,6 +162,7 @@ function run(cmd: Msg): Promise<Msg> {
     return {
       conc,
       completed: okInWindow,
+      completedTotal: okTotal,
       throughput: okInWindow / seconds,
       replyBytes: okInWindow ? bytesInWindow / okInWindow : 0,
       latencyMs: dist(lat),

@@ -1,4 +1,538 @@
+/**
+ * Turns results.json into BENCHMARKS.md (bench/template.md with its
+ * {{placeholders}} filled) and the concurrency-sweep chart (hand-written SVG).
+ * `bun bench/report.ts [results.json] [out.md] [out.svg]` regenerates both
+ * from saved results without measuring again.
+ */
+import { dirname, join, relative } from "node:path";
 import type { Msg } from "./lib.ts";
+
+type Cell = Msg & {
+  registered: number;
+  conc: number;
+  off: Run;
+  on: Run;
+  floor: Run;
+  floorDial?: Run;
+};
+type Run = Msg & {
+  throughput: number;
+  replyBytes: number;
+  latencyMs: { p50: number; p99: number; max: number; n: number };
+  errors: number;
+  serverCpuUsPerReq?: number;
+  fanoutBytesPerReg?: number;
+  deliveryLagMs?: number;
+  changesPerSec?: number;
+  changes?: number;
+  registryLatencyMs?: { p50: number; p99: number };
+};
+
 export async function writeReport(results: Msg, paths: { md: string; svg: string; svgRef: string }): Promise<void> {
-  await Bun.write(paths.md, "# stub\n\n```json\n" + JSON.stringify(results, null, 1) + "\n```\n");
+  const template = await Bun.file(join(import.meta.dir, "template.md")).text();
+  const sections: Record<string, string> = {
+    targets: targetsTable(results),
+    machine: machineSection(results),
+    noise: noiseSection(results),
+    registration_off: registrationOff(results),
+    registration_on: registrationOn(results),
+    registration_cost: registrationCost(results),
+    sweep: `![Concurrency sweep: registrations per second, registry and floor](${paths.svgRef})`,
+    sessions: sessionsTable(results),
+    mesh: meshTable(results),
+    departure: departureTable(results),
+    recovery: recoveryTable(results),
+    reply: replySection(results),
+    command: String(results.command),
+    durationNote: `${String((results.config as Msg).warmupMs)} ms of warm-up (discarded) and ${String((results.config as Msg).durationMs)} ms measured per cell`,
+    date: String(results.date),
+  };
+  const md = template.replace(/\{\{(\w+)\}\}/g, (_, key: string) => sections[key] ?? `(no section ${key})`);
+  await Bun.write(paths.md, md);
+  await Bun.write(paths.svg, sweepSvg(results));
+}
+
+// --- targets -----------------------------------------------------------------
+
+interface Target {
+  what: string;
+  measured: string;
+  floor: string;
+  met: boolean | null;
+}
+
+function targetsTable(r: Msg): string {
+  const rows: Target[] = [];
+  const cells = regCells(r);
+  const cell = (n: number, c: number) => cells.find((x) => x.registered === n && x.conc === c);
+  const want: [number, number][] = [
+    [0, 1],
+    [0, 16],
+    [0, 256],
+    [1000, 1],
+    [1000, 16],
+  ];
+  for (const [n, c] of want) {
+    const x = cell(n, c);
+    const label = `${n.toLocaleString("en-US")} registered, concurrency ${c}`;
+    if (!x) {
+      rows.push({ what: `Throughput >= 70% of floor: ${label}`, measured: "not in this run", floor: "", met: null });
+      continue;
+    }
+    const ratioOff = x.off.throughput / x.floor.throughput;
+    rows.push({
+      what: `Throughput >= 70% of floor, probe off: ${label}`,
+      measured: `${int(x.off.throughput)}/s (${ratioOff.toFixed(2)}x)`,
+      floor: `${int(x.floor.throughput)}/s`,
+      met: ratioOff >= 0.7,
+    });
+    if (x.floorDial) {
+      const ratioOn = x.on.throughput / x.floorDial.throughput;
+      rows.push({
+        what: `Throughput >= 70% of floor+dial, probe on: ${label}`,
+        measured: `${int(x.on.throughput)}/s (${ratioOn.toFixed(2)}x; ${(x.on.throughput / x.floor.throughput).toFixed(2)}x of the bare floor)`,
+        floor: `${int(x.floorDial.throughput)}/s`,
+        met: ratioOn >= 0.7,
+      });
+    }
+    const p99 = x.off.latencyMs.p99 / x.floor.latencyMs.p99;
+    rows.push({
+      what: `p99 <= 2x floor p99, probe off: ${label}`,
+      measured: `${ms(x.off.latencyMs.p99)} ms (${p99.toFixed(2)}x)`,
+      floor: `${ms(x.floor.latencyMs.p99)} ms`,
+      met: p99 <= 2,
+    });
+    if (x.floorDial) {
+      const p99on = x.on.latencyMs.p99 / x.floorDial.latencyMs.p99;
+      rows.push({
+        what: `p99 <= 2x floor+dial p99, probe on: ${label}`,
+        measured: `${ms(x.on.latencyMs.p99)} ms (${p99on.toFixed(2)}x)`,
+        floor: `${ms(x.floorDial.latencyMs.p99)} ms`,
+        met: p99on <= 2,
+      });
+    }
+  }
+  const big = cell(10_000, 1);
+  rows.push(
+    big
+      ? {
+          what: "10,000 registered: reply served from the cached serialisation (time per registration, c=1)",
+          measured: `${kb(big.off.replyBytes)} reply, p50 ${ms(big.off.latencyMs.p50)} ms`,
+          floor: `p50 ${ms(big.floor.latencyMs.p50)} ms (same size)`,
+          met: null,
+        }
+      : { what: "10,000 registered: reply time", measured: "not in this run", floor: "", met: null },
+  );
+  const sess = (r.sessions as Msg | undefined)?.rows as Msg[] | undefined;
+  const s10 = sess?.find((x) => x.nodes === 10_000);
+  if (s10) {
+    rows.push({ what: "10,000 registered nodes: RSS < 150 MB", measured: `${mbs(Number(s10.rss))} MB`, floor: `${mbs(Number(s10.floorRss))} MB`, met: Number(s10.rss) < 150e6 });
+    rows.push({
+      what: "10,000 registered nodes: heartbeat CPU < 5% of a core",
+      measured: `${Number(s10.heartbeatCpuPct).toFixed(2)}%`,
+      floor: `${Number(s10.floorCpuPct).toFixed(2)}%`,
+      met: Number(s10.heartbeatCpuPct) < 5,
+    });
+  } else {
+    rows.push({ what: "10,000 registered nodes: RSS and heartbeat CPU", measured: "not in this run", floor: "", met: null });
+  }
+  const meshRows = ((r.mesh as Msg | undefined)?.rows as Msg[] | undefined) ?? [];
+  const m500 = meshRows.find((x) => x.n === 500);
+  rows.push(
+    m500
+      ? {
+          what: "500-node full mesh (124,750 greetings) < 10 s in one process",
+          measured: `${secs(Number(m500.meshMs))} s${m500.complete ? "" : " (INCOMPLETE)"}`,
+          floor: "",
+          met: Boolean(m500.complete) && Number(m500.meshMs) < 10_000,
+        }
+      : { what: "500-node full mesh < 10 s", measured: "not in this run", floor: "", met: null },
+  );
+  const dep = r.departure as Msg | undefined;
+  if (dep && !dep.error) {
+    const kill = (dep.kill as Msg).pushedMs as Msg;
+    rows.push({ what: "kill -9: close detected and pushed < 50 ms at p99", measured: `p99 ${ms(Number(kill.p99))} ms (max ${ms(Number(kill.max))})`, floor: "", met: Number(kill.p99) < 50 });
+    const fr = dep.freeze as Msg;
+    const pushed = fr.pushedMs as Msg;
+    rows.push({
+      what: "SIGSTOP: frozen node evicted within its heartbeat bound",
+      measured: `max ${int(Number(pushed.max))} ms`,
+      floor: `bound ${int(Number(fr.boundMs))} ms`,
+      met: Number(pushed.max) <= Number(fr.boundMs),
+    });
+  } else {
+    rows.push({ what: "Departure", measured: dep?.error ? `failed: ${String(dep.error)}` : "not in this run", floor: "", met: null });
+  }
+  const rec = r.recovery as Msg | undefined;
+  if (rec && !rec.error) {
+    const worst = Math.max(...(rec.trials as Msg[]).map((t) => Number(t.fromRestartMs)));
+    rows.push({
+      what: `${String(rec.nodes)} nodes all back within 2 s of a registry restart`,
+      measured: `worst ${int(worst)} ms of ${(rec.trials as Msg[]).length}`,
+      floor: "",
+      met: Number(rec.nodes) >= 100 ? worst <= 2000 : null,
+    });
+  } else {
+    rows.push({ what: "Recovery", measured: rec?.error ? `failed: ${String(rec.error)}` : "not in this run", floor: "", met: null });
+  }
+  const mark = (m: boolean | null) => (m === null ? "–" : m ? "met" : "**missed**");
+  return table(
+    ["Target", "Measured", "Floor / bound", "Result"],
+    rows.map((t) => [t.what, t.measured, t.floor, mark(t.met)]),
+  );
+}
+
+// --- sections ----------------------------------------------------------------
+
+function machineSection(r: Msg): string {
+  const m = r.machine as Msg;
+  return [
+    `- CPU: ${String(m.cpu)}, ${String(m.cores)} cores`,
+    `- RAM: ${(Number(m.ramBytes) / 2 ** 30).toFixed(1)} GiB`,
+    `- OS: ${String(m.os)} (${String(m.kernel)})`,
+    `- Bun: ${String(m.bun)}`,
+    `- File-descriptor limit given to the benchmark's processes: ${String(r.fdLimit)}`,
+    `- Date: ${String(r.date)}; the whole run took ${secs(Number(r.totalMs))} s`,
+    `- Command: \`${String(r.command)}\``,
+  ].join("\n");
+}
+
+function noiseSection(r: Msg): string {
+  const n = r.noise as Msg | undefined;
+  if (!n || !n.available) return "CPU accounting from /proc was not available: the noise of this run is unknown.";
+  const before = n.before as Msg | undefined;
+  const lines = [
+    `Before the run, other processes kept ${cores(Number(before?.cores ?? 0))} of the ${String((r.machine as Msg).cores)} cores busy. ` +
+      `During it they took ${cores(Number(n.otherCores))} on average (hypervisor steal ${cores(Number(n.stealCores))}).`,
+    "",
+    table(
+      ["Phase", "Seconds", "Our processes (cores)", "Other processes (cores)"],
+      ((n.phases as Msg[]) ?? []).map((p) => [String(p.phase), secs(Number(p.seconds) * 1000), cores(Number(p.ourCores)), cores(Number(p.otherCores))]),
+    ),
+  ];
+  return lines.join("\n");
+}
+
+function registrationOff(r: Msg): string {
+  const cells = regCells(r);
+  if (!cells.length) return notRun(r, "registration");
+  return table(
+    ["Registered", "Conc.", "Reply", "Floor req/s", "Registry req/s", "Ratio", "Floor p50 / p99 / max ms", "Registry p50 / p99 / max ms", "p99 ratio"],
+    cells.map((c) => [
+      int(c.registered),
+      String(c.conc),
+      kb(c.off.replyBytes),
+      int(c.floor.throughput),
+      int(c.off.throughput) + errs(c.off),
+      ratio(c.off.throughput, c.floor.throughput),
+      lat(c.floor),
+      lat(c.off),
+      ratio(c.off.latencyMs.p99, c.floor.latencyMs.p99),
+    ]),
+  );
+}
+
+function registrationOn(r: Msg): string {
+  const cells = regCells(r).filter((c) => c.floorDial);
+  if (!cells.length) return notRun(r, "registration");
+  return table(
+    ["Registered", "Conc.", "Floor+dial req/s", "Registry req/s", "Ratio", "vs bare floor", "Floor+dial p50 / p99 / max ms", "Registry p50 / p99 / max ms", "p99 ratio"],
+    cells.map((c) => [
+      int(c.registered),
+      String(c.conc),
+      int(c.floorDial!.throughput),
+      int(c.on.throughput) + errs(c.on),
+      ratio(c.on.throughput, c.floorDial!.throughput),
+      ratio(c.on.throughput, c.floor.throughput),
+      lat(c.floorDial!),
+      lat(c.on),
+      ratio(c.on.latencyMs.p99, c.floorDial!.latencyMs.p99),
+    ]),
+  );
+}
+
+function registrationCost(r: Msg): string {
+  const cells = regCells(r);
+  if (!cells.length) return notRun(r, "registration");
+  const us = (x?: Run) => (x?.serverCpuUsPerReq === undefined ? "" : x.serverCpuUsPerReq.toFixed(0));
+  return table(
+    [
+      "Registered",
+      "Conc.",
+      "Server CPU µs/req: floor",
+      "registry off",
+      "floor+dial",
+      "registry on",
+      "Fan-out bytes per registration",
+      "Delivered to all held sessions after",
+      "Membership changes/s",
+    ],
+    cells.map((c) => [
+      int(c.registered),
+      String(c.conc),
+      us(c.floor),
+      us(c.off),
+      us(c.floorDial),
+      us(c.on),
+      c.registered ? kb(c.off.fanoutBytesPerReg ?? 0) : "–",
+      c.registered ? `${int(c.off.deliveryLagMs ?? 0)} ms` : "–",
+      int(c.off.changesPerSec ?? 0),
+    ]),
+  );
+}
+
+function sessionsTable(r: Msg): string {
+  const s = r.sessions as Msg | undefined;
+  if (!s || s.error) return notRun(r, "sessions");
+  const rows = s.rows as Msg[];
+  return [
+    `Registry RSS with no sessions: ${mbs(Number(s.baseRss))} MB (floor: ${mbs(Number(s.floorBaseRss))} MB). Heartbeat every ${String(s.heartbeatMs)} ms.`,
+    "",
+    table(
+      ["Nodes", "Time to register all", "RSS", "RSS after full GC", "Bytes per session", "Floor RSS (bytes/session)", "Heartbeat CPU", "Floor CPU, same pings", "Pings/s", "Evicted"],
+      rows.map((x) => [
+        int(Number(x.nodes)),
+        `${int(Number(x.registerMs))} ms`,
+        `${mbs(Number(x.rss))} MB`,
+        `${mbs(Number(x.rssAfterGc))} MB`,
+        int(Number(x.bytesPerSession)),
+        `${mbs(Number(x.floorRss))} MB (${int(Number(x.floorBytesPerSession))})`,
+        `${Number(x.heartbeatCpuPct).toFixed(2)}%`,
+        `${Number(x.floorCpuPct).toFixed(2)}%`,
+        int(Number(x.pingsPerSec)),
+        String(x.evicted),
+      ]),
+    ),
+  ].join("\n");
+}
+
+function meshTable(r: Msg): string {
+  const m = r.mesh as Msg | undefined;
+  if (!m || m.error) return notRun(r, "mesh");
+  return table(
+    ["Nodes", "Greetings", "All joined after", "Full mesh after", "Greetings/s", "Failed greetings", "Complete"],
+    (m.rows as Msg[]).map((x) => [
+      int(Number(x.n)),
+      int(Number(x.pairs)),
+      `${int(Number(x.joinedMs))} ms`,
+      `${int(Number(x.meshMs))} ms`,
+      int(Number(x.greetingsPerSec)),
+      String(x.failed),
+      x.complete ? "yes" : "**no**",
+    ]),
+  );
+}
+
+function departureTable(r: Msg): string {
+  const d = r.departure as Msg | undefined;
+  if (!d || d.error) return notRun(r, "departure");
+  const k = d.kill as Msg;
+  const f = d.freeze as Msg;
+  const row = (name: string, x: Msg) => [name, String(x.n), ms(Number(x.min)), ms(Number(x.p50)), ms(Number(x.p90)), ms(Number(x.p99)), ms(Number(x.max))];
+  return [
+    table(
+      ["Event (ms after the signal)", "Samples", "min", "p50", "p90", "p99", "max"],
+      [
+        row("kill -9 → registry sees the close", k.detectedMs as Msg),
+        row(`kill -9 → \`peer-left\` at the other nodes`, k.pushedMs as Msg),
+        row("SIGSTOP → registry evicts (heartbeat)", f.detectedMs as Msg),
+        row(`SIGSTOP → \`peer-left\` at the other nodes`, f.pushedMs as Msg),
+      ],
+    ),
+    "",
+    `kill -9: ${String(k.trials)} trials, each seen by ${String(d.observers)} nodes. SIGSTOP: ${String(f.trials)} nodes frozen at moments spread over one heartbeat interval; ` +
+      `heartbeat ${String(f.heartbeatMs)} ms x ${String(f.misses)} misses, checked every ${String(f.sweepMs)} ms, ` +
+      `so the bound is ${String(f.heartbeatMs)} x ${String(f.misses)} + ${String(f.sweepMs)} = ${String(f.boundMs)} ms after the last ping (at most that after the freeze). ` +
+      `Leave reasons seen: ${(f.reasons as string[]).join(", ")}.`,
+  ].join("\n");
+}
+
+function recoveryTable(r: Msg): string {
+  const rec = r.recovery as Msg | undefined;
+  if (!rec || rec.error) return notRun(r, "recovery");
+  return [
+    table(
+      ["Trial", "Registry listening again after the kill", "All nodes registered, after the restart", "…after the kill"],
+      (rec.trials as Msg[]).map((t, i) => [String(i + 1), `${int(Number(t.restartMs))} ms`, `${int(Number(t.fromRestartMs))} ms`, `${int(Number(t.fromKillMs))} ms`]),
+    ),
+    "",
+    `${String(rec.nodes)} in-process nodes in one process; reconnect backoff with full jitter between 0 and min(${String(rec.reconnectMaxMs)}, ${String(rec.reconnectBaseMs)} x 2^attempt) ms.`,
+  ].join("\n");
+}
+
+function replySection(r: Msg): string {
+  const cells = regCells(r).filter((c) => c.registered === Math.max(...regCells(r).map((x) => x.registered)) && c.registered > 0);
+  if (!cells.length) return notRun(r, "registration");
+  const n = cells[0]!.registered;
+  const rows = cells.map((c) => [
+    String(c.conc),
+    kb(c.off.replyBytes),
+    `${ms(c.off.latencyMs.p50)} / ${ms(c.off.latencyMs.p99)}`,
+    `${ms(c.floor.latencyMs.p50)} / ${ms(c.floor.latencyMs.p99)}`,
+    c.off.registryLatencyMs ? `${ms(c.off.registryLatencyMs.p50)} / ${ms(c.off.registryLatencyMs.p99)}` : "",
+    int(c.off.throughput),
+    int(c.floor.throughput),
+    int(c.off.changesPerSec ?? 0),
+    `${int(c.off.deliveryLagMs ?? 0)} ms`,
+  ]);
+  return [
+    `With ${int(n)} nodes registered (probe off):`,
+    "",
+    table(
+      [
+        "Conc.",
+        "Reply",
+        "Round trip p50 / p99 ms",
+        "Floor, same size, p50 / p99 ms",
+        "Inside the registry p50 / p99 ms",
+        "Registrations/s",
+        "Floor req/s",
+        "Membership changes/s",
+        "All held sessions had them after",
+      ],
+      rows,
+    ),
+  ].join("\n");
+}
+
+// --- chart -------------------------------------------------------------------
+
+/** Registrations per second against concurrency, one panel per registered count. */
+function sweepSvg(r: Msg): string {
+  const cells = regCells(r);
+  const counts = [...new Set(cells.map((c) => c.registered))].sort((a, b) => a - b);
+  const concs = [...new Set(cells.map((c) => c.conc))].sort((a, b) => a - b);
+  const series: { name: string; color: string; dash: string; pick: (c: Cell) => number | undefined }[] = [
+    { name: "floor", color: "#888888", dash: "6 4", pick: (c) => c.floor.throughput },
+    { name: "registry, probe off", color: "#1f77b4", dash: "", pick: (c) => c.off.throughput },
+    { name: "floor + dial-back", color: "#e6a23c", dash: "6 4", pick: (c) => c.floorDial?.throughput },
+    { name: "registry, probe on", color: "#d62728", dash: "", pick: (c) => c.on.throughput },
+  ];
+  const W = 300;
+  const H = 240;
+  const pad = { l: 58, r: 12, t: 30, b: 40 };
+  const width = Math.max(Math.max(1, counts.length) * W + 20, 720);
+  const height = H + 70;
+  const parts: string[] = [];
+  parts.push(
+    `<svg xmlns="http://www.w3.org/2000/svg" width="${width}" height="${height}" viewBox="0 0 ${width} ${height}" font-family="sans-serif" font-size="11">`,
+    `<rect width="100%" height="100%" fill="white"/>`,
+  );
+  if (!cells.length) {
+    parts.push(`<text x="20" y="40">no registration results in this run</text></svg>`);
+    return parts.join("\n");
+  }
+  counts.forEach((n, i) => {
+    const x0 = 10 + i * W;
+    const pw = W - pad.l - pad.r;
+    const ph = H - pad.t - pad.b;
+    const mine = cells.filter((c) => c.registered === n);
+    const ymax = niceMax(Math.max(1, ...mine.flatMap((c) => series.map((s) => s.pick(c) ?? 0))));
+    const px = (k: number) => x0 + pad.l + (concs.length === 1 ? pw / 2 : (k / (concs.length - 1)) * pw);
+    const py = (v: number) => pad.t + ph - (v / ymax) * ph;
+    parts.push(`<text x="${x0 + pad.l + pw / 2}" y="16" text-anchor="middle" font-weight="bold">${int(n)} registered</text>`);
+    for (let g = 0; g <= 4; g++) {
+      const v = (ymax / 4) * g;
+      const y = py(v);
+      parts.push(`<line x1="${x0 + pad.l}" y1="${y.toFixed(1)}" x2="${x0 + pad.l + pw}" y2="${y.toFixed(1)}" stroke="#e5e5e5"/>`);
+      parts.push(`<text x="${x0 + pad.l - 6}" y="${(y + 4).toFixed(1)}" text-anchor="end">${short(v)}</text>`);
+    }
+    concs.forEach((c, k) => parts.push(`<text x="${px(k).toFixed(1)}" y="${pad.t + ph + 16}" text-anchor="middle">${c}</text>`));
+    parts.push(`<text x="${x0 + pad.l + pw / 2}" y="${pad.t + ph + 32}" text-anchor="middle" fill="#555">concurrent registrations</text>`);
+    if (i === 0) parts.push(`<text x="14" y="${pad.t + ph / 2}" transform="rotate(-90 14 ${pad.t + ph / 2})" text-anchor="middle" fill="#555">registrations / s</text>`);
+    for (const s of series) {
+      const pts = concs
+        .map((c, k) => {
+          const cell = mine.find((x) => x.conc === c);
+          const v = cell ? s.pick(cell) : undefined;
+          return v === undefined ? undefined : `${px(k).toFixed(1)},${py(v).toFixed(1)}`;
+        })
+        .filter((p): p is string => p !== undefined);
+      if (!pts.length) continue;
+      parts.push(`<polyline points="${pts.join(" ")}" fill="none" stroke="${s.color}" stroke-width="2"${s.dash ? ` stroke-dasharray="${s.dash}"` : ""}/>`);
+      for (const p of pts) {
+        const [cx, cy] = p.split(",");
+        parts.push(`<circle cx="${cx}" cy="${cy}" r="3" fill="${s.color}"/>`);
+      }
+    }
+  });
+  series.forEach((s, i) => {
+    const x = 20 + i * 175;
+    const y = H + 40;
+    parts.push(`<line x1="${x}" y1="${y}" x2="${x + 28}" y2="${y}" stroke="${s.color}" stroke-width="2"${s.dash ? ` stroke-dasharray="${s.dash}"` : ""}/>`);
+    parts.push(`<text x="${x + 34}" y="${y + 4}">${s.name}</text>`);
+  });
+  parts.push("</svg>");
+  return parts.join("\n") + "\n";
+}
+
+// --- formatting ----------------------------------------------------------------
+
+function regCells(r: Msg): Cell[] {
+  const reg = r.registration as Msg | undefined;
+  return ((reg?.cells as Cell[] | undefined) ?? []).slice();
+}
+
+function notRun(r: Msg, phase: string): string {
+  const p = r[phase] as Msg | undefined;
+  return p?.error ? `**This phase failed:** ${String(p.error)}` : "_Not measured in this run._";
+}
+
+function table(head: string[], rows: string[][]): string {
+  const line = (cells: string[]) => `| ${cells.join(" | ")} |`;
+  return [line(head), line(head.map((h, i) => (i === 0 ? "---" : "---:"))), ...rows.map(line)].join("\n");
+}
+
+function lat(x: Run): string {
+  return `${ms(x.latencyMs.p50)} / ${ms(x.latencyMs.p99)} / ${ms(x.latencyMs.max)}`;
+}
+
+function errs(x: Run): string {
+  return x.errors ? ` (${x.errors} errors)` : "";
+}
+
+function ratio(a: number, b: number): string {
+  return b ? `${(a / b).toFixed(2)}x` : "";
+}
+
+function int(x: number): string {
+  return Number.isFinite(x) ? Math.round(x).toLocaleString("en-US") : String(x);
+}
+
+function ms(x: number): string {
+  return x >= 100 ? x.toFixed(0) : x >= 10 ? x.toFixed(1) : x.toFixed(2);
+}
+
+function secs(msValue: number): string {
+  return (msValue / 1000).toFixed(msValue >= 10_000 ? 0 : 1);
+}
+
+function kb(bytes: number): string {
+  return bytes >= 1e6 ? `${(bytes / 1e6).toFixed(2)} MB` : bytes >= 1e3 ? `${(bytes / 1e3).toFixed(1)} kB` : `${Math.round(bytes)} B`;
+}
+
+function mbs(bytes: number): string {
+  return (bytes / 1e6).toFixed(1);
+}
+
+function cores(x: number): string {
+  return x.toFixed(2);
+}
+
+function short(v: number): string {
+  return v >= 1000 ? `${(v / 1000).toFixed(v % 1000 ? 1 : 0)}k` : String(Math.round(v));
+}
+
+function niceMax(v: number): number {
+  const mag = 10 ** Math.floor(Math.log10(v));
+  for (const m of [1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10]) if (m * mag >= v) return m * mag;
+  return 10 * mag;
+}
+
+if (import.meta.main) {
+  const [json = join(import.meta.dir, "results.json"), md = join(import.meta.dir, "..", "BENCHMARKS.md"), svg = join(import.meta.dir, "sweep.svg")] =
+    process.argv.slice(2);
+  const results = JSON.parse(await Bun.file(json).text()) as Msg;
+  await writeReport(results, { md, svg, svgRef: relative(dirname(md), svg) });
+  process.stderr.write(`wrote ${md} and ${svg}\n`);
 }

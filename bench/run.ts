@@ -184,9 +184,9 @@ async function registration(): Promise<Msg> {
     for (const c of CFG.concs) {
       const cell: Msg = { registered: n, conc: c };
       cell.off = await registryCell(off, fleets.off, lg.child, c, `f${n}c${c}-`);
-      await floor.child.request({ cmd: "reply", bytes: Math.round(Number((cell.off as Msg).replyBytes) || 200) }, 5_000);
-      cell.floor = await lg.child.request(cellCmd(floorPort, c, `x${n}c${c}-`), cellTimeout(n));
+      cell.floor = await floorCell(floor.child, floorPort, lg.child, c, Number((cell.off as Msg).replyBytes), false, `x${n}c${c}-`);
       cell.on = await registryCell(on, fleets.on, lg.child, c, `p${n}c${c}-`);
+      cell.floorDial = await floorCell(floor.child, floorPort, lg.child, c, Number((cell.on as Msg).replyBytes), true, `y${n}c${c}-`);
       if (others.length) {
         cell.compare = [];
         for (const [i, o] of others.entries()) {
@@ -419,6 +419,12 @@ class Fleet {
     if (errors) throw new Error(`${errors} simulated nodes failed to register: ${rs.map((r) => r.lastError).join(" ")}`);
   }
 
+  /** Bytes of pushes the fleet has received so far. */
+  async pushBytes(): Promise<number> {
+    const rs = await Promise.all(this.holders.map((h) => h.request({ cmd: "stats" }, 10_000)));
+    return rs.reduce((a, r) => a + Number(r.pushBytes), 0);
+  }
+
   /** Waits until every held session has seen `seq`; returns the time that took. */
   async delivered(seq: number, timeoutMs: number): Promise<{ ms: number; reached: boolean }> {
     if (!this.holders.length) return { ms: 0, reached: true };
@@ -429,20 +435,32 @@ class Fleet {
 
 async function registryCell(reg: RegistryProc, fleet: Fleet, lg: Child, c: number, prefix: string): Promise<Msg> {
   const before = await reg.child.request({ cmd: "stats" }, 10_000);
+  const pushBefore = await fleet.pushBytes();
   const r = await lg.request(cellCmd(reg.port, c, prefix), cellTimeout(fleet.children.length ? 10_000 : 0));
   const after = await reg.child.request({ cmd: "stats" }, 10_000);
   const changes = Number(after.seq) - Number(before.seq);
   // With sessions listening: how long until every one of them has every change of this cell.
   const d = await fleet.delivered(Number(after.seq), 30_000);
+  const registrations = Number(after.registrations) - Number(before.registrations);
   return {
     ...r,
     changes,
     deliveryLagMs: d.ms,
     delivered: d.reached,
     changesPerSec: changes / ((Number(r.wallMs) + d.ms) / 1000),
+    serverCpuUsPerReq: ((Number(after.cpuMs) - Number(before.cpuMs)) * 1000) / Math.max(1, Number(r.completedTotal)),
+    fanoutBytesPerReg: registrations ? ((await fleet.pushBytes()) - pushBefore) / registrations : 0,
     registryLatencyMs: after.latencyMs,
     rejected: after.rejected,
   };
+}
+
+async function floorCell(floor: Child, port: number, lg: Child, c: number, bytes: number, dial: boolean, prefix: string): Promise<Msg> {
+  await floor.request({ cmd: "reply", bytes: Math.round(bytes || 200), dial }, 5_000);
+  const before = await floor.request({ cmd: "stats" }, 10_000);
+  const r = await lg.request(cellCmd(port, c, prefix), cellTimeout(0));
+  const after = await floor.request({ cmd: "stats" }, 10_000);
+  return { ...r, serverCpuUsPerReq: ((Number(after.cpuMs) - Number(before.cpuMs)) * 1000) / Math.max(1, Number(r.completedTotal)) };
 }
 
 function cellCmd(port: number, conc: number, prefix: string): Msg {
@@ -509,9 +527,13 @@ function cellLine(cell: Msg): string {
   const off = cell.off as Msg;
   const on = cell.on as Msg;
   const fl = cell.floor as Msg;
-  const x = (m: Msg) => `${(Number(m.throughput) / Number(fl.throughput)).toFixed(2)}x`;
+  const fd = cell.floorDial as Msg;
+  const x = (m: Msg, base = fl) => `${(Number(m.throughput) / Number(base.throughput)).toFixed(2)}x`;
   const cmp = ((cell.compare as Msg[] | undefined) ?? []).map((m) => ` | ${String(m.module)} ${f(m)} (${x(m)})`).join("");
-  return `n=${String(cell.registered)} c=${String(cell.conc)}: floor ${f(fl)} | off ${f(off)} (${x(off)}) | on ${f(on)} (${x(on)}) | reply ${fmt(Number(off.replyBytes))} B${cmp}`;
+  return (
+    `n=${String(cell.registered)} c=${String(cell.conc)}: floor ${f(fl)} | off ${f(off)} (${x(off)}) | ` +
+    `floor+dial ${f(fd)} | on ${f(on)} (${x(on, fd)}) | reply ${fmt(Number(off.replyBytes))} B${cmp}`
+  );
 }
 
 function fmt(x: number): string {
