@@ -172,9 +172,10 @@ function openListener(i: number): void {
           const m = JSON.parse(chunk.toString().trim()) as { id: string; nonce: string };
           s.write(`{"type":"probe-ok","id":${JSON.stringify(m.id)},"nonce":${JSON.stringify(m.nonce)}}\n`);
         } catch {
-          // not a probe
+          s.end(); // not a probe
         }
-        s.end();
+        // The prober cuts the connection once it has the answer; closing first here
+        // would leave this side in TIME_WAIT on a 4-tuple the next dial may reuse.
       },
       error(s) {
         s.terminate();

@@ -46,6 +46,8 @@ export class Child {
   private waiters = new Set<{ pred: (m: Msg) => boolean; resolve: (m: Msg) => void }>();
   private exitedFlag = false;
   readonly exited: Promise<number>;
+  /** The process's own pid as it reported it (differs from `pid` under a `timeout` wrapper). */
+  realPid: number | undefined;
 
   constructor(
     readonly label: string,
@@ -101,8 +103,16 @@ export class Child {
     return deadline(Promise.race([p, exited]), timeoutMs, `${this.label}: ${what}`).finally(() => this.waiters.delete(w));
   }
 
+  /** Signals the process itself (not a wrapper around it). */
   signal(sig: NodeJS.Signals): void {
-    if (this.alive) this.proc.kill(sig);
+    if (!this.alive) return;
+    if (this.realPid !== undefined) {
+      try {
+        process.kill(this.realPid, sig);
+      } catch {
+        // already gone
+      }
+    } else this.proc.kill(sig);
   }
 
   /** Closes stdin (the child exits on its own, writing a profile if it has one), then kills it if it lingers. */
@@ -123,7 +133,8 @@ export class Child {
   /** SIGCONT (a stopped process holds SIGKILL pending) then SIGKILL, and wait. */
   async kill(): Promise<void> {
     if (this.alive) {
-      this.proc.kill("SIGCONT");
+      this.signal("SIGCONT");
+      this.signal("SIGKILL");
       this.proc.kill("SIGKILL");
     }
     await this.exited;
@@ -137,6 +148,7 @@ export class Child {
       this.stderr.push(`stdout: ${line}`);
       return;
     }
+    if (this.realPid === undefined && typeof m.pid === "number") this.realPid = m.pid;
     if (typeof m.id === "number" && this.pending.has(m.id)) {
       const p = this.pending.get(m.id)!;
       this.pending.delete(m.id);
@@ -173,11 +185,14 @@ export function spawnChild(
   label: string,
   script: string,
   args: string[],
-  opts: { timeoutMs?: number; bunArgs?: string[]; env?: Record<string, string> } = {},
+  opts: { timeoutMs?: number; bunArgs?: string[]; env?: Record<string, string>; hardTimeoutS?: number } = {},
 ): Child {
   const raise = 'h=$(ulimit -Hn); [ "$h" = unlimited ] && h=65536; [ "$h" -gt 65536 ] && h=65536; ulimit -n "$h"; exec "$0" "$@"';
   const bunArgs = opts.bunArgs ?? [];
-  const proc = Bun.spawn(["sh", "-c", raise, process.execPath, ...bunArgs, resolve(ROOT, script), ...args], {
+  // A process we SIGSTOP cannot notice its stdin closing; coreutils `timeout`
+  // kills it even if this orchestrator is gone.
+  const hard = opts.hardTimeoutS && Bun.which("timeout") ? ["timeout", "-s", "KILL", String(opts.hardTimeoutS)] : [];
+  const proc = Bun.spawn(["sh", "-c", raise, ...hard, process.execPath, ...bunArgs, resolve(ROOT, script), ...args], {
     cwd: ROOT,
     stdin: "pipe",
     stdout: "pipe",
@@ -193,7 +208,8 @@ export function spawnChild(
 export function killAllChildren(): void {
   for (const c of children) {
     try {
-      c.proc.kill("SIGCONT");
+      c.signal("SIGCONT");
+      c.signal("SIGKILL");
       c.proc.kill("SIGKILL");
     } catch {
       // already gone

@@ -42,7 +42,7 @@ const CFG = QUICK
       counts: [0, 300],
       concs: [1, 16, 256],
       warmupMs: 100,
-      durationMs: 400,
+      durationMs: 300,
       held: [300, 1000],
       cpuWindowMs: 2_000,
       mesh: [20, 50],
@@ -105,7 +105,7 @@ await main();
 async function main(): Promise<void> {
   const started = performance.now();
   const noise = new NoiseMeter();
-  await noise.start();
+  await noise.start(QUICK ? 300 : 1000);
   results.machine = await machineInfo();
   results.config = { quick: QUICK, ...CFG };
   results.command = QUICK ? "bun bench/run.ts --quick" : "bun run bench";
@@ -282,15 +282,14 @@ async function departure(): Promise<Msg> {
   const obs = await startReady("observers", "bench/nodes-proc.ts", [], "ready");
   await obs.child.request({ cmd: "start", n: CFG.observers, registryPort: reg.port, events: ["peer-joined", "peer-left"] }, 30_000);
 
+  // A victim is a process running one node (startNode), which reports its own pid.
   const spawnVictims = async (count: number) => {
-    const vs = Array.from({ length: count }, (_, i) =>
-      spawnChild(`victim${i}`, "client.ts", ["127.0.0.1", String(reg.port), "--json", "--listen", "127.0.0.1"], { timeoutMs: 120_000 }),
-    );
+    const vs = Array.from({ length: count }, (_, i) => spawnChild(`victim${i}`, "bench/nodes-proc.ts", [], { timeoutMs: 120_000, hardTimeoutS: 120 }));
     const ids: string[] = [];
     for (const v of vs) {
-      const l = await v.waitFor((m) => m.event === "listening", 20_000, "victim listening");
-      await v.waitFor((m) => m.event === "registered", 20_000, "victim registered");
-      ids.push(String(l.id));
+      await v.waitFor((m) => m.event === "ready", 20_000, "victim ready");
+      const r = await v.request({ cmd: "start", n: 1, registryPort: reg.port }, 20_000);
+      ids.push(String((r.ids as string[])[0]));
     }
     for (const id of ids) await countEvents(obs.child, (m) => m.event === "peer-joined" && m.peer === id, CFG.observers, 10_000, `observers to see ${id}`);
     return vs.map((child, i) => ({ child, id: ids[i]! }));
