@@ -276,7 +276,7 @@ function registrationCost(r: Msg): string {
       us(c.on),
       c.registered ? kb(c.off.fanoutBytesPerReg ?? 0) : "–",
       c.registered ? `${int(c.off.deliveryLagMs ?? 0)} ms` : "–",
-      int(c.off.changesPerSec ?? 0),
+      c.registered ? int(c.off.changesPerSec ?? 0) : "–",
     ]),
   );
 }
@@ -290,9 +290,12 @@ function sessionsTable(r: Msg): string {
     "",
     table(
       ["Nodes", "Time to register all", "RSS", "RSS after full GC", "Bytes per session", "Floor RSS (bytes/session)", "Heartbeat CPU", "Floor CPU, same pings", "Pings/s", "Evicted"],
-      rows.map((x) => [
+      rows.map((x, i) => [
         int(Number(x.nodes)),
-        `${int(Number(x.registerMs))} ms`,
+        // Each row grows the fleet from the previous row's count.
+        i
+          ? `${int(rows.slice(0, i + 1).reduce((a, y) => a + Number(y.registerMs), 0))} ms (${int(Number(rows[i - 1]!.nodes))} → ${int(Number(x.nodes))}: ${int(Number(x.registerMs))} ms)`
+          : `${int(Number(x.registerMs))} ms`,
         `${mbs(Number(x.rss))} MB`,
         `${mbs(Number(x.rssAfterGc))} MB`,
         int(Number(x.bytesPerSession)),
