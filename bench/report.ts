@@ -216,7 +216,7 @@ function noiseSection(r: Msg): string {
 function registrationOff(r: Msg): string {
   const cells = regCells(r);
   if (!cells.length) return notRun(r, "registration");
-  return table(
+  return failedNote(r, "registration") + table(
     ["Registered", "Conc.", "Reply", "Floor req/s", "Registry req/s", "Ratio", "Floor p50 / p99 / max ms", "Registry p50 / p99 / max ms", "p99 ratio"],
     cells.map((c) => [
       int(c.registered),
@@ -283,9 +283,10 @@ function registrationCost(r: Msg): string {
 
 function sessionsTable(r: Msg): string {
   const s = r.sessions as Msg | undefined;
-  if (!s || s.error) return notRun(r, "sessions");
+  if (!s || !(s.rows as Msg[] | undefined)?.length) return notRun(r, "sessions");
   const rows = s.rows as Msg[];
   return [
+    failedNote(r, "sessions") +
     `Registry RSS with no sessions: ${mbs(Number(s.baseRss))} MB (floor: ${mbs(Number(s.floorBaseRss))} MB). Heartbeat every ${String(s.heartbeatMs)} ms.`,
     "",
     table(
@@ -311,8 +312,8 @@ function sessionsTable(r: Msg): string {
 
 function meshTable(r: Msg): string {
   const m = r.mesh as Msg | undefined;
-  if (!m || m.error) return notRun(r, "mesh");
-  return table(
+  if (!m || !(m.rows as Msg[] | undefined)?.length) return notRun(r, "mesh");
+  return failedNote(r, "mesh") + table(
     ["Nodes", "Greetings", "All joined after", "Full mesh after", "Greetings/s", "Failed greetings", "Complete"],
     (m.rows as Msg[]).map((x) => [
       int(Number(x.n)),
@@ -479,6 +480,12 @@ function regCells(r: Msg): Cell[] {
 function notRun(r: Msg, phase: string): string {
   const p = r[phase] as Msg | undefined;
   return p?.error ? `**This phase failed:** ${String(p.error)}` : "_Not measured in this run._";
+}
+
+/** A line saying the phase stopped part-way (its rows so far follow), or nothing. */
+function failedNote(r: Msg, phase: string): string {
+  const p = r[phase] as Msg | undefined;
+  return p?.error ? `**This phase stopped part-way:** ${String(p.error)}\n\n` : "";
 }
 
 function table(head: string[], rows: string[][]): string {

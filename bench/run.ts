@@ -13,7 +13,8 @@
  * departure, recovery), --counts 0,1000 and --concs 1,16 (a narrower sweep),
  * --profile DIR (Bun CPU profiles of the registries, written when they exit),
  * --compare a/registry.ts,b/registry.ts (other versions measured in the same
- * registration cells, probe off: before/after numbers for a change).
+ * registration cells, probe off: before/after numbers for a change),
+ * --budget-ms N (the run's time limit; default 240 s, 60 s with --quick).
  */
 import { mkdirSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -55,7 +56,7 @@ const CFG = QUICK
       recoveryTrials: 1,
     }
   : {
-      budgetMs: 280_000,
+      budgetMs: 240_000,
       counts: [0, 1_000, 10_000],
       concs: [1, 16, 256],
       warmupMs: 300,
@@ -75,6 +76,7 @@ const CFG = QUICK
 // Narrowed sweeps for profiling a single cell: --counts 0,1000 --concs 1,16.
 CFG.counts = numbers("--counts") ?? CFG.counts;
 CFG.concs = numbers("--concs") ?? CFG.concs;
+CFG.budgetMs = numbers("--budget-ms")?.[0] ?? CFG.budgetMs;
 
 type Phase = "registration" | "sessions" | "mesh" | "departure" | "recovery";
 const PHASES: Phase[] = ["registration", "sessions", "mesh", "departure", "recovery"];
@@ -94,10 +96,18 @@ process.on("uncaughtException", (e) => {
   killAllChildren();
   process.exit(1);
 });
+// Over the budget: stop the phase in progress (its children die, so its waits
+// fail at once), skip the rest, still write what was measured; exit hard if
+// even that hangs.
+let overBudget = false;
 const watchdog = setTimeout(() => {
-  process.stderr.write(`bench: over the time budget of ${CFG.budgetMs} ms; stopping\n`);
+  overBudget = true;
+  log(`over the time budget of ${CFG.budgetMs} ms: stopping, writing what was measured`);
   killAllChildren();
-  process.exit(1);
+  setTimeout(() => {
+    killAllChildren();
+    process.exit(1);
+  }, 30_000).unref();
 }, CFG.budgetMs);
 
 await main();
@@ -116,13 +126,19 @@ async function main(): Promise<void> {
   const phases: Record<Phase, () => Promise<Msg>> = { registration, sessions, mesh, departure, recovery };
   for (const phase of PHASES) {
     if (ONLY && !ONLY.includes(phase)) continue;
+    if (overBudget) {
+      failed = true;
+      results[phase] = { error: "skipped: the run went over its time budget" };
+      continue;
+    }
     noise.mark(phase);
     const t = performance.now();
     try {
-      results[phase] = await phases[phase]();
+      results[phase] = { ...(results[phase] as Msg | undefined), ...(await phases[phase]()) };
     } catch (e) {
       failed = true;
-      results[phase] = { error: (e as Error).message };
+      // Keep what the phase measured before it failed (it publishes rows as it goes).
+      results[phase] = { ...(results[phase] as Msg | undefined), error: (e as Error).message };
       log(`${phase} FAILED: ${(e as Error).message}`);
     } finally {
       await closeAllChildren(PROFILE ? 10_000 : 1_000);
@@ -176,6 +192,7 @@ async function registration(): Promise<Msg> {
   );
 
   const cells: Msg[] = [];
+  results.registration = { cells };
   const growth: Msg[] = [];
   for (const n of counts) {
     const t = performance.now();
@@ -219,6 +236,7 @@ async function sessions(): Promise<Msg> {
   const base = await reg.child.request({ cmd: "gc" }, 10_000);
   const floorBase = await floor.child.request({ cmd: "stats" }, 10_000);
   const rows: Msg[] = [];
+  results.sessions = { rows, baseRss: Number(base.rss), floorBaseRss: Number(floorBase.rss), heartbeatMs: hb };
   for (const n of counts) {
     const t = performance.now();
     await fleet.growTo(n);
@@ -262,6 +280,7 @@ async function sessions(): Promise<Msg> {
 async function mesh(): Promise<Msg> {
   const reg = await startRegistryProc("registry(mesh)", { maxConnsPerAddress: 0 });
   const rows: Msg[] = [];
+  results.mesh = { rows };
   for (const n of CFG.mesh) {
     const nodes = await startReady("nodes", "bench/nodes-proc.ts", [], "ready");
     const r = await nodes.child.request({ cmd: "mesh", n, registryPort: reg.port, timeoutMs: CFG.meshTimeoutMs }, CFG.meshTimeoutMs + 30_000);
@@ -439,7 +458,7 @@ async function registryCell(reg: RegistryProc, fleet: Fleet, lg: Child, c: numbe
   const after = await reg.child.request({ cmd: "stats" }, 10_000);
   const changes = Number(after.seq) - Number(before.seq);
   // With sessions listening: how long until every one of them has every change of this cell.
-  const d = await fleet.delivered(Number(after.seq), 30_000);
+  const d = await fleet.delivered(Number(after.seq), QUICK ? 5_000 : 15_000);
   const registrations = Number(after.registrations) - Number(before.registrations);
   return {
     ...r,
