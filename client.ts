@@ -239,7 +239,10 @@ export async function startNode(options: NodeOptions): Promise<PeerNode> {
       case "error":
         conn.state.lastError = `${m.code}: ${m.message}`;
         emit({ event: "error", code: m.code, message: m.message });
-        if (!registered && FATAL.has(m.code)) {
+        // Fatal only before the first registration (a configuration error); once this node has been
+        // listed, a refusal comes from a registry that restarted or is briefly wrong (a dial-back probe
+        // that timed out under load), and giving up would lose a live node: retry with backoff.
+        if (!everRegistered && FATAL.has(m.code)) {
           conn.state.fatal = new RegistrationError(m.code, m.message);
           conn.end(); // no reason to wait for the registry to hang up
         }
