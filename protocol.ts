@@ -547,7 +547,20 @@ export function listenAll<S>(
   socket: Bun.SocketHandler<Conn<S>>,
 ): { listeners: Bun.TCPSocketListener<Conn<S>>[]; port: number } {
   const h = normalizeHost(host);
-  const listen = (hostname: string, p: number) => Bun.listen<Conn<S>>({ hostname, port: p, socket });
+  const listen = (hostname: string, p: number) => {
+    try {
+      return Bun.listen<Conn<S>>({ hostname, port: p, socket });
+    } catch (e) {
+      // Bun says only "Failed to listen at ::"; say which port and why, keep `code` for callers.
+      const code = (e as { code?: string }).code;
+      const why =
+        code === "EADDRINUSE" ? `port ${p} is already in use on ${hostname}`
+        : code === "EADDRNOTAVAIL" ? `${hostname} is not an address of this host`
+        : code === "EACCES" ? `no permission to listen on port ${p}`
+        : `cannot listen on ${hostname} port ${p}: ${(e as Error).message}`;
+      throw Object.assign(new Error(why, { cause: e }), { code });
+    }
+  };
   if (h === "localhost") {
     const first = listen("127.0.0.1", port);
     const listeners = [first];

@@ -700,9 +700,6 @@ export const command = defineCommand({
         maxConns: num("max-conns", "REGISTRY_MAX_CONNS"),
         maxQueueBytes: num("max-queue", "REGISTRY_MAX_QUEUE_BYTES", 1024),
         onEvent: print,
-      }).catch((e) => {
-        const code = (e as { code?: string }).code;
-        throw new Error(code === "EADDRINUSE" ? `port ${port} is already in use` : (e as Error).message);
       });
       let status: { stop(): Promise<void> } | undefined;
       if (httpPort !== undefined) {

@@ -148,6 +148,22 @@ describe("command line", () => {
     expect(err).not.toContain("    at "); // a message, not a stack trace
   }, 30_000);
 
+  test.each([
+    ["registry.ts", (port: number) => ["127.0.0.1", String(port)]],
+    ["client.ts", (port: number) => ["127.0.0.1", "1", "--listen", "127.0.0.1", "--port", String(port)]],
+  ] as const)("%s on a port already taken exits 1 naming the port, no stack trace", async (script, args) => {
+    const taken = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
+    try {
+      await using p = spawnScript(script, args(taken.port), { REGISTRY_HOST: "", REGISTRY_PORT: "" });
+      expect(await withDeadline(p.exited(), 20_000, `${script} to exit`)).toBe(1);
+      const err = p.stderr.join("\n");
+      expect(err).toContain(`port ${taken.port} is already in use on 127.0.0.1`);
+      expect(err).not.toContain("    at ");
+    } finally {
+      taken.stop(true);
+    }
+  }, 30_000);
+
   test("the original usage: `bun registry.ts localhost <port>` and `bun client.ts localhost <port>`", async () => {
     const procs: Proc[] = [];
     try {
