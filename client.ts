@@ -11,6 +11,7 @@ import {
   DEFAULTS,
   FromListener,
   FromRegistry,
+  MAX_TIMER_MS,
   PROTOCOL_VERSION,
   ToListener,
   UsageError,
@@ -19,13 +20,13 @@ import {
   decode,
   dial,
   formatAddress,
-  intArg,
   lineHandlers,
   listenAll,
   parseHostPort,
   parsePort,
   randomId,
   runCli,
+  settingsFrom,
   type Conn,
   type ErrorCode,
   type EventRecord,
@@ -502,8 +503,6 @@ export async function startNode(options: NodeOptions): Promise<PeerNode> {
 
 // --- internal ----------------------------------------------------------------
 
-const MAX_TIMER_MS = 2 ** 31 - 1;
-
 /** Peers remembered as met before those that left are forgotten: twice the registry's default node cap. */
 const MAX_MET = 2 * DEFAULTS.maxNodes;
 
@@ -577,11 +576,6 @@ function describe(e: EventRecord): string {
   }
 }
 
-function env(name: string): string | undefined {
-  const v = process.env[name];
-  return v === undefined || v === "" ? undefined : v;
-}
-
 export const command = defineCommand({
   meta: { name: "client", version: "0.1.0", description: "Peer node: registers with a contact registry and greets the other nodes." },
   args: {
@@ -607,14 +601,7 @@ export const command = defineCommand({
   async run({ args, rawArgs }) {
     await runCli(async () => {
       checkFlags(rawArgs, command.args as Record<string, { type?: string }>);
-      const flag = (key: keyof typeof args, envName: string) => {
-        const v = args[key];
-        return v === undefined || v === "" ? env(envName) : String(v);
-      };
-      const num = (key: keyof typeof args, envName: string, min = 0) => {
-        const v = flag(key, envName);
-        return v === undefined ? undefined : intArg(String(key), v, min);
-      };
+      const { text: flag, int: num, on } = settingsFrom(args);
       const registryHost = flag("registry-host", "REGISTRY_HOST");
       const portText = flag("registry-port", "REGISTRY_PORT");
       if (!registryHost) throw new UsageError("missing the registry address: bun client.ts <registry-host> <registry-port>");
@@ -632,7 +619,7 @@ export const command = defineCommand({
           throw new UsageError(`--advertise: ${(e as Error).message}`);
         }
       }
-      const json = Boolean(args.json) || env("LOG_JSON") === "1";
+      const json = on("json", "LOG_JSON");
       const print = createPrinter("node", json, describe);
       const node = await startNode({
         registryHost,
@@ -643,14 +630,14 @@ export const command = defineCommand({
         name: flag("name", "NODE_NAME"),
         id: flag("id", "NODE_ID"),
         token: flag("token", "REGISTRY_TOKEN"),
-        greetTimeoutMs: num("greet-timeout", "NODE_GREET_TIMEOUT_MS", 1),
+        greetTimeoutMs: num("greet-timeout", "NODE_GREET_TIMEOUT_MS", 1, MAX_TIMER_MS),
         greetConcurrency: num("greet-concurrency", "NODE_GREET_CONCURRENCY", 1),
         greetRetries: num("greet-retries", "NODE_GREET_RETRIES"),
-        reconnectMaxMs: num("reconnect-max", "NODE_RECONNECT_MAX_MS", 1),
+        reconnectMaxMs: num("reconnect-max", "NODE_RECONNECT_MAX_MS", 1, MAX_TIMER_MS),
         maxLineBytes: num("max-line", "NODE_MAX_LINE", 64),
-        inboundTimeoutMs: num("inbound-timeout", "NODE_INBOUND_TIMEOUT_MS", 1),
+        inboundTimeoutMs: num("inbound-timeout", "NODE_INBOUND_TIMEOUT_MS", 1, MAX_TIMER_MS),
         maxInboundConns: num("max-inbound", "NODE_MAX_INBOUND", 1),
-        registerTimeoutMs: num("register-timeout", "NODE_REGISTER_TIMEOUT_MS", 1),
+        registerTimeoutMs: num("register-timeout", "NODE_REGISTER_TIMEOUT_MS", 1, MAX_TIMER_MS),
         maxReplyBytes: num("max-reply", "NODE_MAX_REPLY_BYTES", 1024),
         onEvent: print,
         // Signals must stop the node even while its registry is still out of reach;

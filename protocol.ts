@@ -615,6 +615,36 @@ export function createPrinter(
   };
 }
 
+/** Longest delay a timer can hold; larger ones fire at once, so timer flags stop there. */
+export const MAX_TIMER_MS = 2 ** 31 - 1;
+
+/** An environment variable, with empty meaning unset (compose writes `VAR=` for "not given"). */
+export function env(name: string): string | undefined {
+  const v = process.env[name];
+  return v === undefined || v === "" ? undefined : v;
+}
+
+/**
+ * Both scripts read every setting the same way: the flag wins, then its
+ * environment variable, then the caller's default.
+ */
+export function settingsFrom<K extends string>(args: Partial<Record<K, unknown>>) {
+  const text = (key: K, envName: string): string | undefined => {
+    const v = args[key];
+    return v === undefined || v === "" ? env(envName) : String(v);
+  };
+  return {
+    text,
+    /** A whole number within [min, max], or a usage error naming the flag. */
+    int: (key: K, envName: string, min = 0, max?: number): number | undefined => {
+      const v = text(key, envName);
+      return v === undefined ? undefined : intArg(key, v, min, max);
+    },
+    /** A switch: `--flag`, or its variable set to 1. */
+    on: (key: K, envName: string): boolean => args[key] === true || env(envName) === "1",
+  };
+}
+
 /** A citty argument value as a non-negative integer, or a usage error. */
 export function intArg(name: string, value: unknown, min = 0, max = Number.MAX_SAFE_INTEGER): number {
   const text = String(value ?? "").trim();

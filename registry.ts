@@ -10,6 +10,7 @@ import { timingSafeEqual, createHash } from "node:crypto";
 import {
   DEFAULTS,
   FromListener,
+  MAX_TIMER_MS,
   PING_LINE,
   PONG_LINE,
   PROTOCOL_VERSION,
@@ -19,8 +20,8 @@ import {
   createPrinter,
   decode,
   dial,
+  env,
   formatAddress,
-  intArg,
   lineHandlers,
   listenAll,
   normalizeHost,
@@ -28,6 +29,7 @@ import {
   randomId,
   resolveHost,
   runCli,
+  settingsFrom,
   type Conn,
   type ErrorCode,
   type EventRecord,
@@ -579,9 +581,6 @@ const probeHandlers = lineHandlers<ProbeState>({
   },
 });
 
-/** Longest delay a timer can hold; larger ones fire at once. */
-const MAX_TIMER_MS = 2 ** 31 - 1;
-
 /**
  * The comma-joined peer list without one entry's fragment, cut out in place
  * instead of re-encoding the list. A fragment is found exactly: it starts with
@@ -638,12 +637,6 @@ function describe(e: EventRecord): string {
   }
 }
 
-/** Environment fallback for a flag: the flag wins, then the env var, then the default. */
-function env(name: string): string | undefined {
-  const v = process.env[name];
-  return v === undefined || v === "" ? undefined : v;
-}
-
 export const command = defineCommand({
   meta: { name: "registry", version: "0.1.0", description: "Contact registry: lists running peer nodes and tells them about each other." },
   args: {
@@ -668,18 +661,11 @@ export const command = defineCommand({
   async run({ args, rawArgs }) {
     await runCli(async () => {
       checkFlags(rawArgs, command.args as Record<string, { type?: string }>);
-      const flag = (key: keyof typeof args, envName: string) => {
-        const v = args[key];
-        return v === undefined || v === "" ? env(envName) : String(v);
-      };
-      const num = (key: keyof typeof args, envName: string, min = 0, max?: number) => {
-        const v = flag(key, envName);
-        return v === undefined ? undefined : intArg(String(key), v, min, max);
-      };
+      const { text: flag, int: num, on } = settingsFrom(args);
       const portText = flag("port", "REGISTRY_PORT");
       const port = portText === undefined ? DEFAULTS.registryPort : parsePort(portText);
       if (port === undefined) throw new UsageError(`port must be a number from 0 to 65535, got "${portText}"`);
-      const json = Boolean(args.json) || env("LOG_JSON") === "1";
+      const json = on("json", "LOG_JSON");
       const print = createPrinter("registry", json, describe);
       const httpText = flag("http", "REGISTRY_HTTP_PORT");
       const httpPort = httpText === undefined ? undefined : parsePort(httpText);
@@ -691,9 +677,9 @@ export const command = defineCommand({
         heartbeatMs: num("heartbeat", "REGISTRY_HEARTBEAT_MS", 1, MAX_TIMER_MS),
         heartbeatMisses: num("heartbeat-misses", "REGISTRY_HEARTBEAT_MISSES", 1),
         probe: args.probe !== false && env("REGISTRY_PROBE") !== "0",
-        probeTimeoutMs: num("probe-timeout", "REGISTRY_PROBE_TIMEOUT_MS", 1),
-        allowAdvertise: Boolean(args["allow-advertise"]) || env("REGISTRY_ALLOW_ADVERTISE") === "1",
-        registerTimeoutMs: num("register-timeout", "REGISTRY_REGISTER_TIMEOUT_MS", 1),
+        probeTimeoutMs: num("probe-timeout", "REGISTRY_PROBE_TIMEOUT_MS", 1, MAX_TIMER_MS),
+        allowAdvertise: on("allow-advertise", "REGISTRY_ALLOW_ADVERTISE"),
+        registerTimeoutMs: num("register-timeout", "REGISTRY_REGISTER_TIMEOUT_MS", 1, MAX_TIMER_MS),
         maxLineBytes: num("max-line", "REGISTRY_MAX_LINE", 64),
         maxNodes: num("max-nodes", "REGISTRY_MAX_NODES", 1),
         maxConnsPerAddress: num("max-conns-per-ip", "REGISTRY_MAX_CONNS_PER_IP"),
