@@ -10,7 +10,7 @@
  * Commands: {"cmd":"grow","to":N,"conc":C} -> time to register up to N nodes;
  * {"cmd":"stats"}; {"cmd":"waitSeq","seq":S,"timeoutMs":T} -> when every session has seen seq S.
  */
-import { emit, serveCommands, wallMs } from "./lib.ts";
+import { emit, probeListener, serveCommands, wallMs } from "./lib.ts";
 
 interface Opts {
   port: number;
@@ -163,25 +163,7 @@ function stats(): { sessions: number; registered: number; minSeq: number; maxSeq
 
 function openListener(i: number): void {
   if (listenerPorts[i] !== undefined) return;
-  const l = Bun.listen<undefined>({
-    hostname: HOST,
-    port: 0,
-    socket: {
-      data(s, chunk) {
-        try {
-          const m = JSON.parse(chunk.toString().trim()) as { id: string; nonce: string };
-          s.write(`{"type":"probe-ok","id":${JSON.stringify(m.id)},"nonce":${JSON.stringify(m.nonce)}}\n`);
-        } catch {
-          s.end(); // not a probe
-        }
-        // The prober cuts the connection once it has the answer; closing first here
-        // would leave this side in TIME_WAIT on a 4-tuple the next dial may reuse.
-      },
-      error(s) {
-        s.terminate();
-      },
-    },
-  });
+  const l = probeListener(HOST);
   listenerPorts[i] = l.port;
 }
 

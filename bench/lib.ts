@@ -308,3 +308,29 @@ async function readLines(stream: ReadableStream<Uint8Array>, onLine: (line: stri
 export function pause(ms: number): Promise<void> {
   return Bun.sleep(ms);
 }
+
+/**
+ * A listener that answers the registry's dial-back probe and nothing else:
+ * what a simulated node needs to be listed with the probe on.
+ */
+export function probeListener(hostname: string): Bun.TCPSocketListener<undefined> {
+  return Bun.listen<undefined>({
+    hostname,
+    port: 0,
+    socket: {
+      data(s, chunk) {
+        try {
+          const m = JSON.parse(chunk.toString().trim()) as { id: string; nonce: string };
+          s.write(`{"type":"probe-ok","id":${JSON.stringify(m.id)},"nonce":${JSON.stringify(m.nonce)}}\n`);
+        } catch {
+          s.end(); // not a probe
+        }
+        // The prober cuts the connection once it has the answer; closing first here
+        // would leave this side in TIME_WAIT on a 4-tuple the next dial may reuse.
+      },
+      error(s) {
+        s.terminate();
+      },
+    },
+  });
+}

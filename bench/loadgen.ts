@@ -10,7 +10,7 @@
  *   {"cmd":"listeners","count":N}                       -> {"ports":[...]}
  *   {"cmd":"run","port":P,"conc":C,"warmupMs":W,"durationMs":D,"prefix":"x"}
  */
-import { dist, emit, serveCommands, type Msg } from "./lib.ts";
+import { dist, emit, probeListener, serveCommands, type Msg } from "./lib.ts";
 
 interface Req {
   w: number;
@@ -40,26 +40,7 @@ emit({ event: "ready", pid: process.pid });
 
 function openProbeListeners(count: number): void {
   while (probePorts.length < count) {
-    const l = Bun.listen<undefined>({
-      hostname: HOST,
-      port: 0,
-      socket: {
-        data(s, chunk) {
-          // The probe is one short line; answer it.
-          try {
-            const m = JSON.parse(chunk.toString().trim()) as { id: string; nonce: string };
-            s.write(`{"type":"probe-ok","id":${JSON.stringify(m.id)},"nonce":${JSON.stringify(m.nonce)}}\n`);
-          } catch {
-            s.end(); // not a probe
-          }
-          // The prober cuts the connection once it has the answer; closing first here
-          // would leave this side in TIME_WAIT on a 4-tuple the next dial may reuse.
-        },
-        error(s) {
-          s.terminate();
-        },
-      },
-    });
+    const l = probeListener(HOST);
     probeListeners.push(l);
     probePorts.push(l.port);
   }

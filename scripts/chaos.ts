@@ -20,7 +20,7 @@
  */
 import { defineCommand, runMain } from "citty";
 import { UsageError, checkFlags, intArg, runCli } from "../protocol.ts";
-import { spawnScript, withDeadline, type Proc } from "../test/helpers.ts";
+import { mulberry32, spawnScript, withDeadline, type Proc } from "../test/helpers.ts";
 
 export interface ChaosOptions {
   durationMs: number;
@@ -450,18 +450,6 @@ class ChaosRun {
     const t = ((performance.now() - this.t0) / 1000).toFixed(2).padStart(7);
     this.o.print(`[${t}s] ${text}`);
   }
-}
-
-/** Small seeded PRNG (mulberry32): the same seed gives the same sequence of choices. */
-function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 function pick<T>(weights: [T, number][], rand: () => number): T {

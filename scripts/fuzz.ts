@@ -19,7 +19,7 @@ import { readFileSync } from "node:fs";
 import * as v from "valibot";
 import { startNode, type PeerNode } from "../client.ts";
 import { DEFAULTS, PROTOCOL_VERSION, Register, type EventRecord } from "../protocol.ts";
-import { spawnNode, spawnRegistry, withDeadline, type Proc } from "../test/helpers.ts";
+import { mulberry32, spawnNode, spawnRegistry, withDeadline, type Proc } from "../test/helpers.ts";
 
 export interface FuzzOptions {
   /** Frames to send in all (split between the registry and the node's listener). */
@@ -225,18 +225,6 @@ export async function runFuzz(options: FuzzOptions = {}): Promise<FuzzResult> {
   };
   o.log(summary(result));
   return result;
-}
-
-/** mulberry32: a tiny, fast 32-bit PRNG; good enough to pick fuzz inputs and fully determined by its seed. */
-export function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 /**

@@ -388,3 +388,15 @@ const rawHandlers: Bun.SocketHandler<RawClient> = {
     socket.terminate();
   },
 };
+
+/** mulberry32: a tiny, fast 32-bit PRNG; good enough to pick fuzz inputs and chaos actions and fully determined by its seed. */
+export function mulberry32(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
