@@ -316,7 +316,6 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
     }
     if (o.probe) {
       const failure = await probe(host, msg.port, msg.id);
-      if (conn.closed) return;
       if (failure) {
         return reject(
           conn,
@@ -325,6 +324,9 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
         );
       }
     }
+    // The session may have closed while we resolved or probed; its close
+    // handler has run, so listing it now would leave an entry nobody removes.
+    if (conn.closed) return;
     if (stopping) return reject(conn, "shutting-down", "registry is shutting down");
 
     // A node registering again (after a reconnect, or a restart on the same
