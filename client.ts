@@ -243,7 +243,10 @@ export async function startNode(options: NodeOptions): Promise<PeerNode> {
         // Fatal only before the first registration (a configuration error); once this node has been
         // listed, a refusal comes from a registry that restarted or is briefly wrong (a dial-back probe
         // that timed out under load), and giving up would lose a live node: retry with backoff.
-        if (!everRegistered && FATAL.has(m.code)) {
+        // `replaced` reaches only a node whose *current* session was taken over (a session this node
+        // gave up on is no longer read), so another live process holds this id or address: retrying
+        // would take it back, and the two would evict each other for as long as both run.
+        if ((!everRegistered && FATAL.has(m.code)) || m.code === "replaced") {
           conn.state.fatal = new RegistrationError(m.code, m.message);
           conn.end(); // no reason to wait for the registry to hang up
         }

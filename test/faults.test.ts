@@ -230,6 +230,25 @@ describe("addresses (in-process registry, raw sockets)", () => {
   });
 });
 
+describe("duplicate identities", () => {
+  test("a second live node with the same id takes the entry; the first stops with `replaced` instead of taking it back", async () => {
+    const log = new EventLog();
+    const reg = track(await startRegistry({ host: "127.0.0.1", port: 0, onEvent: log.push }));
+    const opts = { registryHost: "127.0.0.1", registryPort: reg.port, listenHost: "127.0.0.1", id: "twin", reconnectBaseMs: 10, reconnectMaxMs: 50 };
+    const firstLog = new EventLog();
+    const first = track(await startNode({ ...opts, onEvent: firstLog.push }));
+    const second = track(await startNode(opts));
+
+    const err = await withDeadline(first.done.then(() => "resolved", (e: unknown) => e), SOON, "the first twin to stop");
+    expect((err as { code?: string }).code).toBe("replaced");
+    expect(firstLog.named("reconnecting")).toEqual([]);
+    expect(second.registered).toBe(true);
+    expect(reg.nodes().map((n) => `${n.id}:${n.port}`)).toEqual([`twin:${second.port}`]);
+    // One replacement, not a tug of war.
+    expect(log.events.filter((e) => e.event === "node-registered").map((e) => e.port)).toEqual([first.port, second.port]);
+  });
+});
+
 describe("views (a fake registry)", () => {
   test("a sequence gap makes the node sync; a snapshot and a new boot replace its view", async () => {
     await using fake = fakeRegistry();
