@@ -12,7 +12,7 @@ import { createConsola, type ConsolaInstance } from "consola";
 /** Protocol version carried by every opening message (`register`, `hello`, `probe`). */
 export const PROTOCOL_VERSION = 1;
 
-/** Defaults for every tunable limit and timer; each one has a flag and an env var. */
+/** Defaults for every limit and timer; most have a flag and an env var (README, docs/PROTOCOL.md list which). */
 export const DEFAULTS = {
   registryPort: 8080,
   /** Longest line the registry or a node's listener accepts, in bytes (newline excluded). */
@@ -63,7 +63,7 @@ export type Peer = v.InferOutput<typeof Peer>;
 export const LeaveReason = v.picklist(["closed", "timeout", "leave", "replaced"]);
 export type LeaveReason = v.InferOutput<typeof LeaveReason>;
 
-/** Every error code a peer of ours can be sent; stable across versions. */
+/** Every error code; stable across versions. All but `slow-consumer` (the peer is not reading) are sent on the wire. */
 export const ErrorCode = v.picklist([
   "bad-json", // the line is not JSON
   "bad-message", // JSON, but not a valid message (schema)
@@ -74,11 +74,11 @@ export const ErrorCode = v.picklist([
   "address-not-allowed", // advertised host is not the one the node connects from
   "unreachable", // the registry could not dial the node back
   "registry-full", // max nodes reached
-  "too-many-connections", // per-address connection cap
+  "too-many-connections", // connection caps (per source address, in all)
   "registration-timeout", // no `register` in time
   "heartbeat-timeout", // no traffic for the heartbeat bound
   "replaced", // the same node id registered on another connection
-  "wrong-node", // a probe or hello reached a node with another id
+  "wrong-node", // a probe reached a node with another id
   "shutting-down", // the registry is stopping
   "slow-consumer", // too many unsent bytes queued for this connection
 ]);
@@ -640,8 +640,13 @@ export function settingsFrom<K extends string>(args: Partial<Record<K, unknown>>
       const v = text(key, envName);
       return v === undefined ? undefined : intArg(key, v, min, max);
     },
-    /** A switch: `--flag`, or its variable set to 1. */
-    on: (key: K, envName: string): boolean => args[key] === true || env(envName) === "1",
+    /** A switch: `--flag` / `--no-flag` if given, else its variable (1 or 0), else the default. */
+    on: (key: K, envName: string, fallback = false): boolean => {
+      const v = args[key];
+      if (typeof v === "boolean") return v;
+      const e = env(envName);
+      return e === "1" ? true : e === "0" ? false : fallback;
+    },
   };
 }
 

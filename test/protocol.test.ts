@@ -34,6 +34,7 @@ import {
   normalizeHost,
   parseHostPort,
   parsePort,
+  settingsFrom,
   type Message,
 } from "../protocol.ts";
 import { ROOT } from "./helpers.ts";
@@ -387,6 +388,43 @@ describe("addresses", () => {
     ["123456", true, undefined],
   ] as const)("parsePort(%p, allowZero=%p) = %p", (text, allowZero, expected) => {
     expect(parsePort(text, allowZero)).toBe(expected);
+  });
+});
+
+describe("settings (flag, then environment variable, then default)", () => {
+  const VAR = "CONTACT_REGISTRY_TEST_SETTING";
+  function withEnv<T>(value: string | undefined, fn: () => T): T {
+    const saved = process.env[VAR];
+    if (value === undefined) delete process.env[VAR];
+    else process.env[VAR] = value;
+    try {
+      return fn();
+    } finally {
+      if (saved === undefined) delete process.env[VAR];
+      else process.env[VAR] = saved;
+    }
+  }
+
+  test.each([
+    // flag (citty: true for --x, false for --no-x, absent when not given), env, default, result
+    [true, "0", false, true],
+    [false, "1", true, false],
+    [undefined, "1", false, true],
+    [undefined, "0", true, false],
+    [undefined, "", true, true],
+    [undefined, undefined, true, true],
+    [undefined, undefined, false, false],
+  ] as const)("switch: flag %p, env %p, default %p -> %p", (flag, envValue, fallback, expected) => {
+    const { on } = settingsFrom({ x: flag });
+    expect(withEnv(envValue, () => on("x", VAR, fallback))).toBe(expected);
+  });
+
+  test("values: the flag wins, an empty variable counts as unset, numbers are checked against their range", () => {
+    expect(withEnv("7", () => settingsFrom({ n: "3" }).int("n", VAR))).toBe(3);
+    expect(withEnv("7", () => settingsFrom({ n: undefined }).int("n", VAR))).toBe(7);
+    expect(withEnv("", () => settingsFrom({ n: "" }).text("n", VAR))).toBeUndefined();
+    expect(() => withEnv("0", () => settingsFrom({ n: undefined }).int("n", VAR, 1))).toThrow('--n must be an integer >= 1, got "0"');
+    expect(() => settingsFrom({ n: "99" }).int("n", VAR, 1, 10)).toThrow("from 1 to 10");
   });
 });
 
