@@ -195,7 +195,8 @@ export async function startNode(options: NodeOptions): Promise<PeerNode> {
       const was = registered;
       registered = false;
       if (stopped) return;
-      emit({ event: "disconnected", reason: conn.state.lastError ?? "connection closed", registered: was });
+      const limit = conn.limitHit ? `${conn.limitHit.code}: ${conn.limitHit.message}` : undefined;
+      emit({ event: "disconnected", reason: limit ?? conn.state.lastError ?? "connection closed", registered: was });
       if (conn.state.fatal) return fail(conn.state.fatal);
       scheduleReconnect();
     },
@@ -334,7 +335,7 @@ export async function startNode(options: NodeOptions): Promise<PeerNode> {
     const cap = Math.min(o.reconnectMaxMs, o.reconnectBaseMs * 2 ** Math.min(attempt, 20));
     const delay = Math.round(Math.random() * cap);
     attempt++;
-    emit({ event: "reconnecting", inMs: delay, attempt });
+    emit({ event: "reconnecting", inMs: delay, capMs: cap, attempt });
     reconnectTimer = setTimeout(connect, delay);
   }
 
