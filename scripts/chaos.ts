@@ -63,6 +63,11 @@ export async function runChaos(options: ChaosOptions): Promise<ChaosReport> {
   }
 }
 
+/** Kills the processes of every run in progress: for a harness whose own deadline ended a run early. */
+export async function stopAllChaos(): Promise<void> {
+  await Promise.allSettled([...active].map((r) => r.cleanup()));
+}
+
 // --- internal ----------------------------------------------------------------
 
 const MISSES = 3;
@@ -139,7 +144,8 @@ class ChaosRun {
     const settled = agreedAt !== null;
     const settledMs = settled ? Math.max(0, Math.round(agreedAt - lastActionAt)) : null;
     const final = await this.check();
-    if (!settled) this.problems.push(...final.problems);
+    // Checked again after the stability window: agreement that did not last is a finding too.
+    this.problems.push(...final.problems);
     this.say(
       `found: ${final.live} live nodes, registry lists ${final.listed}, ${final.viewsAgreeing}/${final.live} views agree` +
         (settled ? `; agreed ${settledMs}ms after the last action (and still did ${this.stableWindowMs}ms later)` : "; NO agreement"),
@@ -496,7 +502,7 @@ export const command = defineCommand({
 });
 
 if (import.meta.main) {
-  const interrupt = () => void Promise.allSettled([...active].map((r) => r.cleanup())).finally(() => process.exit(130));
+  const interrupt = () => void stopAllChaos().finally(() => process.exit(130));
   process.once("SIGINT", interrupt);
   process.once("SIGTERM", interrupt);
   await runMain(command);

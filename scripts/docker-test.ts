@@ -288,7 +288,7 @@ class Run {
     const subnet = `fd${hex().padStart(2, "0").slice(0, 2)}:${hex()}:${hex()}::/64`;
     const net = `${this.tag}-v6`;
     this.networks.add(net);
-    const r = await this.creates(["network", "create", "--label", `${LABEL}=${process.pid}`, "--ipv6", "--subnet", subnet, net], 30_000);
+    const r = await this.creates(["network", "create", "--internal", "--label", `${LABEL}=${process.pid}`, "--ipv6", "--subnet", subnet, net], 30_000);
     if (r.code !== 0) return this.skip("IPv6 network", `this engine cannot create one: ${r.stderr.trim()}`);
     const registry = `${this.tag}-registry6`;
     const reg = await this.start(registry, net, ["registry", "--json"]);
@@ -375,7 +375,8 @@ class Run {
 
   private async network(name: string, extra: string[]): Promise<string> {
     this.networks.add(name);
-    const r = await this.creates(["network", "create", "--label", `${LABEL}=${process.pid}`, ...extra, name], 30_000);
+    // --internal: the containers talk only to each other, never to anything beyond this engine.
+    const r = await this.creates(["network", "create", "--internal", "--label", `${LABEL}=${process.pid}`, ...extra, name], 30_000);
     if (r.code !== 0) throw new Error(`docker network create ${name} exited ${r.code}: ${r.stderr.trim()}`);
     return name;
   }

@@ -4,8 +4,11 @@
  * registry's included), then the registry's list must equal the live set and
  * every node's view must equal that list minus itself.
  */
-import { expect, test } from "bun:test";
-import { runChaos } from "../scripts/chaos.ts";
+import { afterEach, expect, test } from "bun:test";
+import { runChaos, stopAllChaos } from "../scripts/chaos.ts";
+
+// bun test does not cancel a test that ran past its timeout: whatever the run left behind is killed here.
+afterEach(stopAllChaos);
 
 test(
   "chaos: after random kills, freezes and restarts of nodes and registry, list and views agree with the live set",

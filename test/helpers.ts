@@ -143,14 +143,23 @@ async function readLines(stream: ReadableStream<Uint8Array>, onLine: (line: stri
   if (rest.trim()) onLine(rest);
 }
 
-/** Starts `bun <script> ...args` from the project root with stdout/stderr piped. */
+/** The scripts' environment variables (README), as opposed to Node's and Bun's own NODE_ENV, NODE_OPTIONS, ... */
+const OWN_SETTINGS = /^(REGISTRY_|NODE_(LISTEN|PORT|ADVERTISE|NAME|ID|GREET_|RECONNECT_|MAX_|INBOUND_|REGISTER_)|LOG_JSON$|CONSOLA_LEVEL$)/;
+
+/**
+ * Starts `bun <script> ...args` from the project root with stdout/stderr piped.
+ * The scripts' own settings (REGISTRY_*, NODE_*, LOG_JSON, CONSOLA_LEVEL) come
+ * only from `env`: one exported in the developer's shell (a NODE_ID, a
+ * REGISTRY_TOKEN) must not change what a test starts.
+ */
 export function spawnScript(script: string, args: string[], env: Record<string, string> = {}, label = script): Proc {
+  const inherited = Object.fromEntries(Object.entries(process.env).filter(([k]) => !OWN_SETTINGS.test(k)));
   const proc = Bun.spawn([process.execPath, join(ROOT, script), ...args], {
     cwd: ROOT,
     stdin: "ignore",
     stdout: "pipe",
     stderr: "pipe",
-    env: { ...process.env, NO_COLOR: "1", ...env },
+    env: { ...inherited, NO_COLOR: "1", ...env },
   });
   return new Proc(proc, label);
 }

@@ -299,7 +299,7 @@ function openEvents(server: StatusServer) {
   })().catch((e) => {
     if ((e as Error).name !== "AbortError") throw e;
   });
-  return {
+  const stream = {
     log,
     comments,
     ended,
@@ -311,6 +311,8 @@ function openEvents(server: StatusServer) {
       return this.close();
     },
   };
+  fixtures.push(stream); // closed after the test even when an assertion stops it first
+  return stream;
 }
 
 interface Sample {
