@@ -77,7 +77,7 @@ export const ErrorCode = v.picklist([
   "too-many-connections", // connection caps (per source address, in all)
   "registration-timeout", // no `register` in time
   "heartbeat-timeout", // no traffic for the heartbeat bound
-  "replaced", // the same node id registered on another connection
+  "replaced", // the same node id, or another id at the same address, registered on another connection
   "wrong-node", // a probe reached a node with another id
   "shutting-down", // the registry is stopping
   "slow-consumer", // too many unsent bytes queued for this connection
@@ -619,7 +619,7 @@ export function createPrinter(
 export const MAX_TIMER_MS = 2 ** 31 - 1;
 
 /** An environment variable, with empty meaning unset (compose writes `VAR=` for "not given"). */
-export function env(name: string): string | undefined {
+function env(name: string): string | undefined {
   const v = process.env[name];
   return v === undefined || v === "" ? undefined : v;
 }
