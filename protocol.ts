@@ -618,17 +618,13 @@ export function createPrinter(
 /** Longest delay a timer can hold; larger ones fire at once, so timer flags stop there. */
 export const MAX_TIMER_MS = 2 ** 31 - 1;
 
-/** An environment variable, with empty meaning unset (compose writes `VAR=` for "not given"). */
-function env(name: string): string | undefined {
-  const v = process.env[name];
-  return v === undefined || v === "" ? undefined : v;
-}
-
 /**
  * Both scripts read every setting the same way: the flag wins, then its
  * environment variable, then the caller's default.
  */
 export function settingsFrom<K extends string>(args: Partial<Record<K, unknown>>) {
+  // Empty means unset: compose writes `VAR=` for "not given".
+  const env = (name: string) => process.env[name] || undefined;
   const text = (key: K, envName: string): string | undefined => {
     const v = args[key];
     return v === undefined || v === "" ? env(envName) : String(v);

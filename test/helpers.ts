@@ -4,7 +4,9 @@
  * time) under a deadline that names what was awaited.
  */
 import { join } from "node:path";
+import { command as nodeCommand } from "../client.ts";
 import type { EventRecord } from "../protocol.ts";
+import { command as registryCommand } from "../registry.ts";
 
 export const ROOT = join(import.meta.dir, "..");
 
@@ -143,18 +145,30 @@ async function readLines(stream: ReadableStream<Uint8Array>, onLine: (line: stri
   if (rest.trim()) onLine(rest);
 }
 
-/** The scripts' environment variables (README), as opposed to Node's and Bun's own NODE_ENV, NODE_OPTIONS, ... */
-const OWN_SETTINGS = /^(REGISTRY_|NODE_(LISTEN|PORT|ADVERTISE|NAME|ID|GREET_|RECONNECT_|MAX_|INBOUND_|REGISTER_)|LOG_JSON$|CONSOLA_LEVEL$)/;
+/**
+ * The scripts' environment variables, read from the `[env NAME` of their flags'
+ * descriptions (what --help and the README show), so a new flag is covered
+ * without a second list; Node's and Bun's own NODE_ENV, NODE_OPTIONS stay.
+ */
+const OWN_SETTINGS = new Set([
+  "CONSOLA_LEVEL",
+  ...[registryCommand, nodeCommand].flatMap((c) =>
+    Object.values((c.args ?? {}) as Record<string, { description?: string }>).flatMap((a) =>
+      [...String(a.description).matchAll(/\benv ([A-Z_]+)/g)].map((m) => m[1]!),
+    ),
+  ),
+]);
 
 /**
- * Starts `bun <script> ...args` from the project root with stdout/stderr piped.
+ * Starts `bun <script> ...args` from the project root with stdout/stderr piped,
+ * after `prefix` if given (`ip netns exec NS`, which execs, so the pid stays bun's).
  * The scripts' own settings (REGISTRY_*, NODE_*, LOG_JSON, CONSOLA_LEVEL) come
  * only from `env`: one exported in the developer's shell (a NODE_ID, a
  * REGISTRY_TOKEN) must not change what a test starts.
  */
-export function spawnScript(script: string, args: string[], env: Record<string, string> = {}, label = script): Proc {
-  const inherited = Object.fromEntries(Object.entries(process.env).filter(([k]) => !OWN_SETTINGS.test(k)));
-  const proc = Bun.spawn([process.execPath, join(ROOT, script), ...args], {
+export function spawnScript(script: string, args: string[], env: Record<string, string> = {}, label = script, prefix: string[] = []): Proc {
+  const inherited = Object.fromEntries(Object.entries(process.env).filter(([k]) => !OWN_SETTINGS.has(k)));
+  const proc = Bun.spawn([...prefix, process.execPath, join(ROOT, script), ...args], {
     cwd: ROOT,
     stdin: "ignore",
     stdout: "pipe",

@@ -243,8 +243,8 @@ describe("a node's greeting listener", () => {
   test("line size, open connections and connection lifetime are bounded; a real greeting still gets through", async () => {
     const { reg } = await registry({});
     const targetLog = new EventLog();
+    // Lifetime 2 s: long enough that the first idle connection is still open when the third arrives on a busy machine.
     const target = await realNode(reg.port, { maxLineBytes: 256, maxInboundConns: 2, inboundTimeoutMs: 2_000, onEvent: targetLog.push });
-    // 2 s: long enough that the first idle connection is still open when the third arrives on a busy machine.
 
     const long = await raw(target.port);
     await long.write("h".repeat(300));

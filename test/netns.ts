@@ -13,8 +13,7 @@
  * leftovers of a crashed run can be told apart from a live one.
  */
 import { existsSync, readFileSync } from "node:fs";
-import { join } from "node:path";
-import { Proc, ROOT, withDeadline } from "./helpers.ts";
+import { spawnScript, withDeadline, type Proc } from "./helpers.ts";
 
 /** Name prefix of everything this process creates; `crn<pid>-`. */
 export const PREFIX = `crn${process.pid}-`;
@@ -143,14 +142,7 @@ export async function createNetwork(names: string[]): Promise<TestNetwork> {
 
 /** `bun <script> ...args` inside namespace `ns`; `ip netns exec` execs, so the pid is bun's own. */
 export function spawnInNamespace(ns: string, script: string, args: string[], env: Record<string, string> = {}, label = script): Proc {
-  const proc = Bun.spawn([ipBinary() ?? "ip", "netns", "exec", ns, process.execPath, join(ROOT, script), ...args], {
-    cwd: ROOT,
-    stdin: "ignore",
-    stdout: "pipe",
-    stderr: "pipe",
-    env: { ...process.env, NO_COLOR: "1", ...env },
-  });
-  return new Proc(proc, label);
+  return spawnScript(script, args, env, label, [ipBinary() ?? "ip", "netns", "exec", ns]);
 }
 
 /** Deletes every namespace this process created (afterAll safety net). */
