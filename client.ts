@@ -14,24 +14,28 @@ import {
   MAX_TIMER_MS,
   PROTOCOL_VERSION,
   ToListener,
-  UsageError,
-  checkFlags,
-  createPrinter,
   decode,
+  randomId,
+  type ErrorCode,
+  type Peer,
+} from "./protocol.ts";
+import {
   dial,
   formatAddress,
   lineHandlers,
   listenAll,
   parseHostPort,
   parsePort,
-  randomId,
+  type Conn,
+} from "./net.ts";
+import {
+  UsageError,
+  checkFlags,
+  createPrinter,
   runCli,
   settingsFrom,
-  type Conn,
-  type ErrorCode,
   type EventRecord,
-  type Peer,
-} from "./protocol.ts";
+} from "./cli.ts";
 
 export interface NodeOptions {
   registryHost: string;

@@ -6,7 +6,7 @@
  * `bun demo.ts [--nodes 5]` (or `npm run demo`).
  */
 import { defineCommand, runMain } from "citty";
-import { intArg, runCli } from "./protocol.ts";
+import { intArg, runCli } from "./cli.ts";
 import { disposeAll, meshProblems, spawnNode, spawnRegistry, waitUntil, type Proc } from "./test/helpers.ts";
 
 export const command = defineCommand({

@@ -7,7 +7,8 @@
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { startNode, type PeerNode } from "./client.ts";
-import { Conn, LineSplitter, PROTOCOL_VERSION } from "./protocol.ts";
+import { LineSplitter, PROTOCOL_VERSION } from "./protocol.ts";
+import { Conn } from "./net.ts";
 import { startRegistry, type Registry } from "./registry.ts";
 import { EventLog, RawClient, waitUntil, type WireMessage } from "./test/helpers.ts";
 

@@ -15,26 +15,30 @@ import {
   PONG_LINE,
   PROTOCOL_VERSION,
   ToRegistry,
-  UsageError,
-  checkFlags,
-  createPrinter,
   decode,
+  randomId,
+  type ErrorCode,
+  type LeaveReason,
+  type Peer,
+} from "./protocol.ts";
+import {
   dial,
   formatAddress,
   lineHandlers,
   listenAll,
   normalizeHost,
   parsePort,
-  randomId,
   resolveHost,
+  type Conn,
+} from "./net.ts";
+import {
+  UsageError,
+  checkFlags,
+  createPrinter,
   runCli,
   settingsFrom,
-  type Conn,
-  type ErrorCode,
   type EventRecord,
-  type LeaveReason,
-  type Peer,
-} from "./protocol.ts";
+} from "./cli.ts";
 
 export interface RegistryOptions {
   /** Bind address; `localhost` binds 127.0.0.1 and ::1, `::` falls back to 0.0.0.0. */

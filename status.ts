@@ -12,7 +12,9 @@
  *   GET /healthz  200 while the registry runs, 503 once it stopped
  */
 import { createHash } from "node:crypto";
-import { formatAddress, normalizeHost, type EventRecord, type LeaveReason } from "./protocol.ts";
+import { type LeaveReason } from "./protocol.ts";
+import { formatAddress, normalizeHost } from "./net.ts";
+import { type EventRecord } from "./cli.ts";
 import type { NodeInfo, Registry, RegistryStats } from "./registry.ts";
 // A text import is part of the module graph: it works from any cwd, in the
 // Docker image and in a `bun build --compile` binary alike.

@@ -9,7 +9,7 @@
  *   {"cmd":"stop"} -> kill every node (no goodbye)
  */
 import { startNode, type PeerNode } from "../client.ts";
-import type { EventRecord } from "../protocol.ts";
+import type { EventRecord } from "../cli.ts";
 import { emit, serveCommands, wallMs, type Msg } from "./lib.ts";
 
 const nodes: PeerNode[] = [];

@@ -19,7 +19,7 @@
  * Exit 0 when both facts hold, 1 otherwise, 2 on a bad command line.
  */
 import { defineCommand, runMain } from "citty";
-import { UsageError, checkFlags, intArg, runCli } from "../protocol.ts";
+import { UsageError, checkFlags, intArg, runCli } from "../cli.ts";
 import { mulberry32, spawnScript, withDeadline, type Proc } from "../test/helpers.ts";
 
 export interface ChaosOptions {

@@ -20,7 +20,7 @@
  */
 import { defineCommand, runMain } from "citty";
 import { join } from "node:path";
-import { checkFlags, intArg, runCli, UsageError, type EventRecord } from "../protocol.ts";
+import { checkFlags, intArg, runCli, UsageError, type EventRecord } from "../cli.ts";
 import { meshProblems, Proc, withDeadline } from "../test/helpers.ts";
 
 const ROOT = join(import.meta.dir, "..");

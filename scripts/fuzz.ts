@@ -18,7 +18,8 @@ import net from "node:net";
 import { readFileSync } from "node:fs";
 import * as v from "valibot";
 import { startNode, type PeerNode } from "../client.ts";
-import { DEFAULTS, PROTOCOL_VERSION, Register, type EventRecord } from "../protocol.ts";
+import { DEFAULTS, PROTOCOL_VERSION, Register } from "../protocol.ts";
+import { type EventRecord } from "../cli.ts";
 import { mulberry32, spawnNode, spawnRegistry, withDeadline, type Proc } from "../test/helpers.ts";
 
 export interface FuzzOptions {

@@ -8,7 +8,8 @@
 import { afterEach, describe, expect, test } from "bun:test";
 import { startRegistry } from "../registry.ts";
 import { startNode } from "../client.ts";
-import { PROTOCOL_VERSION, type EventRecord, type Peer } from "../protocol.ts";
+import { PROTOCOL_VERSION, type Peer } from "../protocol.ts";
+import { type EventRecord } from "../cli.ts";
 import { EventLog, disposeAll, spawnNode, spawnRegistry, spawnScript, waitUntil, withDeadline, type Proc } from "./helpers.ts";
 
 /** Short timings: a beat every 500 ms, eviction after 3 missed beats (1.5 s: a loaded CI machine can stall a process for less). */

@@ -5,7 +5,7 @@
  */
 import { join } from "node:path";
 import { command as nodeCommand } from "../client.ts";
-import type { EventRecord } from "../protocol.ts";
+import type { EventRecord } from "../cli.ts";
 import { command as registryCommand } from "../registry.ts";
 
 export const ROOT = join(import.meta.dir, "..");

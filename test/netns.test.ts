@@ -7,7 +7,7 @@
  * refuses an address nobody can reach.
  */
 import { afterAll, describe, expect, test } from "bun:test";
-import { formatAddress } from "../protocol.ts";
+import { formatAddress } from "../net.ts";
 import { meshProblems, waitUntil, withDeadline, type Proc } from "./helpers.ts";
 import { UNUSED4, createNetwork, netnsUnavailable, removeOwn, type Host } from "./netns.ts";
 

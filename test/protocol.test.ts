@@ -31,12 +31,10 @@ import {
   Welcome,
   decode,
   encode,
-  normalizeHost,
-  parseHostPort,
-  parsePort,
-  settingsFrom,
   type Message,
 } from "../protocol.ts";
+import { normalizeHost, parseHostPort, parsePort } from "../net.ts";
+import { settingsFrom } from "../cli.ts";
 import { ROOT } from "./helpers.ts";
 
 const utf8 = new TextEncoder();

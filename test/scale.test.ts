@@ -5,7 +5,7 @@
  */
 import { expect, test } from "bun:test";
 import { startNode, type PeerNode } from "../client.ts";
-import type { EventRecord } from "../protocol.ts";
+import type { EventRecord } from "../cli.ts";
 import { startRegistry } from "../registry.ts";
 import { meshProblems, waitUntil } from "./helpers.ts";
 

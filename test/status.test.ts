@@ -7,7 +7,7 @@
 import { afterEach, describe, expect, test } from "bun:test";
 import { createHash } from "node:crypto";
 import { startNode, type PeerNode } from "../client.ts";
-import type { EventRecord } from "../protocol.ts";
+import type { EventRecord } from "../cli.ts";
 import { startRegistry, type Registry } from "../registry.ts";
 import { startStatusServer, type StatusServer, type StatusServerOptions } from "../status.ts";
 import { EventLog, disposeAll, waitUntil, withDeadline } from "./helpers.ts";

@@ -1,0 +1,106 @@
+/**
+ * Command-line plumbing shared by the two programs: settings from flag, then
+ * environment variable, then default; the printer that turns a role's events
+ * into readable or JSON lines; usage errors and how a script exits.
+ */
+import { createConsola, type ConsolaInstance } from "consola";
+
+// --- output ------------------------------------------------------------------
+
+/** An event as the scripts print it with --json (plus `time`). */
+export type EventRecord = { event: string } & Record<string, unknown>;
+
+/**
+ * Turns a role's events into output: with `json`, one JSON object per line on
+ * stdout (`event`, `time`, fields); otherwise readable consola lines from
+ * `describe`. Errors always go to stderr in human mode.
+ */
+export function createPrinter(
+  tag: string,
+  json: boolean,
+  describe: (e: EventRecord) => string,
+): (e: EventRecord) => void {
+  if (json) {
+    return (e) => {
+      const { event, ...rest } = e;
+      process.stdout.write(JSON.stringify({ event, time: new Date().toISOString(), ...rest }) + "\n");
+    };
+  }
+  const log: ConsolaInstance = createConsola({ level: process.env.CONSOLA_LEVEL ? Number(process.env.CONSOLA_LEVEL) : 3 }).withTag(tag);
+  return (e) => {
+    const text = describe(e);
+    if (e.event === "error" || e.event === "greet-failed") log.warn(text);
+    else if (e.event === "listening" || e.event === "registered") log.success(text);
+    else log.info(text);
+  };
+}
+
+
+/**
+ * Both scripts read every setting the same way: the flag wins, then its
+ * environment variable, then the caller's default.
+ */
+export function settingsFrom<K extends string>(args: Partial<Record<K, unknown>>) {
+  // Empty means unset: compose writes `VAR=` for "not given".
+  const env = (name: string) => process.env[name] || undefined;
+  const text = (key: K, envName: string): string | undefined => {
+    const v = args[key];
+    return v === undefined || v === "" ? env(envName) : String(v);
+  };
+  return {
+    text,
+    /** A whole number within [min, max], or a usage error naming the flag. */
+    int: (key: K, envName: string, min = 0, max?: number): number | undefined => {
+      const v = text(key, envName);
+      return v === undefined ? undefined : intArg(key, v, min, max);
+    },
+    /** A switch: `--flag` / `--no-flag` if given, else its variable (1 or 0), else the default. */
+    on: (key: K, envName: string, fallback = false): boolean => {
+      const v = args[key];
+      if (typeof v === "boolean") return v;
+      const e = env(envName);
+      return e === "1" ? true : e === "0" ? false : fallback;
+    },
+  };
+}
+
+/** A citty argument value as a non-negative integer, or a usage error. */
+export function intArg(name: string, value: unknown, min = 0, max = Number.MAX_SAFE_INTEGER): number {
+  const text = String(value ?? "").trim();
+  if (!/^\d+$/.test(text) || Number(text) < min || Number(text) > max || !Number.isSafeInteger(Number(text))) {
+    const range = max === Number.MAX_SAFE_INTEGER ? `>= ${min}` : `from ${min} to ${max}`;
+    throw new UsageError(`--${name} must be an integer ${range}, got "${String(value)}"`);
+  }
+  return Number(text);
+}
+
+/**
+ * citty ignores flags it does not know; a mistyped `--tokn` silently dropping
+ * the token is worse than refusing to start, so unknown flags are usage errors.
+ */
+export function checkFlags(rawArgs: string[], known: Record<string, { type?: string }>): void {
+  for (const arg of rawArgs) {
+    if (arg === "--") break;
+    if (!arg.startsWith("-") || /^-\d/.test(arg)) continue;
+    const name = arg.replace(/^--?/, "").split("=")[0]!;
+    const def = known[name] ?? (name.startsWith("no-") ? known[name.slice(3)] : undefined);
+    if (!def || def.type === "positional") throw new UsageError(`unknown option ${arg.split("=")[0]}`);
+  }
+}
+
+/** A bad command line: the scripts print it and exit 2. */
+export class UsageError extends Error {
+  override name = "UsageError";
+}
+
+/** Runs a script's start function; a UsageError exits 2 with its message, anything else exits 1. */
+export async function runCli(fn: () => Promise<void>): Promise<void> {
+  try {
+    await fn();
+  } catch (e) {
+    const usage = e instanceof UsageError;
+    process.stderr.write(`${usage ? "usage error" : "error"}: ${(e as Error).message}\n`);
+    if (usage) process.stderr.write("run with --help for usage\n");
+    process.exit(usage ? 2 : 1);
+  }
+}

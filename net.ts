@@ -1,0 +1,352 @@
+/**
+ * Sockets: one NDJSON connection with a write queue (Bun's `write` does not
+ * buffer), the handler table that feeds it, dialing with a deadline, listening
+ * on every address of a name, and the address helpers both roles share. Every
+ * socket of the project is opened here.
+ */
+import { lookup } from "node:dns/promises";
+import { isIP } from "node:net";
+import { DEFAULTS, LineSplitter, encode, type ErrorCode, type Message } from "./protocol.ts";
+
+const encoder = new TextEncoder();
+
+/**
+ * One TCP connection speaking NDJSON. Bun's `write` sends what the kernel takes
+ * and drops the rest, so unsent bytes are queued here and flushed on `drain`;
+ * once anything is queued, everything after it queues too, to keep order.
+ */
+export class Conn<S = unknown> {
+  /** Remote address with IPv4-mapped IPv6 normalised; copied at open because Bun clears it at close. */
+  readonly remoteAddress: string;
+  readonly remotePort: number;
+  closed = false;
+  /** Role-specific session state. */
+  state: S;
+  private queue: Uint8Array[] = [];
+  private queuedBytes = 0;
+  private ending = false;
+  readonly splitter: LineSplitter;
+  /** Set when this layer itself ends the connection over a limit, so the owner can report it on close. */
+  limitHit: { code: ErrorCode; message: string } | undefined;
+
+  constructor(
+    readonly socket: Bun.Socket<Conn<S>>,
+    state: S,
+    maxLineBytes: number,
+    onLine: (conn: Conn<S>, line: string) => void,
+    private readonly maxQueueBytes: number = DEFAULTS.maxQueueBytes,
+  ) {
+    this.remoteAddress = normalizeHost(socket.remoteAddress ?? "");
+    this.remotePort = socket.remotePort ?? 0;
+    this.state = state;
+    this.splitter = new LineSplitter(
+      maxLineBytes,
+      (line) => onLine(this, line),
+      () => {
+        this.limitHit = { code: "line-too-long", message: `line exceeds ${maxLineBytes} bytes` };
+        this.fail(this.limitHit.code, this.limitHit.message);
+      },
+    );
+  }
+
+  /** Sends a message (or pre-encoded lines). Returns false if the connection is gone. */
+  send(msg: Message | string | Uint8Array): boolean {
+    if (this.closed || this.ending) return false;
+    const data = typeof msg === "object" && !(msg instanceof Uint8Array) ? encode(msg) : msg;
+    if (this.queue.length) return this.enqueue(typeof data === "string" ? encoder.encode(data) : data);
+    const n = this.socket.write(data);
+    if (n < 0) return false;
+    const len = typeof data === "string" ? Buffer.byteLength(data) : data.byteLength;
+    if (n < len) return this.enqueue((typeof data === "string" ? encoder.encode(data) : data).subarray(n));
+    return true;
+  }
+
+  /** Bytes waiting for the kernel. */
+  get pendingBytes(): number {
+    return this.queuedBytes;
+  }
+
+  /** The `drain` handler: writes what was queued, then finishes a pending end(). */
+  flush(): void {
+    while (this.queue.length) {
+      const head = this.queue[0]!;
+      const n = this.socket.write(head);
+      if (n < 0) return;
+      if (n < head.byteLength) {
+        this.queue[0] = head.subarray(n);
+        this.queuedBytes -= n;
+        return;
+      }
+      this.queue.shift();
+      this.queuedBytes -= head.byteLength;
+    }
+    if (this.ending) this.socket.end();
+  }
+
+  /** Closes after everything queued has been handed to the kernel. */
+  end(): void {
+    if (this.closed || this.ending) return;
+    this.ending = true;
+    if (!this.queue.length) this.socket.end();
+  }
+
+  /** Sends an error and closes. */
+  fail(code: ErrorCode, message: string): void {
+    this.send({ type: "error", code, message });
+    this.end();
+  }
+
+  /** Closes at once, dropping anything unsent (RST). */
+  destroy(): void {
+    if (!this.closed) this.socket.terminate();
+  }
+
+  private enqueue(bytes: Uint8Array): boolean {
+    this.queue.push(bytes);
+    this.queuedBytes += bytes.byteLength;
+    if (this.queuedBytes > this.maxQueueBytes) {
+      this.limitHit = { code: "slow-consumer", message: `over ${this.maxQueueBytes} bytes unsent: the peer does not read` };
+      this.queue = [];
+      this.queuedBytes = 0;
+      this.destroy();
+      return false;
+    }
+    return true;
+  }
+}
+
+export interface ConnHooks<S> {
+  /** Fresh state for each socket (Bun shares a listener's `data` object between sockets). */
+  state(socket: Bun.Socket<Conn<S>>): S;
+  maxLineBytes: number;
+  /** Unsent bytes allowed before the connection is dropped (default DEFAULTS.maxQueueBytes). */
+  maxQueueBytes?: number;
+  open?(conn: Conn<S>): void;
+  line(conn: Conn<S>, line: string): void;
+  close?(conn: Conn<S>, error?: Error): void;
+  /**
+   * A chunk that is exactly `bytes` (one whole line with its newline, nothing
+   * buffered before it) goes to `handle` without being split or decoded; if
+   * `handle` returns false it takes the normal path. The heartbeat fast path:
+   * a ping arrives alone in its segment.
+   */
+  exact?: { bytes: Buffer; handle(conn: Conn<S>): boolean };
+}
+
+/**
+ * The Bun socket handler table for NDJSON connections. Handlers stay
+ * synchronous and catch everything: an exception in one connection's handler
+ * must never reach Bun's loop, where it would end the process.
+ */
+export function lineHandlers<S>(hooks: ConnHooks<S>): Bun.SocketHandler<Conn<S>> {
+  const exact = hooks.exact;
+  return {
+    open(socket) {
+      const conn = new Conn<S>(socket, undefined as S, hooks.maxLineBytes, (c, line) => {
+        try {
+          hooks.line(c, line);
+        } catch (e) {
+          c.fail("bad-message", `internal error: ${(e as Error).message}`);
+        }
+      }, hooks.maxQueueBytes);
+      socket.data = conn;
+      try {
+        conn.state = hooks.state(socket);
+        hooks.open?.(conn);
+      } catch {
+        conn.destroy();
+      }
+    },
+    data(socket, chunk) {
+      const conn = socket.data;
+      if (conn.closed) return;
+      if (exact && chunk.byteLength === exact.bytes.byteLength && conn.splitter.idle && exact.bytes.equals(chunk)) {
+        try {
+          if (exact.handle(conn)) return;
+        } catch {
+          // fall through: the normal path reports whatever is wrong
+        }
+      }
+      conn.splitter.push(chunk);
+    },
+    drain(socket) {
+      socket.data.flush();
+    },
+    close(socket, error) {
+      const conn = socket.data;
+      if (!conn || conn.closed) return;
+      conn.closed = true;
+      try {
+        hooks.close?.(conn, error);
+      } catch {
+        // a close hook has nothing left to report to
+      }
+    },
+    error(socket) {
+      socket.data?.destroy();
+    },
+  };
+}
+
+// --- addresses and dialing ---------------------------------------------------
+
+/** `::ffff:10.0.0.1` -> `10.0.0.1`, `[::1]` -> `::1`, lowercase. */
+export function normalizeHost(host: string): string {
+  let h = host.trim().toLowerCase();
+  if (h.startsWith("[") && h.endsWith("]")) h = h.slice(1, -1);
+  if (h.startsWith("::ffff:") && isIP(h.slice(7)) === 4) h = h.slice(7);
+  return h;
+}
+
+/** `host:port`, with brackets around IPv6. */
+export function formatAddress(host: string, port: number): string {
+  return isIP(host) === 6 ? `[${host}]:${port}` : `${host}:${port}`;
+}
+
+/** Parses `host`, `host:port`, `[v6]` or `[v6]:port`; a bare IPv6 literal is a host. */
+export function parseHostPort(text: string): { host?: string; port?: number } {
+  const t = text.trim();
+  let host: string | undefined = t;
+  let portText: string | undefined;
+  const bracket = /^\[([^\]]+)\](?::(\d*))?$/.exec(t);
+  if (bracket) [host, portText] = [bracket[1], bracket[2]];
+  else if (isIP(t) !== 6 && t.includes(":")) {
+    const i = t.lastIndexOf(":");
+    [host, portText] = [t.slice(0, i), t.slice(i + 1)];
+  }
+  const port = portText === undefined || portText === "" ? undefined : parsePort(portText, false);
+  if (portText && port === undefined) throw new Error(`invalid port in "${text}"`);
+  return { host: host ? normalizeHost(host) : undefined, port };
+}
+
+/** A port number from text, or undefined. */
+export function parsePort(text: string, allowZero = true): number | undefined {
+  if (!/^\d{1,5}$/.test(text.trim())) return undefined;
+  const n = Number(text);
+  return n <= 65535 && (allowZero || n > 0) ? n : undefined;
+}
+
+/** Every address a host name resolves to (IP literals pass through), IPv6 and IPv4 alike. */
+export async function resolveHost(host: string): Promise<string[]> {
+  const h = normalizeHost(host);
+  if (isIP(h)) return [h];
+  const found = await lookup(h, { all: true, verbatim: true });
+  return [...new Set(found.map((a) => normalizeHost(a.address)))];
+}
+
+export class DialError extends Error {
+  override name = "DialError";
+  constructor(
+    message: string,
+    readonly code: string,
+    options?: ErrorOptions,
+  ) {
+    super(message, options);
+  }
+}
+
+/**
+ * Connects with a deadline (Bun has no connect timeout) to each address the
+ * host resolves to in turn, so `localhost` works whether the other side
+ * listens on ::1, 127.0.0.1 or both.
+ */
+export async function dial<S>(
+  host: string,
+  port: number,
+  handlers: Bun.SocketHandler<Conn<S>>,
+  timeoutMs: number,
+): Promise<Conn<S>> {
+  const deadline = performance.now() + timeoutMs;
+  let addrs: string[];
+  try {
+    addrs = await resolveHost(host);
+  } catch (e) {
+    throw new DialError(`cannot resolve ${host}: ${(e as Error).message}`, "ENOTFOUND", { cause: e });
+  }
+  let last: unknown;
+  for (const addr of addrs) {
+    const left = deadline - performance.now();
+    if (left <= 0) break;
+    try {
+      const socket = await connectWithTimeout(addr, port, handlers, left);
+      return socket.data;
+    } catch (e) {
+      last = e;
+    }
+  }
+  const code = (last as { code?: string } | undefined)?.code ?? "ETIMEDOUT";
+  const why = last ? (last as Error).message : "timed out";
+  throw new DialError(`cannot connect to ${formatAddress(host, port)}: ${why} (${code})`, code, { cause: last });
+}
+
+async function connectWithTimeout<S>(
+  hostname: string,
+  port: number,
+  socket: Bun.SocketHandler<Conn<S>>,
+  ms: number,
+): Promise<Bun.Socket<Conn<S>>> {
+  const p = Bun.connect<Conn<S>>({ hostname, port, socket });
+  let timer: Timer | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new DialError(`connect timeout after ${Math.round(ms)}ms`, "ETIMEDOUT")), ms);
+  });
+  try {
+    return await Promise.race([p, timeout]);
+  } catch (e) {
+    p.then((s) => s.terminate(), () => {}); // a late success is closed, a late failure swallowed
+    const code = (e as { code?: string }).code;
+    throw code ? e : new DialError((e as Error).message, "ECONNREFUSED", { cause: e });
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/**
+ * Listens on a host the way a user means it: `localhost` binds both 127.0.0.1
+ * and ::1 (Bun's listen and connect can resolve it to different families), and
+ * `::` falls back to 0.0.0.0 on hosts without IPv6. Returns the listeners
+ * (all on one port) and the port.
+ */
+export function listenAll<S>(
+  host: string,
+  port: number,
+  socket: Bun.SocketHandler<Conn<S>>,
+): { listeners: Bun.TCPSocketListener<Conn<S>>[]; port: number } {
+  const h = normalizeHost(host);
+  const listen = (hostname: string, p: number) => {
+    try {
+      return Bun.listen<Conn<S>>({ hostname, port: p, socket });
+    } catch (e) {
+      // Bun says only "Failed to listen at ::"; say which port and why, keep `code` for callers.
+      const code = (e as { code?: string }).code;
+      const why =
+        code === "EADDRINUSE" ? `port ${p} is already in use on ${hostname}`
+        : code === "EADDRNOTAVAIL" ? `${hostname} is not an address of this host`
+        : code === "EACCES" ? `no permission to listen on port ${p}`
+        : `cannot listen on ${hostname} port ${p}: ${(e as Error).message}`;
+      throw Object.assign(new Error(why, { cause: e }), { code });
+    }
+  };
+  if (h === "localhost") {
+    const first = listen("127.0.0.1", port);
+    const listeners = [first];
+    try {
+      listeners.push(listen("::1", first.port));
+    } catch {
+      // IPv4-only host, or ::1 taken: 127.0.0.1 alone still serves `localhost`
+    }
+    return { listeners, port: first.port };
+  }
+  if (h === "::") {
+    try {
+      const l = listen("::", port);
+      return { listeners: [l], port: l.port };
+    } catch (e) {
+      if ((e as { code?: string }).code === "EADDRINUSE") throw e;
+      const l = listen("0.0.0.0", port);
+      return { listeners: [l], port: l.port };
+    }
+  }
+  const l = listen(h, port);
+  return { listeners: [l], port: l.port };
+}
