@@ -154,13 +154,14 @@ describe("bad input to the registry", () => {
     ["a field out of range", '{"type":"register","v":1,"id":"x","port":70000}\n', "bad-message", "port: "],
     ["a missing field", '{"type":"register","v":1,"port":1}\n', "bad-message", "id: "],
     ["unknown type", '{"type":"frobnicate"}\n', "bad-message", "type: "],
-    ["JSON that is not an object", "[1,2,3]\n", "bad-message", ""],
+    // The schema looks for `type` first, so an array is told its type is missing.
+    ["JSON that is not an object", "[1,2,3]\n", "bad-message", 'type: Invalid type: Expected ("register" | "ping" | "leave" | "sync" | "receipt") but received undefined'],
     ["binary garbage", garbage, "bad-json", "invalid JSON"],
     ["an oversize line, never finished", "x".repeat(17 * 1024), "line-too-long", "16384"],
-    ["an oversize register", JSON.stringify({ type: "register", v: 1, id: "x", port: 1, name: "n".repeat(20_000) }) + "\n", "line-too-long", ""],
+    ["an oversize register", JSON.stringify({ type: "register", v: 1, id: "x", port: 1, name: "n".repeat(20_000) }) + "\n", "line-too-long", "line exceeds 16384 bytes"],
     ["register with an unsupported version", '{"type":"register","v":2,"id":"x","port":1}\n', "unsupported-version", "version 2"],
-    ["ping before register", '{"type":"ping"}\n', "unexpected-message", ""],
-    ["sync before register", '{"type":"sync"}\n', "unexpected-message", ""],
+    ["ping before register", '{"type":"ping"}\n', "unexpected-message", "ping before register"],
+    ["sync before register", '{"type":"sync"}\n', "unexpected-message", "sync before register"],
   ];
 
   test.each(cases)("%s -> error, connection closed, and a good node registers right after", async (_label, bytes, code, text) => {
@@ -239,10 +240,10 @@ describe("bad input to a node's listener", () => {
   const hello = { type: "hello", v: 1, id: "intruder", host: "127.0.0.1", port: 9 };
   const cases: [string, string | Uint8Array, string, string][] = [
     ["invalid JSON", "GET / HTTP/1.1\r\n\r\n", "bad-json", "invalid JSON"],
-    ["binary garbage", Uint8Array.from([0xde, 0xad, 0xbe, 0xef, 0x00, 0xff, 0x0a]), "bad-json", ""],
+    ["binary garbage", Uint8Array.from([0xde, 0xad, 0xbe, 0xef, 0x00, 0xff, 0x0a]), "bad-json", "invalid JSON"],
     ["wrong types", JSON.stringify({ ...hello, port: "9" }) + "\n", "bad-message", "port: "],
     ["unknown type", JSON.stringify({ type: "register", v: 1, id: "x", port: 1 }) + "\n", "bad-message", "type: "],
-    ["an oversize line", "y".repeat(20_000), "line-too-long", ""],
+    ["an oversize line", "y".repeat(20_000), "line-too-long", "line exceeds 16384 bytes"],
     ["an unsupported version", JSON.stringify({ ...hello, v: 99 }) + "\n", "unsupported-version", "99"],
     ["a probe for another node", JSON.stringify({ type: "probe", v: 1, id: "someone-else", nonce: "n1" }) + "\n", "wrong-node", "someone-else"],
   ];
