@@ -5,31 +5,8 @@
  * mesh once it is complete, then stops everything cleanly.
  * `bun demo.ts [--nodes 5]` (or `npm run demo`).
  */
-import { defineCommand, runMain } from "citty";
-import { intArg, runCli } from "./cli.ts";
-import { disposeAll, meshProblems, spawnNode, spawnRegistry, waitUntil, type Proc } from "./test/helpers.ts";
-
-export const command = defineCommand({
-  meta: { name: "demo", description: "Start a registry and N nodes on loopback, watch the mesh form, stop cleanly." },
-  args: {
-    nodes: { type: "string", description: "How many nodes", default: "5" },
-    timeout: { type: "string", description: "Give up after this many seconds", default: "60" },
-  },
-  async run({ args }) {
-    await runCli(async () => {
-      const n = intArg("nodes", args.nodes, 2);
-      const deadlineMs = intArg("timeout", args.timeout, 1) * 1000;
-      const procs: Proc[] = [];
-      let ok = false;
-      try {
-        ok = await demo(n, deadlineMs, procs);
-      } finally {
-        await disposeAll(procs);
-      }
-      process.exit(ok ? 0 : 1);
-    });
-  },
-});
+import { intArg } from "./cli.ts";
+import { disposeAll, greetingsOf, meshProblems, runScript, spawnNode, spawnRegistry, waitUntil, type Proc } from "./harness.ts";
 
 async function demo(n: number, deadlineMs: number, procs: Proc[]): Promise<boolean> {
   const say = (text: string) => process.stdout.write(`${text}\n`);
@@ -49,27 +26,25 @@ async function demo(n: number, deadlineMs: number, procs: Proc[]): Promise<boole
 
   const byId = new Map(nodes.map((p, i) => [p.id, names[i]!]));
   const expected = (n * (n - 1)) / 2;
-  const greeted = () => nodes.reduce((sum, p) => sum + p.log.named("greeted").length, 0);
-  await waitUntil(() => greeted() >= expected, deadlineMs, `${expected} greetings`);
+  const count = (event: string) => nodes.reduce((sum, p) => sum + p.log.named(event).length, 0);
+  await waitUntil(() => count("greeted") >= expected, deadlineMs, `${expected} greetings`);
   // Count receptions too: a greeting is complete when the receiver logged it.
-  await waitUntil(() => nodes.reduce((s, p) => s + p.log.named("greeting").length, 0) >= expected, deadlineMs, `${expected} receptions`);
+  await waitUntil(() => count("greeting") >= expected, deadlineMs, `${expected} receptions`);
 
   for (const [i, p] of nodes.entries()) {
     const who = p.log.named("greeted").map((e) => byId.get(String(e.peer)) ?? e.peer);
     if (who.length) say(`${names[i]!.padEnd(9)} greeted ${who.join(", ")}`);
   }
   say("");
-  const problems = meshProblems(
-    nodes.map((p) => p.id),
-    new Map(nodes.map((p) => [p.id, p.log.named("greeted").map((e) => String(e.peer))])),
-  );
+  const { greeted, received } = greetingsOf(nodes);
+  const problems = meshProblems(nodes.map((p) => p.id), greeted, received);
   if (problems.length) say(`mesh NOT complete: ${problems.join("; ")}`);
   else say(`every pair greeted exactly once: ${expected} greetings among ${n} nodes`);
   say("row greeted column (G), column greeted row (g):");
   say(`          ${names.map((_, i) => String(i + 1).padStart(5)).join("")}`);
   for (const [i, p] of nodes.entries()) {
-    const sent = new Set(p.log.named("greeted").map((e) => String(e.peer)));
-    const got = new Set(p.log.named("greeting").map((e) => String(e.peer)));
+    const sent = new Set(greeted.get(p.id));
+    const got = new Set(received.get(p.id));
     const row = nodes.map((q) => (q === p ? "·" : sent.has(q.id) ? "G" : got.has(q.id) ? "g" : "?"));
     say(`${names[i]!.padEnd(10)}${row.map((c) => c.padStart(5)).join("")}`);
   }
@@ -87,4 +62,20 @@ async function demo(n: number, deadlineMs: number, procs: Proc[]): Promise<boole
   return !problems.length && code === 0 && rc === 0;
 }
 
-if (import.meta.main) await runMain(command);
+if (import.meta.main) {
+  await runScript(
+    { name: "demo", description: "Start a registry and N nodes on loopback, watch the mesh form, stop cleanly." },
+    {
+      nodes: { type: "string", description: "How many nodes", default: "5" },
+      timeout: { type: "string", description: "Give up after this many seconds", default: "60" },
+    },
+    async (args) => {
+      const procs: Proc[] = [];
+      try {
+        return (await demo(intArg("nodes", args.nodes, 2), intArg("timeout", args.timeout, 1) * 1000, procs)) ? 0 : 1;
+      } finally {
+        await disposeAll(procs);
+      }
+    },
+  );
+}

@@ -10,7 +10,7 @@ import { startNode, type PeerNode } from "./client.ts";
 import { LineSplitter, PROTOCOL_VERSION } from "./protocol.ts";
 import { Conn } from "./net.ts";
 import { startRegistry, type Registry } from "./registry.ts";
-import { EventLog, RawClient, waitUntil, type WireMessage } from "./test/helpers.ts";
+import { EventLog, RawClient, closedPort, waitUntil, type WireMessage } from "./harness.ts";
 
 const LOCAL = { host: "127.0.0.1", port: 0 } as const;
 
@@ -330,7 +330,7 @@ describe("framing over real sockets", () => {
 
 describe("the probe", () => {
   test("a register naming a port where nothing listens is refused as unreachable, naming the address", async () => {
-    const port = await closedPort();
+    const port = closedPort();
     const log = new EventLog();
     await using reg = await startRegistry({ ...LOCAL, onEvent: log.push });
     await using c = await RawClient.connect(reg.port);
@@ -355,7 +355,7 @@ describe("the probe", () => {
   });
 
   test("with probe: false the same register is accepted", async () => {
-    const port = await closedPort();
+    const port = closedPort();
     await using reg = await startRegistry({ ...LOCAL, probe: false });
     await using c = await RawClient.connect(reg.port);
     const reply = await register(c, "ghost", port);
@@ -466,21 +466,10 @@ async function register(c: RawClient, id: string, port: number, extra: Record<st
   return m;
 }
 
-async function waitForCount(c: RawClient, pred: (m: WireMessage) => boolean, n: number, ms = 10_000): Promise<WireMessage[]> {
-  await waitUntil(() => c.messages.filter(pred).length >= n || c.closed, ms, `${n} matching messages`);
-  const found = c.messages.filter(pred);
-  if (found.length < n) throw new Error(`connection closed after ${found.length} of ${n} matching messages`);
-  return found;
+function waitForCount(c: RawClient, pred: (m: WireMessage) => boolean, n: number, ms = 10_000): Promise<WireMessage[]> {
+  return c.waitForCount(pred, n, ms, `${n} matching messages`);
 }
 
 function peerId(m: WireMessage): unknown {
   return (m.peer as { id?: unknown } | undefined)?.id;
-}
-
-/** A port nothing listens on right now: bound, then released. */
-async function closedPort(): Promise<number> {
-  const l = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
-  const port = l.port;
-  l.stop(true);
-  return port;
 }

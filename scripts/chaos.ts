@@ -16,26 +16,25 @@
  *
  *   bun scripts/chaos.ts --duration 20 --nodes 50 --seed 7
  *
- * Exit 0 when both facts hold, 1 otherwise, 2 on a bad command line.
+ * Exit 0 when both facts hold, 1 otherwise, 2 on a bad command line; with
+ * --json the last stdout line is the report as one JSON object (event
+ * "chaos-report").
  */
-import { defineCommand, runMain } from "citty";
-import { UsageError, checkFlags, intArg, runCli } from "../cli.ts";
-import { mulberry32, spawnScript, withDeadline, type Proc } from "../test/helpers.ts";
+import { intArg } from "../cli.ts";
+import { killAllOnExit, mulberry32, runScript, spawnScript, withDeadline, type Proc } from "../harness.ts";
 
-export interface ChaosOptions {
+interface ChaosOptions {
   durationMs: number;
   nodes: number;
   /** Seeds the choice of actions and victims (process timing still varies between runs). */
   seed: number;
   /** Registry heartbeat; a node is evicted after 3 missed beats. */
-  heartbeatMs?: number;
+  heartbeatMs: number;
   /** How long the system gets to agree after the last action. */
-  settleMs?: number;
-  /** Receives each line of the narrative (default: stdout). */
-  print?: (line: string) => void;
+  settleMs: number;
 }
 
-export interface ChaosReport {
+interface ChaosReport {
   ok: boolean;
   seed: number;
   actions: Record<Action, number>;
@@ -52,27 +51,18 @@ export interface ChaosReport {
 type Action = "kill" | "term" | "freeze" | "start" | "restart-same" | "registry-restart";
 
 /** Runs the chaos and the final check; always kills every process it started. */
-export async function runChaos(options: ChaosOptions): Promise<ChaosReport> {
+async function runChaos(options: ChaosOptions): Promise<ChaosReport> {
   const run = new ChaosRun(options);
-  active.add(run);
   try {
     return await run.execute();
   } finally {
     await run.cleanup();
-    active.delete(run);
   }
-}
-
-/** Kills the processes of every run in progress: for a harness whose own deadline ended a run early. */
-export async function stopAllChaos(): Promise<void> {
-  await Promise.allSettled([...active].map((r) => r.cleanup()));
 }
 
 // --- internal ----------------------------------------------------------------
 
 const MISSES = 3;
-/** Runs in progress, so an interrupted script can still kill its children (Bun leaves them running). */
-const active = new Set<ChaosRun>();
 const NODE_FLAGS = ["--listen", "127.0.0.1", "--reconnect-max", "500", "--greet-timeout", "1000", "--greet-retries", "1"];
 /** Most node processes being spawned at once: a Bun start costs ~0.1 s of CPU and there are two cores. */
 const SPAWN_CONCURRENCY = 6;
@@ -92,7 +82,6 @@ interface Slot {
 }
 
 class ChaosRun {
-  private readonly o: Required<ChaosOptions>;
   private readonly rand: () => number;
   private readonly t0 = performance.now();
   private readonly slots: Slot[];
@@ -109,13 +98,7 @@ class ChaosRun {
   private midpoint = Infinity;
   private spawnWaiters: (() => void)[] = [];
 
-  constructor(options: ChaosOptions) {
-    this.o = {
-      heartbeatMs: 300,
-      settleMs: 30_000,
-      print: (line) => process.stdout.write(line + "\n"),
-      ...options,
-    };
+  constructor(private readonly o: ChaosOptions) {
     this.rand = mulberry32(this.o.seed);
     this.slots = Array.from({ length: this.o.nodes }, (_, index) => ({ index }));
   }
@@ -183,21 +166,16 @@ class ChaosRun {
     const awake = live.filter((s) => !s.frozen);
     const victim = (from: Slot[]) => from[Math.floor(this.rand() * from.length)];
     switch (action) {
-      case "kill": {
-        const s = victim(live)!;
-        this.count("kill");
-        this.say(`kill -9 node#${s.index} ${s.id} (pid ${s.proc!.pid})${s.frozen ? " while frozen" : ""}`);
+      case "kill":
+      case "term": {
+        // A frozen node can be killed, but not asked to stop: it could not say goodbye.
+        const s = victim(action === "kill" ? live : awake);
+        if (!s) return;
+        this.count(action);
+        this.say(`${action === "kill" ? "kill -9" : "SIGTERM"} node#${s.index} ${s.id} (pid ${s.proc!.pid})${s.frozen ? " while frozen" : ""}`);
         clearTimeout(s.frozen);
         s.frozen = undefined;
-        this.end(s, "SIGKILL");
-        return;
-      }
-      case "term": {
-        const s = victim(awake);
-        if (!s) return;
-        this.count("term");
-        this.say(`SIGTERM node#${s.index} ${s.id} (pid ${s.proc!.pid})`);
-        this.end(s, "SIGTERM");
+        this.end(s, action === "kill" ? "SIGKILL" : "SIGTERM");
         return;
       }
       case "freeze": {
@@ -260,27 +238,22 @@ class ChaosRun {
     const args = ["127.0.0.1", String(this.registryPort), "--json", ...NODE_FLAGS];
     if (sameIdentity) args.push("--id", s.lastId!, "--port", String(s.lastPort));
     await this.spawnSlot();
-    let proc: Proc;
     try {
-      proc = spawnScript("client.ts", args, {}, `node#${s.index}`);
+      const proc = spawnScript("client.ts", args, { label: `node#${s.index}` });
       s.proc = proc;
       s.id = s.port = undefined;
       s.ending = false;
       this.all.add(proc);
       // The slot is free for a restart only after the exit: a same-port restart needs the port.
-      const exited = proc.exited().then((code) => {
-        this.onNodeExit(s, proc, code);
-        throw new Error(`node#${s.index} exited with ${code} before listening`);
-      });
-      exited.catch(() => {});
-      const l = await Promise.race([proc.log.waitFor("listening", START_DEADLINE_MS, `node#${s.index} to listen`), exited]);
+      void proc.exited().then((code) => this.onNodeExit(s, proc, code));
+      const l = await proc.log.waitFor("listening", START_DEADLINE_MS, `node#${s.index} to listen`);
       s.id = s.lastId = String(l.id);
       s.port = s.lastPort = Number(l.port);
       if (sameIdentity) this.say(`restart node#${s.index} as ${s.id} on its old port ${s.port} (pid ${proc.pid})`);
       else if (this.actions.start + this.actions["restart-same"] > 0) this.say(`start node#${s.index} ${s.id} (pid ${proc.pid})`);
     } catch (e) {
       // An early exit was judged by onNodeExit; what is left is a process that never started listening.
-      if (s.proc && s.proc.proc.exitCode === null) {
+      if (s.proc?.running) {
         this.problems.push(`node#${s.index}: ${(e as Error).message}`);
         s.ending = true;
         s.proc.signal("SIGKILL");
@@ -324,17 +297,12 @@ class ChaosRun {
   private async startRegistry(port: number): Promise<Proc> {
     const args = ["127.0.0.1", String(port), "--json", "--heartbeat", String(this.o.heartbeatMs), "--heartbeat-misses", String(MISSES)];
     for (let attempt = 1; ; attempt++) {
-      const proc = spawnScript("registry.ts", args, {}, "registry");
+      const proc = spawnScript("registry.ts", args, { label: "registry" });
       this.all.add(proc);
-      const listening = proc.log.waitFor("listening", START_DEADLINE_MS, "registry to listen");
-      listening.catch(() => {});
-      const exited = proc.exited().then((code) => {
-        throw new Error(`registry exited with ${code}: ${proc.stderr.slice(-3).join(" | ")}`);
-      });
       try {
-        await Promise.race([listening, exited]);
-        void exited.catch((e: Error) => {
-          if (proc === this.registry && !this.registryDown) this.problems.push(`registry died by itself: ${e.message}`);
+        await proc.log.waitFor("listening", START_DEADLINE_MS, "registry to listen");
+        void proc.exited().then((code) => {
+          if (proc === this.registry && !this.registryDown) this.problems.push(`registry died by itself with code ${code}: ${proc.stderr.slice(-3).join(" | ")}`);
         });
         return proc;
       } catch (e) {
@@ -454,7 +422,7 @@ class ChaosRun {
 
   private say(text: string): void {
     const t = ((performance.now() - this.t0) / 1000).toFixed(2).padStart(7);
-    this.o.print(`[${t}s] ${text}`);
+    process.stdout.write(`[${t}s] ${text}\n`);
   }
 }
 
@@ -471,23 +439,22 @@ function same(a: string[], b: string[]): boolean {
   return a.length === b.length && a.every((x, i) => x === b[i]);
 }
 
-export const command = defineCommand({
-  meta: { name: "chaos", description: "Kill, freeze and restart nodes and the registry at random, then check that the registry's list and every node's view agree with the live nodes." },
-  args: {
-    duration: { type: "string", description: "Seconds of chaos", default: "20" },
-    nodes: { type: "string", description: "Node processes", default: "50" },
-    seed: { type: "string", description: "Seed for the choice of actions (default: random, printed)" },
-    heartbeat: { type: "string", description: "Registry heartbeat in ms (eviction after 3 misses)", default: "300" },
-    settle: { type: "string", description: "Seconds allowed to reach agreement after the chaos", default: "30" },
-  },
-  async run({ args, rawArgs }) {
-    await runCli(async () => {
-      checkFlags(rawArgs, command.args as Record<string, { type?: string }>);
-      const nodes = intArg("nodes", args.nodes, 2);
-      if (nodes > 500) throw new UsageError("--nodes above 500 would only measure process start-up");
+if (import.meta.main) {
+  killAllOnExit();
+  await runScript(
+    { name: "chaos", description: "Kill, freeze and restart nodes and the registry at random, then check that the registry's list and every node's view agree with the live nodes." },
+    {
+      duration: { type: "string", description: "Seconds of chaos", default: "20" },
+      nodes: { type: "string", description: "Node processes, 2 to 500 (more would only measure process start-up)", default: "50" },
+      seed: { type: "string", description: "Seed for the choice of actions (default: random, printed)" },
+      heartbeat: { type: "string", description: "Registry heartbeat in ms (eviction after 3 misses)", default: "300" },
+      settle: { type: "string", description: "Seconds allowed to reach agreement after the chaos", default: "30" },
+      json: { type: "boolean", description: "End with the report as one JSON line" },
+    },
+    async (args) => {
       const report = await runChaos({
         durationMs: intArg("duration", args.duration, 1) * 1000,
-        nodes,
+        nodes: intArg("nodes", args.nodes, 2, 500),
         seed: args.seed === undefined ? Math.floor(Math.random() * 2 ** 31) : intArg("seed", args.seed),
         heartbeatMs: intArg("heartbeat", args.heartbeat, 50),
         settleMs: intArg("settle", args.settle, 1) * 1000,
@@ -496,14 +463,8 @@ export const command = defineCommand({
       process.stdout.write(
         `actions: ${a.kill} kill -9, ${a.term} SIGTERM, ${a.freeze} SIGSTOP, ${a.start} fresh starts, ${a["restart-same"]} restarts with the same id and port, ${a["registry-restart"]} registry kill -9 + restart\n`,
       );
-      process.exit(report.ok ? 0 : 1);
-    });
-  },
-});
-
-if (import.meta.main) {
-  const interrupt = () => void stopAllChaos().finally(() => process.exit(130));
-  process.once("SIGINT", interrupt);
-  process.once("SIGTERM", interrupt);
-  await runMain(command);
+      if (args.json) process.stdout.write(JSON.stringify({ event: "chaos-report", ...report }) + "\n");
+      return report.ok ? 0 : 1;
+    },
+  );
 }

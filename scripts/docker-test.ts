@@ -18,41 +18,13 @@
  * removed by the next run. Waits are for log lines or states under
  * deadlines, never for time.
  */
-import { defineCommand, runMain } from "citty";
 import { join } from "node:path";
-import { checkFlags, intArg, runCli, UsageError, type EventRecord } from "../cli.ts";
-import { meshProblems, Proc, withDeadline } from "../test/helpers.ts";
+import { intArg } from "../cli.ts";
+import { ROOT, Proc, exec, greetingsOf, meshProblems, runScript, waitUntil, withDeadline } from "../harness.ts";
 
-const ROOT = join(import.meta.dir, "..");
 const LABEL = "contact-registry-test.pid";
 
-export const command = defineCommand({
-  meta: { name: "docker-test", description: "Build the image and check a registry + nodes mesh in Docker (skips without an engine)." },
-  args: {
-    image: { type: "string", description: "Tag to build and test", default: "contact-registry:test" },
-    nodes: { type: "string", description: "Node containers in the mesh check", default: "3" },
-    timeout: { type: "string", description: "Give up after this many seconds, build included", default: "300" },
-    require: { type: "boolean", description: "A missing engine or base image is a failure, not a skip [env DOCKER_TEST_REQUIRE=1]" },
-    ipv6: { type: "boolean", description: "Also check an IPv6 network when the engine allows one; --no-ipv6 to leave it out", default: true },
-  },
-  async run({ args, rawArgs }) {
-    await runCli(async () => {
-      checkFlags(rawArgs, command.args as Record<string, { type?: string }>);
-      const nodes = intArg("nodes", args.nodes, 2);
-      if (nodes > 20) throw new UsageError("--nodes: at most 20 (this is a correctness check, not a benchmark)");
-      const code = await main({
-        image: String(args.image),
-        nodes,
-        timeoutMs: intArg("timeout", args.timeout, 10) * 1000,
-        require: Boolean(args.require) || process.env.DOCKER_TEST_REQUIRE === "1",
-        ipv6: args.ipv6 !== false,
-      });
-      process.exit(code);
-    });
-  },
-});
-
-export interface DockerTestOptions {
+interface DockerTestOptions {
   image: string;
   nodes: number;
   timeoutMs: number;
@@ -61,7 +33,7 @@ export interface DockerTestOptions {
 }
 
 /** Runs every check; returns the exit code. */
-export async function main(o: DockerTestOptions): Promise<number> {
+async function main(o: DockerTestOptions): Promise<number> {
   const started = performance.now();
   const docker = Bun.which("docker") ?? "/usr/bin/docker";
   const baseImages = baseImagesOf(await Bun.file(join(ROOT, "Dockerfile")).text());
@@ -305,7 +277,7 @@ class Run {
         });
         if (!String(e.address).startsWith("[")) throw new Error(`${p.label} registered as ${e.address}, not an IPv6 address`);
       }
-      await waitFor(
+      await waitUntil(
         () => nodes.some((p) => p.log.named("greeted").length) && nodes.some((p) => p.log.named("greeting").length),
         30_000,
         "the greeting between the IPv6 nodes",
@@ -327,7 +299,7 @@ class Run {
     if (this.stopping) throw new Abort("stopping");
     this.composeProjects.set(project, { base, env });
     const up = await this.check(`compose (${cmd.join(" ")}): up --scale client=${scale}`, async () => {
-      const p = execFile([...base, "up", "-d", "--no-build", "--scale", `client=${scale}`], 120_000, env);
+      const p = exec([...base, "up", "-d", "--no-build", "--scale", `client=${scale}`], 120_000, env);
       this.creating.add(p);
       const r = await p.finally(() => this.creating.delete(p));
       if (r.code !== 0) throw new Error(`exited ${r.code}: ${tail(r.stderr + r.stdout, 10)}`);
@@ -385,7 +357,7 @@ class Run {
   private async healthy(container: string): Promise<string> {
     let state = "";
     let output = "";
-    await waitFor(
+    await waitUntil(
       async () => {
         const h = JSON.parse(await this.execOk(["inspect", "-f", "{{json .State.Health}}", container])) as {
           Status: string;
@@ -444,7 +416,7 @@ class Run {
       if (r.code !== 0 && !/No such container/.test(r.stderr)) process.stdout.write(`cleanup: docker rm: ${r.stderr.trim()}\n`);
     }
     await Promise.allSettled(
-      Array.from(this.composeProjects.values(), ({ base, env }) => execFile([...base, "down", "--remove-orphans", "-t", "5"], 60_000, env)),
+      Array.from(this.composeProjects.values(), ({ base, env }) => exec([...base, "down", "--remove-orphans", "-t", "5"], 60_000, env)),
     );
     this.composeProjects.clear();
     await Promise.allSettled([...this.followers].map((f) => f[Symbol.asyncDispose]()));
@@ -466,7 +438,7 @@ class Run {
   }
 
   exec(args: string[], timeoutMs: number): Promise<Exec> {
-    return execFile([this.docker, ...args], timeoutMs);
+    return exec([this.docker, ...args], timeoutMs);
   }
 
   async execOk(args: string[], timeoutMs = 30_000): Promise<string> {
@@ -484,25 +456,13 @@ async function fullMesh(nodes: Proc[]): Promise<void> {
   const ids = await Promise.all(nodes.map(async (p) => String((await p.log.waitFor("listening", 30_000, `${p.label} to listen`)).id)));
   const pairs = (nodes.length * (nodes.length - 1)) / 2;
   const count = (event: string) => nodes.reduce((n, p) => n + p.log.named(event).length, 0);
-  await waitFor(() => count("greeted") >= pairs && count("greeting") >= pairs, 30_000, `${pairs} greeted and greeting events`).catch(
+  await waitUntil(() => count("greeted") >= pairs && count("greeting") >= pairs, 30_000, `${pairs} greeted and greeting events`).catch(
     (e: Error) => {
       throw new Error(`${e.message} (have ${count("greeted")} greeted, ${count("greeting")} greeting)`);
     },
   );
-  const greeted = new Map<string, string[]>();
-  const greetedBy = new Map<string, string[]>();
-  nodes.forEach((p, i) => {
-    greeted.set(ids[i]!, p.log.named("greeted").map((e) => String(e.peer)));
-    greetedBy.set(ids[i]!, p.log.named("greeting").map((e) => String(e.peer)));
-  });
-  const problems = [
-    ...meshProblems(ids, greeted).map((m) => `greeted ${m}`),
-    ...meshProblems(ids, greetedBy).map((m) => `greeting ${m}`),
-  ];
-  // Both ends must tell of the same greeting: a greeted b  <=>  b got a greeting from a.
-  for (const [a, tos] of greeted) {
-    for (const b of tos) if (!greetedBy.get(b)?.includes(a)) problems.push(`${a} greeted ${b}, which saw no greeting from it`);
-  }
+  const { greeted, received } = greetingsOf(nodes.map((p, i) => ({ id: ids[i]!, log: p.log })));
+  const problems = meshProblems(ids, greeted, received);
   const failed = nodes.flatMap((p) => p.log.named("greet-failed").map((e) => `${p.label}: ${e.reason}`));
   if (failed.length) problems.push(`greet-failed: ${failed.join("; ")}`);
   if (problems.length) throw new Error(problems.join("; "));
@@ -511,10 +471,10 @@ async function fullMesh(nodes: Proc[]): Promise<void> {
 /** Why Docker cannot be used here, or undefined if it can. */
 async function engineProblem(docker: string, bases: string[]): Promise<string | undefined> {
   if (!Bun.which(docker) && !(await Bun.file(docker).exists())) return "no docker command on PATH";
-  const info = await execFile([docker, "info", "--format", "{{.ServerVersion}}"], 20_000);
+  const info = await exec([docker, "info", "--format", "{{.ServerVersion}}"], 20_000);
   if (info.code !== 0) return `docker info failed (no engine running?): ${firstLine(info.stderr || info.stdout)}`;
   for (const base of bases) {
-    const r = await execFile([docker, "image", "inspect", "--format", "{{.Id}}", base], 20_000);
+    const r = await exec([docker, "image", "inspect", "--format", "{{.Id}}", base], 20_000);
     if (r.code !== 0) return `base image ${base} is missing (no registry to pull from; ../shared/tools/docker-engine.sh makes a local one)`;
   }
   return undefined;
@@ -522,9 +482,9 @@ async function engineProblem(docker: string, bases: string[]): Promise<string | 
 
 /** `docker compose` (v2 plugin) if it answers, else `docker-compose` (v1), else none. */
 async function composeCommand(docker: string): Promise<string[] | undefined> {
-  if ((await execFile([docker, "compose", "version"], 20_000)).code === 0) return [docker, "compose"];
+  if ((await exec([docker, "compose", "version"], 20_000)).code === 0) return [docker, "compose"];
   const v1 = Bun.which("docker-compose");
-  if (v1 && (await execFile([v1, "version"], 20_000)).code === 0) return [v1];
+  if (v1 && (await exec([v1, "version"], 20_000)).code === 0) return [v1];
   return undefined;
 }
 
@@ -541,22 +501,6 @@ function baseImagesOf(dockerfile: string): string[] {
   return [...new Set(out)];
 }
 
-async function execFile(cmd: string[], timeoutMs: number, env?: Record<string, string | undefined>): Promise<Exec> {
-  const p = Bun.spawn(cmd, { stdin: "ignore", stdout: "pipe", stderr: "pipe", timeout: timeoutMs, killSignal: "SIGKILL", env });
-  const [stdout, stderr, code] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
-  if (p.signalCode) return { code: 124, stdout, stderr: `${stderr}\n(${cmd.slice(0, 3).join(" ")} killed after ${timeoutMs}ms)` };
-  return { code, stdout, stderr };
-}
-
-/** Re-evaluates `cond` every `everyMs` until true; a throw from `cond` ends the wait with it. */
-async function waitFor(cond: () => boolean | Promise<boolean>, ms: number, what: string, everyMs = 20): Promise<void> {
-  const deadline = performance.now() + ms;
-  while (!(await cond())) {
-    if (performance.now() > deadline) throw new Error(`timed out after ${ms}ms waiting for ${what}`);
-    await Bun.sleep(everyMs);
-  }
-}
-
 function alive(pid: number): boolean {
   if (!Number.isInteger(pid) || pid <= 0) return false;
   try {
@@ -568,7 +512,7 @@ function alive(pid: number): boolean {
 }
 
 function lastEvents(p: Proc): string {
-  const events = p.log.events.slice(-4).map((e: EventRecord) => JSON.stringify(e));
+  const events = p.log.events.slice(-4).map((e) => JSON.stringify(e));
   return [...events, ...p.stderr.slice(-4)].join(" | ") || "(nothing)";
 }
 
@@ -591,4 +535,23 @@ function firstLine(text: string): string {
   return text.trim().split("\n")[0] ?? "";
 }
 
-if (import.meta.main) await runMain(command);
+if (import.meta.main) {
+  await runScript(
+    { name: "docker-test", description: "Build the image and check a registry + nodes mesh in Docker (skips without an engine)." },
+    {
+      image: { type: "string", description: "Tag to build and test", default: "contact-registry:test" },
+      nodes: { type: "string", description: "Node containers in the mesh check, 2 to 20 (a correctness check, not a benchmark)", default: "3" },
+      timeout: { type: "string", description: "Give up after this many seconds, build included", default: "300" },
+      require: { type: "boolean", description: "A missing engine or base image is a failure, not a skip [env DOCKER_TEST_REQUIRE=1]" },
+      ipv6: { type: "boolean", description: "Also check an IPv6 network when the engine allows one; --no-ipv6 to leave it out", default: true },
+    },
+    (args) =>
+      main({
+        image: String(args.image),
+        nodes: intArg("nodes", args.nodes, 2, 20),
+        timeoutMs: intArg("timeout", args.timeout, 10) * 1000,
+        require: Boolean(args.require) || process.env.DOCKER_TEST_REQUIRE === "1",
+        ipv6: args.ipv6 !== false,
+      }),
+  );
+}

@@ -11,34 +11,48 @@
  *
  *   bun scripts/fuzz.ts --iterations 20000 --seed 42
  *
- * The seed is printed; the same seed replays the same frames.
+ * The seed is printed; the same seed replays the same frames. Exit 0 when
+ * nothing was found, 1 otherwise, 2 on a bad command line; with --json the
+ * last stdout line is the result as one JSON object (event "fuzz-result").
  */
-import { defineCommand, runMain } from "citty";
-import net from "node:net";
-import { readFileSync } from "node:fs";
 import * as v from "valibot";
 import { startNode, type PeerNode } from "../client.ts";
+import { intArg } from "../cli.ts";
+import {
+  RawClient,
+  closedPort,
+  killAllOnExit,
+  mulberry32,
+  probeResponder,
+  rssBytes,
+  runScript,
+  spawnNode,
+  spawnRegistry,
+  waitUntil,
+  withDeadline,
+  type JsonEvent,
+  type Proc,
+} from "../harness.ts";
 import { DEFAULTS, PROTOCOL_VERSION, Register } from "../protocol.ts";
-import { type EventRecord } from "../cli.ts";
-import { mulberry32, spawnNode, spawnRegistry, withDeadline, type Proc } from "../test/helpers.ts";
 
-export interface FuzzOptions {
+interface FuzzOptions {
   /** Frames to send in all (split between the registry and the node's listener). */
-  iterations?: number;
-  seed?: number;
+  iterations: number;
+  seed: number;
   /** Connections open at once. */
-  concurrency?: number;
+  concurrency: number;
   /** Real nodes started (in this process) while the fuzz runs; each must register. */
-  realNodes?: number;
+  realNodes: number;
   /** Allowed growth of either server's resident memory over its idle baseline, MiB. */
-  maxRssGrowthMiB?: number;
-  /** How long a connection waits for the server to close it after its last write, ms. */
-  lingerMs?: number;
-  /** Progress and summary lines (default: none). */
-  log?: (line: string) => void;
+  maxRssGrowthMiB: number;
+  /** Progress and summary lines. */
+  log: (line: string) => void;
 }
 
-export interface FuzzResult {
+/** How long a connection waits for the server to close it after its last write, ms. */
+const LINGER_MS = 250;
+
+interface FuzzResult {
   ok: boolean;
   seed: number;
   problems: string[];
@@ -54,23 +68,14 @@ export interface FuzzResult {
   ms: number;
 }
 
-export interface RssFigures {
+interface RssFigures {
   baseline: number;
   peak: number;
   final: number;
 }
 
 /** Runs one fuzz session against fresh registry and node processes. Never throws for a finding: see `problems`. */
-export async function runFuzz(options: FuzzOptions = {}): Promise<FuzzResult> {
-  const o = {
-    iterations: options.iterations ?? 5000,
-    seed: (options.seed ?? Math.floor(Math.random() * 2 ** 32)) >>> 0,
-    concurrency: options.concurrency ?? 32,
-    realNodes: options.realNodes ?? 5,
-    maxRssGrowthMiB: options.maxRssGrowthMiB ?? 128,
-    lingerMs: options.lingerMs ?? 250,
-    log: options.log ?? (() => {}),
-  };
+async function runFuzz(o: FuzzOptions): Promise<FuzzResult> {
   const started = performance.now();
   const problems: string[] = [];
   const rand = mulberry32(o.seed);
@@ -80,15 +85,15 @@ export async function runFuzz(options: FuzzOptions = {}): Promise<FuzzResult> {
   const connections = { registry: 0, listener: 0 };
   const realNodes: PeerNode[] = [];
   const realNodeStarts: Promise<void>[] = [];
-  const realEvents: EventRecord[] = [];
+  const realEvents: JsonEvent[] = [];
   let realRegistered = 0;
   let frames = 0;
   o.log(`fuzz: seed ${o.seed}, ${o.iterations} frames, ${o.concurrency} connections at once`);
 
   // The fuzzer answers the registry's probe itself, so that fuzz registrations
   // can succeed and the frames after them reach a registered session.
-  const responder = startProbeResponder();
-  const closedPort = await unusedPort();
+  const responder = probeResponder();
+  const refusing = closedPort();
   let registry: (Proc & { port: number }) | undefined;
   let node: (Proc & { id: string; port: number }) | undefined;
   const rss = new RssSampler();
@@ -98,7 +103,7 @@ export async function runFuzz(options: FuzzOptions = {}): Promise<FuzzResult> {
     node = await spawnNode(registry.port, ["--listen", "127.0.0.1"]);
     gen.targets = {
       nodeId: node.id,
-      registerPorts: [responder.port, responder.port, responder.port, node.port, registry.port, closedPort],
+      registerPorts: [responder.port, responder.port, responder.port, node.port, registry.port, refusing],
     };
     rss.watch("registry", registry.pid);
     rss.watch("node", node.pid);
@@ -151,7 +156,7 @@ export async function runFuzz(options: FuzzOptions = {}): Promise<FuzzResult> {
       for (let plan = nextPlan(); plan; plan = nextPlan()) {
         const port = plan.target === "registry" ? registry!.port : node!.port;
         connections[plan.target]++;
-        const codes = await playConnection(port, plan, o.lingerMs);
+        const codes = await playConnection(port, plan, LINGER_MS);
         for (const c of codes) replies[plan.target][c] = (replies[plan.target][c] ?? 0) + 1;
         while (realNodeStarts.length < o.realNodes && frames >= nextNodeAt) {
           startRealNode(realNodeStarts.length);
@@ -192,7 +197,7 @@ export async function runFuzz(options: FuzzOptions = {}): Promise<FuzzResult> {
         return out;
       };
       try {
-        await waitFor(() => missing().length === 0, 20_000);
+        await waitUntil(() => missing().length === 0, 20_000, "the real nodes to meet", 20);
       } catch {
         problems.push(`real nodes did not all meet: missing ${missing().slice(0, 10).join(", ")}`);
       }
@@ -232,182 +237,6 @@ export async function runFuzz(options: FuzzOptions = {}): Promise<FuzzResult> {
   o.log(summary(result));
   return result;
 }
-
-/**
- * A raw TCP client for hostile-input tests, on node:net because Bun.connect
- * cannot choose the local address: binding 127.0.0.2, 127.0.0.3, ... makes
- * connections that a server counts as coming from different hosts.
- */
-export class RawConn {
-  /** Lines received (the first 1000; the rest are counted in `bytesIn`). */
-  readonly lines: string[] = [];
-  bytesIn = 0;
-  closed = false;
-  error: Error | undefined;
-  readonly whenClosed: Promise<void>;
-  private rest = "";
-  private waiters = new Set<() => void>();
-
-  private constructor(readonly socket: net.Socket) {
-    const closed = Promise.withResolvers<void>();
-    this.whenClosed = closed.promise;
-    socket.setNoDelay(true);
-    socket.on("data", (chunk: Buffer) => {
-      this.bytesIn += chunk.byteLength;
-      if (this.lines.length >= 1000) return;
-      this.rest += chunk.toString("utf8");
-      let nl: number;
-      while ((nl = this.rest.indexOf("\n")) >= 0) {
-        this.lines.push(this.rest.slice(0, nl));
-        this.rest = this.rest.slice(nl + 1);
-      }
-      if (this.rest.length > 1 << 20) this.rest = "";
-      this.wake();
-    });
-    socket.on("error", (e) => {
-      this.error = e;
-    });
-    socket.on("close", () => {
-      this.closed = true;
-      closed.resolve();
-      this.wake();
-    });
-  }
-
-  /** Connects to `host:port`, optionally from a given local address. */
-  static connect(port: number, opts: { host?: string; localAddress?: string; timeoutMs?: number } = {}): Promise<RawConn> {
-    const socket = net.connect({ host: opts.host ?? "127.0.0.1", port, ...(opts.localAddress ? { localAddress: opts.localAddress } : {}) });
-    const conn = new RawConn(socket);
-    const ready = new Promise<RawConn>((resolve, reject) => {
-      socket.once("connect", () => resolve(conn));
-      socket.once("error", reject);
-    });
-    return withDeadline(ready, opts.timeoutMs ?? 5_000, `connect to port ${port}`).catch((e) => {
-      socket.destroy();
-      throw e;
-    });
-  }
-
-  /** Writes and resolves once node:net has handed the bytes on (or the socket failed). */
-  write(data: string | Uint8Array): Promise<boolean> {
-    if (this.closed || this.socket.destroyed) return Promise.resolve(false);
-    return new Promise((resolve) => {
-      try {
-        this.socket.write(data, (err) => resolve(!err));
-      } catch {
-        resolve(false);
-      }
-    });
-  }
-
-  /** Parsed JSON lines; lines that are not JSON are skipped. */
-  messages(): Record<string, unknown>[] {
-    const out: Record<string, unknown>[] = [];
-    for (const l of this.lines) {
-      try {
-        const m: unknown = JSON.parse(l);
-        if (m && typeof m === "object") out.push(m as Record<string, unknown>);
-      } catch {
-        // a server answering with non-JSON is caught by whoever inspects `lines`
-      }
-    }
-    return out;
-  }
-
-  /** The `code` of every error message received. */
-  errorCodes(): string[] {
-    return this.messages()
-      .filter((m) => m.type === "error")
-      .map((m) => String(m.code));
-  }
-
-  /** Resolves with the first received message matching `pred`. */
-  async waitForMessage(pred: (m: Record<string, unknown>) => boolean, ms: number, what: string): Promise<Record<string, unknown>> {
-    await this.until(() => this.messages().some(pred) || this.closed, ms, what);
-    const m = this.messages().find(pred);
-    if (!m) throw new Error(`connection closed before ${what}; got ${JSON.stringify(this.lines.slice(0, 3))}`);
-    return m;
-  }
-
-  /** Resolves once the server closed the connection. */
-  waitClosed(ms: number, what = "the server to close the connection"): Promise<void> {
-    return withDeadline(this.whenClosed, ms, what);
-  }
-
-  end(): void {
-    this.socket.end();
-  }
-
-  destroy(): void {
-    this.socket.destroy();
-  }
-
-  private until(cond: () => boolean, ms: number, what: string): Promise<void> {
-    if (cond()) return Promise.resolve();
-    const p = new Promise<void>((resolve) => {
-      const check = () => {
-        if (cond()) {
-          this.waiters.delete(check);
-          resolve();
-        }
-      };
-      this.waiters.add(check);
-    });
-    return withDeadline(p, ms, what);
-  }
-
-  private wake(): void {
-    for (const w of [...this.waiters]) w();
-  }
-}
-
-/** A port nothing listens on (it was just released by the OS). */
-export async function unusedPort(): Promise<number> {
-  const l = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
-  const port = l.port;
-  l.stop(true);
-  return port;
-}
-
-/** Reads a process's resident set size from /proc, in MiB (undefined off Linux or once it exited). */
-export function rssMiB(pid: number): number | undefined {
-  try {
-    const m = /VmRSS:\s+(\d+)\s+kB/.exec(readFileSync(`/proc/${pid}/status`, "utf8"));
-    return m ? Math.round((Number(m[1]) / 1024) * 10) / 10 : undefined;
-  } catch {
-    return undefined;
-  }
-}
-
-export const command = defineCommand({
-  meta: { name: "fuzz", description: "Seeded fuzzing of the registry and a node's listener; exits 1 on any finding." },
-  args: {
-    iterations: { type: "string", description: "Frames to send", default: "20000" },
-    seed: { type: "string", description: "PRNG seed (default: random, printed)" },
-    concurrency: { type: "string", description: "Connections open at once", default: "32" },
-    nodes: { type: "string", description: "Real nodes that register during the run", default: "5" },
-    "max-rss-growth": { type: "string", description: "Allowed memory growth of each server, MiB", default: "128" },
-  },
-  async run({ args }) {
-    const int = (name: string, text: string | undefined, min: number) => {
-      if (text === undefined) return undefined;
-      if (!/^\d+$/.test(text.trim()) || Number(text) < min || !Number.isSafeInteger(Number(text))) {
-        process.stderr.write(`usage error: --${name} must be an integer >= ${min}, got "${text}"\n`);
-        process.exit(2);
-      }
-      return Number(text);
-    };
-    const result = await runFuzz({
-      iterations: int("iterations", args.iterations, 1),
-      seed: int("seed", args.seed, 0),
-      concurrency: int("concurrency", args.concurrency, 1),
-      realNodes: int("nodes", args.nodes, 0),
-      maxRssGrowthMiB: int("max-rss-growth", args["max-rss-growth"], 1),
-      log: (line) => process.stdout.write(`${line}\n`),
-    });
-    process.exit(result.ok ? 0 : 1);
-  },
-});
 
 // --- internal ----------------------------------------------------------------
 
@@ -468,7 +297,7 @@ class FrameGenerator {
       kinds.push(kind[0]);
       parts.push(target === "registry" ? this.tameRegister(kind[2](target)) : kind[2](target));
     }
-    const bytes = concatBytes(parts);
+    const bytes = Buffer.concat(parts);
     const cuts = new Set<number>();
     const pieces = Math.floor(this.rand() * this.rand() * 8);
     for (let i = 0; i < pieces; i++) cuts.add(1 + Math.floor(this.rand() * Math.max(1, bytes.byteLength - 1)));
@@ -715,9 +544,9 @@ class FrameGenerator {
 
 /** Sends one planned connection's writes; returns the error codes the server answered with. */
 async function playConnection(port: number, plan: ConnPlan, lingerMs: number): Promise<string[]> {
-  let conn: RawConn;
+  let conn: RawClient;
   try {
-    conn = await RawConn.connect(port);
+    conn = await RawClient.connect(port);
   } catch {
     return ["(connect failed)"];
   }
@@ -734,43 +563,7 @@ async function playConnection(port: number, plan: ConnPlan, lingerMs: number): P
     conn.destroy();
   }
   const codes = conn.errorCodes();
-  return codes.length ? codes : [conn.messages().length ? "(answered)" : "(silent)"];
-}
-
-/** Answers every probe (and greeting) like a node with any id would, counting the probes. */
-function startProbeResponder(): { port: number; probes(): number; stop(): void } {
-  let probes = 0;
-  const l = Bun.listen<{ buf: string }>({
-    hostname: "127.0.0.1",
-    port: 0,
-    socket: {
-      open(s) {
-        s.data = { buf: "" };
-      },
-      data(s, chunk) {
-        s.data.buf += chunk.toString();
-        const nl = s.data.buf.indexOf("\n");
-        if (nl < 0) {
-          if (s.data.buf.length > 64 * 1024) s.end();
-          return;
-        }
-        try {
-          const m = JSON.parse(s.data.buf.slice(0, nl)) as { type?: string; id?: string; nonce?: string };
-          if (m.type === "probe") {
-            probes++;
-            s.write(JSON.stringify({ type: "probe-ok", id: m.id, nonce: m.nonce }) + "\n");
-          } else {
-            s.write(JSON.stringify({ type: "error", code: "wrong-node", message: "fuzz responder" }) + "\n");
-          }
-        } catch {
-          // a malformed probe is the registry's bug, and its own probe reports it
-        }
-        s.end();
-      },
-      error() {},
-    },
-  });
-  return { port: l.port, probes: () => probes, stop: () => l.stop(true) };
+  return codes.length ? codes : [conn.messages.length ? "(answered)" : "(silent)"];
 }
 
 class RssSampler {
@@ -783,8 +576,9 @@ class RssSampler {
 
   sample(): void {
     for (const [label, pid] of this.pids) {
-      const mib = rssMiB(pid);
-      if (mib === undefined) continue;
+      const bytes = rssBytes(pid);
+      if (bytes === undefined) continue;
+      const mib = Math.round(bytes / 2 ** 20 * 10) / 10;
       const f = this.figs.get(label);
       if (!f) this.figs.set(label, { baseline: mib, peak: mib, final: mib });
       else {
@@ -801,24 +595,6 @@ class RssSampler {
   stop(): void {
     this.pids.clear();
   }
-}
-
-async function waitFor(cond: () => boolean, ms: number): Promise<void> {
-  const deadline = performance.now() + ms;
-  while (!cond()) {
-    if (performance.now() > deadline) throw new Error("timed out");
-    await Bun.sleep(20);
-  }
-}
-
-function concatBytes(parts: Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.byteLength, 0));
-  let at = 0;
-  for (const p of parts) {
-    out.set(p, at);
-    at += p.byteLength;
-  }
-  return out;
 }
 
 function summary(r: FuzzResult): string {
@@ -840,4 +616,29 @@ function summary(r: FuzzResult): string {
   ].join("\n");
 }
 
-if (import.meta.main) await runMain(command);
+if (import.meta.main) {
+  killAllOnExit();
+  await runScript(
+    { name: "fuzz", description: "Seeded fuzzing of the registry and a node's listener; exits 1 on any finding." },
+    {
+      iterations: { type: "string", description: "Frames to send", default: "20000" },
+      seed: { type: "string", description: "PRNG seed (default: random, printed)" },
+      concurrency: { type: "string", description: "Connections open at once", default: "32" },
+      nodes: { type: "string", description: "Real nodes that register during the run", default: "5" },
+      "max-rss-growth": { type: "string", description: "Allowed memory growth of each server, MiB", default: "128" },
+      json: { type: "boolean", description: "End with the result as one JSON line" },
+    },
+    async (args) => {
+      const result = await runFuzz({
+        iterations: intArg("iterations", args.iterations, 1),
+        seed: args.seed === undefined ? Math.floor(Math.random() * 2 ** 32) : intArg("seed", args.seed, 0, 2 ** 32 - 1),
+        concurrency: intArg("concurrency", args.concurrency, 1),
+        realNodes: intArg("nodes", args.nodes),
+        maxRssGrowthMiB: intArg("max-rss-growth", args["max-rss-growth"], 1),
+        log: (line) => process.stdout.write(`${line}\n`),
+      });
+      if (args.json) process.stdout.write(JSON.stringify({ event: "fuzz-result", ...result }) + "\n");
+      return result.ok ? 0 : 1;
+    },
+  );
+}

@@ -10,7 +10,7 @@ import { copyFileSync, existsSync, mkdirSync, mkdtempSync, rmSync } from "node:f
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { chromium, type BrowserContext, type Page } from "playwright-core";
-import { ROOT, disposeAll, spawnNode, spawnRegistry, type Proc } from "./helpers.ts";
+import { ROOT, disposeAll, spawnNode, spawnRegistry, type Proc } from "../harness.ts";
 
 const CHROMIUM = "/usr/bin/chromium";
 const ARGS = [

@@ -1,23 +1,28 @@
 /**
- * The short CI version of scripts/chaos.ts: 10 node processes and a registry
- * process, a few seconds of kill -9, SIGTERM, SIGSTOP and restarts (the
- * registry's included), then the registry's list must equal the live set and
- * every node's view must equal that list minus itself.
+ * The short CI version of scripts/chaos.ts, run as the script it is: 10 node
+ * processes and a registry process, a few seconds of kill -9, SIGTERM,
+ * SIGSTOP and restarts (the registry's included), then the registry's list
+ * must equal the live set and every node's view must equal that list minus
+ * itself.
  */
 import { afterEach, expect, test } from "bun:test";
-import { runChaos, stopAllChaos } from "../scripts/chaos.ts";
+import { spawnScript, withDeadline, type Proc } from "../harness.ts";
 
-// bun test does not cancel a test that ran past its timeout: whatever the run left behind is killed here.
-afterEach(stopAllChaos);
+let run: Proc | undefined;
+// bun test does not cancel a test that ran past its timeout; SIGTERM makes the script kill every process it started.
+afterEach(() => run?.stop());
 
 test(
   "chaos: after random kills, freezes and restarts of nodes and registry, list and views agree with the live set",
   async () => {
-    const lines: string[] = [];
-    const report = await runChaos({ durationMs: 5_000, nodes: 10, seed: 1, heartbeatMs: 300, settleMs: 20_000, print: (l) => lines.push(l) });
-    if (!report.ok) console.log(lines.join("\n")); // the narrative is what makes a failure debuggable
+    const args = ["--duration", "5", "--nodes", "10", "--seed", "1", "--heartbeat", "300", "--settle", "20", "--json"];
+    run = spawnScript("scripts/chaos.ts", args, { label: "chaos" });
+    const code = await withDeadline(run.exited(), 55_000, "the chaos run to end");
+    if (code !== 0) console.log(run.stderr.join("\n")); // the narrative is what makes a failure debuggable
+    const report = (await run.log.waitFor("chaos-report", 0, "its report line")) as any; // checked field by field below
     expect(report.problems).toEqual([]);
     expect(report.ok).toBe(true);
+    expect(code).toBe(0);
     // The run must actually have disturbed something, or agreement proves nothing.
     expect(report.actions.kill).toBeGreaterThan(0);
     expect(report.actions["registry-restart"]).toBeGreaterThan(0);

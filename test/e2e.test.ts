@@ -5,16 +5,7 @@
  * cores take seconds), never expectations.
  */
 import { describe, expect, test } from "bun:test";
-import {
-  disposeAll,
-  meshProblems,
-  spawnNode,
-  spawnRegistry,
-  spawnScript,
-  waitUntil,
-  withDeadline,
-  type Proc,
-} from "./helpers.ts";
+import { disposeAll, greetingsOf, meshProblems, spawnNode, spawnRegistry, spawnScript, waitUntil, withDeadline, type Proc } from "../harness.ts";
 
 type NodeProc = Proc & { id: string; port: number };
 
@@ -34,16 +25,9 @@ describe("full mesh of greetings between processes", () => {
         const total = (event: string) => nodes.reduce((sum, p) => sum + p.log.named(event).length, 0);
         await waitUntil(() => total("greeted") >= pairs && total("greeting") >= pairs, 60_000, `${pairs} greetings sent and received`);
 
-        // greeted: the greeter's side, `peer` = whom it greeted; greeting: the receiver's side, `peer` = the sender.
-        const greeted = new Map(nodes.map((p) => [p.id, p.log.named("greeted").map((e) => String(e.peer))]));
-        const received = new Map(nodes.map((p) => [p.id, p.log.named("greeting").map((e) => String(e.peer))]));
-        expect(meshProblems(ids, greeted)).toEqual([]);
-        expect(meshProblems(ids, received)).toEqual([]);
-        // The two sides describe the same greetings: A greeted B exactly when B logged a greeting from A.
-        const sent = [...greeted].flatMap(([from, tos]) => tos.map((to) => `${from}->${to}`)).sort();
-        const got = [...received].flatMap(([to, froms]) => froms.map((from) => `${from}->${to}`)).sort();
-        expect(got).toEqual(sent);
-        expect(sent.length).toBe(pairs);
+        // Each pair once on either side, and the two sides describe the same greetings: A greeted B exactly when B logged a greeting from A.
+        const { greeted, received } = greetingsOf(nodes);
+        expect(meshProblems(ids, greeted, received)).toEqual([]);
 
         // Each node was given exactly the nodes registered before it, so the `peers` counts are 0..n-1.
         const given = nodes.map((p) => Number(p.log.named("registered")[0]?.peers)).sort((a, b) => a - b);
@@ -140,7 +124,7 @@ describe("command line", () => {
     ["client.ts", ["127.0.0.1", "1", "--max-line", "lots"], "--max-line"],
   ] as const)("%s %p exits 2 with a clear message", async (script, args, message) => {
     // Env vars fill in missing arguments, so the test must not inherit any.
-    await using p = spawnScript(script, [...args], { REGISTRY_HOST: "", REGISTRY_PORT: "" });
+    await using p = spawnScript(script, [...args], { env: { REGISTRY_HOST: "", REGISTRY_PORT: "" } });
     expect(await withDeadline(p.exited(), 20_000, `${script} to exit`)).toBe(2);
     const err = p.stderr.join("\n");
     expect(err).toContain("usage error");
@@ -154,7 +138,7 @@ describe("command line", () => {
   ] as const)("%s on a port already taken exits 1 naming the port, no stack trace", async (script, args) => {
     const taken = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
     try {
-      await using p = spawnScript(script, args(taken.port), { REGISTRY_HOST: "", REGISTRY_PORT: "" });
+      await using p = spawnScript(script, args(taken.port), { env: { REGISTRY_HOST: "", REGISTRY_PORT: "" } });
       expect(await withDeadline(p.exited(), 20_000, `${script} to exit`)).toBe(1);
       const err = p.stderr.join("\n");
       expect(err).toContain(`port ${taken.port} is already in use on 127.0.0.1`);
@@ -177,7 +161,7 @@ describe("command line", () => {
       await a.log.waitFor((e) => e.event === "greeting" && e.peer === b.id, 30_000, "a to log b's greeting");
 
       // Without --json: readable lines saying who registered and whom it greeted.
-      const human = spawnScript("client.ts", ["localhost", String(port)], {}, "human");
+      const human = spawnScript("client.ts", ["localhost", String(port)], { label: "human" });
       procs.push(human);
       const greetedLines = () => human.stderr.filter((l) => /greeted /.test(l));
       await waitUntil(() => greetedLines().length >= 2, 30_000, "human output to show two greetings");
@@ -212,7 +196,7 @@ async function registryOnLocalhost(procs: Proc[]): Promise<{ registry: Proc; por
   const tried: string[] = [];
   for (let attempt = 0; attempt < 8; attempt++) {
     const port = 20_000 + Math.floor(Math.random() * 40_000);
-    const registry = spawnScript("registry.ts", ["localhost", String(port), "--json"], {}, "registry");
+    const registry = spawnScript("registry.ts", ["localhost", String(port), "--json"], { label: "registry" });
     procs.push(registry);
     const outcome = await withDeadline(
       Promise.race([registry.log.waitFor("listening", 30_000).then(() => "listening" as const), registry.exited().then((code) => code)]),

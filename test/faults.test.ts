@@ -9,8 +9,7 @@ import { afterEach, describe, expect, test } from "bun:test";
 import { startRegistry } from "../registry.ts";
 import { startNode } from "../client.ts";
 import { PROTOCOL_VERSION, type Peer } from "../protocol.ts";
-import { type EventRecord } from "../cli.ts";
-import { EventLog, disposeAll, spawnNode, spawnRegistry, spawnScript, waitUntil, withDeadline, type Proc } from "./helpers.ts";
+import { EventLog, RawClient, closedPort, disposeAll, spawnNode, spawnRegistry, spawnScript, waitUntil, withDeadline, type Proc } from "../harness.ts";
 
 /** Short timings: a beat every 500 ms, eviction after 3 missed beats (1.5 s: a loaded CI machine can stall a process for less). */
 const HEARTBEAT_MS = 500;
@@ -100,8 +99,8 @@ describe("node faults (processes)", () => {
   });
 
   test("a node without its registry retries with capped exponential backoff, and SIGTERM still exits 0", async () => {
-    const port = await closedPort();
-    const n = track(spawnScript("client.ts", ["127.0.0.1", String(port), "--json", ...NODE_ARGS], {}, "node"));
+    const port = closedPort();
+    const n = track(spawnScript("client.ts", ["127.0.0.1", String(port), "--json", ...NODE_ARGS], { label: "node" }));
     const tries = (await n.log.waitForCount("reconnecting", 6, SOON, "six reconnect attempts")).slice(0, 6);
     // Full jitter: each delay lies in [0, min(cap, base * 2^attempt)], base 100 ms, cap --reconnect-max 300.
     expect(tries.map((e) => e.attempt)).toEqual([1, 2, 3, 4, 5, 6]);
@@ -144,7 +143,7 @@ describe("registry faults (processes)", () => {
     await first.kill("SIGKILL");
     for (const n of old) await n.log.waitFor("disconnected", SOON, `${n.id} to notice the registry died`);
 
-    const second = track(spawnScript("registry.ts", ["127.0.0.1", String(port), "--json", ...REGISTRY_ARGS], {}, "registry2"));
+    const second = track(spawnScript("registry.ts", ["127.0.0.1", String(port), "--json", ...REGISTRY_ARGS], { label: "registry2" }));
     const listening = await second.log.waitFor("listening", SOON, "the restarted registry to listen");
     expect(listening.port).toBe(port);
     const boot = String(listening.boot);
@@ -170,12 +169,12 @@ describe("registry faults (processes)", () => {
 describe("addresses (in-process registry, raw sockets)", () => {
   test("an unreachable address in the list: one greet-failed for it, greeted for the rest, round finishes", async () => {
     const reg = track(await startRegistry({ host: "127.0.0.1", port: 0, probe: false, heartbeatMs: 60_000 }));
-    const refused = await closedPort();
-    await using silent = silentListener();
+    const refused = closedPort();
+    await using silent = await RawClient.serve();
     await using fakeA = await rawRegister(reg.port, { id: "fake-refused", port: refused });
     await using fakeB = await rawRegister(reg.port, { id: "fake-silent", port: silent.port });
-    expect(fakeA.log.named("registered")).toHaveLength(1);
-    expect(fakeB.log.named("registered")).toHaveLength(1);
+    expect(fakeA.named("registered")).toHaveLength(1);
+    expect(fakeB.named("registered")).toHaveLength(1);
 
     const real = [];
     for (let i = 0; i < 2; i++) real.push(track(await startNode({ registryHost: "127.0.0.1", registryPort: reg.port, listenHost: "127.0.0.1", greetRetries: 0, greetTimeoutMs: 300 })));
@@ -213,24 +212,24 @@ describe("addresses (in-process registry, raw sockets)", () => {
     expect(list()).toEqual(["x1@127.0.0.2:40001"]);
 
     await using s2 = await rawRegister(reg.port, { id: "x1", host, port: 40001 });
-    const replaced = await s1.log.waitFor("error", SOON, "the first session to be told it was replaced");
+    const replaced = await s1.waitFor("error", SOON, "the first session to be told it was replaced");
     expect(replaced.code).toBe("replaced");
-    await withDeadline(s1.closed, SOON, "s1 to close");
+    await s1.waitClosed(SOON, "s1 to close");
     expect(list()).toEqual(["x1@127.0.0.2:40001"]);
 
     await using s3 = await rawRegister(reg.port, { id: "x2", host, port: 40001 });
-    expect((await s2.log.waitFor("error", SOON, "x1 to be replaced by x2")).code).toBe("replaced");
-    await withDeadline(s2.closed, SOON, "s2 to close");
+    expect((await s2.waitFor("error", SOON, "x1 to be replaced by x2")).code).toBe("replaced");
+    await s2.waitClosed(SOON, "s2 to close");
     expect(list()).toEqual(["x2@127.0.0.2:40001"]);
     expect(log.events.filter((e) => e.event === "node-left" && e.id === "x1").map((e) => e.reason)).toEqual(["replaced"]);
 
     // Same id on a new port: the old address must be free afterwards, not still mapped to x2.
     await using s4 = await rawRegister(reg.port, { id: "x2", host, port: 40005 });
-    await withDeadline(s3.closed, SOON, "s3 to close");
+    await s3.waitClosed(SOON, "s3 to close");
     await using s5 = await rawRegister(reg.port, { id: "x3", host, port: 40001 });
     expect(list()).toEqual(["x2@127.0.0.2:40005", "x3@127.0.0.2:40001"]);
-    expect(s4.log.named("error")).toEqual([]);
-    expect(s5.log.named("error")).toEqual([]);
+    expect(s4.named("error")).toEqual([]);
+    expect(s5.named("error")).toEqual([]);
     await waitUntil(() => same(viewOf(), list()), SOON, "the watcher's view to follow the replacements");
   });
 });
@@ -256,7 +255,7 @@ describe("duplicate identities", () => {
 
 describe("views (a fake registry)", () => {
   test("a sequence gap makes the node sync; a snapshot and a new boot replace its view", async () => {
-    await using fake = fakeRegistry();
+    await using fake = await fakeRegistry();
     const log = new EventLog();
     const node = track(
       await startNode({ registryHost: "127.0.0.1", registryPort: fake.port, listenHost: "127.0.0.1", greetRetries: 0, greetTimeoutMs: 200, reconnectBaseMs: 10, reconnectMaxMs: 50, onEvent: log.push }),
@@ -268,7 +267,7 @@ describe("views (a fake registry)", () => {
     expect(ids()).toEqual(["p1"]);
 
     s1.send({ type: "joined", seq: 7, peer: p(3) }); // 6 is missing
-    await s1.log.waitFor("sync", SOON, "the node to ask for a snapshot");
+    await s1.waitFor("sync", SOON, "the node to ask for a snapshot");
     const resync = await log.waitFor("resync", 0, "a resync event");
     expect(resync).toMatchObject({ expected: 6, got: 7 });
     s1.send({ type: "snapshot", boot: "boot-1", seq: 7, peers: [p(1), p(2), fake.self!] });
@@ -280,7 +279,7 @@ describe("views (a fake registry)", () => {
     // A new registry (new boot) on the next session: its list replaces the view, the differences are reported.
     fake.nextBoot = "boot-2";
     fake.nextPeers = [p(5)];
-    s1.close();
+    s1.end();
     const again = await log.waitFor((e) => e.event === "registered" && e.again === true, SOON, "the node to register again");
     expect(again.boot).toBe("boot-2");
     expect(ids()).toEqual(["p5"]);
@@ -290,32 +289,32 @@ describe("views (a fake registry)", () => {
     // A snapshot from a registry the node did not register with is not trusted: the node starts over.
     const s2 = fake.sessions[1]!;
     s2.send({ type: "joined", seq: 9, peer: p(6) });
-    await s2.log.waitFor("sync", SOON, "the second session to sync");
+    await s2.waitFor("sync", SOON, "the second session to sync");
     s2.send({ type: "snapshot", boot: "boot-other", seq: 9, peers: [p(6)] });
-    await withDeadline(s2.closed, SOON, "s2 to close");
-    await waitUntil(() => fake.sessions.length === 3 && fake.sessions[2]!.log.named("register").length === 1, SOON, "a third session");
+    await s2.waitClosed(SOON, "s2 to close");
+    await waitUntil(() => fake.sessions.length === 3 && fake.sessions[2]!.named("register").length === 1, SOON, "a third session");
     // Had the node trusted that snapshot, p6 would have joined its view (and left again with the third session).
     expect(log.events.filter((e) => e.event === "peer-joined" && e.peer === "p6")).toEqual([]);
     expect(ids()).not.toContain("p6");
   });
 
   test("a refusal after the node was registered once is retried, not fatal (a restarted registry may be briefly wrong)", async () => {
-    await using fake = fakeRegistry();
+    await using fake = await fakeRegistry();
     const log = new EventLog();
     const node = track(
       await startNode({ registryHost: "127.0.0.1", registryPort: fake.port, listenHost: "127.0.0.1", greetRetries: 0, greetTimeoutMs: 200, reconnectBaseMs: 10, reconnectMaxMs: 50, onEvent: log.push }),
     );
     // E.g. a restarted registry whose dial-back probe timed out under load: the node's address has not changed.
     fake.nextRefusal = "unreachable";
-    fake.sessions[0]!.close();
+    fake.sessions[0]!.end();
     await log.waitFor((e) => e.event === "error" && e.code === "unreachable", SOON, "the refusal");
     await log.waitFor((e) => e.event === "registered" && e.again === true, SOON, "the node to try again and register");
-    expect(fake.sessions.map((x) => x.log.named("register").length)).toEqual([1, 1, 1]);
+    expect(fake.sessions.map((x) => x.named("register").length)).toEqual([1, 1, 1]);
     expect(node.registered).toBe(true);
   });
 
   test("a registry that accepts but never answers register is given up and retried", async () => {
-    await using fake = fakeRegistry({ answer: false });
+    await using fake = await fakeRegistry({ answer: false });
     const log = new EventLog();
     const node = track(
       await startNode({ registryHost: "127.0.0.1", registryPort: fake.port, listenHost: "127.0.0.1", registerTimeoutMs: 300, reconnectBaseMs: 10, reconnectMaxMs: 50, waitForRegistration: false, onEvent: log.push }),
@@ -324,7 +323,7 @@ describe("views (a fake registry)", () => {
     expect(node.registered).toBe(false);
     const gaveUp = await log.waitFor("disconnected", SOON, "a disconnected event");
     expect(String(gaveUp.reason)).toContain("no answer to register");
-    expect(fake.sessions[0]!.log.named("register")).toHaveLength(1);
+    expect(fake.sessions[0]!.named("register")).toHaveLength(1);
   });
 });
 
@@ -368,89 +367,13 @@ function same(a: string[], b: string[]): boolean {
   return a.length === b.length && a.every((x, i) => x === b[i]);
 }
 
-/** A free loopback port with nothing listening on it (connects are refused). */
-async function closedPort(): Promise<number> {
-  const l = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
-  const port = l.port;
-  l.stop(true);
-  return port;
-}
-
-/** A listener that accepts greetings and never answers them. */
-function silentListener(): { port: number } & AsyncDisposable {
-  const sockets = new Set<Bun.Socket<undefined>>();
-  const l = Bun.listen<undefined>({
-    hostname: "127.0.0.1",
-    port: 0,
-    socket: {
-      open: (s) => void sockets.add(s),
-      data() {},
-      close: (s) => void sockets.delete(s),
-    },
-  });
-  return {
-    port: l.port,
-    async [Symbol.asyncDispose]() {
-      for (const s of sockets) s.terminate();
-      l.stop(true);
-    },
-  };
-}
-
-/** One NDJSON session over a raw socket; every received message lands in `log` as `{event: type, ...}`. */
-interface RawSession extends AsyncDisposable {
-  log: EventLog;
-  send(msg: object): void;
-  close(): void;
-  /** Resolves when the socket has closed. */
-  closed: Promise<void>;
-}
-
-type RawState = { session: RawSession; rest: string; onClose: () => void };
-
-function rawHandlers(onOpen?: (s: RawSession) => void): Bun.SocketHandler<RawState> {
-  return {
-    open(socket) {
-      const closed = Promise.withResolvers<void>();
-      const session: RawSession = {
-        log: new EventLog(),
-        send: (msg) => void socket.write(JSON.stringify(msg) + "\n"),
-        close: () => socket.end(),
-        closed: closed.promise,
-        async [Symbol.asyncDispose]() {
-          socket.terminate();
-          await closed.promise;
-        },
-      };
-      socket.data = { session, rest: "", onClose: closed.resolve };
-      onOpen?.(session);
-    },
-    data(socket, chunk) {
-      // Test-only framing: the peers here send short ASCII lines.
-      const d = socket.data;
-      d.rest += chunk.toString();
-      let nl: number;
-      while ((nl = d.rest.indexOf("\n")) >= 0) {
-        const line = d.rest.slice(0, nl);
-        d.rest = d.rest.slice(nl + 1);
-        const msg = JSON.parse(line) as { type: string };
-        d.session.log.push({ ...msg, event: msg.type } as EventRecord);
-      }
-    },
-    close(socket) {
-      socket.data?.onClose();
-    },
-  };
-}
-
 /** Registers a fake node over a raw socket (probes off), resolving once the registry answered. */
-async function rawRegister(registryPort: number, fields: { id: string; port: number; host?: string }): Promise<RawSession> {
-  const socket = await Bun.connect({ hostname: "127.0.0.1", port: registryPort, socket: rawHandlers() });
-  const s = socket.data.session;
-  s.send({ type: "register", v: PROTOCOL_VERSION, ...fields });
-  const reply = await s.log.waitFor((e) => e.event === "registered" || e.event === "error", SOON, `registry to answer ${fields.id}`);
-  if (reply.event !== "registered") throw new Error(`register ${fields.id} refused: ${JSON.stringify(reply)}`);
-  return s;
+async function rawRegister(registryPort: number, fields: { id: string; port: number; host?: string }): Promise<RawClient> {
+  const c = await RawClient.connect(registryPort);
+  void c.send({ type: "register", v: PROTOCOL_VERSION, ...fields });
+  const reply = await c.waitFor((m) => m.type === "registered" || m.type === "error", SOON, `registry to answer ${fields.id}`);
+  if (reply.type !== "registered") throw new Error(`register ${fields.id} refused: ${JSON.stringify(reply)}`);
+  return c;
 }
 
 /**
@@ -458,37 +381,25 @@ async function rawRegister(registryPort: number, fields: { id: string; port: num
  * (boot and peers as set at that moment, seq 5) unless `answer` is false, and
  * otherwise says nothing unless told to.
  */
-function fakeRegistry(opts: { answer?: boolean } = {}) {
+async function fakeRegistry(opts: { answer?: boolean } = {}) {
   const state = {
-    sessions: [] as RawSession[],
     nextBoot: "boot-1",
     nextPeers: [{ id: "p1", host: "127.0.0.1", port: 1 }] as Peer[],
     /** If set, the next register is refused with this error code (once), the way the registry refuses. */
     nextRefusal: undefined as string | undefined,
     self: undefined as Peer | undefined,
-    port: 0,
-    async [Symbol.asyncDispose]() {
-      await Promise.all(state.sessions.map((s) => s[Symbol.asyncDispose]()));
-      listener.stop(true);
-    },
   };
-  const listener = Bun.listen({
-    hostname: "127.0.0.1",
-    port: 0,
-    socket: rawHandlers((s) => {
-      state.sessions.push(s);
-      if (opts.answer === false) return;
-      void s.log.waitFor("register", SOON).then((m) => {
-        if (state.nextRefusal) {
-          s.send({ type: "error", code: state.nextRefusal, message: "refused by the test" });
-          state.nextRefusal = undefined;
-          return s.close();
-        }
-        state.self = { id: String(m.id), host: "127.0.0.1", port: Number(m.port) };
-        s.send({ type: "registered", v: PROTOCOL_VERSION, boot: state.nextBoot, seq: 5, heartbeat: 60_000, timeout: 180_000, self: state.self, peers: state.nextPeers });
-      }, () => {});
-    }),
+  const server = await RawClient.serve((s) => {
+    if (opts.answer === false) return;
+    void s.waitFor("register", SOON).then((m) => {
+      if (state.nextRefusal) {
+        void s.send({ type: "error", code: state.nextRefusal, message: "refused by the test" });
+        state.nextRefusal = undefined;
+        return s.end();
+      }
+      state.self = { id: String(m.id), host: "127.0.0.1", port: Number(m.port) };
+      void s.send({ type: "registered", v: PROTOCOL_VERSION, boot: state.nextBoot, seq: 5, heartbeat: 60_000, timeout: 180_000, self: state.self, peers: state.nextPeers });
+    }, () => {});
   });
-  state.port = listener.port;
-  return state;
+  return Object.assign(state, { port: server.port, sessions: server.connections, [Symbol.asyncDispose]: () => server[Symbol.asyncDispose]() });
 }

@@ -9,8 +9,7 @@
 import { afterEach, expect, test } from "bun:test";
 import { readdirSync, readlinkSync } from "node:fs";
 import { startNode, type PeerNode } from "../client.ts";
-import { RawConn } from "../scripts/fuzz.ts";
-import { EventLog, spawnRegistry, waitUntil, withDeadline } from "./helpers.ts";
+import { EventLog, RawClient, spawnRegistry, waitUntil } from "../harness.ts";
 
 const CAP = 20;
 const PER_ADDRESS = 3 * CAP;
@@ -40,9 +39,9 @@ test("idle, half-sent, trickling and half-closed floods are capped per address a
   const baseline = socketCount(registry.pid);
 
   // The flood: every connection opened at once, per address.
-  const flood = new Map<Kind, RawConn[]>();
+  const flood = new Map<Kind, RawClient[]>();
   const opening = ATTACKERS.map(async ([kind, from]) => {
-    const conns = await Promise.all(Array.from({ length: PER_ADDRESS }, () => RawConn.connect(registry.port, { localAddress: from, timeoutMs: 10_000 })));
+    const conns = await Promise.all(Array.from({ length: PER_ADDRESS }, () => RawClient.connect(registry.port, { localAddress: from, timeoutMs: 10_000 })));
     for (const c of conns) cleanups.push(() => c.destroy());
     flood.set(kind, conns);
     for (const c of conns) void attack(kind, c);
@@ -65,7 +64,7 @@ test("idle, half-sent, trickling and half-closed floods are capped per address a
 
   // Every flood connection is closed by the registry, with the reason it was given.
   for (const [kind, conns] of flood) {
-    await withDeadline(Promise.all(conns.map((c) => c.whenClosed)), 15_000, `the registry to close every ${kind} connection`);
+    await Promise.all(conns.map((c) => c.waitClosed(15_000, `the registry to close every ${kind} connection`)));
   }
   const capEvents = registry.log.named("error").filter((e) => e.code === "too-many-connections");
   for (const [kind, from] of ATTACKERS) {
@@ -92,13 +91,13 @@ test("idle, half-sent, trickling and half-closed floods are capped per address a
   await waitUntil(() => socketCount(registry.pid) <= baseline, 10_000, `registry sockets back to ${baseline}`);
 
   // The per-address counts are back to zero: an address gets its full cap again, and no more.
-  const again = await Promise.all(Array.from({ length: CAP }, () => RawConn.connect(registry.port, { localAddress: "127.0.0.2" })));
+  const again = await Promise.all(Array.from({ length: CAP }, () => RawClient.connect(registry.port, { localAddress: "127.0.0.2" })));
   for (const c of again) cleanups.push(() => c.destroy());
-  const extra = await RawConn.connect(registry.port, { localAddress: "127.0.0.2" });
+  const extra = await RawClient.connect(registry.port, { localAddress: "127.0.0.2" });
   cleanups.push(() => extra.destroy());
-  expect((await extra.waitForMessage((m) => m.type === "error", 5_000, "the cap to refuse the extra connection")).code).toBe("too-many-connections");
+  expect((await extra.waitFor((m) => m.type === "error", 5_000, "the cap to refuse the extra connection")).code).toBe("too-many-connections");
   for (const c of again) await c.write('{"type":"sync"}\n');
-  const answers = await Promise.all(again.map((c) => c.waitForMessage((m) => m.type === "error", 5_000, "an admitted connection's answer")));
+  const answers = await Promise.all(again.map((c) => c.waitFor((m) => m.type === "error", 5_000, "an admitted connection's answer")));
   expect(answers.every((m) => m.code === "unexpected-message")).toBe(true);
   expect(registry.proc.exitCode).toBeNull();
 }, 60_000);
@@ -106,7 +105,7 @@ test("idle, half-sent, trickling and half-closed floods are capped per address a
 // --- internal ----------------------------------------------------------------
 
 /** What one flood connection does until the registry closes it. */
-async function attack(kind: Kind, c: RawConn): Promise<void> {
+async function attack(kind: Kind, c: RawClient): Promise<void> {
   const register = JSON.stringify({ type: "register", v: 1, id: "flood", port: 1, name: "f".repeat(60) });
   switch (kind) {
     case "idle":

@@ -1,19 +1,27 @@
 /**
- * The CI-sized run of scripts/fuzz.ts: a few thousand seeded random and
- * mutated frames against a registry process and a node process, with real
- * nodes registering meanwhile. `bun run fuzz -- --iterations N` runs a long
- * one. The seed is printed; FUZZ_SEED=<seed> replays a failing run.
+ * The CI-sized run of scripts/fuzz.ts, run as the script it is: a few
+ * thousand seeded random and mutated frames against a registry process and a
+ * node process, with real nodes registering meanwhile. `bun run fuzz --
+ * --iterations N` runs a long one. The seed is printed; FUZZ_SEED=<seed>
+ * replays a failing run.
  */
-import { expect, test } from "bun:test";
-import { runFuzz } from "../scripts/fuzz.ts";
+import { afterEach, expect, test } from "bun:test";
+import { spawnScript, withDeadline, type Proc } from "../harness.ts";
+
+let run: Proc | undefined;
+// SIGTERM first: the script then kills the registry and node it started.
+afterEach(() => run?.stop());
 
 test("fuzz: neither server crashes or grows without bound, and real nodes all register and meet", async () => {
-  const seed = process.env.FUZZ_SEED ? Number(process.env.FUZZ_SEED) : undefined;
-  const lines: string[] = [];
-  const r = await runFuzz({ iterations: 4000, seed, realNodes: 4, log: (l) => lines.push(l) });
-  console.log(lines.filter((l) => !l.endsWith(" frames")).join("\n"));
+  const seed = process.env.FUZZ_SEED ? ["--seed", process.env.FUZZ_SEED] : [];
+  run = spawnScript("scripts/fuzz.ts", ["--iterations", "4000", "--nodes", "4", ...seed, "--json"], { label: "fuzz" });
+  const code = await withDeadline(run.exited(), 55_000, "the fuzz run to end");
+  // Its narrative is not JSON, so Proc files it under stderr; the progress lines are noise here.
+  console.log(run.stderr.filter((l) => !l.endsWith(" frames")).map((l) => l.replace(/^stdout: /, "")).join("\n"));
+  const r = (await run.log.waitFor("fuzz-result", 0, "its result line")) as any; // checked field by field below
   expect(r.problems).toEqual([]);
   expect(r.ok).toBe(true);
+  expect(code).toBe(0);
   expect(r.frames).toBe(4000);
   expect(r.realNodes).toEqual({ started: 4, registered: 4 });
   // The frames reached the code under test: each server refused some for each main reason.

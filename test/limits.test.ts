@@ -10,8 +10,7 @@
 import { afterEach, describe, expect, test } from "bun:test";
 import { RegistrationError, startNode, type NodeOptions, type PeerNode } from "../client.ts";
 import { startRegistry, type Registry, type RegistryOptions } from "../registry.ts";
-import { RawConn, unusedPort } from "../scripts/fuzz.ts";
-import { EventLog, RawClient, spawnNode, spawnRegistry, spawnScript, waitUntil, withDeadline, type Proc } from "./helpers.ts";
+import { EventLog, RawClient, closedPort, spawnNode, spawnRegistry, spawnScript, waitUntil, withDeadline, type Proc, type WireMessage } from "../harness.ts";
 
 const cleanups: (() => unknown)[] = [];
 afterEach(async () => {
@@ -26,7 +25,7 @@ describe("registry limits", () => {
     const finished = await raw(reg.port);
     await finished.write(`{"type":"register","pad":"${"y".repeat(1100)}"}\n`);
     for (const c of [unfinished, finished]) {
-      const err = await c.waitForMessage((m) => m.type === "error", 5_000, "line-too-long");
+      const err = await c.waitFor((m) => m.type === "error", 5_000, "line-too-long");
       expect(err).toMatchObject({ type: "error", code: "line-too-long" });
       expect(String(err.message)).toContain("1024");
       await c.waitClosed(5_000);
@@ -35,7 +34,7 @@ describe("registry limits", () => {
     const exact = await raw(reg.port);
     const ping = `{"type":"ping","pad":"`;
     await exact.write(ping + "z".repeat(1024 - ping.length - 2) + '"}\n');
-    expect((await exact.waitForMessage((m) => m.type === "error", 5_000, "reply to a 1024-byte line")).code).toBe("unexpected-message");
+    expect((await exact.waitFor((m) => m.type === "error", 5_000, "reply to a 1024-byte line")).code).toBe("unexpected-message");
 
     const node = await realNode(reg.port);
     expect(node.registered).toBe(true);
@@ -50,7 +49,7 @@ describe("registry limits", () => {
     const b = await realNode(reg.port);
     const over = await raw(reg.port);
     await over.write(JSON.stringify({ type: "register", v: 1, id: "one-too-many", port: 1 }) + "\n");
-    const err = await over.waitForMessage((m) => m.type === "error", 5_000, "registry-full");
+    const err = await over.waitFor((m) => m.type === "error", 5_000, "registry-full");
     expect(err.code).toBe("registry-full");
     expect(String(err.message)).toContain("maximum of 2 nodes");
     await over.waitClosed(5_000);
@@ -81,7 +80,7 @@ describe("registry limits", () => {
     })();
     const node = await realNode(reg.port);
     for (const c of [silent, partial, trickle]) {
-      const err = await c.waitForMessage((m) => m.type === "error", 10_000, "registration-timeout");
+      const err = await c.waitFor((m) => m.type === "error", 10_000, "registration-timeout");
       expect(err.code).toBe("registration-timeout");
       expect(String(err.message)).toContain("300ms");
       await c.waitClosed(5_000);
@@ -95,7 +94,7 @@ describe("registry limits", () => {
     const { reg, log } = await registry({ maxConnsPerAddress: 3, probe: false, registerTimeoutMs: 60_000 });
     const held = await Promise.all([1, 2, 3].map(() => raw(reg.port, "127.0.0.2")));
     const over = await raw(reg.port, "127.0.0.2");
-    const err = await over.waitForMessage((m) => m.type === "error", 5_000, "too-many-connections");
+    const err = await over.waitFor((m) => m.type === "error", 5_000, "too-many-connections");
     expect(err.code).toBe("too-many-connections");
     expect(String(err.message)).toContain("more than 3 connections from 127.0.0.2");
     await over.waitClosed(5_000);
@@ -104,7 +103,7 @@ describe("registry limits", () => {
     // Another source address is not affected, and neither is a real node.
     const other = await raw(reg.port, "127.0.0.3");
     await other.write(JSON.stringify({ type: "register", v: 1, id: "from-3", port: 4000 }) + "\n");
-    expect((await other.waitForMessage((m) => m.type === "registered" || m.type === "error", 5_000, "register from 127.0.0.3")).type).toBe("registered");
+    expect((await other.waitFor((m) => m.type === "registered" || m.type === "error", 5_000, "register from 127.0.0.3")).type).toBe("registered");
     const node = await realNode(reg.port);
     expect(node.registered).toBe(true);
 
@@ -113,11 +112,11 @@ describe("registry limits", () => {
     for (const c of held) c.destroy();
     // The count goes back down: a fresh connection from the same address is admitted again.
     await waitUntil(() => log.named("error").length >= 1 && held.every((c) => c.closed), 5_000, "held connections closed");
-    let admitted: RawConn | undefined;
-    await waitUntilAsync(async () => {
+    let admitted: RawClient | undefined;
+    await waitUntil(async () => {
       const c = await raw(reg.port, "127.0.0.2");
       await c.write('{"type":"sync"}\n');
-      const m = await c.waitForMessage((m) => m.type === "error", 5_000, "reply from the registry");
+      const m = await c.waitFor((m) => m.type === "error", 5_000, "reply from the registry");
       if (m.code === "unexpected-message") admitted = c;
       return admitted !== undefined;
     }, 10_000, "127.0.0.2 admitted again after its connections closed");
@@ -127,7 +126,7 @@ describe("registry limits", () => {
   test("a registered node that stops reading is dropped once its unsent backlog passes the queue cap; others carry on", async () => {
     const { reg, log } = await registry({ probe: false, heartbeatMs: 60_000 });
     // Fill the list so that every `sync` answer is large.
-    const fillers: RawConn[] = [];
+    const fillers: RawClient[] = [];
     for (let i = 0; i < 40; i++) {
       const c = await raw(reg.port);
       await c.write(JSON.stringify({ type: "register", v: 1, id: `filler-${i}-`.padEnd(64, "f"), port: 20_000 + i, name: "n".repeat(64) }) + "\n");
@@ -172,7 +171,7 @@ describe("token", () => {
     }
     const rawWrong = await raw(reg.port);
     await rawWrong.write(JSON.stringify({ type: "register", v: 1, id: "w", port: 1, token: "nope" }) + "\n");
-    expect((await rawWrong.waitForMessage((m) => m.type === "error", 5_000, "unauthorized")).code).toBe("unauthorized");
+    expect((await rawWrong.waitFor((m) => m.type === "error", 5_000, "unauthorized")).code).toBe("unauthorized");
     await rawWrong.waitClosed(5_000);
 
     const good = await realNode(reg.port, { token: TOKEN, onEvent: nodeLog.push });
@@ -190,7 +189,7 @@ describe("token", () => {
     for (const line of carriers) {
       const c = await raw(reg.port);
       await c.write(line + "\n");
-      await c.waitForMessage((m) => m.type === "error", 5_000, `refusal of ${line.slice(0, 40)}`);
+      await c.waitFor((m) => m.type === "error", 5_000, `refusal of ${line.slice(0, 40)}`);
     }
     await waitUntil(() => log.named("error").length >= 5 + carriers.length, 5_000, "every refusal reported");
     const leaked = [...log.events, ...nodeLog.events].filter((e) => JSON.stringify(e).includes(TOKEN));
@@ -248,12 +247,12 @@ describe("a node's greeting listener", () => {
 
     const long = await raw(target.port);
     await long.write("h".repeat(300));
-    expect((await long.waitForMessage((m) => m.type === "error", 5_000, "line-too-long")).code).toBe("line-too-long");
+    expect((await long.waitFor((m) => m.type === "error", 5_000, "line-too-long")).code).toBe("line-too-long");
     await long.waitClosed(5_000);
 
     const idle = [await raw(target.port), await raw(target.port)];
     const third = await raw(target.port);
-    const err = await third.waitForMessage((m) => m.type === "error", 5_000, "too-many-connections");
+    const err = await third.waitFor((m) => m.type === "error", 5_000, "too-many-connections");
     expect(err.code).toBe("too-many-connections");
     expect(String(err.message)).toContain("2");
     // Held connections, however quiet or slow, are cut at the lifetime bound.
@@ -274,8 +273,8 @@ describe("a node's greeting listener", () => {
 
 describe("a hostile registry", () => {
   test("garbage, wrong types, deep nesting, absurd numbers and an oversize line: the node reports each, reconnects, and registers when sense arrives", async () => {
-    const closedPort = await unusedPort();
-    const script: ((s: Bun.Socket<{ n: number }>) => void)[] = [
+    const refusing = closedPort();
+    const script: ((s: RawClient) => void)[] = [
       // 1: garbage of every kind, then a line past the node's reply limit (the node must hang up).
       (s) => {
         s.write(Uint8Array.from([0, 255, 254, 10]));
@@ -298,13 +297,13 @@ describe("a hostile registry", () => {
             heartbeat: 1e300,
             timeout: 1e300,
             self: { id: "me", host: "127.0.0.1", port: 1 },
-            peers: [{ id: "ghost", host: "127.0.0.1", port: closedPort }],
+            peers: [{ id: "ghost", host: "127.0.0.1", port: refusing }],
           }) + "\n",
         );
-        s.write(JSON.stringify({ type: "joined", seq: 9, peer: { id: "gap", host: "127.0.0.1", port: closedPort } }) + "\n");
+        s.write(JSON.stringify({ type: "joined", seq: 9, peer: { id: "gap", host: "127.0.0.1", port: refusing } }) + "\n");
       },
     ];
-    const { port, conns, received } = fakeRegistry(script);
+    const { port, conns, received } = await fakeRegistry(script);
     const log = new EventLog();
     const node = await startNode({
       registryHost: "127.0.0.1",
@@ -328,16 +327,16 @@ describe("a hostile registry", () => {
     expect(conns()).toBeGreaterThanOrEqual(2);
     await log.waitFor((e) => e.event === "greet-failed" && e.peer === "ghost", 10_000);
     await log.waitFor("resync", 5_000);
-    await waitUntil(() => received().some((l) => l.includes('"type":"sync"')), 5_000, "the node to ask for a snapshot");
+    await waitUntil(() => received().some((m) => m.type === "sync"), 5_000, "the node to ask for a snapshot");
     // Timers beyond what setInterval can hold must not turn into a 1 ms ping loop.
-    const pingsBefore = received().filter((l) => l.includes('"ping"')).length;
+    const pingsBefore = received().filter((m) => m.type === "ping").length;
     await Bun.sleep(200); // a window to count in; the expectation is that nothing happens in it
-    expect(received().filter((l) => l.includes('"ping"')).length - pingsBefore).toBeLessThan(5);
+    expect(received().filter((m) => m.type === "ping").length - pingsBefore).toBeLessThan(5);
     expect(node.registered).toBe(true);
   });
 
   test("a registry that never answers: the node gives up on that session, says why, and dials again", async () => {
-    const { port, conns } = fakeRegistry([() => {}, () => {}]);
+    const { port, conns } = await fakeRegistry([() => {}, () => {}]);
     const log = new EventLog();
     const node = await startNode({
       registryHost: "127.0.0.1",
@@ -357,7 +356,12 @@ describe("a hostile registry", () => {
 
   test("a refusal that retrying cannot fix ends the node with that code", async () => {
     // Like the real registry, it closes after refusing.
-    const { port } = fakeRegistry([(s) => void s.end('{"type":"error","code":"unauthorized","message":"go away"}\n')]);
+    const { port } = await fakeRegistry([
+      (s) => {
+        void s.write('{"type":"error","code":"unauthorized","message":"go away"}\n');
+        s.end();
+      },
+    ]);
     const e = await startNode({ registryHost: "127.0.0.1", registryPort: port, listenHost: "127.0.0.1" }).catch((e: unknown) => e);
     expect(e).toBeInstanceOf(RegistrationError);
     expect((e as RegistrationError).code).toBe("unauthorized");
@@ -386,39 +390,18 @@ async function realNode(registryPort: number, options: Partial<NodeOptions> = {}
   return node;
 }
 
-async function raw(port: number, localAddress?: string): Promise<RawConn> {
-  const c = await RawConn.connect(port, { localAddress });
+async function raw(port: number, localAddress?: string): Promise<RawClient> {
+  const c = await RawClient.connect(port, { localAddress });
   cleanups.push(() => c.destroy());
   return c;
 }
 
-async function waitUntilAsync(cond: () => Promise<boolean>, ms: number, what: string): Promise<void> {
-  const deadline = performance.now() + ms;
-  while (!(await cond())) {
-    if (performance.now() > deadline) throw new Error(`timed out after ${ms}ms waiting for ${what}`);
-  }
-}
-
-/** A registry impostor: connection n runs script[n] (the last one repeats); records what nodes send. */
-function fakeRegistry(script: ((s: Bun.Socket<{ n: number }>) => void)[]): { port: number; conns(): number; received(): string[] } {
-  let count = 0;
-  const lines: string[] = [];
-  const l = Bun.listen<{ n: number }>({
-    hostname: "127.0.0.1",
-    port: 0,
-    socket: {
-      open(s) {
-        s.data = { n: count++ };
-      },
-      data(s, chunk) {
-        const text = chunk.toString();
-        lines.push(...text.split("\n").filter(Boolean));
-        if (text.includes('"register"')) script[Math.min(s.data.n, script.length - 1)]!(s);
-      },
-      error() {},
-    },
+/** A registry impostor: connection n runs script[n] on its register (the last one repeats); keeps what nodes send. */
+async function fakeRegistry(script: ((s: RawClient) => void)[]): Promise<{ port: number; conns(): number; received(): WireMessage[] }> {
+  const server = await RawClient.serve((s) => {
+    const n = server.connections.length - 1;
+    void s.waitFor("register", 60_000).then(() => script[Math.min(n, script.length - 1)]!(s), () => {});
   });
-  cleanups.push(() => l.stop(true));
-  return { port: l.port, conns: () => count, received: () => lines };
+  cleanups.push(() => server[Symbol.asyncDispose]());
+  return { port: server.port, conns: () => server.connections.length, received: () => server.connections.flatMap((c) => c.messages) };
 }
-

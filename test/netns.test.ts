@@ -8,7 +8,7 @@
  */
 import { afterAll, describe, expect, test } from "bun:test";
 import { formatAddress } from "../net.ts";
-import { meshProblems, waitUntil, withDeadline, type Proc } from "./helpers.ts";
+import { greetingsOf, meshProblems, waitUntil, withDeadline, type Proc } from "../harness.ts";
 import { UNUSED4, createNetwork, netnsUnavailable, removeOwn, type Host } from "./netns.ts";
 
 const unavailable = await netnsUnavailable();
@@ -107,11 +107,8 @@ async function meshAcrossHosts(host: Host, nodeHosts: Host[], family: 4 | 6, bin
   const count = (event: string) => nodes.reduce((sum, n) => sum + n.log.named(event).length, 0);
   await waitUntil(() => count("greeted") >= pairs && count("greeting") >= pairs, WAIT_MS, `${pairs} greeted and greeting events`);
 
-  const greeted = new Map(nodes.map((n) => [n.id, n.log.named("greeted").map((e) => String(e.peer))]));
-  const greetings = new Map(nodes.map((n) => [n.id, n.log.named("greeting").map((e) => String(e.peer))]));
-  const ids = nodes.map((n) => n.id);
-  expect(meshProblems(ids, greeted)).toEqual([]);
-  expect(meshProblems(ids, greetings)).toEqual([]);
+  const { greeted, received } = greetingsOf(nodes);
+  expect(meshProblems(nodes.map((n) => n.id), greeted, received)).toEqual([]);
 
   // The registry lists each node under the address it connected from, which is its host's own.
   const registered = reg.log.named("node-registered");

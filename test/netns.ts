@@ -13,7 +13,7 @@
  * leftovers of a crashed run can be told apart from a live one.
  */
 import { existsSync, readFileSync } from "node:fs";
-import { spawnScript, withDeadline, type Proc } from "./helpers.ts";
+import { exec, spawnScript, type Proc } from "../harness.ts";
 
 /** Name prefix of everything this process creates; `crn<pid>-`. */
 export const PREFIX = `crn${process.pid}-`;
@@ -142,7 +142,7 @@ export async function createNetwork(names: string[]): Promise<TestNetwork> {
 
 /** `bun <script> ...args` inside namespace `ns`; `ip netns exec` execs, so the pid is bun's own. */
 export function spawnInNamespace(ns: string, script: string, args: string[], env: Record<string, string> = {}, label = script): Proc {
-  return spawnScript(script, args, env, label, [ipBinary() ?? "ip", "netns", "exec", ns]);
+  return spawnScript(script, args, { env, label, prefix: [ipBinary() ?? "ip", "netns", "exec", ns] });
 }
 
 /** Deletes every namespace this process created (afterAll safety net). */
@@ -177,14 +177,9 @@ export async function removeStale(): Promise<string[]> {
 
 /** Runs `ip ...args` with a deadline; resolves with stdout, rejects with stderr. */
 export async function ip(args: string[], timeoutMs = 10_000): Promise<string> {
-  const p = Bun.spawn([ipBinary() ?? "ip", ...args], { stdin: "ignore", stdout: "pipe", stderr: "pipe", timeout: timeoutMs, killSignal: "SIGKILL" });
-  const [out, err, code] = await withDeadline(
-    Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]),
-    timeoutMs + 1_000,
-    `ip ${args.join(" ")}`,
-  );
-  if (code !== 0) throw new Error(`ip ${args.join(" ")} exited ${code}: ${err.trim() || out.trim()}`);
-  return out;
+  const r = await exec([ipBinary() ?? "ip", ...args], timeoutMs);
+  if (r.code !== 0) throw new Error(`ip ${args.join(" ")} exited ${r.code}: ${r.stderr.trim() || r.stdout.trim()}`);
+  return r.stdout;
 }
 
 // --- internal ----------------------------------------------------------------

@@ -35,7 +35,7 @@ import {
 } from "../protocol.ts";
 import { normalizeHost, parseHostPort, parsePort } from "../net.ts";
 import { settingsFrom } from "../cli.ts";
-import { ROOT } from "./helpers.ts";
+import { ROOT } from "../harness.ts";
 
 const utf8 = new TextEncoder();
 

@@ -7,10 +7,9 @@
 import { afterEach, describe, expect, test } from "bun:test";
 import { createHash } from "node:crypto";
 import { startNode, type PeerNode } from "../client.ts";
-import type { EventRecord } from "../cli.ts";
 import { startRegistry, type Registry } from "../registry.ts";
 import { startStatusServer, type StatusServer, type StatusServerOptions } from "../status.ts";
-import { EventLog, disposeAll, waitUntil, withDeadline } from "./helpers.ts";
+import { EventLog, disposeAll, readLines, waitUntil, withDeadline, type JsonEvent } from "../harness.ts";
 
 const T = 30_000;
 let fixtures: (AsyncDisposable | undefined)[] = [];
@@ -264,7 +263,7 @@ function sortById<T extends { id: string }>(list: T[]): T[] {
 }
 
 // Event payloads are checked field by field below; typing each one would only restate status.ts.
-const data = (e: EventRecord): any => e.data;
+const data = (e: JsonEvent): any => e.data;
 
 /** Reads /events like EventSource does: blocks separated by a blank line, `event:`/`data:` fields, `:` comments. */
 function openEvents(server: StatusServer) {
@@ -275,27 +274,16 @@ function openEvents(server: StatusServer) {
     const res = await fetch(new URL("/events", server.url), { signal: abort.signal });
     expect(res.status).toBe(200);
     expect(res.headers.get("content-type")).toStartWith("text/event-stream");
-    const decoder = new TextDecoder();
-    let buffer = "";
-    const reader = res.body!.getReader();
-    for (;;) {
-      const { done, value } = await reader.read();
-      if (done) break;
-      buffer += decoder.decode(value, { stream: true });
-      let end: number;
-      while ((end = buffer.indexOf("\n\n")) >= 0) {
-        const block = buffer.slice(0, end);
-        buffer = buffer.slice(end + 2);
-        let event = "message";
-        const lines: string[] = [];
-        for (const line of block.split("\n")) {
-          if (line.startsWith(":")) comments.push(line.slice(1).trim());
-          else if (line.startsWith("event: ")) event = line.slice(7);
-          else if (line.startsWith("data: ")) lines.push(line.slice(6));
-        }
-        if (lines.length) log.push({ event, data: JSON.parse(lines.join("\n")) });
+    await readLines(res.body!, (block) => {
+      let event = "message";
+      const lines: string[] = [];
+      for (const line of block.split("\n")) {
+        if (line.startsWith(":")) comments.push(line.slice(1).trim());
+        else if (line.startsWith("event: ")) event = line.slice(7);
+        else if (line.startsWith("data: ")) lines.push(line.slice(6));
       }
-    }
+      if (lines.length) log.push({ event, data: JSON.parse(lines.join("\n")) });
+    }, "\n\n");
   })().catch((e) => {
     if ((e as Error).name !== "AbortError") throw e;
   });

@@ -1,0 +1,688 @@
+/**
+ * The one harness for tests, scripts, benchmarks and the demo: processes
+ * with their --json events parsed, waits for an event (never for time) under
+ * a deadline that names what was awaited, a raw NDJSON TCP client, a probe
+ * responder, the seeded PRNG, and the mesh check. It drives the product
+ * from outside (processes, sockets, start functions); nothing in the product
+ * imports it.
+ */
+import { defineCommand, runMain, type ArgsDef, type CommandMeta, type ParsedArgs } from "citty";
+import net from "node:net";
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
+import { checkFlags, runCli } from "./cli.ts";
+import { command as nodeCommand } from "./client.ts";
+import { command as registryCommand } from "./registry.ts";
+
+/** The project root: where the scripts are started from. */
+export const ROOT = import.meta.dir;
+
+/** An event as a script prints it with --json; typed loosely, since it comes back from a pipe. */
+export type JsonEvent = { event: string } & Record<string, unknown>;
+
+/** A message as a raw client saw it: parsed JSON, or `{ type: "(not json)", line }`. */
+export type WireMessage = { type?: unknown } & Record<string, unknown>;
+
+// --- waits -------------------------------------------------------------------
+
+/** Rejects with a message naming `what` if `promise` has not settled in time. */
+export async function withDeadline<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: Timer | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after ${ms}ms waiting for ${what}`)), ms);
+  });
+  try {
+    return await Promise.race([promise, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/**
+ * Waits until `cond` holds, checking it every `everyMs`: for state that has
+ * no event of its own (a registry's list, a process table, a container's
+ * health). A throw from `cond` ends the wait with it.
+ */
+export async function waitUntil(cond: () => boolean | Promise<boolean>, ms: number, what: string, everyMs = 5): Promise<void> {
+  const deadline = performance.now() + ms;
+  while (!(await cond())) {
+    if (performance.now() > deadline) throw new Error(`timed out after ${ms}ms waiting for ${what}`);
+    await Bun.sleep(everyMs);
+  }
+}
+
+type Pred<T> = (item: T) => boolean;
+
+/**
+ * Items that arrive over time (a process's events, a connection's messages),
+ * and waits for them, past or future, under a deadline. Once the source ends
+ * (the process exited, the connection closed), a wait for what is not there
+ * fails at once, saying why.
+ */
+export class Feed<T extends Record<string, unknown>> {
+  readonly items: T[] = [];
+  private ended: string | undefined;
+  private readonly wakers = new Set<() => void>();
+
+  /** `key` is the field a string predicate names: `waitFor("pong")` is `waitFor((m) => m.type === "pong")`. */
+  constructor(private readonly key: string) {}
+
+  /** Adds an item; an arrow function, so it can be passed as a callback (`onEvent: log.push`). */
+  readonly push = (item: T): void => {
+    this.items.push(item);
+    this.wake();
+  };
+
+  /** No more items will come; `why` goes into the message of every wait that cannot be met. */
+  end(why: string): void {
+    this.ended ??= why;
+    this.wake();
+  }
+
+  /** Items whose key field is `value`, in order. */
+  named(value: string): T[] {
+    return this.items.filter((i) => i[this.key] === value);
+  }
+
+  /** Resolves with the first item (already seen or still to come) matching `pred`. */
+  async waitFor(pred: Pred<T> | string, timeoutMs = 10_000, what?: string): Promise<T> {
+    const p = this.pred(pred);
+    return (await this.waitForCount(p, 1, timeoutMs, what ?? this.label(pred)))[0]!;
+  }
+
+  /** Resolves with all matching items once there are at least `count`. */
+  async waitForCount(pred: Pred<T> | string, count: number, timeoutMs = 10_000, what?: string): Promise<T[]> {
+    const p = this.pred(pred);
+    const label = what ?? `${count} x ${this.label(pred)}`;
+    const result = Promise.withResolvers<T[]>();
+    const check = () => {
+      const found = this.items.filter(p);
+      if (found.length >= count) result.resolve(found);
+      else if (this.ended !== undefined) result.reject(new Error(`${this.ended} before ${label} (${found.length} of ${count}); last: ${this.tail()}`));
+    };
+    this.wakers.add(check);
+    check();
+    try {
+      return await withDeadline(result.promise, timeoutMs, label);
+    } finally {
+      this.wakers.delete(check);
+    }
+  }
+
+  private pred(pred: Pred<T> | string): Pred<T> {
+    return typeof pred === "string" ? (i) => i[this.key] === pred : pred;
+  }
+
+  private label(pred: Pred<T> | string): string {
+    return typeof pred === "string" ? `${this.key} ${pred}` : "a matching item";
+  }
+
+  private tail(): string {
+    return JSON.stringify(this.items.slice(-4)).slice(0, 2000);
+  }
+
+  private wake(): void {
+    for (const w of [...this.wakers]) w();
+  }
+}
+
+/** A role's events, from a process's stdout or an in-process `onEvent`. */
+export class EventLog extends Feed<JsonEvent> {
+  constructor() {
+    super("event");
+  }
+
+  get events(): JsonEvent[] {
+    return this.items;
+  }
+}
+
+// --- processes ---------------------------------------------------------------
+
+/** Processes started here that have not exited: what `killAll` kills. */
+export const children = new Set<Proc>();
+
+/**
+ * A running script: its --json lines become events in `log`, anything else
+ * it prints lands in `stderr` (stdout lines prefixed "stdout: "). Its log
+ * ends when it exits, so a wait for an event that never came fails then.
+ */
+export class Proc implements AsyncDisposable {
+  readonly log = new EventLog();
+  readonly stderr: string[] = [];
+  private readonly done: Promise<number>;
+
+  constructor(
+    readonly proc: Bun.Subprocess<"ignore" | "pipe", "pipe", "pipe">,
+    readonly label: string,
+  ) {
+    children.add(this);
+    const out = readLines(proc.stdout, (line) => this.onLine(line));
+    const err = readLines(proc.stderr, (line) => this.stderr.push(line));
+    this.done = Promise.all([proc.exited, out, err]).then(([code]) => {
+      children.delete(this);
+      this.log.end(`${label} exited (${code}; stderr: ${this.stderr.slice(-5).join(" | ") || "none"})`);
+      return code;
+    });
+  }
+
+  get pid(): number {
+    return this.proc.pid;
+  }
+
+  get running(): boolean {
+    return this.proc.exitCode === null && this.proc.signalCode === null;
+  }
+
+  /** Sends a signal to the script (not to a wrapper it runs under). */
+  signal(signal: NodeJS.Signals): void {
+    if (this.running) this.proc.kill(signal);
+  }
+
+  /** Sends a signal (default SIGKILL, as killNow does it) and waits for the exit. */
+  async kill(signal: NodeJS.Signals = "SIGKILL"): Promise<number> {
+    if (signal === "SIGKILL") this.killNow();
+    else this.signal(signal);
+    return this.exited();
+  }
+
+  /** SIGCONT first (a stopped process holds SIGKILL pending on some kernels' views of ps), then SIGKILL, to a wrapper too; does not wait. */
+  killNow(): void {
+    this.signal("SIGCONT");
+    this.signal("SIGKILL");
+    if (this.running) this.proc.kill("SIGKILL");
+  }
+
+  /** Asks the process to stop (SIGTERM: it cleans up after itself), kills it if it has not exited after `graceMs`. */
+  async stop(graceMs = 5_000): Promise<number> {
+    this.signal("SIGTERM");
+    return withDeadline(this.exited(), graceMs, `${this.label} to exit on SIGTERM`).catch(() => {
+      this.killNow();
+      return this.exited();
+    });
+  }
+
+  /** The exit code, once the process exited and its output was read to the end. */
+  exited(): Promise<number> {
+    return this.done;
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.kill();
+  }
+
+  /** A parsed stdout line; subclasses may take some for themselves. */
+  protected onJson(m: JsonEvent): void {
+    this.log.push(m);
+  }
+
+  private onLine(line: string): void {
+    let m: unknown;
+    try {
+      m = JSON.parse(line);
+    } catch {
+      m = undefined;
+    }
+    if (m && typeof m === "object") this.onJson(m as JsonEvent);
+    else this.stderr.push(`stdout: ${line}`);
+  }
+}
+
+/** Kills every process started here that still runs; synchronous, so it works in an exit handler. */
+export function killAll(): void {
+  for (const p of children) p.killNow();
+}
+
+/** Bun leaves children running when their parent dies: kill them when this process exits or is interrupted. */
+export function killAllOnExit(): void {
+  process.on("exit", killAll);
+  for (const signal of ["SIGINT", "SIGTERM", "SIGHUP"] as const) {
+    process.once(signal, () => {
+      killAll();
+      process.exit(130);
+    });
+  }
+}
+
+/**
+ * Runs one of our scripts (demo, chaos, fuzz, bench, Docker check) as a citty
+ * command: --help from `args`, an unknown flag or a bad value exits 2 with a
+ * usage error, any other error exits 1, and what `main` resolves to is the
+ * exit code.
+ */
+export async function runScript<const A extends ArgsDef>(meta: CommandMeta, args: A, main: (args: ParsedArgs<A>) => Promise<number>): Promise<void> {
+  const run = ({ args: parsed, rawArgs }: { args: ParsedArgs<A>; rawArgs: string[] }) =>
+    runCli(async () => {
+      checkFlags(rawArgs, args as Record<string, { type?: string }>);
+      process.exit(await main(parsed));
+    });
+  await runMain(defineCommand({ meta, args, run }));
+}
+
+/**
+ * Calls `onPart` for every `separator`-delimited, non-blank part of a text
+ * stream (lines by default). A stream torn down midway (its process killed,
+ * its request aborted) just ends, without its unfinished last part.
+ */
+export async function readLines(stream: ReadableStream<Uint8Array>, onPart: (part: string) => void, separator = "\n"): Promise<void> {
+  const decoder = new TextDecoder();
+  const reader = stream.getReader();
+  let rest = "";
+  for (;;) {
+    let chunk: Awaited<ReturnType<typeof reader.read>>;
+    try {
+      chunk = await reader.read();
+    } catch {
+      return;
+    }
+    if (chunk.done) break;
+    rest += decoder.decode(chunk.value, { stream: true });
+    let at: number;
+    while ((at = rest.indexOf(separator)) >= 0) {
+      const part = rest.slice(0, at);
+      rest = rest.slice(at + separator.length);
+      if (part.trim()) onPart(part);
+    }
+  }
+  if (rest.trim()) onPart(rest);
+}
+
+/**
+ * The scripts' environment variables, read from the `[env NAME` of their flags'
+ * descriptions (what --help and the README show), so a new flag is covered
+ * without a second list; Node's and Bun's own NODE_ENV, NODE_OPTIONS stay.
+ */
+const OWN_SETTINGS = new Set([
+  "CONSOLA_LEVEL",
+  ...[registryCommand, nodeCommand].flatMap((c) =>
+    Object.values((c.args ?? {}) as Record<string, { description?: string }>).flatMap((a) =>
+      [...String(a.description).matchAll(/\benv ([A-Z_]+)/g)].map((m) => m[1]!),
+    ),
+  ),
+]);
+
+export interface SpawnOptions {
+  /** The script's own settings: only these reach it (see spawnBun). */
+  env?: Record<string, string>;
+  label?: string;
+  /** A command the script runs under, e.g. `ip netns exec NS` (which execs, so the pid stays bun's). */
+  prefix?: string[];
+  /** Flags for bun itself, before the script. */
+  bunArgs?: string[];
+  stdin?: "ignore" | "pipe";
+  /** Bun kills the process after this long: a safety net, not a deadline to wait for. */
+  timeoutMs?: number;
+}
+
+/**
+ * Starts `bun <script> ...args` from the project root with stdout/stderr
+ * piped. The scripts' own settings (REGISTRY_*, NODE_*, LOG_JSON,
+ * CONSOLA_LEVEL) come only from `env`: one exported in the developer's shell
+ * (a NODE_ID, a REGISTRY_TOKEN) must not change what a test starts.
+ */
+export function spawnBun(script: string, args: string[], o: SpawnOptions = {}): Bun.Subprocess<"ignore" | "pipe", "pipe", "pipe"> {
+  const inherited = Object.fromEntries(Object.entries(process.env).filter(([k]) => !OWN_SETTINGS.has(k)));
+  return Bun.spawn([...(o.prefix ?? []), process.execPath, ...(o.bunArgs ?? []), join(ROOT, script), ...args], {
+    cwd: ROOT,
+    stdin: o.stdin ?? "ignore",
+    stdout: "pipe",
+    stderr: "pipe",
+    env: { ...inherited, NO_COLOR: "1", ...o.env },
+    ...(o.timeoutMs ? { timeout: o.timeoutMs, killSignal: "SIGKILL" } : {}),
+  });
+}
+
+/** `bun <script> ...args` as a Proc (see spawnBun). */
+export function spawnScript(script: string, args: string[], o: SpawnOptions = {}): Proc {
+  return new Proc(spawnBun(script, args, o), o.label ?? script);
+}
+
+/** A registry process on 127.0.0.1 and a free port; resolves once it listens. */
+export async function spawnRegistry(args: string[] = [], env: Record<string, string> = {}): Promise<Proc & { port: number }> {
+  const p = spawnScript("registry.ts", ["127.0.0.1", "0", "--json", ...args], { env, label: "registry" });
+  const e = await p.log.waitFor("listening", 15_000, "registry to listen").catch(async (err) => {
+    await p[Symbol.asyncDispose]();
+    throw new Error(`${(err as Error).message}; stderr: ${p.stderr.join("\n")}`);
+  });
+  return Object.assign(p, { port: Number(e.port) });
+}
+
+/** A node process; resolves once it is registered (its `listening` event gives id and port). */
+export async function spawnNode(
+  registryPort: number,
+  args: string[] = [],
+  env: Record<string, string> = {},
+  registryHost = "127.0.0.1",
+): Promise<Proc & { id: string; port: number }> {
+  const p = spawnScript("client.ts", [registryHost, String(registryPort), "--json", ...args], { env, label: "node" });
+  try {
+    const l = await p.log.waitFor("listening", 15_000, "node to listen");
+    await p.log.waitFor("registered", 15_000, "node to register");
+    return Object.assign(p, { id: String(l.id), port: Number(l.port) });
+  } catch (err) {
+    await p[Symbol.asyncDispose]();
+    throw new Error(`${(err as Error).message}; stderr: ${p.stderr.join("\n")}`);
+  }
+}
+
+/** Disposes every fixture even if some fail; for finally blocks and afterEach. */
+export async function disposeAll(items: Iterable<AsyncDisposable | undefined>): Promise<void> {
+  await Promise.allSettled(Array.from(items, (i) => i?.[Symbol.asyncDispose]()));
+}
+
+/** Runs a command to its end (killed after `timeoutMs`, exit code 124 then); never throws. */
+export async function exec(cmd: string[], timeoutMs: number, env?: Record<string, string | undefined>): Promise<{ code: number; stdout: string; stderr: string }> {
+  const p = Bun.spawn(cmd, { stdin: "ignore", stdout: "pipe", stderr: "pipe", timeout: timeoutMs, killSignal: "SIGKILL", env });
+  const [stdout, stderr, code] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
+  if (p.signalCode) return { code: 124, stdout, stderr: `${stderr}\n(${cmd.slice(0, 3).join(" ")} killed after ${timeoutMs}ms)` };
+  return { code, stdout, stderr };
+}
+
+/** A process's resident set size from /proc, in bytes (undefined off Linux or once it exited). */
+export function rssBytes(pid: number): number | undefined {
+  try {
+    const m = /VmRSS:\s+(\d+)\s+kB/.exec(readFileSync(`/proc/${pid}/status`, "utf8"));
+    return m ? Number(m[1]) * 1024 : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+// --- the mesh ----------------------------------------------------------------
+
+/**
+ * What breaks the full-mesh property: every pair of `ids` greeted exactly
+ * once and no greeting outside `ids` (`greeted`: greeter -> whom it greeted);
+ * given what each node logged receiving (`received`: receiver -> who greeted
+ * it), the same of those, and both ends telling of the same greetings.
+ */
+export function meshProblems(ids: string[], greeted: Map<string, string[]>, received?: Map<string, string[]>): string[] {
+  const arrows = (m: Map<string, string[]>, sent: boolean) =>
+    [...m].flatMap(([self, others]) => others.map((o) => (sent ? [self, o] : [o, self]) as [string, string]));
+  const sent = arrows(greeted, true);
+  const problems = pairProblems(ids, sent, "greeted");
+  if (received) {
+    const got = arrows(received, false);
+    problems.push(...pairProblems(ids, got, "greeting"));
+    const text = (a: [string, string][]) => a.map(([from, to]) => `${from}->${to}`).sort();
+    const [s, g] = [text(sent), text(got)];
+    if (s.join() !== g.join()) {
+      problems.push(`the two ends disagree: greeted only [${s.filter((x) => !g.includes(x))}], logged only [${g.filter((x) => !s.includes(x))}]`);
+    }
+  }
+  return problems;
+}
+
+function pairProblems(ids: string[], arrows: [string, string][], what: string): string[] {
+  const problems: string[] = [];
+  const known = new Set(ids);
+  const count = new Map<string, number>();
+  for (const [from, to] of arrows) {
+    if (!known.has(from) || !known.has(to)) problems.push(`${what} ${from}->${to}: outside the mesh`);
+    const key = [from, to].sort().join("~");
+    count.set(key, (count.get(key) ?? 0) + 1);
+  }
+  for (let i = 0; i < ids.length; i++) {
+    for (let j = i + 1; j < ids.length; j++) {
+      const key = [ids[i]!, ids[j]!].sort().join("~");
+      const n = count.get(key) ?? 0;
+      if (n !== 1) problems.push(`${what} ${key}: ${n} times`);
+    }
+  }
+  return problems;
+}
+
+/** The greetings that node processes logged: `greeted` (sent) and `greeting` (received), by node id. */
+export function greetingsOf(nodes: { id: string; log: EventLog }[]): { greeted: Map<string, string[]>; received: Map<string, string[]> } {
+  const peers = (log: EventLog, event: string) => log.named(event).map((e) => String(e.peer));
+  return {
+    greeted: new Map(nodes.map((n) => [n.id, peers(n.log, "greeted")])),
+    received: new Map(nodes.map((n) => [n.id, peers(n.log, "greeting")])),
+  };
+}
+
+// --- sockets -----------------------------------------------------------------
+
+/**
+ * A raw NDJSON TCP client for precise and hostile tests: writes exactly the
+ * bytes it is given, splits what it receives on 0x0A itself, and lets a test
+ * wait for a message under a deadline. On node:net, because Bun.connect cannot
+ * choose the local address: binding 127.0.0.2, 127.0.0.3, ... makes
+ * connections a server counts as coming from different hosts. With
+ * `collect: false` it only counts bytes (bulk clients that must keep reading
+ * but whose traffic is not under test).
+ */
+export class RawClient implements AsyncDisposable {
+  private readonly feed = new Feed<WireMessage>("type");
+  bytesReceived = 0;
+  closed = false;
+  private parts: Buffer[] = [];
+  private readonly closedSignal = Promise.withResolvers<void>();
+
+  private constructor(
+    private readonly socket: net.Socket,
+    private readonly collect: boolean,
+  ) {
+    socket.setNoDelay(true);
+    socket.on("data", (chunk: Buffer) => this.onData(chunk));
+    socket.on("error", () => {}); // a reset shows as the close that follows
+    socket.on("close", () => {
+      this.closed = true;
+      this.feed.end("connection closed");
+      this.closedSignal.resolve();
+    });
+  }
+
+  /**
+   * A raw server for tests that play the other side (a fake registry, a peer
+   * that never answers): each accepted connection is a RawClient, handed to
+   * `onConnection` and kept in `connections`; disposing resets them all.
+   */
+  static async serve(onConnection: (c: RawClient) => void = () => {}): Promise<RawServer> {
+    const connections: RawClient[] = [];
+    const server = net.createServer((socket) => {
+      const c = new RawClient(socket, true);
+      connections.push(c);
+      onConnection(c);
+    });
+    await withDeadline(new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve)), 5_000, "a raw server to listen");
+    return {
+      port: (server.address() as net.AddressInfo).port,
+      connections,
+      async [Symbol.asyncDispose]() {
+        await Promise.allSettled(connections.map((c) => c[Symbol.asyncDispose]()));
+        server.close();
+      },
+    };
+  }
+
+  /** Connects to `host:port` (default 127.0.0.1), optionally from a given local address. */
+  static async connect(port: number, o: { host?: string; localAddress?: string; collect?: boolean; timeoutMs?: number } = {}): Promise<RawClient> {
+    const socket = net.connect({ host: o.host ?? "127.0.0.1", port, ...(o.localAddress ? { localAddress: o.localAddress } : {}) });
+    const client = new RawClient(socket, o.collect ?? true);
+    const connected = new Promise<RawClient>((resolve, reject) => {
+      socket.once("connect", () => resolve(client));
+      socket.once("error", reject);
+    });
+    return withDeadline(connected, o.timeoutMs ?? 5_000, `raw connection to port ${port}`).catch((e) => {
+      socket.destroy();
+      throw e;
+    });
+  }
+
+  /** Everything received so far, in order. */
+  get messages(): WireMessage[] {
+    return this.feed.items;
+  }
+
+  /** Messages of this type, in order. */
+  named(type: string): WireMessage[] {
+    return this.feed.named(type);
+  }
+
+  /** The `code` of every error message received. */
+  errorCodes(): string[] {
+    return this.feed.named("error").map((m) => String(m.code));
+  }
+
+  /** Writes bytes or text as is (add the "\n" yourself); resolves once they are handed to the kernel, false if the socket failed or closed. */
+  write(data: string | Uint8Array): Promise<boolean> {
+    if (this.closed || this.socket.destroyed) return Promise.resolve(false);
+    return new Promise((resolve) => {
+      try {
+        this.socket.write(data, (err) => resolve(!err));
+      } catch {
+        resolve(false);
+      }
+    });
+  }
+
+  /** One JSON message plus newline. */
+  send(msg: object): Promise<boolean> {
+    return this.write(JSON.stringify(msg) + "\n");
+  }
+
+  /** Writes one byte per loop turn, so the peer reads the data in many small chunks. */
+  async writeSlowly(data: string | Uint8Array): Promise<void> {
+    const bytes = typeof data === "string" ? new TextEncoder().encode(data) : data;
+    for (const b of bytes) {
+      void this.write(Uint8Array.of(b));
+      await new Promise((r) => setImmediate(r));
+    }
+  }
+
+  /** First message (already received or still to come) matching `pred`; rejects early if the connection closes first. */
+  waitFor(pred: Pred<WireMessage> | string, timeoutMs = 10_000, what?: string): Promise<WireMessage> {
+    return this.feed.waitFor(pred, timeoutMs, what);
+  }
+
+  /** All matching messages once there are `count`; rejects early if the connection closes first. */
+  waitForCount(pred: Pred<WireMessage> | string, count: number, timeoutMs = 10_000, what?: string): Promise<WireMessage[]> {
+    return this.feed.waitForCount(pred, count, timeoutMs, what);
+  }
+
+  /** Resolves when the peer (or we) closed the connection. */
+  waitClosed(timeoutMs = 10_000, what = "the connection to close"): Promise<void> {
+    return withDeadline(this.closedSignal.promise, timeoutMs, what);
+  }
+
+  /** Stops reading: the peer's writes back up into the kernel buffers, then its own queue. */
+  pause(): void {
+    this.socket.pause();
+  }
+
+  resume(): void {
+    this.socket.resume();
+  }
+
+  /** Local port of this connection (what the other side sees as its remote port). */
+  get localPort(): number {
+    return this.socket.localPort ?? 0;
+  }
+
+  /** Half-closes: sends FIN, keeps reading. */
+  end(): void {
+    this.socket.end();
+  }
+
+  /** Closes with a reset, as a crashed peer would. */
+  destroy(): void {
+    if (!this.closed) this.socket.resetAndDestroy();
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    this.destroy();
+    await this.waitClosed(2_000).catch(() => {});
+  }
+
+  private onData(chunk: Buffer): void {
+    this.bytesReceived += chunk.byteLength;
+    if (!this.collect) return;
+    let start = 0;
+    for (let nl = chunk.indexOf(10); nl >= 0; nl = chunk.indexOf(10, start)) {
+      this.parts.push(chunk.subarray(start, nl));
+      start = nl + 1;
+      const line = Buffer.concat(this.parts).toString("utf8").replace(/\r$/, "");
+      this.parts = [];
+      if (!line) continue;
+      try {
+        this.feed.push(JSON.parse(line) as WireMessage);
+      } catch {
+        this.feed.push({ type: "(not json)", line });
+      }
+    }
+    if (start < chunk.byteLength) this.parts.push(Buffer.from(chunk.subarray(start)));
+  }
+}
+
+/** See RawClient.serve. */
+export interface RawServer extends AsyncDisposable {
+  port: number;
+  connections: RawClient[];
+}
+
+/**
+ * A listener that answers the registry's dial-back probe for any id, as the
+ * node with that id would, and counts the probes: what a simulated node needs
+ * to be listed with the probe on. Anything else (a greeting) gets an error
+ * and the connection is closed.
+ */
+export function probeResponder(hostname = "127.0.0.1"): { port: number; probes(): number; stop(): void } {
+  let probes = 0;
+  const l = Bun.listen<string | undefined>({
+    hostname,
+    port: 0,
+    socket: {
+      data(s, chunk) {
+        const text = (s.data ?? "") + chunk.toString();
+        const nl = text.indexOf("\n");
+        if (nl < 0) {
+          s.data = text;
+          if (text.length > 64 * 1024) s.end();
+          return;
+        }
+        let m: { type?: unknown; id?: unknown; nonce?: unknown } | undefined;
+        try {
+          m = JSON.parse(text.slice(0, nl)) as typeof m;
+        } catch {
+          // not a probe: answered below
+        }
+        s.data = text.slice(nl + 1);
+        if (m?.type === "probe") {
+          probes++;
+          // The prober cuts the connection once it has the answer; closing first here
+          // would leave this side in TIME_WAIT on a 4-tuple the next dial may reuse.
+          s.write(JSON.stringify({ type: "probe-ok", id: m.id, nonce: m.nonce }) + "\n");
+        } else {
+          s.end(JSON.stringify({ type: "error", code: "wrong-node", message: "a probe responder answers probes only" }) + "\n");
+        }
+      },
+      error(s) {
+        s.terminate();
+      },
+    },
+  });
+  return { port: l.port, probes: () => probes, stop: () => l.stop(true) };
+}
+
+/** A loopback port nothing listens on right now (bound, then released): connects to it are refused. */
+export function closedPort(): number {
+  const l = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
+  const port = l.port;
+  l.stop(true);
+  return port;
+}
+
+// --- randomness --------------------------------------------------------------
+
+/** mulberry32: a tiny, fast 32-bit PRNG; good enough to pick fuzz inputs and chaos actions and fully determined by its seed. */
+export function mulberry32(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
