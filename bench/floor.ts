@@ -12,7 +12,7 @@
  * `bun bench/floor.ts`; prints {"event":"listening","port":N}; commands on
  * stdin: {"cmd":"reply","bytes":N,"dial":false}, {"cmd":"stats"} (CPU time, RSS).
  */
-import { cpuMs, emit, rssBytes, serveCommands, wallMs } from "./lib.ts";
+import { cpuMs, emit, selfRss, serveCommands, wallMs } from "./lib.ts";
 
 interface Sock {
   queue: Uint8Array[];
@@ -73,7 +73,7 @@ serveCommands(async (cmd) => {
     dial = Boolean(cmd.dial);
     return { bytes: reply.byteLength, dial };
   }
-  if (cmd.cmd === "stats") return { cpuMs: cpuMs(), rss: await rssBytes(), t: wallMs() };
+  if (cmd.cmd === "stats") return { cpuMs: cpuMs(), rss: selfRss(), t: wallMs() };
   throw new Error(`unknown command ${String(cmd.cmd)}`);
 });
 

@@ -10,7 +10,8 @@
  * Commands: {"cmd":"grow","to":N,"conc":C} -> time to register up to N nodes;
  * {"cmd":"stats"}; {"cmd":"waitSeq","seq":S,"timeoutMs":T} -> when every session has seen seq S.
  */
-import { emit, probeListener, serveCommands, wallMs } from "./lib.ts";
+import { probeResponder } from "../harness.ts";
+import { emit, serveCommands, wallMs } from "./lib.ts";
 
 interface Opts {
   port: number;
@@ -163,8 +164,7 @@ function stats(): { sessions: number; registered: number; minSeq: number; maxSeq
 
 function openListener(i: number): void {
   if (listenerPorts[i] !== undefined) return;
-  const l = probeListener(HOST);
-  listenerPorts[i] = l.port;
+  listenerPorts[i] = probeResponder(HOST).port;
 }
 
 /** The seq of the `registered` reply: near its start, before the peer list. */

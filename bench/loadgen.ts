@@ -10,7 +10,8 @@
  *   {"cmd":"listeners","count":N}                       -> {"ports":[...]}
  *   {"cmd":"run","port":P,"conc":C,"warmupMs":W,"durationMs":D,"prefix":"x"}
  */
-import { dist, emit, probeListener, serveCommands, type Msg } from "./lib.ts";
+import { probeResponder } from "../harness.ts";
+import { dist, emit, serveCommands, type Msg } from "./lib.ts";
 
 interface Req {
   w: number;
@@ -23,7 +24,6 @@ interface Req {
 const HOST = "127.0.0.1";
 const REGISTERED = '{"type":"registered"';
 const probePorts: number[] = [];
-const probeListeners: Bun.TCPSocketListener<undefined>[] = [];
 
 serveCommands(async (cmd) => {
   switch (cmd.cmd) {
@@ -40,9 +40,7 @@ emit({ event: "ready", pid: process.pid });
 
 function openProbeListeners(count: number): void {
   while (probePorts.length < count) {
-    const l = probeListener(HOST);
-    probeListeners.push(l);
-    probePorts.push(l.port);
+    probePorts.push(probeResponder(HOST).port);
   }
 }
 

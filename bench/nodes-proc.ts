@@ -9,7 +9,6 @@
  *   {"cmd":"stop"} -> kill every node (no goodbye)
  */
 import { startNode, type PeerNode } from "../client.ts";
-import type { EventRecord } from "../cli.ts";
 import { emit, serveCommands, wallMs, type Msg } from "./lib.ts";
 
 const nodes: PeerNode[] = [];
@@ -42,7 +41,7 @@ async function start(cmd: Msg): Promise<Msg> {
       registryHost: "127.0.0.1",
       registryPort: Number(cmd.registryPort),
       listenHost: "127.0.0.1",
-      onEvent: (e: EventRecord) => {
+      onEvent: (e) => {
         if (wanted.has(e.event)) emit({ ...e, node: idx, t: wallMs() });
       },
     });
@@ -58,7 +57,7 @@ async function mesh(cmd: Msg): Promise<Msg> {
   let greeted = 0;
   let failed = 0;
   const complete = Promise.withResolvers<void>();
-  const onEvent = (e: EventRecord) => {
+  const onEvent = (e: { event: string }) => {
     if (e.event === "greeted" && ++greeted === pairs) complete.resolve();
     else if (e.event === "greet-failed") failed++;
   };

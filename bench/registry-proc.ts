@@ -8,7 +8,7 @@
  * {"cmd":"gc"} -> full GC first, then the same.
  */
 import type { RegistryOptions, startRegistry as Start } from "../registry.ts";
-import { cpuMs, emit, rssBytes, serveCommands, wallMs } from "./lib.ts";
+import { cpuMs, emit, selfRss, serveCommands, wallMs } from "./lib.ts";
 
 // BENCH_REGISTRY=/path/to/registry.ts measures another version (before/after comparisons).
 const { startRegistry } = (await import(process.env.BENCH_REGISTRY || "../registry.ts")) as { startRegistry: typeof Start };
@@ -37,7 +37,7 @@ serveCommands(async (cmd) => {
     const mem = process.memoryUsage();
     return {
       cpuMs: cpuMs(),
-      rss: await rssBytes(),
+      rss: selfRss(),
       heapUsed: mem.heapUsed,
       nodes: s.nodes,
       seq: s.seq,

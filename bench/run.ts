@@ -8,111 +8,83 @@
  * (nodes-proc.ts). Loopback only. Writes results.json, BENCHMARKS.md and
  * sweep.svg (full run: bench/results.json, ./BENCHMARKS.md, bench/sweep.svg;
  * quick run: a temp directory unless --out is given).
- *
- * Flags: --quick, --out DIR, --only a,b (phases: registration, sessions, mesh,
- * departure, recovery), --counts 0,1000 and --concs 1,16 (a narrower sweep),
- * --profile DIR (Bun CPU profiles of the registries, written when they exit),
- * --compare a/registry.ts,b/registry.ts (other versions measured in the same
- * registration cells, probe off: before/after numbers for a change),
- * --budget-ms N (the run's time limit; default 240 s, 60 s with --quick).
+ * `--help` lists the flags: a narrower sweep for profiling one cell, CPU
+ * profiles, other registry versions measured in the same cells, the budget.
  */
 import { mkdirSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { UsageError, intArg } from "../cli.ts";
+import { Proc, ROOT, children, exec, killAll, killAllOnExit, runScript, spawnBun, waitUntil, withDeadline } from "../harness.ts";
 import { DEFAULTS } from "../protocol.ts";
-import { Child, ROOT, closeAllChildren, deadline, dist, fdLimit, killAllChildren, pause, spawnChild, wallMs, type Msg } from "./lib.ts";
+import { dist, wallMs, type Msg } from "./lib.ts";
 import { NoiseMeter, machineInfo } from "./machine.ts";
 import { writeReport } from "./report.ts";
 
-const argv = process.argv.slice(2);
-const QUICK = argv.includes("--quick");
-const flagValue = (name: string) => {
-  const i = argv.indexOf(name);
-  return i >= 0 ? argv[i + 1] : undefined;
-};
-const OUT = flagValue("--out") ?? (QUICK ? join(tmpdir(), "contact-registry-bench-quick") : undefined);
-const ONLY = flagValue("--only")?.split(",");
-const PROFILE = flagValue("--profile");
-const numbers = (name: string) => flagValue(name)?.split(",").map(Number);
-const COMPARE = flagValue("--compare")?.split(",").filter(Boolean) ?? [];
-
 /** Everything sized here; the full run is what BENCHMARKS.md reports. */
-const CFG = QUICK
-  ? {
-      budgetMs: 60_000,
-      counts: [0, 300],
-      concs: [1, 16, 256],
-      warmupMs: 100,
-      durationMs: 300,
-      held: [300, 1000],
-      cpuWindowMs: 2_000,
-      mesh: [20, 50],
-      meshTimeoutMs: 15_000,
-      observers: 3,
-      killTrials: 4,
-      freezeVictims: 3,
-      freezeHeartbeatMs: 300,
-      recoveryNodes: 20,
-      recoveryTrials: 1,
-    }
-  : {
-      budgetMs: 240_000,
-      counts: [0, 1_000, 10_000],
-      concs: [1, 16, 256],
-      warmupMs: 300,
-      durationMs: 1_500,
-      held: [1_000, 10_000],
-      cpuWindowMs: 6_000,
-      mesh: [50, 200, 500],
-      meshTimeoutMs: 40_000,
-      observers: 5,
-      killTrials: 20,
-      freezeVictims: 8,
-      freezeHeartbeatMs: DEFAULTS.heartbeatMs,
-      recoveryNodes: 100,
-      recoveryTrials: 3,
-    };
-
-// Narrowed sweeps for profiling a single cell: --counts 0,1000 --concs 1,16.
-CFG.counts = numbers("--counts") ?? CFG.counts;
-CFG.concs = numbers("--concs") ?? CFG.concs;
-CFG.budgetMs = numbers("--budget-ms")?.[0] ?? CFG.budgetMs;
+const SIZES = {
+  quick: {
+    budgetMs: 60_000,
+    counts: [0, 300],
+    concs: [1, 16, 256],
+    warmupMs: 100,
+    durationMs: 300,
+    held: [300, 1000],
+    cpuWindowMs: 2_000,
+    mesh: [20, 50],
+    meshTimeoutMs: 15_000,
+    observers: 3,
+    killTrials: 4,
+    freezeVictims: 3,
+    freezeHeartbeatMs: 300,
+    recoveryNodes: 20,
+    recoveryTrials: 1,
+  },
+  full: {
+    budgetMs: 240_000,
+    counts: [0, 1_000, 10_000],
+    concs: [1, 16, 256],
+    warmupMs: 300,
+    durationMs: 1_500,
+    held: [1_000, 10_000],
+    cpuWindowMs: 6_000,
+    mesh: [50, 200, 500],
+    meshTimeoutMs: 40_000,
+    observers: 5,
+    killTrials: 20,
+    freezeVictims: 8,
+    freezeHeartbeatMs: DEFAULTS.heartbeatMs,
+    recoveryNodes: 100,
+    recoveryTrials: 3,
+  },
+};
 
 type Phase = "registration" | "sessions" | "mesh" | "departure" | "recovery";
 const PHASES: Phase[] = ["registration", "sessions", "mesh", "departure", "recovery"];
 
+// Set once from the command line, before any phase runs.
+let QUICK = false;
+let CFG: (typeof SIZES)["quick"] = SIZES.full;
+let PROFILE: string | undefined;
+let COMPARE: string[] = [];
+
 const results: Msg = {};
 let failed = false;
-
-process.on("exit", killAllChildren);
-for (const sig of ["SIGINT", "SIGTERM", "SIGHUP"] as const) {
-  process.on(sig, () => {
-    killAllChildren();
-    process.exit(130);
-  });
-}
-process.on("uncaughtException", (e) => {
-  process.stderr.write(`bench: ${e.stack ?? e.message}\n`);
-  killAllChildren();
-  process.exit(1);
-});
-// Over the budget: stop the phase in progress (its children die, so its waits
-// fail at once), skip the rest, still write what was measured; exit hard if
-// even that hangs.
 let overBudget = false;
-const watchdog = setTimeout(() => {
-  overBudget = true;
-  log(`over the time budget of ${CFG.budgetMs} ms: stopping, writing what was measured`);
-  killAllChildren();
-  setTimeout(() => {
-    killAllChildren();
-    process.exit(1);
-  }, 30_000).unref();
-}, CFG.budgetMs);
 
-await main();
-
-async function main(): Promise<void> {
+async function main(out: string | undefined, only: string[] | undefined): Promise<number> {
+  // Over the budget: stop the phase in progress (its children die, so its waits
+  // fail at once), skip the rest, still write what was measured; exit hard if
+  // even that hangs.
+  const watchdog = setTimeout(() => {
+    overBudget = true;
+    log(`over the time budget of ${CFG.budgetMs} ms: stopping, writing what was measured`);
+    killAll();
+    setTimeout(() => {
+      killAll();
+      process.exit(1);
+    }, 30_000).unref();
+  }, CFG.budgetMs);
   const started = performance.now();
   const noise = new NoiseMeter();
   await noise.start(QUICK ? 300 : 1000);
@@ -125,7 +97,7 @@ async function main(): Promise<void> {
 
   const phases: Record<Phase, () => Promise<Msg>> = { registration, sessions, mesh, departure, recovery };
   for (const phase of PHASES) {
-    if (ONLY && !ONLY.includes(phase)) continue;
+    if (only && !only.includes(phase)) continue;
     if (overBudget) {
       failed = true;
       results[phase] = { error: "skipped: the run went over its time budget" };
@@ -150,8 +122,8 @@ async function main(): Promise<void> {
   results.totalMs = performance.now() - started;
   clearTimeout(watchdog);
 
-  const paths = OUT
-    ? { dir: OUT, json: join(OUT, "results.json"), md: join(OUT, "BENCHMARKS.md"), svg: join(OUT, "sweep.svg"), svgRef: "sweep.svg" }
+  const paths = out
+    ? { dir: out, json: join(out, "results.json"), md: join(out, "BENCHMARKS.md"), svg: join(out, "sweep.svg"), svgRef: "sweep.svg" }
     : {
         dir: join(ROOT, "bench"),
         json: join(ROOT, "bench", "results.json"),
@@ -163,7 +135,7 @@ async function main(): Promise<void> {
   await Bun.write(paths.json, JSON.stringify(results, null, 2) + "\n");
   await writeReport(results, paths);
   log(`wrote ${paths.json}, ${paths.md}, ${paths.svg} in ${(results.totalMs as number / 1000).toFixed(1)} s total`);
-  process.exit(failed ? 1 : 0);
+  return failed ? 1 : 0;
 }
 
 // --- phases ------------------------------------------------------------------
@@ -245,9 +217,9 @@ async function sessions(): Promise<Msg> {
     const check = await reg.child.request({ cmd: "stats" }, 10_000);
     if (Number(check.nodes) !== n) throw new Error(`registry holds ${String(check.nodes)} nodes, expected ${n}`);
     // Let the registration burst settle (GC, queued pushes), then measure a window of heartbeats only.
-    await pause(QUICK ? 300 : 1_000);
+    await Bun.sleep(QUICK ? 300 : 1_000);
     const [a, fa] = await Promise.all([reg.child.request({ cmd: "stats" }, 10_000), floor.child.request({ cmd: "stats" }, 10_000)]);
-    await pause(CFG.cpuWindowMs);
+    await Bun.sleep(CFG.cpuWindowMs); // the measuring window itself
     const [b, fb] = await Promise.all([reg.child.request({ cmd: "stats" }, 10_000), floor.child.request({ cmd: "stats" }, 10_000)]);
     const g = await reg.child.request({ cmd: "gc" }, 20_000);
     const pct = (x: Msg, y: Msg) => ((Number(y.cpuMs) - Number(x.cpuMs)) / (Number(y.t) - Number(x.t))) * 100;
@@ -288,7 +260,7 @@ async function mesh(): Promise<Msg> {
     rows.push(r);
     log(`mesh ${n}: ${r.complete ? "complete" : "INCOMPLETE"} in ${fmt(Number(r.meshMs))} ms (${fmt(Number(r.greetingsPerSec))} greetings/s, ${String(r.failed)} failed)`);
     // The next fleet starts against an empty registry.
-    await waitFor(async () => Number((await reg.child.request({ cmd: "stats" }, 5_000)).nodes) === 0, 10_000, "registry to empty");
+    await waitUntil(async () => Number((await reg.child.request({ cmd: "stats" }, 5_000)).nodes) === 0, 10_000, "registry to empty", 2);
   }
   return { rows };
 }
@@ -306,11 +278,11 @@ async function departure(): Promise<Msg> {
     const vs = Array.from({ length: count }, (_, i) => spawnChild(`victim${i}`, "bench/nodes-proc.ts", [], { timeoutMs: 120_000, hardTimeoutS: 120 }));
     const ids: string[] = [];
     for (const v of vs) {
-      await v.waitFor((m) => m.event === "ready", 20_000, "victim ready");
+      await v.log.waitFor("ready", 20_000, "victim ready");
       const r = await v.request({ cmd: "start", n: 1, registryPort: reg.port }, 20_000);
       ids.push(String((r.ids as string[])[0]));
     }
-    for (const id of ids) await countEvents(obs.child, (m) => m.event === "peer-joined" && m.peer === id, CFG.observers, 10_000, `observers to see ${id}`);
+    for (const id of ids) await obs.child.log.waitForCount((m) => m.event === "peer-joined" && m.peer === id, CFG.observers, 10_000, `observers to see ${id}`);
     return vs.map((child, i) => ({ child, id: ids[i]! }));
   };
 
@@ -323,11 +295,11 @@ async function departure(): Promise<Msg> {
     for (const v of victims) {
       const t0 = wallMs();
       v.child.signal("SIGKILL");
-      const seen = await countEvents(obs.child, (m) => m.event === "peer-left" && m.peer === v.id, CFG.observers, 10_000, `peer-left ${v.id}`);
+      const seen = await obs.child.log.waitForCount((m) => m.event === "peer-left" && m.peer === v.id, CFG.observers, 10_000, `peer-left ${v.id}`);
       for (const e of seen) killPushed.push(Number(e.t) - t0);
-      const d = await reg.child.waitFor((m) => m.event === "node-left" && m.id === v.id, 5_000, "node-left");
+      const d = await reg.child.log.waitFor((m) => m.event === "node-left" && m.id === v.id, 5_000, "node-left");
       killDetected.push(Number(d.t) - t0);
-      await v.child.exited;
+      await v.child.exited();
     }
   }
   log(`kill -9: pushed p50 ${fmt(dist(killPushed).p50)} p99 ${fmt(dist(killPushed).p99)} ms`);
@@ -339,7 +311,7 @@ async function departure(): Promise<Msg> {
   const victims = await spawnVictims(CFG.freezeVictims);
   const stoppedAt = new Map<string, number>();
   for (const [i, v] of victims.entries()) {
-    if (i) await pause(hb / victims.length);
+    if (i) await Bun.sleep(hb / victims.length); // spreads the freezes over one interval
     stoppedAt.set(v.id, wallMs());
     v.child.signal("SIGSTOP");
   }
@@ -347,10 +319,10 @@ async function departure(): Promise<Msg> {
   const evictDetected: number[] = [];
   const reasons = new Set<string>();
   for (const v of victims) {
-    const e = await obs.child.waitFor((m) => m.event === "peer-left" && m.peer === v.id, boundMs + 10_000, `eviction of ${v.id}`);
+    const e = await obs.child.log.waitFor((m) => m.event === "peer-left" && m.peer === v.id, boundMs + 10_000, `eviction of ${v.id}`);
     reasons.add(String(e.reason));
     evictPushed.push(Number(e.t) - stoppedAt.get(v.id)!);
-    const d = await reg.child.waitFor((m) => m.event === "node-left" && m.id === v.id, 5_000, "node-left");
+    const d = await reg.child.log.waitFor((m) => m.event === "node-left" && m.id === v.id, 5_000, "node-left");
     evictDetected.push(Number(d.t) - stoppedAt.get(v.id)!);
   }
   for (const v of victims) await v.child.kill();
@@ -380,19 +352,20 @@ async function recovery(): Promise<Msg> {
   await nodes.child.request({ cmd: "start", n, registryPort: port, events: ["registered"] }, 60_000);
   const trials: Msg[] = [];
   for (let i = 0; i < CFG.recoveryTrials; i++) {
-    const mark = nodes.child.events.length;
+    const mark = nodes.child.log.events.length;
     const killedAt = wallMs();
     await reg.child.kill();
     reg = await startRegistryProc("registry(recovery)", { maxConnsPerAddress: 0, port });
     const listeningAt = Number(reg.ready.t);
     const back = new Map<number, number>();
-    await waitFor(
-      async () => {
-        for (const e of nodes.child.events.slice(mark)) if (e.event === "registered" && e.again) back.set(Number(e.node), Number(e.t));
+    await waitUntil(
+      () => {
+        for (const e of nodes.child.log.events.slice(mark)) if (e.event === "registered" && e.again) back.set(Number(e.node), Number(e.t));
         return back.size >= n;
       },
       30_000,
       `${n} nodes to register again`,
+      2,
     );
     const last = Math.max(...back.values());
     const trial = { restartMs: listeningAt - killedAt, fromRestartMs: last - listeningAt, fromKillMs: last - killedAt, nodes: back.size };
@@ -402,6 +375,91 @@ async function recovery(): Promise<Msg> {
     if (Number(s.nodes) !== n) throw new Error(`registry holds ${String(s.nodes)} nodes after recovery, expected ${n}`);
   }
   return { nodes: n, trials, reconnectMaxMs: DEFAULTS.reconnectMaxMs, reconnectBaseMs: DEFAULTS.reconnectBaseMs };
+}
+
+// --- children ----------------------------------------------------------------
+
+/** A child speaking JSON lines (bench/lib.ts serveCommands): requests carry an id, replies echo it; other lines are events. */
+class Child extends Proc {
+  private nextId = 1;
+  private readonly pending = new Map<number, PromiseWithResolvers<Msg>>();
+  /** The process's own pid as it reported it (differs from `pid` under a `timeout` wrapper). */
+  private realPid: number | undefined;
+
+  constructor(label: string, proc: Bun.Subprocess<"ignore" | "pipe", "pipe", "pipe">) {
+    super(proc, label);
+    void this.exited().then((code) => {
+      for (const p of this.pending.values()) p.reject(new Error(`${label} exited (${code}) ${this.stderr.slice(-5).join(" | ")}`));
+      this.pending.clear();
+    });
+  }
+
+  /** Sends a command and waits for its reply; a reply with `error` rejects. */
+  async request(cmd: Msg, timeoutMs: number): Promise<Msg> {
+    if (!this.running) throw new Error(`${this.label} is not running`);
+    const id = this.nextId++;
+    const reply = Promise.withResolvers<Msg>();
+    this.pending.set(id, reply);
+    const stdin = this.proc.stdin as Bun.FileSink;
+    stdin.write(JSON.stringify({ ...cmd, id }) + "\n");
+    stdin.flush();
+    const m = await withDeadline(reply.promise, timeoutMs, `${this.label}: reply to ${String(cmd.cmd)}`);
+    if (m.error) throw new Error(`${this.label}: ${String(cmd.cmd)} failed: ${String(m.error)}`);
+    return m;
+  }
+
+  override signal(signal: NodeJS.Signals): void {
+    if (this.realPid === undefined) return super.signal(signal);
+    try {
+      if (this.running) process.kill(this.realPid, signal);
+    } catch {
+      // already gone
+    }
+  }
+
+  /** Closes stdin (the child exits on its own, writing a profile if it has one), then kills it if it lingers. */
+  async close(graceMs = 3_000): Promise<void> {
+    if (!this.running) return;
+    try {
+      (this.proc.stdin as Bun.FileSink).end();
+    } catch {
+      // already closed
+    }
+    await withDeadline(this.exited(), graceMs, "exit").catch(() => this.kill());
+  }
+
+  protected override onJson(m: Msg & { event: string }): void {
+    if (this.realPid === undefined && typeof m.pid === "number") this.realPid = m.pid;
+    const reply = typeof m.id === "number" ? this.pending.get(m.id) : undefined;
+    if (!reply) return super.onJson(m);
+    this.pending.delete(m.id as number);
+    reply.resolve(m);
+  }
+}
+
+/**
+ * Starts `bun <script> <args>` as a Child with the fd soft limit raised to
+ * the hard limit (max 65536). `timeoutMs` is a safety net: Bun kills the
+ * child when it expires.
+ */
+function spawnChild(label: string, script: string, args: string[], o: { timeoutMs?: number; bunArgs?: string[]; env?: Record<string, string>; hardTimeoutS?: number } = {}): Child {
+  const raise = 'h=$(ulimit -Hn); [ "$h" = unlimited ] && h=65536; [ "$h" -gt 65536 ] && h=65536; ulimit -n "$h"; exec "$0" "$@"';
+  // A process we SIGSTOP cannot notice its stdin closing; coreutils `timeout`
+  // kills it even if this orchestrator is gone.
+  const hard = o.hardTimeoutS && Bun.which("timeout") ? ["timeout", "-s", "KILL", String(o.hardTimeoutS)] : [];
+  const env = { NODE_ENV: "production", ...o.env };
+  return new Child(label, spawnBun(script, args, { prefix: ["sh", "-c", raise, ...hard], bunArgs: o.bunArgs, stdin: "pipe", env, timeoutMs: o.timeoutMs ?? 600_000 }));
+}
+
+/** Asks every child to exit (stdin closed; profiles get written), kills what is left after `graceMs`. */
+async function closeAllChildren(graceMs: number): Promise<void> {
+  await Promise.allSettled(Array.from(children, (c) => (c instanceof Child ? c.close(graceMs) : c.kill())));
+}
+
+/** The file-descriptor limit children get: the hard limit, capped at 65536. */
+async function fdLimit(): Promise<number> {
+  const text = (await exec(["sh", "-c", "ulimit -Hn"], 5_000)).stdout.trim();
+  return text === "unlimited" ? 65536 : Math.min(65536, Number(text) || 1024);
 }
 
 // --- helpers -----------------------------------------------------------------
@@ -427,7 +485,7 @@ class Fleet {
       const k = this.holders.length;
       const opts = { port: this.port, prefix: `${this.tag}${k}-`, portBase: 1024 + k * this.perHolder, probe: this.probe, pingMs: this.pingMs };
       const h = spawnChild(`holder ${this.tag}${k}`, "bench/holder.ts", [JSON.stringify(opts)]);
-      await h.waitFor((m) => m.event === "ready", 20_000, "holder ready");
+      await h.log.waitFor("ready", 20_000, "holder ready");
       this.holders.push(h);
     }
     const rs = await Promise.all(
@@ -500,44 +558,20 @@ async function startRegistryProc(label: string, opts: Msg, env: Record<string, s
   for (let attempt = 0; ; attempt++) {
     const child = spawnChild(label, "bench/registry-proc.ts", [JSON.stringify({ port: 0, ...opts })], { bunArgs, env });
     try {
-      const ready = await child.waitFor((m) => m.event === "listening", 20_000, "registry listening");
+      const ready = await child.log.waitFor("listening", 20_000, `${label} listening`);
       return { child, port: Number(ready.port), ready };
     } catch (e) {
       // A restart on a fixed port can race the old socket's teardown: retry a few times.
       if (attempt >= 4 || !opts.port) throw e;
-      await pause(100);
+      await Bun.sleep(100);
     }
   }
 }
 
 async function startReady(label: string, script: string, args: string[], event: string): Promise<{ child: Child; ready: Msg }> {
   const child = spawnChild(label, script, args);
-  const ready = await child.waitFor((m) => m.event === event, 20_000, `${label} ${event}`);
+  const ready = await child.log.waitFor(event, 20_000, `${label} ${event}`);
   return { child, ready };
-}
-
-async function countEvents(child: Child, pred: (m: Msg) => boolean, count: number, timeoutMs: number, what: string): Promise<Msg[]> {
-  let found: Msg[] = [];
-  await waitFor(
-    async () => {
-      found = child.events.filter(pred);
-      return found.length >= count;
-    },
-    timeoutMs,
-    what,
-  );
-  return found;
-}
-
-/** Polls `cond` (every 2 ms) until it holds, under a deadline that names what was awaited. */
-async function waitFor(cond: () => Promise<boolean>, timeoutMs: number, what: string): Promise<void> {
-  await deadline(
-    (async () => {
-      while (!(await cond())) await Bun.sleep(2);
-    })(),
-    timeoutMs,
-    what,
-  );
 }
 
 function cellLine(cell: Msg): string {
@@ -566,3 +600,40 @@ function log(text: string): void {
   process.stderr.write(`[bench ${new Date().toISOString().slice(11, 19)}] ${text}\n`);
 }
 
+if (import.meta.main) {
+  killAllOnExit();
+  process.on("uncaughtException", (e) => {
+    process.stderr.write(`bench: ${e.stack ?? e.message}\n`);
+    killAll();
+    process.exit(1);
+  });
+  const option = (description: string) => ({ type: "string", description }) as const;
+  await runScript(
+    { name: "bench", description: "Measure the registry next to a floor in separate processes; write results.json, BENCHMARKS.md and sweep.svg." },
+    {
+      quick: { type: "boolean", description: "CI smoke run (under 30 s, thresholds not asserted), written to a temp directory unless --out" },
+      out: option("Directory for results.json, BENCHMARKS.md and sweep.svg (default: the repo, or a temp directory with --quick)"),
+      only: option(`Phases to run, comma-separated: ${PHASES.join(", ")}`),
+      counts: option("Registered counts of the registration sweep, e.g. 0,1000"),
+      concs: option("Concurrencies of the registration sweep, e.g. 1,16"),
+      profile: option("Directory for Bun CPU profiles of the registries, written when they exit"),
+      compare: option("Other registry.ts versions measured in the same registration cells (probe off), comma-separated"),
+      "budget-ms": option("The run's time limit, ms (default 240000; 60000 with --quick)"),
+    },
+    async (args) => {
+      QUICK = Boolean(args.quick);
+      const list = (name: string, text: string | undefined) => text?.split(",").map((x) => intArg(name, x));
+      CFG = {
+        ...SIZES[QUICK ? "quick" : "full"],
+        ...(args.counts === undefined ? {} : { counts: list("counts", args.counts)! }),
+        ...(args.concs === undefined ? {} : { concs: list("concs", args.concs)! }),
+        ...(args["budget-ms"] === undefined ? {} : { budgetMs: intArg("budget-ms", args["budget-ms"], 1) }),
+      };
+      const only = args.only?.split(",");
+      for (const phase of only ?? []) if (!PHASES.includes(phase as Phase)) throw new UsageError(`--only: no phase "${phase}" (phases: ${PHASES.join(", ")})`);
+      PROFILE = args.profile;
+      COMPARE = args.compare?.split(",").filter(Boolean) ?? [];
+      return main(args.out ?? (QUICK ? join(tmpdir(), "contact-registry-bench-quick") : undefined), only);
+    },
+  );
+}
