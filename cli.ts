@@ -1,45 +1,50 @@
 /**
  * Command-line plumbing shared by the two programs: settings from flag, then
  * environment variable, then default; the printer that turns a role's events
- * into readable or JSON lines; usage errors and how a script exits.
+ * into readable or JSON lines; usage errors, and how a program starts, stops
+ * on a signal and exits.
  */
-import { createConsola, type ConsolaInstance } from "consola";
+import type { ArgsDef, ParsedArgs } from "citty";
+import { createConsola } from "consola";
 
-// --- output ------------------------------------------------------------------
+/** Anything a role emits: a name and fields. */
+export type AnyEvent = { event: string };
 
-/** An event as the scripts print it with --json (plus `time`). */
-export type EventRecord = { event: string } & Record<string, unknown>;
+/** An event as it travels as JSON, loosely typed (tests and tools read other processes' output). */
+export type EventRecord = AnyEvent & Record<string, unknown>;
 
 /**
  * Turns a role's events into output: with `json`, one JSON object per line on
  * stdout (`event`, `time`, fields); otherwise readable consola lines from
- * `describe`. Errors always go to stderr in human mode.
+ * `describe`, warnings (`level` "warn") on stderr.
  */
-export function createPrinter(
+export function createPrinter<E extends AnyEvent>(
   tag: string,
   json: boolean,
-  describe: (e: EventRecord) => string,
-): (e: EventRecord) => void {
+  describe: (e: E) => string,
+  level: (e: E) => "warn" | "success" | "info",
+): (e: E) => void {
   if (json) {
     return (e) => {
       const { event, ...rest } = e;
       process.stdout.write(JSON.stringify({ event, time: new Date().toISOString(), ...rest }) + "\n");
     };
   }
-  const log: ConsolaInstance = createConsola({ level: process.env.CONSOLA_LEVEL ? Number(process.env.CONSOLA_LEVEL) : 3 }).withTag(tag);
-  return (e) => {
-    const text = describe(e);
-    if (e.event === "error" || e.event === "greet-failed") log.warn(text);
-    else if (e.event === "listening" || e.event === "registered") log.success(text);
-    else log.info(text);
-  };
+  const log = createConsola({ level: process.env.CONSOLA_LEVEL ? Number(process.env.CONSOLA_LEVEL) : 3 }).withTag(tag);
+  return (e) => log[level(e)](describe(e));
 }
 
-
 /**
- * Both scripts read every setting the same way: the flag wins, then its
- * environment variable, then the caller's default.
+ * Reads a command's settings the same way for both programs: unknown flags
+ * are refused, then each setting comes from its flag, else its environment
+ * variable, else the caller's default.
  */
+export function readSettings<A extends ArgsDef>(args: ParsedArgs<A>, rawArgs: string[], defs: A) {
+  checkFlags(rawArgs, defs as Record<string, { type?: string }>);
+  return settingsFrom(args as Partial<Record<Extract<keyof A, string>, unknown>>);
+}
+
+/** The flag wins, then its environment variable, then the caller's default. */
 export function settingsFrom<K extends string>(args: Partial<Record<K, unknown>>) {
   // Empty means unset: compose writes `VAR=` for "not given".
   const env = (name: string) => process.env[name] || undefined;
@@ -103,4 +108,14 @@ export async function runCli(fn: () => Promise<void>): Promise<void> {
     if (usage) process.stderr.write("run with --help for usage\n");
     process.exit(usage ? 2 : 1);
   }
+}
+
+/** SIGTERM and SIGINT (docker stop, Ctrl-C) stop the program cleanly, then it exits 0. */
+export function stopOnSignals(stop: () => Promise<void>): void {
+  const shutdown = async () => {
+    await stop();
+    process.exit(0);
+  };
+  process.once("SIGTERM", shutdown);
+  process.once("SIGINT", shutdown);
 }

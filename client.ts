@@ -5,37 +5,17 @@
  * greetings of nodes that join later. Its registration lasts as long as its
  * registry session; it reconnects and registers again if that session drops.
  * `bun client.ts <registry-host> <registry-port>`; see README.md.
+ *
+ * Its parts: the registry session (below) keeps the node listed and its view
+ * current; greetings.ts holds the greeter and the listener; liveness.ts the
+ * heartbeat and the backoff.
  */
-import { defineCommand, runMain } from "citty";
-import {
-  DEFAULTS,
-  FromListener,
-  FromRegistry,
-  MAX_TIMER_MS,
-  PROTOCOL_VERSION,
-  ToListener,
-  decode,
-  randomId,
-  type ErrorCode,
-  type Peer,
-} from "./protocol.ts";
-import {
-  dial,
-  formatAddress,
-  lineHandlers,
-  listenAll,
-  parseHostPort,
-  parsePort,
-  type Conn,
-} from "./net.ts";
-import {
-  UsageError,
-  checkFlags,
-  createPrinter,
-  runCli,
-  settingsFrom,
-  type EventRecord,
-} from "./cli.ts";
+import { defineCommand, runMain, type ArgsDef } from "citty";
+import { UsageError, createPrinter, readSettings, runCli, stopOnSignals } from "./cli.ts";
+import { Greeter, Listener, Met, type GreetingEvent, type Identity } from "./greetings.ts";
+import { Backoff, Heartbeat, systemClock, type Clock } from "./liveness.ts";
+import { formatAddress, lineHandlers, parseHostPort, parsePort, tcp, type Conn, type Transport } from "./net.ts";
+import { DEFAULTS, FromRegistry, MAX_TIMER_MS, PROTOCOL_VERSION, decode, randomId, type ErrorCode, type Peer } from "./protocol.ts";
 
 export interface NodeOptions {
   registryHost: string;
@@ -62,10 +42,32 @@ export interface NodeOptions {
   maxReplyBytes?: number;
   inboundTimeoutMs?: number;
   maxInboundConns?: number;
-  onEvent?: (e: EventRecord) => void;
+  onEvent?: (e: NodeEvent) => void;
   /** Resolve startNode only after the first registration (default true). */
   waitForRegistration?: boolean;
+  /** Where sockets are opened (default plain TCP). */
+  transport?: Transport;
+  /** Drives the heartbeat (default: the system's monotonic clock). */
+  clock?: Clock;
 }
+
+export type NodeEvent =
+  | { event: "listening"; id: string; name?: string; host: string; port: number }
+  | SessionEvent
+  | GreetingEvent
+  | { event: "stopped" }
+  /** On SIGUSR1 (CLI only): the node's current view. */
+  | { event: "view"; registered: boolean; peers: string[] };
+
+/** What the registry session reports. */
+export type SessionEvent =
+  | { event: "registered"; peers: number; boot: string; address: string; again: boolean }
+  | { event: "peer-joined"; peer: string; address: string; name?: string }
+  | { event: "peer-left"; peer: string; reason: string }
+  | { event: "disconnected"; reason: string; registered: boolean }
+  | { event: "reconnecting"; inMs: number; capMs: number; attempt: number }
+  | { event: "resync"; expected: number; got: number }
+  | { event: "error"; code: ErrorCode; message: string };
 
 export interface PeerNode {
   readonly id: string;
@@ -97,14 +99,81 @@ export class RegistrationError extends Error {
   }
 }
 
-/** Registry refusals that retrying cannot fix; anything else is retried with backoff. */
-const FATAL: ReadonlySet<string> = new Set(["unauthorized", "address-not-allowed", "unsupported-version", "unreachable", "bad-message", "bad-json"]);
-
 /** Starts a node; by default resolves once it is registered. */
 export async function startNode(options: NodeOptions): Promise<PeerNode> {
-  const o = {
+  const s = settingsOf(options);
+  const transport = options.transport ?? tcp;
+  const emit = options.onEvent ?? (() => {});
+  const me: Identity = { id: options.id ?? randomId(), name: options.name || undefined };
+  const view = new Map<string, Peer>();
+  const listed = (id: string) => view.has(id);
+  const met = new Met(listed);
+  const listener = new Listener(s, transport, me, met, emit);
+  emit({ event: "listening", id: me.id, name: me.name, host: s.listenHost, port: listener.port });
+  const done = Promise.withResolvers<void>();
+  done.promise.catch(() => {}); // observed through `done` by whoever cares
+  const greetAll = (peers: Peer[]) => {
+    for (const p of peers) greeter.greet(p);
+  };
+  const session = new RegistrySession(s, transport, options.clock ?? systemClock, me, listener.port, view, met, greetAll, emit, (error) => {
+    void halt().then(() => done.reject(error));
+  });
+  const greeter = new Greeter(s, transport, me, () => session.listedAs(), met, listed, (id) => session.receipt([id]), emit);
+  const halt = () => {
+    greeter.stop();
+    listener.stop();
+    return session.stop(false);
+  };
+
+  const node: PeerNode = {
+    id: me.id,
+    port: listener.port,
+    get registered() {
+      return session.registered;
+    },
+    peers: () => Array.from(view.values()),
+    met: () => met.list(),
+    done: done.promise,
+    async stop() {
+      greeter.stop();
+      listener.stop();
+      await session.stop(true);
+      emit({ event: "stopped" });
+      done.resolve();
+    },
+    kill() {
+      void halt();
+      done.resolve();
+    },
+    [Symbol.asyncDispose]() {
+      return this.stop();
+    },
+  };
+
+  session.start();
+  if (options.waitForRegistration !== false) {
+    try {
+      await session.firstRegistration;
+    } catch (e) {
+      await halt();
+      throw e;
+    }
+  }
+  return node;
+}
+
+// --- internal ----------------------------------------------------------------
+
+type Settings = ReturnType<typeof settingsOf>;
+
+function settingsOf(options: NodeOptions) {
+  return {
+    registryHost: options.registryHost,
+    registryPort: options.registryPort,
     listenHost: options.listenHost ?? "::",
     port: options.port ?? 0,
+    advertise: options.advertise ? parseHostPort(options.advertise) : {},
+    token: options.token,
     greetTimeoutMs: options.greetTimeoutMs ?? DEFAULTS.greetTimeoutMs,
     greetConcurrency: options.greetConcurrency ?? DEFAULTS.greetConcurrency,
     greetRetries: options.greetRetries ?? DEFAULTS.greetRetries,
@@ -118,406 +187,15 @@ export async function startNode(options: NodeOptions): Promise<PeerNode> {
     inboundTimeoutMs: options.inboundTimeoutMs ?? DEFAULTS.inboundTimeoutMs,
     maxInboundConns: options.maxInboundConns ?? DEFAULTS.maxInboundConns,
   };
-  const id = options.id ?? randomId();
-  const name = options.name || undefined;
-  const emit = options.onEvent ?? (() => {});
-  const advertised = options.advertise ? parseHostPort(options.advertise) : {};
-
-  const view = new Map<string, Peer>();
-  const met = new Set<string>();
-  let self: Peer | undefined;
-  let boot: string | undefined;
-  let seq = 0;
-  let syncing = false;
-  let session: Conn<RegistryState> | undefined;
-  let registered = false;
-  let everRegistered = false;
-  let stopped = false;
-  let attempt = 0;
-  let lastHeard = 0;
-  let heartbeat: Timer | undefined;
-  let reconnectTimer: Timer | undefined;
-  const firstRegistration = Promise.withResolvers<void>();
-  const done = Promise.withResolvers<void>();
-  done.promise.catch(() => {}); // observed through `done` by whoever cares
-  firstRegistration.promise.catch(() => {});
-
-  // --- listener: greetings from later nodes, probes from the registry ---
-  let inbound = 0;
-  const listenerHandlers = lineHandlers<InboundState>({
-    maxLineBytes: o.maxLineBytes,
-    state: () => ({ timer: undefined }),
-    open(conn) {
-      inbound++;
-      if (inbound > o.maxInboundConns) return conn.fail("too-many-connections", `more than ${o.maxInboundConns} open greeting connections`);
-      conn.state.timer = setTimeout(() => conn.destroy(), o.inboundTimeoutMs);
-    },
-    line(conn, line) {
-      const r = decode(ToListener, line);
-      if (!r.ok) return conn.fail(r.code, r.message);
-      const m = r.msg;
-      if (m.v !== PROTOCOL_VERSION) return conn.fail("unsupported-version", `protocol version ${m.v} is not supported; this node speaks ${PROTOCOL_VERSION}`);
-      if (m.type === "probe") {
-        if (m.id !== id) return conn.fail("wrong-node", `this is node ${id}, not ${m.id}`);
-        conn.send({ type: "probe-ok", id, nonce: m.nonce });
-        return conn.end();
-      }
-      conn.send(name ? { type: "welcome", v: PROTOCOL_VERSION, id, name } : { type: "welcome", v: PROTOCOL_VERSION, id });
-      conn.end();
-      if (m.id === id || met.has(m.id)) return; // a retried greeting is acknowledged again but counted once
-      remember(m.id);
-      emit({ event: "greeting", peer: m.id, address: formatAddress(m.host, m.port), name: m.name });
-    },
-    close(conn) {
-      inbound--;
-      clearTimeout(conn.state.timer);
-    },
-  });
-  const { listeners, port } = listenAll(o.listenHost, o.port, listenerHandlers);
-  emit({ event: "listening", id, name, host: o.listenHost, port });
-
-  // --- registry session ---
-  const registryHandlers = lineHandlers<RegistryState>({
-    maxLineBytes: o.maxReplyBytes,
-    state: () => ({ current: false }),
-    line(conn, line) {
-      if (!conn.state.current) return;
-      lastHeard = performance.now();
-      const r = decode(FromRegistry, line);
-      if (!r.ok) {
-        emit({ event: "error", code: r.code, message: `from registry: ${r.message}` });
-        return;
-      }
-      onRegistryMessage(conn, r.msg);
-    },
-    close(conn) {
-      conn.state.onClose?.();
-      if (!conn.state.current) return;
-      conn.state.current = false;
-      session = undefined;
-      clearInterval(heartbeat);
-      const was = registered;
-      registered = false;
-      if (stopped) return;
-      const limit = conn.limitHit ? `${conn.limitHit.code}: ${conn.limitHit.message}` : undefined;
-      emit({ event: "disconnected", reason: limit ?? conn.state.lastError ?? "connection closed", registered: was });
-      if (conn.state.fatal) return fail(conn.state.fatal);
-      scheduleReconnect();
-    },
-  });
-
-  function onRegistryMessage(conn: Conn<RegistryState>, m: FromRegistry): void {
-    switch (m.type) {
-      case "registered": {
-        const again = everRegistered;
-        const newBoot = boot !== undefined && boot !== m.boot;
-        registered = everRegistered = true;
-        attempt = 0;
-        self = m.self;
-        boot = m.boot;
-        seq = m.seq;
-        syncing = false;
-        applySnapshot(m.peers, again ? (newBoot ? "restart" : "sync") : undefined);
-        startHeartbeat(conn, m.heartbeat, m.timeout);
-        emit({ event: "registered", peers: m.peers.length, boot: m.boot, address: formatAddress(m.self.host, m.self.port), again });
-        firstRegistration.resolve();
-        for (const p of m.peers) greet(p);
-        sendReceipt(Array.from(met));
-        return;
-      }
-      case "joined":
-        if (!acceptSeq(conn, m.seq) || m.peer.id === id) return;
-        if (!view.has(m.peer.id)) emit({ event: "peer-joined", peer: m.peer.id, address: formatAddress(m.peer.host, m.peer.port), name: m.peer.name });
-        view.set(m.peer.id, m.peer);
-        return;
-      case "left":
-        if (!acceptSeq(conn, m.seq)) return;
-        if (view.delete(m.id)) emit({ event: "peer-left", peer: m.id, reason: m.reason });
-        return;
-      case "snapshot":
-        if (m.boot !== boot) return conn.destroy(); // a registry we did not register with: start over
-        seq = m.seq;
-        syncing = false;
-        applySnapshot(m.peers, "sync");
-        return;
-      case "pong":
-        return;
-      case "error":
-        conn.state.lastError = `${m.code}: ${m.message}`;
-        emit({ event: "error", code: m.code, message: m.message });
-        // Fatal only before the first registration (a configuration error); once this node has been
-        // listed, a refusal comes from a registry that restarted or is briefly wrong (a dial-back probe
-        // that timed out under load), and giving up would lose a live node: retry with backoff.
-        // `replaced` reaches only a node whose *current* session was taken over (a session this node
-        // gave up on is no longer read), so another live process holds this id or address: retrying
-        // would take it back, and the two would evict each other for as long as both run.
-        if ((!everRegistered && FATAL.has(m.code)) || m.code === "replaced") {
-          conn.state.fatal = new RegistrationError(m.code, m.message);
-          conn.end(); // no reason to wait for the registry to hang up
-        }
-        return;
-    }
-  }
-
-  /** True if a push is the next one; on a gap, asks for a fresh snapshot instead of drifting. */
-  function acceptSeq(conn: Conn<RegistryState>, s: number): boolean {
-    if (!registered || syncing || s <= seq) return false;
-    if (s !== seq + 1) {
-      syncing = true;
-      emit({ event: "resync", expected: seq + 1, got: s });
-      conn.send({ type: "sync" });
-      return false;
-    }
-    seq = s;
-    return true;
-  }
-
-  /** Replaces the view; `reason` set means report the differences as joins and leaves. */
-  function applySnapshot(peers: Peer[], reason: string | undefined): void {
-    const next = new Map(peers.filter((p) => p.id !== id).map((p) => [p.id, p] as const));
-    if (reason) {
-      for (const old of view.keys()) if (!next.has(old)) emit({ event: "peer-left", peer: old, reason });
-      for (const p of next.values()) if (!view.has(p.id)) emit({ event: "peer-joined", peer: p.id, address: formatAddress(p.host, p.port), name: p.name });
-    }
-    view.clear();
-    for (const [k, p] of next) view.set(k, p);
-  }
-
-  function startHeartbeat(conn: Conn<RegistryState>, intervalMs: number, timeoutMs: number): void {
-    // Timers take at most 2^31-1 ms and turn anything larger into 1 ms: a registry's absurd figure must not become a ping loop.
-    intervalMs = Math.min(intervalMs, MAX_TIMER_MS);
-    timeoutMs = Math.min(timeoutMs, MAX_TIMER_MS);
-    clearInterval(heartbeat);
-    lastHeard = performance.now();
-    heartbeat = setInterval(() => {
-      if (performance.now() - lastHeard > timeoutMs) {
-        conn.state.lastError = `registry silent for ${timeoutMs}ms`;
-        conn.destroy();
-        return;
-      }
-      conn.send({ type: "ping" });
-    }, intervalMs);
-    heartbeat.unref();
-  }
-
-  async function connect(): Promise<void> {
-    reconnectTimer = undefined;
-    if (stopped) return;
-    let conn: Conn<RegistryState>;
-    try {
-      conn = await dial(options.registryHost, options.registryPort, registryHandlers, o.connectTimeoutMs);
-    } catch (e) {
-      if (stopped) return;
-      emit({ event: "disconnected", reason: (e as Error).message, registered: false });
-      return scheduleReconnect();
-    }
-    if (stopped) return conn.destroy();
-    conn.state.current = true;
-    session = conn;
-    lastHeard = performance.now();
-    conn.send({
-      type: "register",
-      v: PROTOCOL_VERSION,
-      id,
-      port: advertised.port ?? port,
-      ...(advertised.host ? { host: advertised.host } : {}),
-      ...(name ? { name } : {}),
-      ...(options.token ? { token: options.token } : {}),
-    });
-    // Heartbeats start only once registered: without this, a registry that accepts and never
-    // answers (frozen, or a link lost without FIN) would hold the node unregistered forever.
-    setTimeout(() => {
-      if (!conn.state.current || registered) return;
-      conn.state.lastError = `no answer to register within ${o.registerTimeoutMs}ms`;
-      conn.destroy();
-    }, o.registerTimeoutMs).unref();
-  }
-
-  function scheduleReconnect(): void {
-    if (stopped || reconnectTimer) return;
-    // Full jitter keeps a fleet of nodes from reconnecting in lockstep after a registry restart.
-    const cap = Math.min(o.reconnectMaxMs, o.reconnectBaseMs * 2 ** Math.min(attempt, 20));
-    const delay = Math.round(Math.random() * cap);
-    attempt++;
-    emit({ event: "reconnecting", inMs: delay, capMs: cap, attempt });
-    reconnectTimer = setTimeout(connect, delay);
-  }
-
-  /**
-   * Records a peer as met. Anyone can send `hello` with a fresh id, so the set
-   * is bounded: past the cap, ids no longer in the view are forgotten (a
-   * forgotten peer that comes back is at worst greeted a second time).
-   */
-  function remember(peerId: string): void {
-    met.add(peerId);
-    if (met.size <= MAX_MET) return;
-    for (const known of met) if (!view.has(known)) met.delete(known);
-  }
-
-  // --- greetings ---
-  const queue: Peer[] = [];
-  const pending = new Set<string>();
-  const greetConns = new Set<Conn<GreetState>>();
-  let active = 0;
-
-  function greet(peer: Peer): void {
-    if (peer.id === id || met.has(peer.id) || pending.has(peer.id)) return;
-    pending.add(peer.id);
-    queue.push(peer);
-    pump();
-  }
-
-  function pump(): void {
-    while (active < o.greetConcurrency && queue.length && !stopped) {
-      const peer = queue.shift()!;
-      active++;
-      greetWithRetries(peer).finally(() => {
-        active--;
-        pending.delete(peer.id);
-        pump();
-      });
-    }
-  }
-
-  async function greetWithRetries(peer: Peer): Promise<void> {
-    const address = formatAddress(peer.host, peer.port);
-    let reason = "";
-    for (let tries = 1; tries <= o.greetRetries + 1; tries++) {
-      if (stopped || met.has(peer.id)) return;
-      if (tries > 1 && !view.has(peer.id)) return; // it left meanwhile: nobody to greet
-      try {
-        await greetOnce(peer);
-        if (stopped) return;
-        remember(peer.id);
-        emit({ event: "greeted", peer: peer.id, address, name: peer.name, tries });
-        sendReceipt([peer.id]);
-        return;
-      } catch (e) {
-        reason = (e as Error).message;
-      }
-      if (tries <= o.greetRetries) await Bun.sleep(50 * 2 ** tries * (0.5 + Math.random()));
-    }
-    if (!stopped) emit({ event: "greet-failed", peer: peer.id, address, reason, tries: o.greetRetries + 1 });
-  }
-
-  async function greetOnce(peer: Peer): Promise<void> {
-    const deadline = Promise.withResolvers<void>();
-    const timer = setTimeout(() => deadline.reject(new Error(`no welcome within ${o.greetTimeoutMs}ms`)), o.greetTimeoutMs);
-    let conn: Conn<GreetState> | undefined;
-    try {
-      conn = await dial(peer.host, peer.port, greetHandlers, o.greetTimeoutMs);
-      greetConns.add(conn);
-      conn.state = { expect: peer.id, done: deadline };
-      const me = self ?? { id, host: "", port };
-      conn.send({ type: "hello", v: PROTOCOL_VERSION, id, host: me.host || "unknown", port: me.port, ...(name ? { name } : {}) });
-      await deadline.promise;
-    } finally {
-      clearTimeout(timer);
-      if (conn) {
-        greetConns.delete(conn);
-        conn.end();
-      }
-    }
-  }
-
-  // Receipts tell the registry which pairs have met (status page, mesh completeness).
-  let receipts: string[] = [];
-  let receiptScheduled = false;
-  function sendReceipt(ids: string[]): void {
-    if (!ids.length) return;
-    receipts.push(...ids);
-    if (receiptScheduled) return;
-    receiptScheduled = true;
-    setImmediate(() => {
-      receiptScheduled = false;
-      const all = receipts;
-      receipts = [];
-      if (!registered || !session) return;
-      for (let i = 0; i < all.length; i += RECEIPT_CHUNK) session.send({ type: "receipt", ids: all.slice(i, i + RECEIPT_CHUNK) });
-    });
-  }
-
-  function fail(error: RegistrationError): void {
-    firstRegistration.reject(error);
-    void shutdown(false).then(() => done.reject(error));
-  }
-
-  async function shutdown(sayGoodbye: boolean): Promise<void> {
-    if (stopped) return;
-    stopped = true;
-    clearInterval(heartbeat);
-    clearTimeout(reconnectTimer);
-    for (const l of listeners) l.stop(true);
-    for (const c of greetConns) c.destroy();
-    queue.length = 0;
-    const s = session;
-    if (s && !s.closed) {
-      if (sayGoodbye && registered) {
-        const closed = Promise.withResolvers<void>();
-        const timer = setTimeout(closed.resolve, 1000);
-        const prevClose = s.state.onClose;
-        s.state.onClose = () => {
-          prevClose?.();
-          closed.resolve();
-        };
-        s.send({ type: "leave" });
-        await closed.promise; // the registry ends the session after `leave`
-        clearTimeout(timer);
-      }
-      s.destroy();
-    }
-    registered = false;
-  }
-
-  const node: PeerNode = {
-    id,
-    port,
-    get registered() {
-      return registered;
-    },
-    peers: () => Array.from(view.values()),
-    met: () => Array.from(met),
-    done: done.promise,
-    async stop() {
-      await shutdown(true);
-      emit({ event: "stopped" });
-      done.resolve();
-    },
-    kill() {
-      stopped = true;
-      clearInterval(heartbeat);
-      clearTimeout(reconnectTimer);
-      session?.destroy();
-      for (const l of listeners) l.stop(true);
-      for (const c of greetConns) c.destroy();
-      done.resolve();
-    },
-    [Symbol.asyncDispose]() {
-      return this.stop();
-    },
-  };
-
-  void connect();
-  if (options.waitForRegistration !== false) {
-    try {
-      await firstRegistration.promise;
-    } catch (e) {
-      await shutdown(false);
-      throw e;
-    }
-  }
-  return node;
 }
 
-// --- internal ----------------------------------------------------------------
-
-/** Peers remembered as met before those that left are forgotten: twice the registry's default node cap. */
-const MAX_MET = 2 * DEFAULTS.maxNodes;
+/** Registry refusals that retrying cannot fix; anything else is retried with backoff. */
+const FATAL: ReadonlySet<string> = new Set(["unauthorized", "address-not-allowed", "unsupported-version", "unreachable", "bad-message", "bad-json"]);
 
 /** Ids per receipt line: 200 ids of up to 64 chars stay under the registry's default line limit. */
 const RECEIPT_CHUNK = 200;
 
-interface RegistryState {
+interface SessionState {
   /** False once a newer session replaced this one or the node stopped. */
   current: boolean;
   lastError?: string;
@@ -525,35 +203,265 @@ interface RegistryState {
   onClose?: () => void;
 }
 
-interface InboundState {
-  timer: Timer | undefined;
-}
+/**
+ * The node's registry session: connects (and reconnects with backoff),
+ * registers, keeps the heartbeat, applies pushes in `seq` order and resyncs
+ * on a gap or a new boot, and reports what it met in receipts.
+ */
+class RegistrySession {
+  registered = false;
+  private readonly first = Promise.withResolvers<void>();
+  private readonly handlers: Bun.SocketHandler<Conn<SessionState>>;
+  private readonly backoff: Backoff;
+  private conn: Conn<SessionState> | undefined;
+  private everRegistered = false;
+  private stopped = false;
+  private self: Peer | undefined;
+  private boot: string | undefined;
+  private seq = 0;
+  private syncing = false;
+  private heartbeat: Heartbeat | undefined;
+  private reconnectTimer: Timer | undefined;
+  private receipts: string[] = [];
+  private receiptScheduled = false;
 
-interface GreetState {
-  expect: string;
-  done: PromiseWithResolvers<void>;
-}
+  constructor(
+    private readonly s: Settings,
+    private readonly transport: Transport,
+    private readonly clock: Clock,
+    private readonly me: Identity,
+    private readonly port: number,
+    private readonly view: Map<string, Peer>,
+    private readonly met: Met,
+    /** Greets the peers a registration handed out. */
+    private readonly greet: (peers: Peer[]) => void,
+    private readonly emit: (e: SessionEvent) => void,
+    private readonly onFatal: (error: RegistrationError) => void,
+  ) {
+    this.first.promise.catch(() => {});
+    this.backoff = new Backoff(s.reconnectBaseMs, s.reconnectMaxMs);
+    this.handlers = lineHandlers<SessionState>({
+      maxLineBytes: s.maxReplyBytes,
+      state: () => ({ current: false }),
+      line: (conn, line) => this.onLine(conn, line),
+      close: (conn) => this.onClose(conn),
+    });
+  }
 
-const greetHandlers = lineHandlers<GreetState>({
-  maxLineBytes: DEFAULTS.maxLineBytes,
-  state: () => ({ expect: "", done: Promise.withResolvers<void>() }),
-  line(conn, line) {
-    const { expect, done } = conn.state;
-    const r = decode(FromListener, line);
-    if (!r.ok) return done.reject(new Error(`bad reply: ${r.message}`));
+  /** Resolves at the first registration; rejects if the registry refuses for good first. */
+  get firstRegistration(): Promise<void> {
+    return this.first.promise;
+  }
+
+  start(): void {
+    void this.connect();
+  }
+
+  /** The address this node is listed under (what `hello` carries). */
+  listedAs(): { host: string; port: number } {
+    return this.self ?? { host: "", port: this.port };
+  }
+
+  /** Tells the registry which peers this node has met (batched per loop turn). */
+  receipt(ids: string[]): void {
+    if (!ids.length) return;
+    this.receipts.push(...ids);
+    if (this.receiptScheduled) return;
+    this.receiptScheduled = true;
+    setImmediate(() => {
+      this.receiptScheduled = false;
+      const all = this.receipts;
+      this.receipts = [];
+      const conn = this.conn;
+      if (!this.registered || !conn) return;
+      for (let i = 0; i < all.length; i += RECEIPT_CHUNK) conn.send({ type: "receipt", ids: all.slice(i, i + RECEIPT_CHUNK) });
+    });
+  }
+
+  /** Stops the session; with `sayGoodbye`, says `leave` first and waits (1 s at most) for the registry to close. */
+  async stop(sayGoodbye: boolean): Promise<void> {
+    if (this.stopped) return;
+    this.stopped = true;
+    this.heartbeat?.stop();
+    clearTimeout(this.reconnectTimer);
+    const conn = this.conn;
+    if (conn && !conn.closed) {
+      if (sayGoodbye && this.registered) {
+        const closed = Promise.withResolvers<void>();
+        const timer = setTimeout(closed.resolve, 1000);
+        conn.state.onClose = closed.resolve;
+        conn.send({ type: "leave" });
+        await closed.promise; // the registry ends the session after `leave`
+        clearTimeout(timer);
+      }
+      conn.destroy();
+    }
+    this.registered = false;
+  }
+
+  private async connect(): Promise<void> {
+    this.reconnectTimer = undefined;
+    if (this.stopped) return;
+    let conn: Conn<SessionState>;
+    try {
+      conn = await this.transport.dial(this.s.registryHost, this.s.registryPort, this.handlers, this.s.connectTimeoutMs);
+    } catch (e) {
+      if (this.stopped) return;
+      this.emit({ event: "disconnected", reason: (e as Error).message, registered: false });
+      return this.scheduleReconnect();
+    }
+    if (this.stopped) return conn.destroy();
+    conn.state.current = true;
+    this.conn = conn;
+    const { advertise, token } = this.s;
+    const { id, name } = this.me;
+    conn.send({
+      type: "register",
+      v: PROTOCOL_VERSION,
+      id,
+      port: advertise.port ?? this.port,
+      ...(advertise.host ? { host: advertise.host } : {}),
+      ...(name ? { name } : {}),
+      ...(token ? { token } : {}),
+    });
+    // Heartbeats start only once registered: without this, a registry that accepts and never
+    // answers (frozen, or a link lost without FIN) would hold the node unregistered forever.
+    setTimeout(() => {
+      if (!conn.state.current || this.registered) return;
+      conn.state.lastError = `no answer to register within ${this.s.registerTimeoutMs}ms`;
+      conn.destroy();
+    }, this.s.registerTimeoutMs).unref();
+  }
+
+  private onLine(conn: Conn<SessionState>, line: string): void {
+    if (!conn.state.current) return;
+    this.heartbeat?.heard();
+    const r = decode(FromRegistry, line);
+    if (!r.ok) return this.emit({ event: "error", code: r.code, message: `from registry: ${r.message}` });
     const m = r.msg;
-    if (m.type === "welcome" && m.id === expect) return done.resolve();
-    if (m.type === "welcome") return done.reject(new Error(`reached node ${m.id}, expected ${expect}`));
-    if (m.type === "error") return done.reject(new Error(`${m.code}: ${m.message}`));
-    done.reject(new Error(`unexpected reply ${m.type}`));
-  },
-  close(conn) {
-    conn.state.done.reject(new Error("closed before welcome"));
-  },
-});
+    switch (m.type) {
+      case "registered":
+        return this.onRegistered(conn, m);
+      case "joined":
+        if (!this.acceptSeq(conn, m.seq) || m.peer.id === this.me.id) return;
+        if (!this.view.has(m.peer.id)) this.emit({ event: "peer-joined", peer: m.peer.id, address: formatAddress(m.peer.host, m.peer.port), name: m.peer.name });
+        this.view.set(m.peer.id, m.peer);
+        return;
+      case "left":
+        if (!this.acceptSeq(conn, m.seq)) return;
+        if (this.view.delete(m.id)) this.emit({ event: "peer-left", peer: m.id, reason: m.reason });
+        return;
+      case "snapshot":
+        if (m.boot !== this.boot) return conn.destroy(); // a registry we did not register with: start over
+        this.seq = m.seq;
+        this.syncing = false;
+        this.applySnapshot(m.peers, "sync");
+        return;
+      case "pong":
+        return;
+      case "error":
+        return this.onError(conn, m.code, m.message);
+    }
+  }
 
-function describe(e: EventRecord): string {
-  const who = (p: unknown, n: unknown) => `${p}${n ? ` (${n})` : ""}`;
+  private onRegistered(conn: Conn<SessionState>, m: Extract<FromRegistry, { type: "registered" }>): void {
+    const again = this.everRegistered;
+    const newBoot = this.boot !== undefined && this.boot !== m.boot;
+    this.registered = this.everRegistered = true;
+    this.backoff.reset();
+    this.self = m.self;
+    this.boot = m.boot;
+    this.seq = m.seq;
+    this.syncing = false;
+    this.applySnapshot(m.peers, again ? (newBoot ? "restart" : "sync") : undefined);
+    // Timers take at most 2^31-1 ms and turn anything larger into 1 ms: a registry's absurd figure must not become a ping loop.
+    this.heartbeat?.stop();
+    this.heartbeat = new Heartbeat(
+      this.clock,
+      Math.min(m.heartbeat, MAX_TIMER_MS),
+      Math.min(m.timeout, MAX_TIMER_MS),
+      () => conn.send({ type: "ping" }),
+      (ms) => {
+        conn.state.lastError = `registry silent for ${ms}ms`;
+        conn.destroy();
+      },
+    );
+    this.emit({ event: "registered", peers: m.peers.length, boot: m.boot, address: formatAddress(m.self.host, m.self.port), again });
+    this.first.resolve();
+    this.greet(m.peers);
+    this.receipt(this.met.list());
+  }
+
+  private onError(conn: Conn<SessionState>, code: ErrorCode, message: string): void {
+    conn.state.lastError = `${code}: ${message}`;
+    this.emit({ event: "error", code, message });
+    // Fatal only before the first registration (a configuration error); once this node has been
+    // listed, a refusal comes from a registry that restarted or is briefly wrong (a dial-back probe
+    // that timed out under load), and giving up would lose a live node: retry with backoff.
+    // `replaced` reaches only a node whose *current* session was taken over (a session this node
+    // gave up on is no longer read), so another live process holds this id or address: retrying
+    // would take it back, and the two would evict each other for as long as both run.
+    if ((!this.everRegistered && FATAL.has(code)) || code === "replaced") {
+      conn.state.fatal = new RegistrationError(code, message);
+      conn.end(); // no reason to wait for the registry to hang up
+    }
+  }
+
+  private onClose(conn: Conn<SessionState>): void {
+    conn.state.onClose?.();
+    if (!conn.state.current) return;
+    conn.state.current = false;
+    this.conn = undefined;
+    this.heartbeat?.stop();
+    const was = this.registered;
+    this.registered = false;
+    if (this.stopped) return;
+    const limit = conn.limitHit ? `${conn.limitHit.code}: ${conn.limitHit.message}` : undefined;
+    this.emit({ event: "disconnected", reason: limit ?? conn.state.lastError ?? "connection closed", registered: was });
+    const fatal = conn.state.fatal;
+    if (!fatal) return this.scheduleReconnect();
+    this.first.reject(fatal);
+    this.onFatal(fatal);
+  }
+
+  /** True if a push is the next one; on a gap, asks for a fresh snapshot instead of drifting. */
+  private acceptSeq(conn: Conn<SessionState>, s: number): boolean {
+    if (!this.registered || this.syncing || s <= this.seq) return false;
+    if (s !== this.seq + 1) {
+      this.syncing = true;
+      this.emit({ event: "resync", expected: this.seq + 1, got: s });
+      conn.send({ type: "sync" });
+      return false;
+    }
+    this.seq = s;
+    return true;
+  }
+
+  /** Replaces the view; `reason` set means report the differences as joins and leaves. */
+  private applySnapshot(peers: Peer[], reason: string | undefined): void {
+    const next = new Map(peers.filter((p) => p.id !== this.me.id).map((p) => [p.id, p] as const));
+    if (reason) {
+      for (const old of this.view.keys()) if (!next.has(old)) this.emit({ event: "peer-left", peer: old, reason });
+      for (const p of next.values()) {
+        if (!this.view.has(p.id)) this.emit({ event: "peer-joined", peer: p.id, address: formatAddress(p.host, p.port), name: p.name });
+      }
+    }
+    this.view.clear();
+    for (const [k, p] of next) this.view.set(k, p);
+  }
+
+  private scheduleReconnect(): void {
+    if (this.stopped || this.reconnectTimer) return;
+    const { delayMs, capMs, attempt } = this.backoff.next();
+    this.emit({ event: "reconnecting", inMs: delayMs, capMs, attempt });
+    this.reconnectTimer = setTimeout(() => this.connect(), delayMs);
+  }
+}
+
+// --- command line ------------------------------------------------------------
+
+function describe(e: NodeEvent): string {
+  const who = (p: string, n: string | undefined) => `${p}${n ? ` (${n})` : ""}`;
   switch (e.event) {
     case "listening":
       return `node ${who(e.id, e.name)} listening on port ${e.port}`;
@@ -579,37 +487,43 @@ function describe(e: EventRecord): string {
       return `${e.code}: ${e.message}`;
     case "stopped":
       return "node stopped";
-    default:
-      return `${e.event} ${JSON.stringify({ ...e, event: undefined })}`;
+    case "view":
+      return `${e.registered ? "registered" : "not registered"}; peers: ${e.peers.join(", ") || "none"}`;
   }
 }
 
+function level(e: NodeEvent): "warn" | "success" | "info" {
+  if (e.event === "error" || e.event === "greet-failed") return "warn";
+  return e.event === "listening" || e.event === "registered" ? "success" : "info";
+}
+
+const flags = {
+  "registry-host": { type: "positional", required: false, description: "Registry host [env REGISTRY_HOST]" },
+  "registry-port": { type: "positional", required: false, description: "Registry port [env REGISTRY_PORT]" },
+  json: { type: "boolean", description: "One JSON event per line on stdout [env LOG_JSON=1]" },
+  listen: { type: "string", description: "Address to listen on for greetings [env NODE_LISTEN, default ::, all interfaces]" },
+  port: { type: "string", description: "Port to listen on [env NODE_PORT, default 0: the OS picks]" },
+  advertise: { type: "string", description: "host[:port] to register instead of the address the registry sees [env NODE_ADVERTISE]" },
+  name: { type: "string", description: "Human-readable name shown to peers [env NODE_NAME]" },
+  id: { type: "string", description: "Stable node id [env NODE_ID, default random]" },
+  token: { type: "string", description: "Shared secret the registry requires [env REGISTRY_TOKEN]" },
+  "greet-timeout": { type: "string", description: `Per-greeting deadline in ms [env NODE_GREET_TIMEOUT_MS, default ${DEFAULTS.greetTimeoutMs}]` },
+  "greet-concurrency": { type: "string", description: `Greetings in flight at once [env NODE_GREET_CONCURRENCY, default ${DEFAULTS.greetConcurrency}]` },
+  "greet-retries": { type: "string", description: `Extra attempts per greeting [env NODE_GREET_RETRIES, default ${DEFAULTS.greetRetries}]` },
+  "reconnect-max": { type: "string", description: `Cap of the reconnect backoff in ms [env NODE_RECONNECT_MAX_MS, default ${DEFAULTS.reconnectMaxMs}]` },
+  "register-timeout": { type: "string", description: `Deadline for the registry's answer to register, ms [env NODE_REGISTER_TIMEOUT_MS, default ${2 * DEFAULTS.registerTimeoutMs}]` },
+  "max-reply": { type: "string", description: `Longest line accepted from the registry, bytes [env NODE_MAX_REPLY_BYTES, default ${DEFAULTS.maxReplyBytes}]` },
+  "max-line": { type: "string", description: `Longest line the greeting listener accepts, bytes [env NODE_MAX_LINE, default ${DEFAULTS.maxLineBytes}]` },
+  "inbound-timeout": { type: "string", description: `Lifetime of an inbound greeting connection, ms [env NODE_INBOUND_TIMEOUT_MS, default ${DEFAULTS.inboundTimeoutMs}]` },
+  "max-inbound": { type: "string", description: `Open inbound greeting connections at most [env NODE_MAX_INBOUND, default ${DEFAULTS.maxInboundConns}]` },
+} satisfies ArgsDef;
+
 export const command = defineCommand({
   meta: { name: "client", version: "0.1.0", description: "Peer node: registers with a contact registry and greets the other nodes." },
-  args: {
-    "registry-host": { type: "positional", required: false, description: "Registry host [env REGISTRY_HOST]" },
-    "registry-port": { type: "positional", required: false, description: "Registry port [env REGISTRY_PORT]" },
-    json: { type: "boolean", description: "One JSON event per line on stdout [env LOG_JSON=1]" },
-    listen: { type: "string", description: "Address to listen on for greetings [env NODE_LISTEN, default ::, all interfaces]" },
-    port: { type: "string", description: "Port to listen on [env NODE_PORT, default 0: the OS picks]" },
-    advertise: { type: "string", description: "host[:port] to register instead of the address the registry sees [env NODE_ADVERTISE]" },
-    name: { type: "string", description: "Human-readable name shown to peers [env NODE_NAME]" },
-    id: { type: "string", description: "Stable node id [env NODE_ID, default random]" },
-    token: { type: "string", description: "Shared secret the registry requires [env REGISTRY_TOKEN]" },
-    "greet-timeout": { type: "string", description: `Per-greeting deadline in ms [env NODE_GREET_TIMEOUT_MS, default ${DEFAULTS.greetTimeoutMs}]` },
-    "greet-concurrency": { type: "string", description: `Greetings in flight at once [env NODE_GREET_CONCURRENCY, default ${DEFAULTS.greetConcurrency}]` },
-    "greet-retries": { type: "string", description: `Extra attempts per greeting [env NODE_GREET_RETRIES, default ${DEFAULTS.greetRetries}]` },
-    "reconnect-max": { type: "string", description: `Cap of the reconnect backoff in ms [env NODE_RECONNECT_MAX_MS, default ${DEFAULTS.reconnectMaxMs}]` },
-    "register-timeout": { type: "string", description: `Deadline for the registry's answer to register, ms [env NODE_REGISTER_TIMEOUT_MS, default ${2 * DEFAULTS.registerTimeoutMs}]` },
-    "max-reply": { type: "string", description: `Longest line accepted from the registry, bytes [env NODE_MAX_REPLY_BYTES, default ${DEFAULTS.maxReplyBytes}]` },
-    "max-line": { type: "string", description: `Longest line the greeting listener accepts, bytes [env NODE_MAX_LINE, default ${DEFAULTS.maxLineBytes}]` },
-    "inbound-timeout": { type: "string", description: `Lifetime of an inbound greeting connection, ms [env NODE_INBOUND_TIMEOUT_MS, default ${DEFAULTS.inboundTimeoutMs}]` },
-    "max-inbound": { type: "string", description: `Open inbound greeting connections at most [env NODE_MAX_INBOUND, default ${DEFAULTS.maxInboundConns}]` },
-  },
+  args: flags,
   async run({ args, rawArgs }) {
     await runCli(async () => {
-      checkFlags(rawArgs, command.args as Record<string, { type?: string }>);
-      const { text: flag, int: num, on } = settingsFrom(args);
+      const { text: flag, int: num, on } = readSettings(args, rawArgs, flags);
       const registryHost = flag("registry-host", "REGISTRY_HOST");
       const portText = flag("registry-port", "REGISTRY_PORT");
       if (!registryHost) throw new UsageError("missing the registry address: bun client.ts <registry-host> <registry-port>");
@@ -627,8 +541,7 @@ export const command = defineCommand({
           throw new UsageError(`--advertise: ${(e as Error).message}`);
         }
       }
-      const json = on("json", "LOG_JSON");
-      const print = createPrinter("node", json, describe);
+      const print = createPrinter("node", on("json", "LOG_JSON"), describe, level);
       const node = await startNode({
         registryHost,
         registryPort,
@@ -652,12 +565,7 @@ export const command = defineCommand({
         // a refused first registration still ends the process through `done`.
         waitForRegistration: false,
       });
-      const shutdown = async () => {
-        await node.stop();
-        process.exit(0);
-      };
-      process.once("SIGTERM", shutdown);
-      process.once("SIGINT", shutdown);
+      stopOnSignals(() => node.stop());
       // Lets a harness (scripts/chaos.ts) read this node's view without replaying its whole history.
       process.on("SIGUSR1", () => print({ event: "view", registered: node.registered, peers: node.peers().map((p) => p.id) }));
       await node.done;

@@ -83,6 +83,21 @@ export class Conn<S = unknown> {
     if (this.ending) this.socket.end();
   }
 
+  /**
+   * Stops reading: lines after the current one wait, unread, and the socket
+   * is paused (the peer's further bytes stay in the kernel) until `release`.
+   */
+  hold(): void {
+    this.splitter.hold();
+    this.socket.pause();
+  }
+
+  /** Reads what was held, then resumes the socket unless a line held it again. */
+  release(): void {
+    if (this.closed || !this.splitter.holding) return;
+    if (this.splitter.release() && !this.splitter.holding) this.socket.resume();
+  }
+
   /** Closes after everything queued has been handed to the kernel. */
   end(): void {
     if (this.closed || this.ending) return;
@@ -349,4 +364,58 @@ export function listenAll<S>(
   }
   const l = listen(h, port);
   return { listeners: [l], port: l.port };
+}
+
+/** Every socket of the project is opened through one of these: plain TCP, or TLS (the same calls with certificates). */
+export interface Transport {
+  /** Listens on every address of `host` (see listenAll). */
+  listen<S>(host: string, port: number, handlers: Bun.SocketHandler<Conn<S>>): Listening<S>;
+  /** Connects with a deadline to each address `host` resolves to in turn (see dial). */
+  dial<S>(host: string, port: number, handlers: Bun.SocketHandler<Conn<S>>, timeoutMs: number): Promise<Conn<S>>;
+}
+
+export interface Listening<S> {
+  listeners: Bun.TCPSocketListener<Conn<S>>[];
+  port: number;
+}
+
+/** Plain TCP. */
+export const tcp: Transport = { listen: listenAll, dial };
+
+/**
+ * Serves HTTP the way listenAll listens: `::` falls back to 0.0.0.0 on hosts
+ * without IPv6, and a busy port is said plainly.
+ */
+export function serveHttp(
+  host: string,
+  port: number,
+  fetch: (req: Request, srv: Bun.Server<undefined>) => Response,
+  error: (e: Error) => Response,
+): Bun.Server<undefined> {
+  const h = normalizeHost(host);
+  const serve = (hostname: string) => {
+    try {
+      return Bun.serve({
+        hostname,
+        port,
+        fetch,
+        error,
+      });
+    } catch (e) {
+      const code = (e as { code?: string }).code;
+      if (code !== "EADDRINUSE") throw e;
+      throw Object.assign(new Error(`HTTP port ${port} is already in use`, { cause: e }), { code });
+    }
+  };
+  if (h === "localhost") return serve("127.0.0.1");
+  if (h === "::") {
+    try {
+      return serve("::");
+    } catch (e) {
+      // No IPv6 on this host: all IPv4 interfaces instead.
+      if ((e as { code?: string }).code === "EADDRINUSE") throw e;
+      return serve("0.0.0.0");
+    }
+  }
+  return serve(h);
 }

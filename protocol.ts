@@ -91,6 +91,7 @@ export const Register = v.object({
   name: v.optional(Name),
   token: v.optional(v.pipe(v.string(), v.maxLength(1024))),
 });
+export type Register = v.InferOutput<typeof Register>;
 export const Ping = v.object({ type: v.literal("ping") });
 export const Leave = v.object({ type: v.literal("leave") });
 export const Sync = v.object({ type: v.literal("sync") });
@@ -176,6 +177,9 @@ export class LineSplitter {
   private partBytes = 0;
   /** Once over the limit the stream is out of sync: no later byte can be trusted to start a line. */
   private overflowed = false;
+  /** While held, input is kept unread here, in order (see `hold`). */
+  private held: Uint8Array[] = [];
+  private onHold = false;
   private static readonly decoder = new TextDecoder();
 
   constructor(
@@ -184,14 +188,18 @@ export class LineSplitter {
     private readonly onOverflow: () => void,
   ) {}
 
-  /** True when nothing is buffered: the next chunk starts a line. */
+  /** True when nothing is buffered or held: the next chunk starts a line. */
   get idle(): boolean {
-    return this.parts.length === 0 && !this.overflowed;
+    return this.parts.length === 0 && !this.overflowed && !this.onHold && this.held.length === 0;
   }
 
   /** Feeds one chunk; returns false once the stream has overflowed (drop the rest). */
   push(chunk: Uint8Array): boolean {
     if (this.overflowed) return false;
+    if (this.onHold) {
+      this.held.push(chunk.slice());
+      return true;
+    }
     let start = 0;
     for (;;) {
       const nl = chunk.indexOf(10, start);
@@ -208,6 +216,11 @@ export class LineSplitter {
       if (end && bytes[end - 1] === 13) end--; // tolerate CRLF
       if (end > this.maxLineBytes) return this.overflow(); // the CR, like the LF, is not part of the line
       if (end) this.onLine(LineSplitter.decoder.decode(bytes.subarray(0, end)));
+      if (this.onHold) {
+        // Ahead of anything held before: release() feeds held chunks back one by one.
+        if (start < chunk.byteLength) this.held.unshift(chunk.slice(start));
+        return true;
+      }
     }
     if (start < chunk.byteLength) {
       const rest = chunk.subarray(start);
@@ -218,10 +231,30 @@ export class LineSplitter {
     return true;
   }
 
+  /** True between `hold` and `release`. */
+  get holding(): boolean {
+    return this.onHold;
+  }
+
+  /** Stops emitting lines after the current one; what follows is kept, unread, until `release`. */
+  hold(): void {
+    this.onHold = true;
+  }
+
+  /** Emits what was held, in order, until done or held again; returns false if that overflowed. */
+  release(): boolean {
+    this.onHold = false;
+    while (!this.onHold && this.held.length) {
+      if (!this.push(this.held.shift()!)) return false;
+    }
+    return true;
+  }
+
   private overflow(): false {
     this.overflowed = true;
     this.parts = [];
     this.partBytes = 0;
+    this.held = [];
     this.onOverflow();
     return false;
   }

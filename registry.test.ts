@@ -7,8 +7,8 @@
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { startNode, type PeerNode } from "./client.ts";
-import { LineSplitter, PROTOCOL_VERSION } from "./protocol.ts";
-import { Conn } from "./net.ts";
+import { PROTOCOL_VERSION } from "./protocol.ts";
+import { tcp, type Conn, type Transport } from "./net.ts";
 import { startRegistry, type Registry } from "./registry.ts";
 import { EventLog, RawClient, closedPort, waitUntil, type WireMessage } from "./harness.ts";
 
@@ -280,22 +280,13 @@ describe("bad input to a node's listener", () => {
 
 describe("framing over real sockets", () => {
   test("a register written one byte per loop turn, with a multi-byte name, is read whole", async () => {
-    await using reg = await startRegistry({ ...LOCAL, probe: false });
+    const chunkSizes: number[] = [];
+    await using reg = await startRegistry({ ...LOCAL, probe: false, transport: observed({ data: (_conn, chunk) => chunkSizes.push(chunk.byteLength) }) });
     await using c = await RawClient.connect(reg.port);
     const name = "Zoë 🙂 東京";
-    const chunkSizes: number[] = [];
-    const original = LineSplitter.prototype.push;
-    LineSplitter.prototype.push = function (this: LineSplitter, chunk: Uint8Array) {
-      chunkSizes.push(chunk.byteLength);
-      return original.call(this, chunk);
-    };
-    try {
-      await c.writeSlowly(JSON.stringify({ type: "register", v: 1, id: "slowpoke", port: 46001, name }) + "\n");
-      const reply = await c.waitFor("registered", 5_000);
-      expect(reply.self).toEqual({ id: "slowpoke", host: "127.0.0.1", port: 46001, name });
-    } finally {
-      LineSplitter.prototype.push = original;
-    }
+    await c.writeSlowly(JSON.stringify({ type: "register", v: 1, id: "slowpoke", port: 46001, name }) + "\n");
+    const reply = await c.waitFor("registered", 5_000);
+    expect(reply.self).toEqual({ id: "slowpoke", host: "127.0.0.1", port: 46001, name });
     // The registry really got the line in pieces, not as one read.
     expect(chunkSizes.length).toBeGreaterThan(1);
     expect(reg.nodes()[0]?.name).toBe(name);
@@ -372,7 +363,16 @@ describe("partial writes", () => {
     const BULK = 3_000;
     // ~540 KB each: 50 of them stay under the 32 MiB slow-consumer cap, far over any default kernel buffering.
     const MAX_SYNCS = 50;
-    await using reg = await startRegistry({ ...LOCAL, probe: false, maxConnsPerAddress: 10_000 });
+    // Every connection the registry accepts, with the bytes it has read from it.
+    const accepted: { conn: Conn<unknown>; read: number }[] = [];
+    const transport = observed({
+      open: (conn) => accepted.push({ conn, read: 0 }),
+      data: (conn, chunk) => {
+        const a = accepted.find((x) => x.conn === conn);
+        if (a) a.read += chunk.byteLength;
+      },
+    });
+    await using reg = await startRegistry({ ...LOCAL, probe: false, maxConnsPerAddress: 10_000, transport });
     await using bulk = new ClientSet();
     const name = "n".repeat(64);
     const idOf = (i: number) => `bulk-${String(i).padStart(5, "0")}-`.padEnd(64, "x");
@@ -385,42 +385,28 @@ describe("partial writes", () => {
 
     await using slow = await RawClient.connect(reg.port);
     slow.pause();
-    let registryEnd: Conn | undefined;
-    let sendsToSlow = 0;
-    let drainsWithQueue = 0;
+    const registryEnd = await waitFor(() => accepted.find((a) => a.conn.remotePort === slow.localPort), "the registry's end of the slow connection");
+    // A line is answered while its bytes are being read: once the registry has read them all, the answer is written or queued.
+    let sent = 0;
+    const send = async (msg: object) => {
+      const line = JSON.stringify(msg) + "\n";
+      slow.write(line);
+      sent += Buffer.byteLength(line);
+      await waitUntil(() => registryEnd.read >= sent, 10_000, `the registry to read ${JSON.stringify(msg)}`);
+    };
+    await send({ type: "register", v: 1, id: "slow-reader", port: 9_999, name });
+    await waitUntil(() => reg.nodes().some((n) => n.id === "slow-reader"), 10_000, "the slow reader registered");
+    // Kernel buffers differ between machines: ask for more until the registry holds unsent bytes itself.
     let syncs = 0;
-    const originalSend = Conn.prototype.send;
-    const originalFlush = Conn.prototype.flush;
-    Conn.prototype.send = function (this: Conn, msg) {
-      if (this.remotePort === slow.localPort) {
-        registryEnd = this;
-        sendsToSlow++;
-      }
-      return originalSend.call(this, msg);
-    };
-    Conn.prototype.flush = function (this: Conn) {
-      if (this === registryEnd && this.pendingBytes > 0) drainsWithQueue++;
-      return originalFlush.call(this);
-    };
-    try {
-      slow.send({ type: "register", v: 1, id: "slow-reader", port: 9_999, name });
-      await waitUntil(() => sendsToSlow >= 1, 10_000, "the reply to the slow reader");
-      // Kernel buffers differ between machines: ask for more until the registry holds unsent bytes itself.
-      while (!(registryEnd!.pendingBytes > 0)) {
-        if (syncs === MAX_SYNCS) throw new Error(`the registry never had to queue after ${syncs} snapshots of ~540 KB`);
-        slow.send({ type: "sync" });
-        syncs++;
-        await waitUntil(() => sendsToSlow >= 1 + syncs, 10_000, `snapshot ${syncs} to be sent`);
-      }
-
-      slow.resume();
-      await waitForCount(slow, (m) => m.type === "snapshot", syncs, 30_000);
-    } finally {
-      Conn.prototype.send = originalSend;
-      Conn.prototype.flush = originalFlush;
+    while (!(registryEnd.conn.pendingBytes > 0)) {
+      if (syncs === MAX_SYNCS) throw new Error(`the registry never had to queue after ${syncs} snapshots of ~540 KB`);
+      await send({ type: "sync" });
+      syncs++;
     }
-    expect(drainsWithQueue).toBeGreaterThan(0);
-    expect(registryEnd?.pendingBytes).toBe(0);
+    slow.resume();
+    await waitForCount(slow, (m) => m.type === "snapshot", syncs, 30_000);
+    // Everything queued reached the client through the drain path.
+    expect(registryEnd.conn.pendingBytes).toBe(0);
 
     const reply = slow.messages.find((m) => m.type === "registered")!;
     expect(slow.messages[0]).toBe(reply);
@@ -472,4 +458,29 @@ function waitForCount(c: RawClient, pred: (m: WireMessage) => boolean, n: number
 
 function peerId(m: WireMessage): unknown {
   return (m.peer as { id?: unknown } | undefined)?.id;
+}
+
+/** Plain TCP, with a look at each connection the listener accepts and each chunk it reads (before the registry does). */
+function observed(on: { open?: (conn: Conn<unknown>) => void; data?: (conn: Conn<unknown>, chunk: Uint8Array) => void }): Transport {
+  return {
+    ...tcp,
+    listen: (host, port, handlers) =>
+      tcp.listen(host, port, {
+        ...handlers,
+        open(socket) {
+          handlers.open?.(socket);
+          on.open?.(socket.data as Conn<unknown>);
+        },
+        data(socket, chunk) {
+          on.data?.(socket.data as Conn<unknown>, chunk);
+          handlers.data?.(socket, chunk);
+        },
+      }),
+  };
+}
+
+async function waitFor<T>(get: () => T | undefined, what: string, ms = 10_000): Promise<T> {
+  let found: T | undefined;
+  await waitUntil(() => (found = get()) !== undefined, ms, what);
+  return found!;
 }

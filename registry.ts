@@ -1,15 +1,23 @@
 #!/usr/bin/env bun
 /**
- * The contact registry ("D"): keeps, in RAM, the nodes whose registry session
- * is alive, hands each new node the others, and pushes every join and leave to
+ * The contact registry ("D"): lists the nodes whose registry session is
+ * alive, hands each new node the others, and pushes every join and leave to
  * every session. `bun registry.ts [host] [port]`; see README.md and
  * docs/PROTOCOL.md.
+ *
+ * Its parts: membership.ts holds the list, admission.ts decides who gets on
+ * it, liveness.ts keeps the deadlines; here the sessions tie them to sockets
+ * and the fan-out pushes changes out.
  */
-import { defineCommand, runMain } from "citty";
-import { timingSafeEqual, createHash } from "node:crypto";
+import { defineCommand, runMain, type ArgsDef } from "citty";
+import { Admission } from "./admission.ts";
+import { UsageError, createPrinter, readSettings, runCli, stopOnSignals } from "./cli.ts";
+import { ConnectionCaps, type CapTicket } from "./limits.ts";
+import { SessionDeadlines, systemClock, type Clock, type Expiry, type Watched } from "./liveness.ts";
+import { MemoryMembership, addressOf, peerOf, type Change, type Member, type Membership } from "./membership.ts";
+import { formatAddress, lineHandlers, parsePort, tcp, type Conn, type Transport } from "./net.ts";
 import {
   DEFAULTS,
-  FromListener,
   MAX_TIMER_MS,
   PING_LINE,
   PONG_LINE,
@@ -20,25 +28,8 @@ import {
   type ErrorCode,
   type LeaveReason,
   type Peer,
+  type Register,
 } from "./protocol.ts";
-import {
-  dial,
-  formatAddress,
-  lineHandlers,
-  listenAll,
-  normalizeHost,
-  parsePort,
-  resolveHost,
-  type Conn,
-} from "./net.ts";
-import {
-  UsageError,
-  checkFlags,
-  createPrinter,
-  runCli,
-  settingsFrom,
-  type EventRecord,
-} from "./cli.ts";
 
 export interface RegistryOptions {
   /** Bind address; `localhost` binds 127.0.0.1 and ::1, `::` falls back to 0.0.0.0. */
@@ -63,14 +54,31 @@ export interface RegistryOptions {
   /** Let nodes advertise a host other than the one they connect from. */
   allowAdvertise?: boolean;
   /** Receives every event (the CLI prints them). */
-  onEvent?: (e: EventRecord) => void;
+  onEvent?: (e: RegistryEvent) => void;
+  /** Where sockets are opened (default plain TCP). */
+  transport?: Transport;
+  /** The list (default: in this process). */
+  membership?: Membership;
+  /** Drives every deadline (default: the system's monotonic clock). */
+  clock?: Clock;
 }
 
-export interface NodeInfo extends Peer {
+export type RegistryEvent =
+  | { event: "listening"; host: string; port: number; boot: string }
+  | { event: "node-registered"; id: string; host: string; port: number; name?: string; source: string; nodes: number; seq: number }
+  | { event: "node-left"; id: string; host: string; port: number; reason: LeaveReason; nodes: number; seq: number }
+  | { event: "pair-greeted"; a: string; b: string }
+  | { event: "mesh-complete"; nodes: number; pairs: number; ms: number }
+  /** A connection was refused and closed, or cut over a limit. */
+  | { event: "error"; code: ErrorCode; message: string; remote: string }
+  | { event: "http-listening"; url: string }
+  | { event: "stopped" };
+
+export type NodeInfo = Peer & {
   /** Address the node connected from. */
   source: string;
   joinedAt: number;
-}
+};
 
 export interface RegistryStats {
   nodes: number;
@@ -91,12 +99,12 @@ export interface RegistryStats {
 export interface Registry {
   readonly host: string;
   readonly port: number;
-  /** New on every start; carried in every reply so nodes can tell a restart. */
+  /** The list's history id; carried in every reply so nodes can tell a restart. */
   readonly boot: string;
   nodes(): NodeInfo[];
   stats(): RegistryStats;
   /** Observe membership and greeting changes (the status page uses this). */
-  subscribe(fn: (e: EventRecord) => void): () => void;
+  subscribe(fn: (e: RegistryEvent) => void): () => void;
   /** Greeted pairs, as [id, id] with the first id the smaller. */
   pairs(): [string, string][];
   stop(): Promise<void>;
@@ -105,430 +113,41 @@ export interface Registry {
 
 /** Starts a registry; resolves once it listens. */
 export async function startRegistry(options: RegistryOptions = {}): Promise<Registry> {
-  const o = {
-    host: options.host ?? "::",
-    port: options.port ?? DEFAULTS.registryPort,
-    heartbeatMs: options.heartbeatMs ?? DEFAULTS.heartbeatMs,
-    heartbeatMisses: options.heartbeatMisses ?? DEFAULTS.heartbeatMisses,
-    registerTimeoutMs: options.registerTimeoutMs ?? DEFAULTS.registerTimeoutMs,
-    probe: options.probe ?? true,
-    probeTimeoutMs: options.probeTimeoutMs ?? DEFAULTS.probeTimeoutMs,
-    maxLineBytes: options.maxLineBytes ?? DEFAULTS.maxLineBytes,
-    maxNodes: options.maxNodes ?? DEFAULTS.maxNodes,
-    maxConnsPerAddress: options.maxConnsPerAddress ?? DEFAULTS.maxConnsPerAddress,
-    maxConns: options.maxConns ?? DEFAULTS.maxConns,
-    maxQueueBytes: options.maxQueueBytes ?? DEFAULTS.maxQueueBytes,
-    token: options.token || undefined,
-    allowAdvertise: options.allowAdvertise ?? false,
-  };
-  const boot = randomId();
-  const timeoutMs = o.heartbeatMs * o.heartbeatMisses;
-  const listeners = new Set<(e: EventRecord) => void>();
+  const s = settingsOf(options);
+  const clock = options.clock ?? systemClock;
+  const membership = options.membership ?? new MemoryMembership(randomId(), () => clock.now());
+  const transport = options.transport ?? tcp;
+  const listeners = new Set<(e: RegistryEvent) => void>();
   if (options.onEvent) listeners.add(options.onEvent);
-  const emit = (e: EventRecord) => {
+  const emit = (e: RegistryEvent) => {
     for (const fn of listeners) fn(e);
   };
+  const counters = new Counters();
+  const sessions = new Sessions(s, membership, new Admission(s, membership, transport), counters, emit, clock);
+  const { listeners: servers, port } = transport.listen(s.host, s.port, sessions.handlers);
+  emit({ event: "listening", host: s.host, port, boot: membership.boot });
 
-  const nodes = new Map<string, Entry>();
-  const byAddress = new Map<string, string>(); // "host:port" -> id
-  const sessions = new Set<Conn<Session>>();
-  const connsPerAddress = new Map<string, number>();
-  const tokenDigest = o.token ? sha256(o.token) : undefined;
-  // Refusals quote what the peer sent (a parser's message, a field's value); the token must not reach an event that way.
-  const redact = (text: string) =>
-    o.token ? text.split(o.token).join("[token]").split(JSON.stringify(o.token).slice(1, -1)).join("[token]") : text;
-  let seq = 0;
-  let stopping = false;
-
-  // The peer list as JSON fragments joined by commas: appended to on join,
-  // cut on leave, so the N-th reply does not re-encode N peers.
-  let peersJson: string | null = "";
-
-  // Membership pushes go out as one write per session. A flush that took t ms
-  // is followed by at least PUSH_PACING * t ms of other work, so fan-out stays
-  // a bounded share of the loop: with few sessions t is microseconds and pushes
-  // leave on the next turn; with thousands, many changes share each write.
-  let batch: string[] = [];
-  let batchScheduled = false;
-  let nextFlushAt = 0;
-
-  const stats = {
-    joins: 0,
-    leaves: { closed: 0, timeout: 0, leave: 0, replaced: 0 } as Record<LeaveReason, number>,
-    registrations: 0,
-    rejected: {} as Partial<Record<ErrorCode, number>>,
-    latencies: new Float64Array(4096),
-    latencyCount: 0,
-    latencySumMs: 0,
-    pairsGreeted: 0,
-    lastJoinAt: 0,
-    meshCompleteMs: null as number | null,
-    startedAt: Date.now(),
-  };
-
-  const handlers = lineHandlers<Session>({
-    maxLineBytes: o.maxLineBytes,
-    maxQueueBytes: o.maxQueueBytes,
-    state: () => ({ phase: "new", openedAt: performance.now(), lastSeen: performance.now() }),
-    // A ping alone in its chunk is answered without splitting or decoding: with
-    // 10,000 nodes that is 5,000 lines a second.
-    exact: {
-      bytes: PING_CHUNK,
-      handle(conn) {
-        const s = conn.state;
-        if (s.phase !== "registered") return false;
-        s.lastSeen = performance.now();
-        conn.send(PONG_BYTES);
-        return true;
-      },
-    },
-    open(conn) {
-      if (stopping) return conn.fail("shutting-down", "registry is shutting down");
-      const n = (connsPerAddress.get(conn.remoteAddress) ?? 0) + 1;
-      connsPerAddress.set(conn.remoteAddress, n);
-      conn.state.counted = true;
-      if (o.maxConnsPerAddress && n > o.maxConnsPerAddress) {
-        return reject(conn, "too-many-connections", `more than ${o.maxConnsPerAddress} connections from ${conn.remoteAddress}`);
-      }
-      // The per-address cap does not stop many addresses at once (one IPv6 /64 holds plenty).
-      if (o.maxConns && sessions.size >= o.maxConns) {
-        return reject(conn, "too-many-connections", `registry holds its maximum of ${o.maxConns} connections`);
-      }
-      sessions.add(conn);
-    },
-    line: onLine,
-    close(conn) {
-      sessions.delete(conn);
-      // The connection layer cut it over a limit (line size, unsent backlog): reported like any refusal.
-      if (conn.limitHit && conn.state.phase !== "closing") {
-        countReject(conn.limitHit.code);
-        emit({ event: "error", ...conn.limitHit, remote: formatAddress(conn.remoteAddress, conn.remotePort) });
-      }
-      if (conn.state.counted) {
-        const n = (connsPerAddress.get(conn.remoteAddress) ?? 1) - 1;
-        if (n > 0) connsPerAddress.set(conn.remoteAddress, n);
-        else connsPerAddress.delete(conn.remoteAddress);
-      }
-      const entry = conn.state.entry;
-      if (entry && nodes.get(entry.id) === entry) removeNode(entry, conn.state.leaveReason ?? "closed");
-    },
-  });
-
-  const { listeners: servers, port } = listenAll(o.host, o.port, handlers);
-
-  // One sweep serves both deadlines: unregistered connections and heartbeats.
-  const sweep = setInterval(() => {
-    const now = performance.now();
-    for (const conn of sessions) {
-      const s = conn.state;
-      if (s.phase === "registered") {
-        if (now - s.lastSeen > timeoutMs) {
-          s.leaveReason = "timeout";
-          conn.send({ type: "error", code: "heartbeat-timeout", message: `no heartbeat for ${timeoutMs}ms` });
-          conn.destroy();
-        }
-      } else if (s.phase === "closing") {
-        // Told why and ended, but the peer does not read: cut it.
-        if (now - s.lastSeen > 2_000) conn.destroy();
-      } else if (now - s.openedAt > o.registerTimeoutMs && s.phase === "new") {
-        reject(conn, "registration-timeout", `no register within ${o.registerTimeoutMs}ms`);
-      }
-    }
-  }, Math.max(50, Math.min(o.heartbeatMs / 2, o.registerTimeoutMs / 4, 1000)));
-  sweep.unref();
-
-  emit({ event: "listening", host: o.host, port, boot });
-
-  function onLine(conn: Conn<Session>, line: string): void {
-    const s = conn.state;
-    if (s.phase === "closing") return;
-    s.lastSeen = performance.now();
-    if (line === PING_LINE && s.phase === "registered") {
-      conn.send(PONG_LINE);
-      return;
-    }
-    const r = decode(ToRegistry, line);
-    if (!r.ok) {
-      // Before registration a bad line ends the connection; afterwards the
-      // session stays, since a live node's membership should not hinge on one bad line.
-      if (s.phase !== "registered") return reject(conn, r.code, r.message);
-      countReject(r.code);
-      conn.send({ type: "error", code: r.code, message: r.message });
-      return;
-    }
-    const msg = r.msg;
-    switch (msg.type) {
-      case "register":
-        if (s.phase !== "new") {
-          countReject("unexpected-message");
-          conn.send({ type: "error", code: "unexpected-message", message: `register in phase ${s.phase}` });
-          return;
-        }
-        s.phase = "checking";
-        register(conn, msg).catch((e) => reject(conn, "bad-message", `internal error: ${(e as Error).message}`));
-        return;
-      case "ping":
-        if (s.phase === "registered") conn.send(PONG_LINE);
-        else reject(conn, "unexpected-message", "ping before register");
-        return;
-      case "leave":
-        s.leaveReason = "leave";
-        if (s.entry && nodes.get(s.entry.id) === s.entry) removeNode(s.entry, "leave");
-        s.entry = undefined;
-        conn.end();
-        return;
-      case "sync":
-        if (s.phase !== "registered") return reject(conn, "unexpected-message", "sync before register");
-        conn.send(`{"type":"snapshot","boot":"${boot}","seq":${seq},"peers":[${peerList()}]}\n`);
-        return;
-      case "receipt":
-        if (s.phase !== "registered" || !s.entry) return reject(conn, "unexpected-message", "receipt before register");
-        recordReceipt(s.entry, msg.ids);
-        return;
-    }
-  }
-
-  async function register(conn: Conn<Session>, msg: Extract<ToRegistry, { type: "register" }>): Promise<void> {
-    const started = performance.now();
-    if (msg.v !== PROTOCOL_VERSION) {
-      return reject(conn, "unsupported-version", `protocol version ${msg.v} is not supported; this registry speaks ${PROTOCOL_VERSION}`);
-    }
-    if (tokenDigest && !(msg.token !== undefined && timingSafeEqual(sha256(msg.token), tokenDigest))) {
-      return reject(conn, "unauthorized", msg.token === undefined ? "this registry requires a token" : "wrong token");
-    }
-    const source = conn.remoteAddress;
-    let host = source;
-    if (msg.host !== undefined) {
-      const wanted = normalizeHost(msg.host);
-      if (wanted === "0.0.0.0" || wanted === "::") {
-        return reject(conn, "address-not-allowed", `cannot advertise the unspecified address ${wanted}`);
-      }
-      if (!o.allowAdvertise && wanted !== source && !(await resolvesTo(wanted, source, o.probeTimeoutMs))) {
-        return reject(
-          conn,
-          "address-not-allowed",
-          `advertised host ${wanted} is not the address this connection comes from (${source}); the registry must be started with --allow-advertise to accept it`,
-        );
-      }
-      host = wanted;
-    }
-    const address = formatAddress(host, msg.port);
-    const existing = nodes.get(msg.id) ?? nodes.get(byAddress.get(address) ?? "");
-    if (!existing && nodes.size >= o.maxNodes) {
-      return reject(conn, "registry-full", `registry holds its maximum of ${o.maxNodes} nodes`);
-    }
-    if (o.probe) {
-      const failure = await probe(host, msg.port, msg.id);
-      if (failure) {
-        return reject(
-          conn,
-          "unreachable",
-          `could not reach you at ${address} (${failure}); if nodes must reach you at another address, start the node with --advertise host[:port]`,
-        );
-      }
-    }
-    // The session may have closed while we resolved or probed; its close
-    // handler has run, so listing it now would leave an entry nobody removes.
-    if (conn.closed) return;
-    if (stopping) return reject(conn, "shutting-down", "registry is shutting down");
-
-    // A node registering again (after a reconnect, or a restart on the same
-    // address) replaces its old entry instead of adding a second one.
-    const sameId = nodes.get(msg.id);
-    if (sameId) dropSession(sameId, "replaced", `node ${msg.id} registered again on another connection`);
-    const sameAddress = nodes.get(byAddress.get(address) ?? "");
-    if (sameAddress && sameAddress.id !== msg.id) {
-      dropSession(sameAddress, "replaced", `another node registered ${address}`);
-      removeNode(sameAddress, "replaced");
-    }
-
-    const peer: Peer = msg.name ? { id: msg.id, host, port: msg.port, name: msg.name } : { id: msg.id, host, port: msg.port };
-    const json = JSON.stringify(peer);
-    if (sameId) removeEntryQuietly(sameId);
-    const reply = `{"type":"registered","v":${PROTOCOL_VERSION},"boot":"${boot}","seq":${seq + 1},"heartbeat":${o.heartbeatMs},"timeout":${timeoutMs},"self":${json},"peers":[${peerList()}]}\n`;
-    const entry: Entry = { ...peer, source, joinedAt: Date.now(), json, conn, links: new Set() };
-    nodes.set(entry.id, entry);
-    byAddress.set(address, entry.id);
-    entry.address = address;
-    if (peersJson !== null) peersJson = peersJson ? `${peersJson},${json}` : json;
-    seq++;
-    conn.state.phase = "registered";
-    conn.state.entry = entry;
-    conn.state.lastSeen = performance.now();
-    conn.send(reply);
-    queuePush(`{"type":"joined","seq":${seq},"peer":${json}}\n`);
-
-    stats.joins++;
-    stats.registrations++;
-    stats.lastJoinAt = performance.now();
-    stats.meshCompleteMs = nodes.size < 2 ? 0 : null;
-    const latency = performance.now() - started;
-    stats.latencies[stats.latencyCount++ % stats.latencies.length] = latency;
-    stats.latencySumMs += latency;
-    emit({ event: "node-registered", id: entry.id, host, port: entry.port, name: entry.name, source, nodes: nodes.size, seq });
-  }
-
-  /** Removes a node from the list and tells everyone. */
-  function removeNode(entry: Entry, reason: LeaveReason): void {
-    removeEntryQuietly(entry);
-    seq++;
-    stats.leaves[reason]++;
-    queuePush(`{"type":"left","seq":${seq},"id":${JSON.stringify(entry.id)},"reason":"${reason}"}\n`);
-    emit({ event: "node-left", id: entry.id, host: entry.host, port: entry.port, reason, nodes: nodes.size, seq });
-    checkMesh();
-  }
-
-  function removeEntryQuietly(entry: Entry): void {
-    nodes.delete(entry.id);
-    if (entry.address && byAddress.get(entry.address) === entry.id) byAddress.delete(entry.address);
-    for (const other of entry.links) {
-      const e = nodes.get(other);
-      if (e?.links.delete(entry.id)) stats.pairsGreeted--;
-    }
-    entry.links.clear();
-    peersJson = withoutFragment(peersJson, entry.json);
-  }
-
-  /** Ends the session an entry was registered on, without touching the list. */
-  function dropSession(entry: Entry, code: ErrorCode, message: string): void {
-    const old = entry.conn;
-    if (old.state.entry === entry) old.state.entry = undefined;
-    if (!old.closed) old.fail(code, message);
-  }
-
-  function peerList(): string {
-    if (peersJson === null) peersJson = Array.from(nodes.values(), (n) => n.json).join(",");
-    return peersJson;
-  }
-
-  function queuePush(line: string): void {
-    batch.push(line);
-    if (batchScheduled) return;
-    batchScheduled = true;
-    const wait = nextFlushAt - performance.now();
-    if (wait > 0) setTimeout(flushPushes, wait);
-    else setImmediate(flushPushes);
-  }
-
-  function flushPushes(): void {
-    batchScheduled = false;
-    const lines = batch;
-    batch = [];
-    if (!lines.length) return;
-    const started = performance.now();
-    // Encoded once for all sessions; a node skips events at or below the seq it already has.
-    const bytes = Buffer.from(lines.join(""));
-    for (const conn of sessions) {
-      if (conn.state.phase === "registered") conn.send(bytes);
-    }
-    const ended = performance.now();
-    nextFlushAt = ended + (ended - started) * PUSH_PACING;
-  }
-
-  function recordReceipt(entry: Entry, ids: string[]): void {
-    let added = 0;
-    for (const id of ids) {
-      if (id === entry.id) continue;
-      const other = nodes.get(id);
-      if (!other || entry.links.has(id)) continue;
-      entry.links.add(id);
-      other.links.add(entry.id);
-      stats.pairsGreeted++;
-      added++;
-      emit({ event: "pair-greeted", a: entry.id, b: id });
-    }
-    if (added) checkMesh();
-  }
-
-  function checkMesh(): void {
-    const expected = (nodes.size * (nodes.size - 1)) / 2;
-    if (stats.meshCompleteMs === null && stats.pairsGreeted >= expected) {
-      stats.meshCompleteMs = performance.now() - stats.lastJoinAt;
-      emit({ event: "mesh-complete", nodes: nodes.size, pairs: expected, ms: Math.round(stats.meshCompleteMs) });
-    }
-  }
-
-  /** Dials a node back to check the address it will be listed under. Returns why it failed, or null. */
-  async function probe(host: string, port: number, id: string): Promise<string | null> {
-    const nonce = randomId();
-    const reply = Promise.withResolvers<string | null>();
-    const timer = setTimeout(() => reply.resolve(`no answer within ${o.probeTimeoutMs}ms`), o.probeTimeoutMs);
-    let conn: Conn<ProbeState> | undefined;
-    try {
-      conn = await dial<ProbeState>(host, port, probeHandlers, o.probeTimeoutMs);
-      conn.state = { done: reply.resolve, nonce, id };
-      conn.send({ type: "probe", v: PROTOCOL_VERSION, id, nonce });
-      return await reply.promise;
-    } catch (e) {
-      return (e as Error).message;
-    } finally {
-      clearTimeout(timer);
-      conn?.destroy();
-    }
-  }
-
-  function countReject(code: ErrorCode): void {
-    stats.rejected[code] = (stats.rejected[code] ?? 0) + 1;
-  }
-
-  function reject(conn: Conn<Session>, code: ErrorCode, rawMessage: string): void {
-    const message = redact(rawMessage);
-    countReject(code);
-    conn.state.phase = "closing";
-    conn.state.lastSeen = performance.now();
-    emit({ event: "error", code, message, remote: formatAddress(conn.remoteAddress, conn.remotePort) });
-    conn.fail(code, message);
-  }
-
+  let stopped: Promise<void> | undefined;
   const registry: Registry = {
-    host: o.host,
+    host: s.host,
     port,
-    boot,
-    nodes: () => Array.from(nodes.values(), ({ id, host, port, name, source, joinedAt }) => ({ id, host, port, name, source, joinedAt })),
-    stats() {
-      const n = Math.min(stats.latencyCount, stats.latencies.length);
-      const sorted = Array.from(stats.latencies.subarray(0, n)).sort((a, b) => a - b);
-      const pct = (p: number) => (n ? round(sorted[Math.min(n - 1, Math.floor(p * n))]!) : 0);
-      return {
-        nodes: nodes.size,
-        joins: stats.joins,
-        leaves: { ...stats.leaves },
-        registrations: stats.registrations,
-        rejected: { ...stats.rejected },
-        seq,
-        pairsGreeted: stats.pairsGreeted,
-        pairsExpected: (nodes.size * (nodes.size - 1)) / 2,
-        latencyMs: { p50: pct(0.5), p90: pct(0.9), p99: pct(0.99), max: n ? round(sorted[n - 1]!) : 0, count: stats.latencyCount, sum: round(stats.latencySumMs) },
-        startedAt: stats.startedAt,
-        meshCompleteMs: stats.meshCompleteMs === null ? null : round(stats.meshCompleteMs),
-      };
-    },
+    boot: membership.boot,
+    nodes: () => Array.from(membership.members(), ({ id, host, port, name, source, joinedAt }) => ({ id, host, port, name, source, joinedAt })),
+    stats: () => counters.stats(membership),
     subscribe(fn) {
       listeners.add(fn);
       return () => listeners.delete(fn);
     },
-    pairs() {
-      const out: [string, string][] = [];
-      for (const e of nodes.values()) for (const other of e.links) if (e.id < other) out.push([e.id, other]);
-      return out;
-    },
-    async stop() {
-      if (stopping) return;
-      stopping = true;
-      clearInterval(sweep);
-      for (const l of servers) l.stop(false);
-      flushPushes();
-      const closed = Array.from(sessions, (conn) => {
-        conn.state.leaveReason = "closed";
-        conn.fail("shutting-down", "registry is shutting down");
-        return conn;
-      });
-      // Give clean closes a moment to complete, then cut what is left.
-      const deadline = performance.now() + 1000;
-      while (closed.some((c) => !c.closed) && performance.now() < deadline) await Bun.sleep(10);
-      for (const c of closed) c.destroy();
-      for (const l of servers) l.stop(true);
-      emit({ event: "stopped" });
+    pairs: () => membership.pairs(),
+    stop() {
+      stopped ??= (async () => {
+        for (const l of servers) l.stop(false);
+        await sessions.close();
+        for (const l of servers) l.stop(true);
+        await membership.close();
+        emit({ event: "stopped" });
+      })();
+      return stopped;
     },
     [Symbol.asyncDispose]() {
       return this.stop();
@@ -539,83 +158,379 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
 
 // --- internal ----------------------------------------------------------------
 
-const PING_CHUNK = Buffer.from(PING_LINE + "\n");
-const PONG_BYTES = Buffer.from(PONG_LINE);
+type Settings = ReturnType<typeof settingsOf>;
+
+function settingsOf(options: RegistryOptions) {
+  const heartbeatMs = options.heartbeatMs ?? DEFAULTS.heartbeatMs;
+  const heartbeatMisses = options.heartbeatMisses ?? DEFAULTS.heartbeatMisses;
+  return {
+    host: options.host ?? "::",
+    port: options.port ?? DEFAULTS.registryPort,
+    heartbeatMs,
+    heartbeatTimeoutMs: heartbeatMs * heartbeatMisses,
+    registerTimeoutMs: options.registerTimeoutMs ?? DEFAULTS.registerTimeoutMs,
+    closingGraceMs: CLOSING_GRACE_MS,
+    probe: options.probe ?? true,
+    probeTimeoutMs: options.probeTimeoutMs ?? DEFAULTS.probeTimeoutMs,
+    maxLineBytes: options.maxLineBytes ?? DEFAULTS.maxLineBytes,
+    maxNodes: options.maxNodes ?? DEFAULTS.maxNodes,
+    maxConnsPerAddress: options.maxConnsPerAddress ?? DEFAULTS.maxConnsPerAddress,
+    maxConns: options.maxConns ?? DEFAULTS.maxConns,
+    maxQueueBytes: options.maxQueueBytes ?? DEFAULTS.maxQueueBytes,
+    token: options.token || undefined,
+    allowAdvertise: options.allowAdvertise ?? false,
+  };
+}
+
+/** A refused client that does not read its error is cut this long after. */
+const CLOSING_GRACE_MS = 2_000;
 
 /** Fan-out pacing: after a flush of t ms, at least this many t of other work (fan-out <= 1/(1+PUSH_PACING) of the loop). */
 const PUSH_PACING = 4;
 
-interface Session {
-  phase: "new" | "checking" | "registered" | "closing";
-  openedAt: number;
-  lastSeen: number;
-  counted?: boolean;
-  entry?: Entry;
+const PING_CHUNK = Buffer.from(PING_LINE + "\n");
+const PONG_BYTES = Buffer.from(PONG_LINE);
+
+interface Session extends Watched {
+  conn: Conn<Session>;
+  caps?: CapTicket;
+  /** The registration this session holds, while it is listed. */
+  member?: Member;
   leaveReason?: LeaveReason;
 }
 
-interface Entry extends NodeInfo {
-  /** This node's entry in the peer list, encoded once. */
-  json: string;
-  conn: Conn<Session>;
-  address?: string;
-  /** Peers this node has exchanged a greeting with (both sides hold the link). */
-  links: Set<string>;
-}
+/**
+ * The registry's sessions: one per node connection. Reads its lines,
+ * registers it through admission and membership, answers pings and syncs,
+ * and turns membership changes into pushes and events.
+ */
+class Sessions {
+  readonly handlers: Bun.SocketHandler<Conn<Session>>;
+  private readonly conns = new Set<Conn<Session>>();
+  /** Local sessions by the ticket of the registration they hold. */
+  private readonly byTicket = new Map<string, Conn<Session>>();
+  private readonly caps: ConnectionCaps;
+  private readonly deadlines: SessionDeadlines<Session>;
+  private readonly fanout: FanOut;
+  private readonly registryId = randomId();
+  private stopping = false;
 
-interface ProbeState {
-  done: (failure: string | null) => void;
-  nonce: string;
-  id: string;
-}
+  constructor(
+    private readonly s: Settings,
+    private readonly membership: Membership,
+    private readonly admission: Admission,
+    private readonly counters: Counters,
+    private readonly emit: (e: RegistryEvent) => void,
+    clock: Clock,
+  ) {
+    this.caps = new ConnectionCaps(s.maxConnsPerAddress, s.maxConns);
+    this.fanout = new FanOut(this.conns);
+    this.deadlines = new SessionDeadlines(clock, s, () => this.states(), (session, why) => this.expire(session, why));
+    membership.subscribe((c) => this.onChange(c));
+    this.handlers = lineHandlers<Session>({
+      maxLineBytes: s.maxLineBytes,
+      maxQueueBytes: s.maxQueueBytes,
+      state: (socket) => {
+        const now = this.deadlines.clock.now();
+        return { conn: socket.data, phase: "new", openedAt: now, lastSeen: now };
+      },
+      // A ping alone in its chunk is answered without splitting or decoding: with
+      // 10,000 nodes that is 5,000 lines a second.
+      exact: {
+        bytes: PING_CHUNK,
+        handle: (conn) => {
+          if (conn.state.phase !== "registered") return false;
+          conn.state.lastSeen = this.deadlines.clock.now();
+          conn.send(PONG_BYTES);
+          return true;
+        },
+      },
+      open: (conn) => this.onOpen(conn),
+      line: (conn, line) => this.onLine(conn, line),
+      close: (conn) => this.onClose(conn),
+    });
+  }
 
-const probeHandlers = lineHandlers<ProbeState>({
-  maxLineBytes: DEFAULTS.maxLineBytes,
-  state: () => ({ done: () => {}, nonce: "", id: "" }),
-  line(conn, line) {
-    const r = decode(FromListener, line);
+  private *states(): IterableIterator<Session> {
+    for (const c of this.conns) yield c.state;
+  }
+
+  private onOpen(conn: Conn<Session>): void {
+    if (this.stopping) return conn.fail("shutting-down", "registry is shutting down");
+    const { refused, ticket } = this.caps.admit(conn.remoteAddress);
+    conn.state.caps = ticket;
+    if (refused) return this.reject(conn, "too-many-connections", refused);
+    this.conns.add(conn);
+  }
+
+  private onLine(conn: Conn<Session>, line: string): void {
     const s = conn.state;
-    if (!r.ok) return s.done(`bad answer: ${r.message}`);
-    const m = r.msg;
-    if (m.type === "probe-ok" && m.nonce === s.nonce && m.id === s.id) return s.done(null);
-    if (m.type === "error") return s.done(`${m.code}: ${m.message}`);
-    s.done(`unexpected answer ${m.type}`);
-  },
-  close(conn) {
-    conn.state.done("connection closed before the probe was answered");
-  },
-});
+    if (s.phase === "closing") return;
+    s.lastSeen = this.deadlines.clock.now();
+    if (line === PING_LINE && s.phase === "registered") {
+      conn.send(PONG_LINE);
+      return;
+    }
+    const r = decode(ToRegistry, line);
+    if (!r.ok) {
+      // Before registration a bad line ends the connection; afterwards the
+      // session stays, since a live node's membership should not hinge on one bad line.
+      if (s.phase !== "registered") return this.reject(conn, r.code, r.message);
+      return this.answerError(conn, r.code, r.message);
+    }
+    const msg = r.msg;
+    switch (msg.type) {
+      case "register":
+        if (s.phase !== "new") return this.answerError(conn, "unexpected-message", `register in phase ${s.phase}`);
+        // What the node sends meanwhile is read once it has its answer.
+        s.phase = "checking";
+        conn.hold();
+        this.register(conn, msg)
+          .catch((e) => this.reject(conn, "bad-message", `internal error: ${(e as Error).message}`))
+          .finally(() => conn.release());
+        return;
+      case "ping":
+        if (s.phase !== "registered") return this.reject(conn, "unexpected-message", "ping before register");
+        conn.send(PONG_LINE);
+        return;
+      case "leave":
+        s.leaveReason = "leave";
+        this.unlist(s, "leave");
+        conn.end();
+        return;
+      case "sync":
+        if (s.phase !== "registered") return this.reject(conn, "unexpected-message", "sync before register");
+        conn.send(this.snapshotLine());
+        return;
+      case "receipt":
+        if (s.phase !== "registered" || !s.member) return this.reject(conn, "unexpected-message", "receipt before register");
+        this.membership.receipt(s.member, msg.ids);
+        return;
+    }
+  }
+
+  private async register(conn: Conn<Session>, msg: Register): Promise<void> {
+    const started = performance.now();
+    const verdict = await this.admission.check(msg, conn.remoteAddress);
+    if (!verdict.ok) return this.reject(conn, verdict.code, verdict.message);
+    // The session may have closed while we resolved or probed; its close
+    // handler has run, so listing it now would leave an entry nobody removes.
+    if (conn.closed) return;
+    if (this.stopping) return this.reject(conn, "shutting-down", "registry is shutting down");
+    const member: Member = {
+      id: msg.id,
+      host: verdict.host,
+      port: msg.port,
+      ...(msg.name ? { name: msg.name } : {}),
+      source: conn.remoteAddress,
+      registry: this.registryId,
+      joinedAt: Date.now(),
+      ticket: randomId(),
+    };
+    const joined = await this.membership.join(member, this.admission.replaceable(member));
+    if (!joined.ok) return this.reject(conn, "replaced", `node ${joined.holder.id} at ${addressOf(joined.holder)} registered at the same moment`);
+    if (conn.closed) return void this.membership.leave(member, "closed");
+    const s = conn.state;
+    s.phase = "registered";
+    s.member = member;
+    s.lastSeen = this.deadlines.clock.now();
+    this.byTicket.set(member.ticket, conn);
+    const self = JSON.stringify(peerOf(member));
+    const m = this.membership;
+    conn.send(
+      `{"type":"registered","v":${PROTOCOL_VERSION},"boot":"${m.boot}","seq":${m.seq},"heartbeat":${this.s.heartbeatMs},"timeout":${this.s.heartbeatTimeoutMs},"self":${self},"peers":[${m.peerList(member.id)}]}\n`,
+    );
+    this.counters.registered(performance.now() - started);
+  }
+
+  private onClose(conn: Conn<Session>): void {
+    this.conns.delete(conn);
+    const s = conn.state;
+    // The connection layer cut it over a limit (line size, unsent backlog): reported like any refusal.
+    if (conn.limitHit && s.phase !== "closing") {
+      this.counters.reject(conn.limitHit.code);
+      this.emit({ event: "error", ...conn.limitHit, remote: formatAddress(conn.remoteAddress, conn.remotePort) });
+    }
+    if (s.caps) this.caps.release(s.caps);
+    this.unlist(s, s.leaveReason ?? "closed");
+  }
+
+  /** Takes this session's node off the list, if it still holds it. */
+  private unlist(s: Session, reason: LeaveReason): void {
+    const member = s.member;
+    if (!member) return;
+    s.member = undefined;
+    if (this.byTicket.get(member.ticket) === s.conn) this.byTicket.delete(member.ticket);
+    void this.membership.leave(member, reason);
+  }
+
+  private onChange(c: Change): void {
+    switch (c.kind) {
+      case "joined": {
+        const m = c.member;
+        this.fanout.push(`{"type":"joined","seq":${c.seq},"peer":${JSON.stringify(peerOf(m))}}\n`);
+        if (c.replaced) this.evict(c.replaced, `node ${m.id} registered again on another connection`);
+        this.counters.joins++;
+        const nodes = this.membership.size;
+        this.emit({ event: "node-registered", id: m.id, host: m.host, port: m.port, name: m.name, source: m.source, nodes, seq: c.seq });
+        return;
+      }
+      case "left": {
+        const m = c.member;
+        this.fanout.push(`{"type":"left","seq":${c.seq},"id":${JSON.stringify(m.id)},"reason":"${c.reason}"}\n`);
+        if (c.reason === "replaced") this.evict(m, `another node registered ${addressOf(m)}`);
+        this.counters.leaves[c.reason]++;
+        this.emit({ event: "node-left", id: m.id, host: m.host, port: m.port, reason: c.reason, nodes: this.membership.size, seq: c.seq });
+        return;
+      }
+      case "greeted":
+        return this.emit({ event: "pair-greeted", a: c.a, b: c.b });
+      case "mesh-complete":
+        return this.emit({ event: "mesh-complete", nodes: c.nodes, pairs: c.pairs, ms: c.ms });
+      case "reset": {
+        // The list was rebuilt under us: every session gets the whole of it.
+        this.fanout.flush();
+        const line = Buffer.from(this.snapshotLine());
+        for (const conn of this.conns) if (conn.state.phase === "registered") conn.send(line);
+        return;
+      }
+      case "store":
+        return;
+    }
+  }
+
+  /** Ends the local session holding a registration that another one replaced. */
+  private evict(replaced: Member, message: string): void {
+    const old = this.byTicket.get(replaced.ticket);
+    if (!old) return;
+    this.byTicket.delete(replaced.ticket);
+    old.state.member = undefined;
+    if (!old.closed) old.fail("replaced", message);
+  }
+
+  private snapshotLine(): string {
+    const m = this.membership;
+    return `{"type":"snapshot","boot":"${m.boot}","seq":${m.seq},"peers":[${m.peerList()}]}\n`;
+  }
+
+  private expire(s: Session, why: Expiry): void {
+    const conn = s.conn;
+    if (why === "heartbeat-timeout") {
+      s.leaveReason = "timeout";
+      conn.send({ type: "error", code: why, message: `no heartbeat for ${this.s.heartbeatTimeoutMs}ms` });
+      conn.destroy();
+    } else if (why === "closing") {
+      conn.destroy(); // told why and ended, but the peer does not read
+    } else {
+      this.reject(conn, why, `no register within ${this.s.registerTimeoutMs}ms`);
+    }
+  }
+
+  /** Answers a bad line on a registered session, which stays. */
+  private answerError(conn: Conn<Session>, code: ErrorCode, message: string): void {
+    this.counters.reject(code);
+    conn.send({ type: "error", code, message: this.admission.redact(message) });
+  }
+
+  /** Refuses a connection: tells it why, counts and reports it, and closes it. */
+  private reject(conn: Conn<Session>, code: ErrorCode, rawMessage: string): void {
+    const message = this.admission.redact(rawMessage);
+    this.counters.reject(code);
+    conn.state.phase = "closing";
+    conn.state.lastSeen = this.deadlines.clock.now();
+    this.emit({ event: "error", code, message, remote: formatAddress(conn.remoteAddress, conn.remotePort) });
+    conn.fail(code, message);
+  }
+
+  /** Tells every session the registry is stopping, and waits (1 s at most) for them to close. */
+  async close(): Promise<void> {
+    this.stopping = true;
+    this.deadlines.stop();
+    this.fanout.flush();
+    const open = Array.from(this.conns, (conn) => {
+      conn.state.leaveReason = "closed";
+      conn.fail("shutting-down", "registry is shutting down");
+      return conn;
+    });
+    const deadline = performance.now() + 1000;
+    while (open.some((c) => !c.closed) && performance.now() < deadline) await Bun.sleep(10);
+    for (const c of open) c.destroy();
+  }
+}
 
 /**
- * The comma-joined peer list without one entry's fragment, cut out in place
- * instead of re-encoding the list. A fragment is found exactly: it starts with
- * its own unique id, and quotes inside JSON strings are escaped. The search
- * runs from the end, where short-lived nodes sit. Null (rebuild on next use)
- * if it is not there.
+ * Membership pushes, one write per session. A flush that took t ms is
+ * followed by at least PUSH_PACING * t ms of other work, so fan-out stays a
+ * bounded share of the loop: with few sessions t is microseconds and pushes
+ * leave on the next turn; with thousands, many changes share each write.
  */
-function withoutFragment(list: string | null, json: string): string | null {
-  if (list === null) return null;
-  const i = list.lastIndexOf(json);
-  if (i < 0) return null;
-  const end = i + json.length;
-  if (i === 0) return end === list.length ? "" : list.slice(end + 1);
-  return list.slice(0, i - 1) + list.slice(end);
+class FanOut {
+  private batch: string[] = [];
+  private scheduled = false;
+  private nextFlushAt = 0;
+
+  constructor(private readonly conns: Iterable<Conn<Session>>) {}
+
+  push(line: string): void {
+    this.batch.push(line);
+    if (this.scheduled) return;
+    this.scheduled = true;
+    const wait = this.nextFlushAt - performance.now();
+    if (wait > 0) setTimeout(() => this.flush(), wait);
+    else setImmediate(() => this.flush());
+  }
+
+  flush(): void {
+    this.scheduled = false;
+    const lines = this.batch;
+    this.batch = [];
+    if (!lines.length) return;
+    const started = performance.now();
+    // Encoded once for all sessions; a node skips events at or below the seq it already has.
+    const bytes = Buffer.from(lines.join(""));
+    for (const conn of this.conns) if (conn.state.phase === "registered") conn.send(bytes);
+    const ended = performance.now();
+    this.nextFlushAt = ended + (ended - started) * PUSH_PACING;
+  }
 }
 
-function sha256(text: string): Buffer {
-  return createHash("sha256").update(text).digest();
-}
+/** The registry's own counters: registrations, refusals, latencies. */
+class Counters {
+  joins = 0;
+  leaves: Record<LeaveReason, number> = { closed: 0, timeout: 0, leave: 0, replaced: 0 };
+  private registrations = 0;
+  private rejected: Partial<Record<ErrorCode, number>> = {};
+  private latencies = new Float64Array(4096);
+  private latencySumMs = 0;
+  private readonly startedAt = Date.now();
 
-/** Whether a name resolves to an address, within a deadline: the name is the client's choice, the resolver's patience is not. */
-async function resolvesTo(host: string, address: string, timeoutMs: number): Promise<boolean> {
-  let timer: Timer | undefined;
-  const late = new Promise<string[]>((resolve) => (timer = setTimeout(() => resolve([]), timeoutMs)));
-  try {
-    return (await Promise.race([resolveHost(host), late])).includes(address);
-  } catch {
-    return false;
-  } finally {
-    clearTimeout(timer);
+  reject(code: ErrorCode): void {
+    this.rejected[code] = (this.rejected[code] ?? 0) + 1;
+  }
+
+  registered(latencyMs: number): void {
+    this.latencies[this.registrations++ % this.latencies.length] = latencyMs;
+    this.latencySumMs += latencyMs;
+  }
+
+  stats(m: Membership): RegistryStats {
+    const n = Math.min(this.registrations, this.latencies.length);
+    const sorted = Array.from(this.latencies.subarray(0, n)).sort((a, b) => a - b);
+    const pct = (p: number) => (n ? round(sorted[Math.min(n - 1, Math.floor(p * n))]!) : 0);
+    const mesh = m.mesh();
+    return {
+      nodes: m.size,
+      joins: this.joins,
+      leaves: { ...this.leaves },
+      registrations: this.registrations,
+      rejected: { ...this.rejected },
+      seq: m.seq,
+      pairsGreeted: mesh.greeted,
+      pairsExpected: mesh.expected,
+      latencyMs: { p50: pct(0.5), p90: pct(0.9), p99: pct(0.99), max: n ? round(sorted[n - 1]!) : 0, count: this.registrations, sum: round(this.latencySumMs) },
+      startedAt: this.startedAt,
+      meshCompleteMs: mesh.completeMs === null ? null : round(mesh.completeMs),
+    };
   }
 }
 
@@ -623,58 +538,66 @@ function round(ms: number): number {
   return Math.round(ms * 1000) / 1000;
 }
 
-function describe(e: EventRecord): string {
+// --- command line ------------------------------------------------------------
+
+function describe(e: RegistryEvent): string {
   switch (e.event) {
     case "listening":
-      return `registry listening on ${formatAddress(String(e.host), Number(e.port))} (boot ${e.boot})`;
+      return `registry listening on ${formatAddress(e.host, e.port)} (boot ${e.boot})`;
     case "node-registered":
-      return `node ${e.id}${e.name ? ` (${e.name})` : ""} joined at ${formatAddress(String(e.host), Number(e.port))}, ${e.nodes} registered`;
+      return `node ${e.id}${e.name ? ` (${e.name})` : ""} joined at ${formatAddress(e.host, e.port)}, ${e.nodes} registered`;
     case "node-left":
       return `node ${e.id} left (${e.reason}), ${e.nodes} registered`;
     case "error":
-      return `${e.remote ?? ""} ${e.code}: ${e.message}`;
+      return `${e.remote} ${e.code}: ${e.message}`;
     case "http-listening":
       return `status page on ${e.url}`;
     case "stopped":
       return "registry stopped";
-    default:
-      return `${e.event} ${JSON.stringify({ ...e, event: undefined })}`;
+    default: {
+      const { event, ...rest } = e;
+      return `${event} ${JSON.stringify(rest)}`;
+    }
   }
 }
 
+function level(e: RegistryEvent): "warn" | "success" | "info" {
+  return e.event === "error" ? "warn" : e.event === "listening" ? "success" : "info";
+}
+
+const flags = {
+  host: { type: "positional", required: false, description: "Address to listen on; `localhost` = 127.0.0.1 and ::1 [env REGISTRY_HOST, default ::]" },
+  port: { type: "positional", required: false, description: `TCP port [env REGISTRY_PORT, default ${DEFAULTS.registryPort}]` },
+  json: { type: "boolean", description: "One JSON event per line on stdout [env LOG_JSON=1]" },
+  token: { type: "string", description: "Shared secret nodes must present [env REGISTRY_TOKEN]" },
+  heartbeat: { type: "string", description: `Heartbeat interval in ms, announced to nodes [env REGISTRY_HEARTBEAT_MS, default ${DEFAULTS.heartbeatMs}]` },
+  "heartbeat-misses": { type: "string", description: `Missed beats before eviction [env REGISTRY_HEARTBEAT_MISSES, default ${DEFAULTS.heartbeatMisses}]` },
+  probe: { type: "boolean", description: "Dial each node back before listing it; --no-probe to skip [env REGISTRY_PROBE=0 to skip]" },
+  "probe-timeout": { type: "string", description: `Probe deadline in ms [env REGISTRY_PROBE_TIMEOUT_MS, default ${DEFAULTS.probeTimeoutMs}]` },
+  "allow-advertise": { type: "boolean", description: "Accept advertised hosts other than the connection's source [env REGISTRY_ALLOW_ADVERTISE=1]" },
+  "register-timeout": { type: "string", description: `Deadline for a new connection to register, ms [env REGISTRY_REGISTER_TIMEOUT_MS, default ${DEFAULTS.registerTimeoutMs}]` },
+  "max-line": { type: "string", description: `Longest accepted line in bytes [env REGISTRY_MAX_LINE, default ${DEFAULTS.maxLineBytes}]` },
+  "max-nodes": { type: "string", description: `Most nodes listed at once [env REGISTRY_MAX_NODES, default ${DEFAULTS.maxNodes}]` },
+  "max-conns-per-ip": { type: "string", description: `Open connections per source address, 0 = no cap [env REGISTRY_MAX_CONNS_PER_IP, default ${DEFAULTS.maxConnsPerAddress}]` },
+  "max-conns": { type: "string", description: `Open connections in all, 0 = no cap [env REGISTRY_MAX_CONNS, default ${DEFAULTS.maxConns}]` },
+  "max-queue": { type: "string", description: `Unsent bytes per connection before it is dropped as a slow consumer [env REGISTRY_MAX_QUEUE_BYTES, default ${DEFAULTS.maxQueueBytes}]` },
+  http: { type: "string", description: "Serve the status API and live page on this port [env REGISTRY_HTTP_PORT]" },
+  "http-host": { type: "string", description: "Address for the status page [env REGISTRY_HTTP_HOST, default: same as host]" },
+} satisfies ArgsDef;
+
 export const command = defineCommand({
   meta: { name: "registry", version: "0.1.0", description: "Contact registry: lists running peer nodes and tells them about each other." },
-  args: {
-    host: { type: "positional", required: false, description: "Address to listen on; `localhost` = 127.0.0.1 and ::1 [env REGISTRY_HOST, default ::]" },
-    port: { type: "positional", required: false, description: `TCP port [env REGISTRY_PORT, default ${DEFAULTS.registryPort}]` },
-    json: { type: "boolean", description: "One JSON event per line on stdout [env LOG_JSON=1]" },
-    token: { type: "string", description: "Shared secret nodes must present [env REGISTRY_TOKEN]" },
-    heartbeat: { type: "string", description: `Heartbeat interval in ms, announced to nodes [env REGISTRY_HEARTBEAT_MS, default ${DEFAULTS.heartbeatMs}]` },
-    "heartbeat-misses": { type: "string", description: `Missed beats before eviction [env REGISTRY_HEARTBEAT_MISSES, default ${DEFAULTS.heartbeatMisses}]` },
-    probe: { type: "boolean", description: "Dial each node back before listing it; --no-probe to skip [env REGISTRY_PROBE=0 to skip]" },
-    "probe-timeout": { type: "string", description: `Probe deadline in ms [env REGISTRY_PROBE_TIMEOUT_MS, default ${DEFAULTS.probeTimeoutMs}]` },
-    "allow-advertise": { type: "boolean", description: "Accept advertised hosts other than the connection's source [env REGISTRY_ALLOW_ADVERTISE=1]" },
-    "register-timeout": { type: "string", description: `Deadline for a new connection to register, ms [env REGISTRY_REGISTER_TIMEOUT_MS, default ${DEFAULTS.registerTimeoutMs}]` },
-    "max-line": { type: "string", description: `Longest accepted line in bytes [env REGISTRY_MAX_LINE, default ${DEFAULTS.maxLineBytes}]` },
-    "max-nodes": { type: "string", description: `Most nodes listed at once [env REGISTRY_MAX_NODES, default ${DEFAULTS.maxNodes}]` },
-    "max-conns-per-ip": { type: "string", description: `Open connections per source address, 0 = no cap [env REGISTRY_MAX_CONNS_PER_IP, default ${DEFAULTS.maxConnsPerAddress}]` },
-    "max-conns": { type: "string", description: `Open connections in all, 0 = no cap [env REGISTRY_MAX_CONNS, default ${DEFAULTS.maxConns}]` },
-    "max-queue": { type: "string", description: `Unsent bytes per connection before it is dropped as a slow consumer [env REGISTRY_MAX_QUEUE_BYTES, default ${DEFAULTS.maxQueueBytes}]` },
-    http: { type: "string", description: "Serve the status API and live page on this port [env REGISTRY_HTTP_PORT]" },
-    "http-host": { type: "string", description: "Address for the status page [env REGISTRY_HTTP_HOST, default: same as host]" },
-  },
+  args: flags,
   async run({ args, rawArgs }) {
     await runCli(async () => {
-      checkFlags(rawArgs, command.args as Record<string, { type?: string }>);
-      const { text: flag, int: num, on } = settingsFrom(args);
+      const { text: flag, int: num, on } = readSettings(args, rawArgs, flags);
       const portText = flag("port", "REGISTRY_PORT");
       const port = portText === undefined ? DEFAULTS.registryPort : parsePort(portText);
       if (port === undefined) throw new UsageError(`port must be a number from 0 to 65535, got "${portText}"`);
-      const json = on("json", "LOG_JSON");
-      const print = createPrinter("registry", json, describe);
       const httpText = flag("http", "REGISTRY_HTTP_PORT");
       const httpPort = httpText === undefined ? undefined : parsePort(httpText);
       if (httpText !== undefined && httpPort === undefined) throw new UsageError(`--http must be a port number, got "${httpText}"`);
+      const print = createPrinter("registry", on("json", "LOG_JSON"), describe, level);
       const registry = await startRegistry({
         host: flag("host", "REGISTRY_HOST") ?? "::",
         port,
@@ -699,13 +622,10 @@ export const command = defineCommand({
         status = server;
         print({ event: "http-listening", url: server.url });
       }
-      const shutdown = async () => {
+      stopOnSignals(async () => {
         await registry.stop(); // open status pages get their `stopped` event before the server goes
         await status?.stop();
-        process.exit(0);
-      };
-      process.once("SIGTERM", shutdown);
-      process.once("SIGINT", shutdown);
+      });
     });
   },
 });

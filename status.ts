@@ -12,10 +12,9 @@
  *   GET /healthz  200 while the registry runs, 503 once it stopped
  */
 import { createHash } from "node:crypto";
-import { type LeaveReason } from "./protocol.ts";
-import { formatAddress, normalizeHost } from "./net.ts";
-import { type EventRecord } from "./cli.ts";
-import type { NodeInfo, Registry, RegistryStats } from "./registry.ts";
+import type { LeaveReason } from "./protocol.ts";
+import { formatAddress, normalizeHost, serveHttp } from "./net.ts";
+import type { NodeInfo, Registry, RegistryEvent, RegistryStats } from "./registry.ts";
 // A text import is part of the module graph: it works from any cwd, in the
 // Docker image and in a `bun build --compile` binary alike.
 import pageSource from "./status.html" with { type: "text" };
@@ -64,45 +63,15 @@ export function startStatusServer(registry: Registry, options: StatusServerOptio
     matrixLimit: options.matrixLimit ?? STATUS_DEFAULTS.matrixLimit,
     maxClientBacklogBytes: options.maxClientBacklogBytes ?? STATUS_DEFAULTS.maxClientBacklogBytes,
   };
-  const startedAt = performance.now();
-  const clients = new Set<Client>();
-  // Registrations per whole second in a ring: constant work per join even at
-  // thousands of joins per second (a list of timestamps would not be).
-  const joinCounts = new Float64Array(o.rateWindowSeconds);
-  const joinSecond = new Float64Array(o.rateWindowSeconds).fill(-Infinity);
-  const log: LogEntry[] = [];
-  // Leave events carry only the id; the page and the log want the name too.
-  const names = new Map<string, string>();
-  for (const n of registry.nodes()) if (n.name) names.set(n.id, n.name);
-  let running = true;
-  let nodeCount = registry.nodes().length;
-  let detailed = nodeCount <= o.matrixLimit;
-  let pending: string[] = [];
-  let resnapshot = false;
-  let countsDirty = false;
-  let flushScheduled = false;
+  const rate = new JoinRate(o.rateWindowSeconds);
+  const feed = new PageFeed(registry, o);
+  const unsubscribe = registry.subscribe((e) => {
+    if (e.event === "node-registered") rate.count();
+    feed.onEvent(e);
+  });
+  const figures = (): Figures => ({ s: registry.stats(), boot: registry.boot, rate: rate.perSecond(), window: o.rateWindowSeconds, clients: feed.size });
 
-  const unsubscribe = registry.subscribe(onRegistryEvent);
-
-  const keepAlive = setInterval(() => {
-    for (const c of clients) send(c, KEEP_ALIVE);
-  }, o.keepAliveMs);
-  keepAlive.unref();
-
-  let server: ReturnType<typeof Bun.serve>;
-  try {
-    server = listen(o.host, o.port, handle);
-  } catch (e) {
-    unsubscribe();
-    clearInterval(keepAlive);
-    throw e;
-  }
-  const port = server.port ?? o.port;
-  const bound = normalizeHost(server.hostname ?? o.host);
-  const urlHost = bound === "::" || bound === "0.0.0.0" ? "127.0.0.1" : bound;
-  const url = `http://${formatAddress(urlHost, port)}/`;
-
-  function handle(req: Request, srv: Bun.Server<undefined>): Response {
+  const handle = (req: Request, srv: Bun.Server<undefined>): Response => {
     if (req.method !== "GET" && req.method !== "HEAD") {
       return json({ error: `method ${req.method} not allowed` }, 405, { Allow: "GET, HEAD" });
     }
@@ -113,51 +82,125 @@ export function startStatusServer(registry: Registry, options: StatusServerOptio
         return new Response(PAGE, { headers: PAGE_HEADERS });
       case "/events":
         srv.timeout(req, 0); // a quiet stream is not an idle connection
-        return openStream(req);
+        return feed.open(req);
       case "/peers": {
         const peers = registry.nodes().map(peerJson);
         return json({ count: peers.length, peers });
       }
       case "/stats":
-        return json(statsJson(registry.stats()));
+        return json(statsJson(figures()));
       case "/metrics":
-        return new Response(metricsText(registry.stats()), {
+        return new Response(metricsText(figures()), {
           headers: { "Content-Type": "text/plain; version=0.0.4; charset=utf-8", "Cache-Control": "no-store" },
         });
       case "/healthz":
-        return running
+        return feed.running
           ? json({ status: "ok", boot: registry.boot, nodes: registry.stats().nodes })
           : json({ status: "stopped", boot: registry.boot }, 503);
       default:
         return json({ error: `no such endpoint: ${path}`, endpoints: ENDPOINTS }, 404);
     }
+  };
+
+  let server: Bun.Server<undefined>;
+  try {
+    server = serveHttp(o.host, o.port, handle, (e) => json({ error: `internal error: ${e.message}` }, 500));
+  } catch (e) {
+    unsubscribe();
+    feed.close();
+    throw e;
+  }
+  const port = server.port ?? o.port;
+  const bound = normalizeHost(server.hostname ?? o.host);
+  const urlHost = bound === "::" || bound === "0.0.0.0" ? "127.0.0.1" : bound;
+
+  let stopped: Promise<void> | undefined;
+  const status: StatusServer = {
+    url: `http://${formatAddress(urlHost, port)}/`,
+    port,
+    clients: () => feed.size,
+    stop() {
+      stopped ??= (async () => {
+        unsubscribe();
+        feed.close();
+        await server.stop(true);
+      })();
+      return stopped;
+    },
+    [Symbol.asyncDispose]() {
+      return this.stop();
+    },
+  };
+  return status;
+}
+
+// --- internal ----------------------------------------------------------------
+
+type Settings = { keepAliveMs: number; matrixLimit: number; maxClientBacklogBytes: number };
+
+/**
+ * The live page's feed: Server-Sent Events to every open page. A new page
+ * gets a snapshot, then the registry's events of each loop turn as one chunk,
+ * followed by the counts they lead to. Below the matrix limit the stream
+ * carries individual greeted pairs; crossing it either way resends the picture.
+ */
+class PageFeed {
+  running = true;
+  private readonly clients = new Set<Client>();
+  private readonly log: LogEntry[] = [];
+  /** Leave events carry only the id; the page and the log want the name too. */
+  private readonly names = new Map<string, string>();
+  private detailed: boolean;
+  private pending: string[] = [];
+  private resnapshot = false;
+  private countsDirty = false;
+  private flushScheduled = false;
+  private readonly stopKeepAlive: () => void;
+
+  constructor(
+    private readonly registry: Registry,
+    private readonly o: Settings,
+  ) {
+    const nodes = registry.nodes();
+    for (const n of nodes) if (n.name) this.names.set(n.id, n.name);
+    this.detailed = nodes.length <= o.matrixLimit;
+    const keepAlive = setInterval(() => {
+      for (const c of this.clients) this.send(c, KEEP_ALIVE);
+    }, o.keepAliveMs);
+    keepAlive.unref();
+    this.stopKeepAlive = () => clearInterval(keepAlive);
   }
 
-  function openStream(req: Request): Response {
+  get size(): number {
+    return this.clients.size;
+  }
+
+  /** A new event stream: the response for GET /events. */
+  open(req: Request): Response {
     // Earlier events must reach existing clients before the snapshot below,
     // which already contains them, is handed to the new one.
-    flush();
+    this.flush();
     let client: Client | undefined;
     const stream = new ReadableStream<Uint8Array>(
       {
-        start(controller) {
+        start: (controller) => {
           client = { controller, open: true };
-          if (!running) {
-            controller.enqueue(encoder.encode(`retry: 2000\n\n${sse("stopped", { boot: registry.boot })}`));
+          if (!this.running) {
+            controller.enqueue(encoder.encode(`retry: 2000\n\n${sse("stopped", { boot: this.registry.boot })}`));
             controller.close();
             client.open = false;
             return;
           }
-          clients.add(client);
-          send(client, `retry: 2000\n\n${sse("snapshot", snapshot())}`);
+          this.clients.add(client);
+          this.send(client, `retry: 2000\n\n${sse("snapshot", this.snapshot())}`);
         },
-        cancel() {
-          if (client) drop(client);
+        cancel: () => {
+          if (client) this.drop(client);
         },
       },
       { highWaterMark: 64 * 1024, size: (chunk) => chunk?.byteLength ?? 0 },
     );
-    req.signal.addEventListener("abort", () => client && drop(client), { once: true });
+    req.signal.addEventListener("abort", () => client && this.drop(client), { once: true });
     return new Response(stream, {
       headers: {
         "Content-Type": "text/event-stream; charset=utf-8",
@@ -167,125 +210,112 @@ export function startStatusServer(registry: Registry, options: StatusServerOptio
     });
   }
 
-  function onRegistryEvent(e: EventRecord): void {
+  onEvent(e: RegistryEvent): void {
     switch (e.event) {
       case "node-registered": {
-        countJoin();
-        const node = {
-          id: String(e.id),
-          name: typeof e.name === "string" ? e.name : undefined,
-          host: String(e.host),
-          port: Number(e.port),
-          address: formatAddress(String(e.host), Number(e.port)),
-          source: String(e.source),
-          joinedAt: new Date().toISOString(),
-        };
-        if (node.name) names.set(node.id, node.name);
-        else names.delete(node.id);
-        remember({ kind: "join", at: node.joinedAt, id: node.id, name: node.name, address: node.address });
-        membership(Number(e.nodes));
-        queue(sse("join", { node, nodes: Number(e.nodes) }));
-        return;
+        const at = new Date().toISOString();
+        const node = { id: e.id, name: e.name, host: e.host, port: e.port, address: formatAddress(e.host, e.port), source: e.source, joinedAt: at };
+        if (node.name) this.names.set(node.id, node.name);
+        else this.names.delete(node.id);
+        this.remember({ kind: "join", at, id: node.id, name: node.name, address: node.address });
+        this.membership(e.nodes);
+        return this.queue(sse("join", { node, nodes: e.nodes }));
       }
       case "node-left": {
-        const id = String(e.id);
-        const reason = String(e.reason) as LeaveReason;
-        const name = names.get(id);
-        names.delete(id);
-        const entry: LogEntry = { kind: "leave", at: new Date().toISOString(), id, name, reason };
-        remember(entry);
-        membership(Number(e.nodes));
-        queue(sse("leave", { ...entry, nodes: Number(e.nodes) }));
-        return;
+        const name = this.names.get(e.id);
+        this.names.delete(e.id);
+        const entry: LogEntry = { kind: "leave", at: new Date().toISOString(), id: e.id, name, reason: e.reason };
+        this.remember(entry);
+        this.membership(e.nodes);
+        return this.queue(sse("leave", { ...entry, nodes: e.nodes }));
       }
       case "pair-greeted":
-        if (detailed) queue(sse("pair", { a: String(e.a), b: String(e.b) }));
-        else {
-          countsDirty = true; // the counts still change
-          scheduleFlush();
-        }
-        return;
+        if (this.detailed) return this.queue(sse("pair", { a: e.a, b: e.b }));
+        this.countsDirty = true; // the counts still change
+        return this.scheduleFlush();
       case "mesh-complete": {
-        const entry: LogEntry = { kind: "mesh", at: new Date().toISOString(), nodes: Number(e.nodes), pairs: Number(e.pairs), ms: Number(e.ms) };
-        remember(entry);
-        queue(sse("mesh-complete", entry));
-        return;
+        const entry: LogEntry = { kind: "mesh", at: new Date().toISOString(), nodes: e.nodes, pairs: e.pairs, ms: e.ms };
+        this.remember(entry);
+        return this.queue(sse("mesh-complete", entry));
       }
       case "stopped":
-        running = false;
-        flush();
-        for (const c of clients) {
-          send(c, sse("stopped", { boot: registry.boot }));
-          close(c);
+        this.running = false;
+        this.flush();
+        for (const c of this.clients) {
+          this.send(c, sse("stopped", { boot: this.registry.boot }));
+          this.end(c);
         }
         return;
     }
+  }
+
+  close(): void {
+    this.stopKeepAlive();
+    for (const c of this.clients) this.end(c);
   }
 
   /** Crossing the matrix limit either way changes what the stream carries: resend the whole picture. */
-  function membership(nodes: number): void {
-    nodeCount = nodes;
-    const nowDetailed = nodeCount <= o.matrixLimit;
-    if (nowDetailed !== detailed) {
-      detailed = nowDetailed;
-      resnapshot = true;
+  private membership(nodes: number): void {
+    const detailed = nodes <= this.o.matrixLimit;
+    if (detailed !== this.detailed) {
+      this.detailed = detailed;
+      this.resnapshot = true;
     }
   }
 
-  function remember(entry: LogEntry): void {
-    log.push(entry);
-    if (log.length > STATUS_DEFAULTS.logLength) log.shift();
+  private remember(entry: LogEntry): void {
+    this.log.push(entry);
+    if (this.log.length > STATUS_DEFAULTS.logLength) this.log.shift();
   }
 
-  function queue(text: string): void {
-    pending.push(text);
-    countsDirty = true;
-    scheduleFlush();
+  private queue(text: string): void {
+    this.pending.push(text);
+    this.countsDirty = true;
+    this.scheduleFlush();
   }
 
-  function scheduleFlush(): void {
-    if (flushScheduled) return;
-    if (!clients.size) return forget();
-    flushScheduled = true;
-    setImmediate(flush);
+  private scheduleFlush(): void {
+    if (this.flushScheduled) return;
+    if (!this.clients.size) return this.forget();
+    this.flushScheduled = true;
+    setImmediate(() => this.flush());
   }
 
   /** With nobody listening, a new client's snapshot will carry everything anyway. */
-  function forget(): void {
-    pending = [];
-    resnapshot = false;
-    countsDirty = false;
+  private forget(): void {
+    this.pending = [];
+    this.resnapshot = false;
+    this.countsDirty = false;
   }
 
-  /** Events of one loop turn go to every client as one chunk, followed by the counts they lead to. */
-  function flush(): void {
-    flushScheduled = false;
-    if (!clients.size) return forget();
-    const parts = pending;
-    pending = [];
-    if (resnapshot) parts.push(sse("snapshot", snapshot()));
-    else if (countsDirty) parts.push(sse("counts", counts(registry.stats())));
-    resnapshot = countsDirty = false;
+  private flush(): void {
+    this.flushScheduled = false;
+    if (!this.clients.size) return this.forget();
+    const parts = this.pending;
+    this.pending = [];
+    if (this.resnapshot) parts.push(sse("snapshot", this.snapshot()));
+    else if (this.countsDirty) parts.push(sse("counts", counts(this.registry.stats())));
+    this.resnapshot = this.countsDirty = false;
     if (!parts.length) return;
     const bytes = encoder.encode(parts.join(""));
-    for (const c of clients) send(c, bytes);
+    for (const c of this.clients) this.send(c, bytes);
   }
 
-  function send(c: Client, data: string | Uint8Array): void {
+  private send(c: Client, data: string | Uint8Array): void {
     if (!c.open) return;
     try {
       c.controller.enqueue(typeof data === "string" ? encoder.encode(data) : data);
     } catch {
-      return drop(c);
+      return this.drop(c);
     }
     // A client that stopped reading would make us hold every event for it.
     const size = c.controller.desiredSize;
-    if (size !== null && -size > o.maxClientBacklogBytes) close(c);
+    if (size !== null && -size > this.o.maxClientBacklogBytes) this.end(c);
   }
 
-  function close(c: Client): void {
+  private end(c: Client): void {
     if (!c.open) return;
-    drop(c);
+    this.drop(c);
     try {
       c.controller.close();
     } catch {
@@ -293,155 +323,153 @@ export function startStatusServer(registry: Registry, options: StatusServerOptio
     }
   }
 
-  function drop(c: Client): void {
+  private drop(c: Client): void {
     c.open = false;
-    clients.delete(c);
+    this.clients.delete(c);
   }
 
-  function snapshot() {
-    const s = registry.stats();
-    const nodes = registry.nodes().sort((a, b) => a.joinedAt - b.joinedAt);
+  private snapshot() {
+    const nodes = this.registry.nodes().sort((a, b) => a.joinedAt - b.joinedAt);
     return {
-      boot: registry.boot,
+      boot: this.registry.boot,
       nodes: nodes.map(peerJson),
       // The pair list grows with the square of the mesh: only below the matrix limit.
-      pairs: nodes.length <= o.matrixLimit ? registry.pairs() : null,
-      matrixLimit: o.matrixLimit,
-      log,
-      counts: counts(s),
+      pairs: nodes.length <= this.o.matrixLimit ? this.registry.pairs() : null,
+      matrixLimit: this.o.matrixLimit,
+      log: this.log,
+      counts: counts(this.registry.stats()),
     };
   }
+}
 
-  function counts(s: RegistryStats) {
-    return {
-      nodes: s.nodes,
-      joins: s.joins,
-      leaves: sum(Object.values(s.leaves)),
+/**
+ * Registrations per whole second in a ring: constant work per join even at
+ * thousands of joins per second (a list of timestamps would not be).
+ */
+class JoinRate {
+  private readonly counts: Float64Array;
+  private readonly seconds: Float64Array;
+  private readonly startedAt = performance.now();
+
+  constructor(private readonly window: number) {
+    this.counts = new Float64Array(window);
+    this.seconds = new Float64Array(window).fill(-Infinity);
+  }
+
+  count(): void {
+    const second = Math.floor(performance.now() / 1000);
+    const i = second % this.window;
+    if (this.seconds[i] !== second) {
+      this.seconds[i] = second;
+      this.counts[i] = 0;
+    }
+    this.counts[i]!++;
+  }
+
+  /** Joins in the current second and the window's previous whole seconds, per second. */
+  perSecond(): number {
+    const now = performance.now();
+    const second = Math.floor(now / 1000);
+    let joins = 0;
+    for (let i = 0; i < this.window; i++) if (this.seconds[i]! > second - this.window) joins += this.counts[i]!;
+    // Until the server has run a full window, average over the time it has run.
+    const seconds = Math.max(1, Math.min(this.window, (now - this.startedAt) / 1000));
+    return Math.round((joins / seconds) * 1000) / 1000;
+  }
+}
+
+/** What /stats and /metrics report. */
+interface Figures {
+  s: RegistryStats;
+  boot: string;
+  /** Registrations per second over the last `window` seconds. */
+  rate: number;
+  window: number;
+  /** Open event streams. */
+  clients: number;
+}
+
+function counts(s: RegistryStats) {
+  return {
+    nodes: s.nodes,
+    joins: s.joins,
+    leaves: sum(Object.values(s.leaves)),
+    pairsGreeted: s.pairsGreeted,
+    pairsExpected: s.pairsExpected,
+    complete: s.pairsGreeted >= s.pairsExpected,
+    timeToFullMeshMs: s.meshCompleteMs,
+  };
+}
+
+function statsJson({ s, boot, rate, window, clients }: Figures) {
+  return {
+    boot,
+    startedAt: new Date(s.startedAt).toISOString(),
+    uptimeSeconds: Math.round((Date.now() - s.startedAt) / 1000),
+    nodes: s.nodes,
+    joins: s.joins,
+    leaves: s.leaves,
+    rejected: s.rejected,
+    registrationsPerSecond: rate,
+    registrationsPerSecondWindowSeconds: window,
+    registrationLatencyMs: s.latencyMs,
+    mesh: {
       pairsGreeted: s.pairsGreeted,
       pairsExpected: s.pairsExpected,
       complete: s.pairsGreeted >= s.pairsExpected,
       timeToFullMeshMs: s.meshCompleteMs,
-    };
-  }
-
-  function countJoin(): void {
-    const second = Math.floor(performance.now() / 1000);
-    const i = second % o.rateWindowSeconds;
-    if (joinSecond[i] !== second) {
-      joinSecond[i] = second;
-      joinCounts[i] = 0;
-    }
-    joinCounts[i]!++;
-  }
-
-  /** Joins in the current second and the window's previous whole seconds, per second. */
-  function registrationRate(): number {
-    const now = performance.now();
-    const second = Math.floor(now / 1000);
-    let joins = 0;
-    for (let i = 0; i < o.rateWindowSeconds; i++) if (joinSecond[i]! > second - o.rateWindowSeconds) joins += joinCounts[i]!;
-    // Until the server has run a full window, average over the time it has run.
-    const seconds = Math.max(1, Math.min(o.rateWindowSeconds, (now - startedAt) / 1000));
-    return Math.round((joins / seconds) * 1000) / 1000;
-  }
-
-  function statsJson(s: RegistryStats) {
-    return {
-      boot: registry.boot,
-      startedAt: new Date(s.startedAt).toISOString(),
-      uptimeSeconds: Math.round((Date.now() - s.startedAt) / 1000),
-      nodes: s.nodes,
-      joins: s.joins,
-      leaves: s.leaves,
-      rejected: s.rejected,
-      registrationsPerSecond: registrationRate(),
-      registrationsPerSecondWindowSeconds: o.rateWindowSeconds,
-      registrationLatencyMs: s.latencyMs,
-      mesh: {
-        pairsGreeted: s.pairsGreeted,
-        pairsExpected: s.pairsExpected,
-        complete: s.pairsGreeted >= s.pairsExpected,
-        timeToFullMeshMs: s.meshCompleteMs,
-      },
-      seq: s.seq,
-      statusClients: clients.size,
-    };
-  }
-
-  function metricsText(s: RegistryStats): string {
-    const out: string[] = [];
-    const family = (name: string, type: string, help: string, samples: [string, Record<string, string>, number][]) => {
-      out.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);
-      for (const [sample, labels, value] of samples) out.push(`${sample}${labelText(labels)} ${numberText(value)}`);
-    };
-    const one = (name: string, type: string, help: string, value: number, labels: Record<string, string> = {}) =>
-      family(name, type, help, [[name, labels, value]]);
-    const p = "contact_registry";
-    one(`${p}_info`, "gauge", "Always 1; the boot label changes on every registry start.", 1, { boot: registry.boot });
-    one(`${p}_start_time_seconds`, "gauge", "Unix time the registry started.", s.startedAt / 1000);
-    one(`${p}_nodes`, "gauge", "Nodes registered now.", s.nodes);
-    one(`${p}_joins_total`, "counter", "Registrations accepted since start.", s.joins);
-    family(
-      `${p}_leaves_total`,
-      "counter",
-      "Nodes removed from the list since start, by reason.",
-      Object.entries(s.leaves).map(([reason, n]) => [`${p}_leaves_total`, { reason }, n]),
-    );
-    family(
-      `${p}_rejected_total`,
-      "counter",
-      "Protocol errors sent to connections since start, by error code.",
-      Object.entries(s.rejected).map(([code, n]) => [`${p}_rejected_total`, { code }, n ?? 0]),
-    );
-    one(
-      `${p}_registrations_per_second`,
-      "gauge",
-      `Registrations per second over the last ${o.rateWindowSeconds} seconds.`,
-      registrationRate(),
-    );
-    const lat = s.latencyMs;
-    family(`${p}_registration_latency_seconds`, "summary", "Time from a register message to the registered reply (quantiles over the last 4096).", [
-      [`${p}_registration_latency_seconds`, { quantile: "0.5" }, seconds(lat.p50)],
-      [`${p}_registration_latency_seconds`, { quantile: "0.9" }, seconds(lat.p90)],
-      [`${p}_registration_latency_seconds`, { quantile: "0.99" }, seconds(lat.p99)],
-      [`${p}_registration_latency_seconds_sum`, {}, seconds(lat.sum)],
-      [`${p}_registration_latency_seconds_count`, {}, lat.count],
-    ]);
-    one(`${p}_pairs_greeted`, "gauge", "Pairs of live nodes that have greeted each other.", s.pairsGreeted);
-    one(`${p}_pairs_expected`, "gauge", "Pairs of live nodes: n*(n-1)/2.", s.pairsExpected);
-    one(`${p}_mesh_complete`, "gauge", "1 when every pair of live nodes has greeted, else 0.", s.pairsGreeted >= s.pairsExpected ? 1 : 0);
-    one(
-      `${p}_time_to_full_mesh_seconds`,
-      "gauge",
-      "Time from the last join until every pair had greeted; NaN while the mesh is incomplete.",
-      s.meshCompleteMs === null ? NaN : seconds(s.meshCompleteMs),
-    );
-    one(`${p}_status_clients`, "gauge", "Open event streams of the status page.", clients.size);
-    return out.join("\n") + "\n";
-  }
-
-  let stopped: Promise<void> | undefined;
-  const handle_: StatusServer = {
-    url,
-    port,
-    clients: () => clients.size,
-    stop() {
-      stopped ??= (async () => {
-        unsubscribe();
-        clearInterval(keepAlive);
-        for (const c of clients) close(c);
-        await server.stop(true);
-      })();
-      return stopped;
     },
-    [Symbol.asyncDispose]() {
-      return this.stop();
-    },
+    seq: s.seq,
+    statusClients: clients,
   };
-  return handle_;
 }
 
-// --- internal ----------------------------------------------------------------
+function metricsText({ s, boot, rate, window, clients }: Figures): string {
+  const out: string[] = [];
+  const family = (name: string, type: string, help: string, samples: [string, Record<string, string>, number][]) => {
+    out.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);
+    for (const [sample, labels, value] of samples) out.push(`${sample}${labelText(labels)} ${numberText(value)}`);
+  };
+  const one = (name: string, type: string, help: string, value: number, labels: Record<string, string> = {}) =>
+    family(name, type, help, [[name, labels, value]]);
+  const p = "contact_registry";
+  one(`${p}_info`, "gauge", "Always 1; the boot label changes on every registry start.", 1, { boot });
+  one(`${p}_start_time_seconds`, "gauge", "Unix time the registry started.", s.startedAt / 1000);
+  one(`${p}_nodes`, "gauge", "Nodes registered now.", s.nodes);
+  one(`${p}_joins_total`, "counter", "Registrations accepted since start.", s.joins);
+  family(
+    `${p}_leaves_total`,
+    "counter",
+    "Nodes removed from the list since start, by reason.",
+    Object.entries(s.leaves).map(([reason, n]) => [`${p}_leaves_total`, { reason }, n]),
+  );
+  family(
+    `${p}_rejected_total`,
+    "counter",
+    "Protocol errors sent to connections since start, by error code.",
+    Object.entries(s.rejected).map(([code, n]) => [`${p}_rejected_total`, { code }, n ?? 0]),
+  );
+  one(`${p}_registrations_per_second`, "gauge", `Registrations per second over the last ${window} seconds.`, rate);
+  const lat = s.latencyMs;
+  family(`${p}_registration_latency_seconds`, "summary", "Time from a register message to the registered reply (quantiles over the last 4096).", [
+    [`${p}_registration_latency_seconds`, { quantile: "0.5" }, seconds(lat.p50)],
+    [`${p}_registration_latency_seconds`, { quantile: "0.9" }, seconds(lat.p90)],
+    [`${p}_registration_latency_seconds`, { quantile: "0.99" }, seconds(lat.p99)],
+    [`${p}_registration_latency_seconds_sum`, {}, seconds(lat.sum)],
+    [`${p}_registration_latency_seconds_count`, {}, lat.count],
+  ]);
+  one(`${p}_pairs_greeted`, "gauge", "Pairs of live nodes that have greeted each other.", s.pairsGreeted);
+  one(`${p}_pairs_expected`, "gauge", "Pairs of live nodes: n*(n-1)/2.", s.pairsExpected);
+  one(`${p}_mesh_complete`, "gauge", "1 when every pair of live nodes has greeted, else 0.", s.pairsGreeted >= s.pairsExpected ? 1 : 0);
+  one(
+    `${p}_time_to_full_mesh_seconds`,
+    "gauge",
+    "Time from the last join until every pair had greeted; NaN while the mesh is incomplete.",
+    s.meshCompleteMs === null ? NaN : seconds(s.meshCompleteMs),
+  );
+  one(`${p}_status_clients`, "gauge", "Open event streams of the status page.", clients);
+  return out.join("\n") + "\n";
+}
 
 interface Client {
   controller: ReadableStreamDefaultController<Uint8Array>;
@@ -480,35 +508,6 @@ function scriptHashes(html: string): string {
     return `'sha256-${createHash("sha256").update(m[1]!).digest("base64")}'`;
   });
   return hashes.length ? hashes.join(" ") : "'none'";
-}
-
-function listen(host: string, port: number, fetch: (req: Request, srv: Bun.Server<undefined>) => Response) {
-  const h = normalizeHost(host);
-  const serve = (hostname: string) => {
-    try {
-      return Bun.serve({
-        hostname,
-        port,
-        fetch,
-        error: (e) => json({ error: `internal error: ${e.message}` }, 500),
-      });
-    } catch (e) {
-      const code = (e as { code?: string }).code;
-      if (code !== "EADDRINUSE") throw e;
-      throw Object.assign(new Error(`HTTP port ${port} is already in use`, { cause: e }), { code });
-    }
-  };
-  if (h === "localhost") return serve("127.0.0.1");
-  if (h === "::") {
-    try {
-      return serve("::");
-    } catch (e) {
-      // No IPv6 on this host: all IPv4 interfaces instead.
-      if ((e as { code?: string }).code === "EADDRINUSE") throw e;
-      return serve("0.0.0.0");
-    }
-  }
-  return serve(h);
 }
 
 function peerJson(n: NodeInfo) {

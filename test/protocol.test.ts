@@ -190,6 +190,49 @@ describe("LineSplitter", () => {
   });
 });
 
+describe("LineSplitter hold and release (a registry reads nothing while it checks a registration)", () => {
+  /** A splitter whose consumer holds after every line starting with "hold". */
+  function holding(cap = 1024) {
+    const lines: string[] = [];
+    const s: LineSplitter = new LineSplitter(cap, (line) => {
+      lines.push(line);
+      if (line.startsWith("hold")) s.hold();
+    }, () => lines.push("(overflow)"));
+    return { lines, s };
+  }
+
+  test("lines after a hold wait, in order, and come out on release", () => {
+    const { lines, s } = holding();
+    s.push(utf8.encode("hold-1\na\nb"));
+    expect(lines).toEqual(["hold-1"]);
+    expect(s.idle).toBe(false);
+    s.push(utf8.encode("c\nd\n"));
+    expect(lines).toEqual(["hold-1"]);
+    expect(s.release()).toBe(true);
+    expect(lines).toEqual(["hold-1", "a", "bc", "d"]);
+    expect(s.holding).toBe(false);
+    expect(s.idle).toBe(true);
+  });
+
+  test("a line read during release may hold again; what follows still waits, in order", () => {
+    const { lines, s } = holding();
+    s.push(utf8.encode("hold-1\nx\nhold-2\ny\n"));
+    s.push(utf8.encode("z\n"));
+    s.release();
+    expect(lines).toEqual(["hold-1", "x", "hold-2"]);
+    expect(s.holding).toBe(true);
+    s.release();
+    expect(lines).toEqual(["hold-1", "x", "hold-2", "y", "z"]);
+  });
+
+  test("the line cap still applies to what was held", () => {
+    const { lines, s } = holding(8);
+    s.push(utf8.encode("hold\n" + "q".repeat(20) + "\nlater\n"));
+    expect(s.release()).toBe(false);
+    expect(lines).toEqual(["hold", "(overflow)"]);
+  });
+});
+
 describe("decode", () => {
   test.each([
     ["not JSON at all", "hello"],
