@@ -31,6 +31,7 @@ import {
   Welcome,
   decode,
   encode,
+  type ErrorCode,
   type Message,
 } from "../protocol.ts";
 import { normalizeHost, parseHostPort, parsePort } from "../net.ts";
@@ -240,12 +241,7 @@ describe("decode", () => {
     ["binary garbage", "\u0000\u0001\u00ff\u00fe"],
     ["single quotes", "{'type':'ping'}"],
   ])("%s -> bad-json", (_label, line) => {
-    const r = decode(ToRegistry, line);
-    expect(r.ok).toBe(false);
-    if (!r.ok) {
-      expect(r.code).toBe("bad-json");
-      expect(r.message).toStartWith("invalid JSON");
-    }
+    expectRefused(decode(ToRegistry, line), "bad-json", "invalid JSON");
   });
 
   test.each([
@@ -264,12 +260,7 @@ describe("decode", () => {
     ["hello.host empty", ToListener, { ...examples.hello, host: "" }, "host"],
     ["welcome.id a number", FromListener, { type: "welcome", v: 1, id: 7 }, "id"],
   ] as const)("%s -> bad-message naming %s", (_label, schema, value, path) => {
-    const r = decode(schema as v.GenericSchema, JSON.stringify(value));
-    expect(r.ok).toBe(false);
-    if (!r.ok) {
-      expect(r.code).toBe("bad-message");
-      expect(r.message).toStartWith(`${path}: `);
-    }
+    expectRefused(decode(schema as v.GenericSchema, JSON.stringify(value)), "bad-message", `${path}: `);
   });
 
   test.each([
@@ -280,12 +271,7 @@ describe("decode", () => {
     ["from a listener", FromListener, { type: "ping" }],
     ["without any type", ToRegistry, { v: 1, id: "a", port: 1 }],
   ] as const)("a type not accepted %s -> bad-message about `type`", (_label, schema, value) => {
-    const r = decode(schema as v.GenericSchema, JSON.stringify(value));
-    expect(r.ok).toBe(false);
-    if (!r.ok) {
-      expect(r.code).toBe("bad-message");
-      expect(r.message).toStartWith("type: ");
-    }
+    expectRefused(decode(schema as v.GenericSchema, JSON.stringify(value)), "bad-message", "type: ");
   });
 
   test.each([
@@ -293,9 +279,7 @@ describe("decode", () => {
     ["a number", "42"],
     ["a string", '"register"'],
   ])("JSON that is not an object (%s) -> bad-message", (_label, line) => {
-    const r = decode(ToRegistry, line);
-    expect(r.ok).toBe(false);
-    if (!r.ok) expect(r.code).toBe("bad-message");
+    expectRefused(decode(ToRegistry, line), "bad-message");
   });
 
   test("unknown extra fields are ignored (forward compatibility)", () => {
@@ -477,4 +461,12 @@ function splitter(cap: number) {
   let overflowCount = 0;
   const s = new LineSplitter(cap, (l) => lines.push(l), () => overflowCount++);
   return { lines, overflows: () => overflowCount, push: (chunk: Uint8Array) => s.push(chunk) };
+}
+
+/** decode() refused the line with `code`, and its message starts with `prefix` when one is given. */
+function expectRefused(r: ReturnType<typeof decode>, code: ErrorCode, prefix?: string): void {
+  expect(r.ok).toBe(false);
+  if (r.ok) return;
+  expect(r.code).toBe(code);
+  if (prefix !== undefined) expect(r.message).toStartWith(prefix);
 }
