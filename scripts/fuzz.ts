@@ -76,169 +76,178 @@ interface RssFigures {
 
 /** Runs one fuzz session against fresh registry and node processes. Never throws for a finding: see `problems`. */
 async function runFuzz(o: FuzzOptions): Promise<FuzzResult> {
-  const started = performance.now();
-  const problems: string[] = [];
-  const rand = mulberry32(o.seed);
-  const gen = new FrameGenerator(rand, DEFAULTS.maxLineBytes);
-  const framesByKind: Record<string, number> = {};
-  const replies = { registry: {} as Record<string, number>, listener: {} as Record<string, number> };
-  const connections = { registry: 0, listener: 0 };
-  const realNodes: PeerNode[] = [];
-  const realNodeStarts: Promise<void>[] = [];
-  const realEvents: JsonEvent[] = [];
-  let realRegistered = 0;
-  let frames = 0;
-  o.log(`fuzz: seed ${o.seed}, ${o.iterations} frames, ${o.concurrency} connections at once`);
-
-  // The fuzzer answers the registry's probe itself, so that fuzz registrations
-  // can succeed and the frames after them reach a registered session.
-  const responder = probeResponder();
-  const refusing = closedPort();
-  let registry: (Proc & { port: number }) | undefined;
-  let node: (Proc & { id: string; port: number }) | undefined;
-  const rss = new RssSampler();
-  try {
-    // A short registration deadline so half-sent frames are also cut by the registry, not only by us.
-    registry = await spawnRegistry(["--register-timeout", "1000"]);
-    node = await spawnNode(registry.port, ["--listen", "127.0.0.1"]);
-    gen.targets = {
-      nodeId: node.id,
-      registerPorts: [responder.port, responder.port, responder.port, node.port, registry.port, refusing],
-    };
-    rss.watch("registry", registry.pid);
-    rss.watch("node", node.pid);
-    rss.sample();
-
-    const nodeEvery = Math.max(1, Math.floor(o.iterations / (o.realNodes + 1)));
-    let nextNodeAt = nodeEvery;
-    const startRealNode = (n: number) => {
-      // Held from its start, not from its registration, so a node that misses the deadline is still stopped.
-      const registered = Promise.withResolvers<void>();
-      const p = startNode({
-        registryHost: "127.0.0.1",
-        registryPort: registry!.port,
-        listenHost: "127.0.0.1",
-        name: `real-${n}`,
-        waitForRegistration: false,
-        onEvent: (e) => {
-          realEvents.push({ ...e, node: n });
-          if (e.event === "registered") registered.resolve();
-        },
-      }).then((peer) => {
-        realNodes.push(peer);
-        peer.done.catch((e: unknown) => registered.reject(e));
-        return registered.promise;
-      });
-      realNodeStarts.push(
-        withDeadline(p, 30_000, `real node ${n} to register`).then(
-          () => void realRegistered++,
-          (e) => void problems.push(`real node ${n} failed to register: ${(e as Error).message}`),
-        ),
-      );
-    };
-
-    // Each connection's frames are drawn when a worker takes it, in one
-    // sequence from the PRNG: a seed replays the same frames whatever the
-    // timing, and only the connections in flight hold their bytes.
-    const nextPlan = (): ConnPlan | undefined => {
-      if (frames >= o.iterations) return undefined;
-      const target: Target = rand() < 0.6 ? "registry" : "listener";
-      const count = Math.min(o.iterations - frames, 1 + Math.floor(rand() * rand() * 8));
-      const plan = gen.connection(target, count);
-      for (const k of plan.kinds) framesByKind[k] = (framesByKind[k] ?? 0) + 1;
-      frames += count;
-      return plan;
-    };
-
-    const progressEvery = Math.max(1, Math.floor(o.iterations / 10));
-    let nextProgress = progressEvery;
-    const worker = async () => {
-      for (let plan = nextPlan(); plan; plan = nextPlan()) {
-        const port = plan.target === "registry" ? registry!.port : node!.port;
-        connections[plan.target]++;
-        const codes = await playConnection(port, plan, LINGER_MS);
-        for (const c of codes) replies[plan.target][c] = (replies[plan.target][c] ?? 0) + 1;
-        while (realNodeStarts.length < o.realNodes && frames >= nextNodeAt) {
-          startRealNode(realNodeStarts.length);
-          nextNodeAt += nodeEvery;
-        }
-        if (frames >= nextProgress) {
-          o.log(`fuzz: ${frames}/${o.iterations} frames`);
-          nextProgress += progressEvery;
-        }
-      }
-    };
-    const sampler = setInterval(() => rss.sample(), 100);
-    try {
-      await Promise.all(Array.from({ length: o.concurrency }, worker));
-    } finally {
-      clearInterval(sampler);
-    }
-    while (realNodeStarts.length < o.realNodes) startRealNode(realNodeStarts.length);
-    await Promise.all(realNodeStarts);
-    rss.sample();
-
-    // Liveness: both servers still run, and the mesh of real nodes (plus the fuzzed node) completes.
-    for (const p of [registry, node]) {
-      if (p.proc.exitCode !== null || p.proc.signalCode !== null) {
-        problems.push(`${p.label} exited (${p.proc.exitCode ?? p.proc.signalCode}); stderr: ${p.stderr.slice(-5).join(" | ")}`);
-      }
-    }
-    const lost = node.log.named("disconnected");
-    if (lost.length) problems.push(`the fuzzed node lost its registry session ${lost.length} time(s): ${String(lost[0]?.reason)}`);
-    const ids = [node.id, ...realNodes.map((n) => n.id)];
-    if (realNodes.length === o.realNodes && !problems.length) {
-      const fuzzedMet = () => new Set([...node!.log.named("greeting"), ...node!.log.named("greeted")].map((e) => String(e.peer)));
-      const missing = () => {
-        const out: string[] = [];
-        for (const n of realNodes) for (const other of ids) if (other !== n.id && !n.met().includes(other)) out.push(`${n.id}->${other}`);
-        const f = fuzzedMet();
-        for (const n of realNodes) if (!f.has(n.id)) out.push(`${node!.id}->${n.id}`);
-        return out;
-      };
-      try {
-        await waitUntil(() => missing().length === 0, 20_000, "the real nodes to meet", 20);
-      } catch {
-        problems.push(`real nodes did not all meet: missing ${missing().slice(0, 10).join(", ")}`);
-      }
-    }
-    const failedGreets = realEvents.filter((e) => e.event === "greet-failed" && ids.includes(String(e.peer)));
-    if (failedGreets.length) problems.push(`real nodes failed to greet each other: ${JSON.stringify(failedGreets[0])}`);
-
-    for (const [label, f] of Object.entries(rss.figures())) {
-      if (f.peak - f.baseline > o.maxRssGrowthMiB) {
-        problems.push(`${label} memory grew from ${f.baseline} MiB to ${f.peak} MiB (allowed growth ${o.maxRssGrowthMiB} MiB)`);
-      }
-    }
-    if (!Object.keys(replies.registry).length && connections.registry) problems.push("the registry never answered a fuzz frame");
-    if (!Object.keys(replies.listener).length && connections.listener) problems.push("the node's listener never answered a fuzz frame");
-  } catch (e) {
-    problems.push(`fuzz run failed: ${(e as Error).message}`);
-  } finally {
-    await Promise.allSettled(realNodes.map((n) => n.stop()));
-    rss.stop();
-    responder.stop();
-    await Promise.allSettled([node?.[Symbol.asyncDispose](), registry?.[Symbol.asyncDispose]()]);
-  }
-
-  const result: FuzzResult = {
-    ok: problems.length === 0,
-    seed: o.seed,
-    problems,
-    frames,
-    framesByKind,
-    connections,
-    replies,
-    fuzzRegistrations: responder.probes(),
-    rssMiB: rss.figures() as FuzzResult["rssMiB"],
-    realNodes: { started: realNodeStarts.length, registered: realRegistered },
-    ms: Math.round(performance.now() - started),
-  };
+  const result = await new FuzzRun(o).execute();
   o.log(summary(result));
   return result;
 }
 
 // --- internal ----------------------------------------------------------------
+
+class FuzzRun {
+  private readonly started = performance.now();
+  private readonly problems: string[] = [];
+  private readonly rand: () => number;
+  private readonly gen: FrameGenerator;
+  private frames = 0;
+  private readonly framesByKind: Record<string, number> = {};
+  private readonly connections = { registry: 0, listener: 0 };
+  private readonly replies = { registry: {} as Record<string, number>, listener: {} as Record<string, number> };
+  private readonly real = { nodes: [] as PeerNode[], starts: [] as Promise<void>[], events: [] as JsonEvent[], registered: 0 };
+  // The fuzzer answers the registry's probe itself, so that fuzz registrations
+  // can succeed and the frames after them reach a registered session.
+  private readonly responder = probeResponder();
+  private readonly rss = new RssSampler();
+  private registry: (Proc & { port: number }) | undefined;
+  private node: (Proc & { id: string; port: number }) | undefined;
+
+  constructor(private readonly o: FuzzOptions) {
+    this.rand = mulberry32(o.seed);
+    this.gen = new FrameGenerator(this.rand, DEFAULTS.maxLineBytes);
+  }
+
+  async execute(): Promise<FuzzResult> {
+    const o = this.o;
+    o.log(`fuzz: seed ${o.seed}, ${o.iterations} frames, ${o.concurrency} connections at once`);
+    try {
+      // A short registration deadline so half-sent frames are also cut by the registry, not only by us.
+      const registry = (this.registry = await spawnRegistry(["--register-timeout", "1000"]));
+      const node = (this.node = await spawnNode(registry.port, ["--listen", "127.0.0.1"]));
+      const probed = this.responder.port;
+      this.gen.targets = { nodeId: node.id, registerPorts: [probed, probed, probed, node.port, registry.port, closedPort()] };
+      this.rss.watch("registry", registry.pid);
+      this.rss.watch("node", node.pid);
+      await this.fuzz();
+      await this.check(registry, node);
+    } catch (e) {
+      this.problems.push(`fuzz run failed: ${(e as Error).message}`);
+    } finally {
+      await Promise.allSettled(this.real.nodes.map((n) => n.stop()));
+      this.rss.stop();
+      this.responder.stop();
+      await Promise.allSettled([this.node?.[Symbol.asyncDispose](), this.registry?.[Symbol.asyncDispose]()]);
+    }
+    return {
+      ok: this.problems.length === 0,
+      seed: o.seed,
+      problems: this.problems,
+      frames: this.frames,
+      framesByKind: this.framesByKind,
+      connections: this.connections,
+      replies: this.replies,
+      fuzzRegistrations: this.responder.probes(),
+      rssMiB: this.rss.figures() as FuzzResult["rssMiB"],
+      realNodes: { started: this.real.starts.length, registered: this.real.registered },
+      ms: Math.round(performance.now() - this.started),
+    };
+  }
+
+  /** Every frame, over `concurrency` connections at a time; the real nodes start at even intervals meanwhile. */
+  private async fuzz(): Promise<void> {
+    const o = this.o;
+    const nodeEvery = Math.max(1, Math.floor(o.iterations / (o.realNodes + 1)));
+    const progressEvery = Math.max(1, Math.floor(o.iterations / 10));
+    let nextProgress = progressEvery;
+    const worker = async () => {
+      for (let plan = this.nextPlan(); plan; plan = this.nextPlan()) {
+        const port = plan.target === "registry" ? this.registry!.port : this.node!.port;
+        this.connections[plan.target]++;
+        const codes = await playConnection(port, plan, LINGER_MS);
+        for (const c of codes) this.replies[plan.target][c] = (this.replies[plan.target][c] ?? 0) + 1;
+        while (this.real.starts.length < o.realNodes && this.frames >= (this.real.starts.length + 1) * nodeEvery) this.startRealNode();
+        if (this.frames >= nextProgress) {
+          o.log(`fuzz: ${this.frames}/${o.iterations} frames`);
+          nextProgress += progressEvery;
+        }
+      }
+    };
+    this.rss.sample();
+    const sampler = setInterval(() => this.rss.sample(), 100);
+    try {
+      await Promise.all(Array.from({ length: o.concurrency }, worker));
+    } finally {
+      clearInterval(sampler);
+    }
+    while (this.real.starts.length < o.realNodes) this.startRealNode();
+    await Promise.all(this.real.starts);
+    this.rss.sample();
+  }
+
+  /**
+   * Each connection's frames are drawn when a worker takes it, in one
+   * sequence from the PRNG: a seed replays the same frames whatever the
+   * timing, and only the connections in flight hold their bytes.
+   */
+  private nextPlan(): ConnPlan | undefined {
+    if (this.frames >= this.o.iterations) return undefined;
+    const target: Target = this.rand() < 0.6 ? "registry" : "listener";
+    const count = Math.min(this.o.iterations - this.frames, 1 + Math.floor(this.rand() * this.rand() * 8));
+    const plan = this.gen.connection(target, count);
+    for (const k of plan.kinds) this.framesByKind[k] = (this.framesByKind[k] ?? 0) + 1;
+    this.frames += count;
+    return plan;
+  }
+
+  private startRealNode(): void {
+    const n = this.real.starts.length;
+    // Held from its start, not from its registration, so a node that misses the deadline is still stopped.
+    const registered = Promise.withResolvers<void>();
+    const p = startNode({
+      registryHost: "127.0.0.1",
+      registryPort: this.registry!.port,
+      listenHost: "127.0.0.1",
+      name: `real-${n}`,
+      waitForRegistration: false,
+      onEvent: (e) => {
+        this.real.events.push({ ...e, node: n });
+        if (e.event === "registered") registered.resolve();
+      },
+    }).then((peer) => {
+      this.real.nodes.push(peer);
+      peer.done.catch((e: unknown) => registered.reject(e));
+      return registered.promise;
+    });
+    this.real.starts.push(
+      withDeadline(p, 30_000, `real node ${n} to register`).then(
+        () => void this.real.registered++,
+        (e) => void this.problems.push(`real node ${n} failed to register: ${(e as Error).message}`),
+      ),
+    );
+  }
+
+  /** Liveness: both servers still run, the mesh of real nodes (plus the fuzzed node) completes, memory stayed bounded. */
+  private async check(registry: Proc, node: Proc & { id: string }): Promise<void> {
+    const problems = this.problems;
+    const realNodes = this.real.nodes;
+    for (const p of [registry, node]) {
+      if (!p.running) problems.push(`${p.label} exited (${p.proc.exitCode ?? p.proc.signalCode}); stderr: ${p.stderr.slice(-5).join(" | ")}`);
+    }
+    const lost = node.log.named("disconnected");
+    if (lost.length) problems.push(`the fuzzed node lost its registry session ${lost.length} time(s): ${String(lost[0]?.reason)}`);
+    const ids = [node.id, ...realNodes.map((n) => n.id)];
+    if (realNodes.length === this.o.realNodes && !problems.length) {
+      const missing = () => {
+        const out: string[] = [];
+        for (const n of realNodes) for (const other of ids) if (other !== n.id && !n.met().includes(other)) out.push(`${n.id}->${other}`);
+        const met = new Set([...node.log.named("greeting"), ...node.log.named("greeted")].map((e) => String(e.peer)));
+        for (const n of realNodes) if (!met.has(n.id)) out.push(`${node.id}->${n.id}`);
+        return out;
+      };
+      await waitUntil(() => missing().length === 0, 20_000, "the real nodes to meet", 20).catch(() =>
+        problems.push(`real nodes did not all meet: missing ${missing().slice(0, 10).join(", ")}`),
+      );
+    }
+    const failedGreets = this.real.events.filter((e) => e.event === "greet-failed" && ids.includes(String(e.peer)));
+    if (failedGreets.length) problems.push(`real nodes failed to greet each other: ${JSON.stringify(failedGreets[0])}`);
+    for (const [label, f] of Object.entries(this.rss.figures())) {
+      if (f.peak - f.baseline > this.o.maxRssGrowthMiB) {
+        problems.push(`${label} memory grew from ${f.baseline} MiB to ${f.peak} MiB (allowed growth ${this.o.maxRssGrowthMiB} MiB)`);
+      }
+    }
+    for (const target of ["registry", "listener"] as const) {
+      if (!Object.keys(this.replies[target]).length && this.connections[target]) problems.push(`the ${target} never answered a fuzz frame`);
+    }
+  }
+}
 
 type Target = "registry" | "listener";
 
