@@ -13,7 +13,9 @@
 import { probeResponder } from "../harness.ts";
 import { dist, emit, serveCommands, type Msg } from "./lib.ts";
 
+/** One registration round trip: the worker that made it, when it began, what has arrived. */
 interface Req {
+  cell: Cell;
   w: number;
   t0: number;
   got: number;
@@ -30,8 +32,10 @@ serveCommands(async (cmd) => {
     case "listeners":
       openProbeListeners(Number(cmd.count));
       return { ports: probePorts.slice() };
-    case "run":
-      return run(cmd);
+    case "run": {
+      openProbeListeners(Number(cmd.conc));
+      return new Cell(cmd).run();
+    }
     default:
       throw new Error(`unknown command ${String(cmd.cmd)}`);
   }
@@ -39,117 +43,121 @@ serveCommands(async (cmd) => {
 emit({ event: "ready", pid: process.pid });
 
 function openProbeListeners(count: number): void {
-  while (probePorts.length < count) {
-    probePorts.push(probeResponder(HOST).port);
-  }
+  while (probePorts.length < count) probePorts.push(probeResponder(HOST).port);
 }
 
-function run(cmd: Msg): Promise<Msg> {
-  const port = Number(cmd.port);
-  const conc = Number(cmd.conc);
-  const warmupMs = Number(cmd.warmupMs);
-  const durationMs = Number(cmd.durationMs);
-  const prefix = String(cmd.prefix);
-  openProbeListeners(conc);
-
-  const start = performance.now();
-  const warmEnd = start + warmupMs;
-  const end = warmEnd + durationMs;
-  const lat: number[] = [];
-  let okInWindow = 0;
-  let okTotal = 0;
-  let bytesInWindow = 0;
-  let errors = 0;
-  const errorSamples = new Set<string>();
-  let seq = 0;
-  let running = conc;
-  const finished = Promise.withResolvers<void>();
-
-  const handlers: Bun.SocketHandler<Req> = {
-    open(s) {
-      const id = `${prefix}${seq++}`;
-      s.write(`{"type":"register","v":1,"id":"${id}","port":${probePorts[s.data.w]}}\n`);
-    },
-    data(s, chunk) {
-      const r = s.data;
-      if (r.done) return;
-      if (r.first.length < REGISTERED.length) r.first += chunk.subarray(0, REGISTERED.length - r.first.length).toString();
-      const nl = chunk.indexOf(10);
-      if (nl < 0) {
-        r.got += chunk.byteLength;
-        return;
-      }
-      r.got += nl + 1;
-      r.done = true;
-      const ok = r.first === REGISTERED;
-      if (!ok) noteError(chunk.subarray(0, Math.min(nl, 300)).toString());
-      // RST instead of FIN: a FIN close leaves the port in TIME_WAIT for 60 s, and
-      // with ~28k ephemeral ports the kernel's port search, not the server,
-      // would become what is measured.
-      s.terminate();
-      finish(r, ok);
-    },
-    close(s) {
-      const r = s.data;
-      if (r && !r.done) {
-        r.done = true;
-        noteError("closed before the reply");
-        finish(r, false);
-      }
-    },
-    error(s) {
-      s.terminate();
-    },
-  };
-
-  function noteError(text: string): void {
-    errors++;
-    if (errorSamples.size < 5) errorSamples.add(text.replace(/"id":"[^"]*"/g, '"id":…'));
-  }
-
-  function next(w: number): void {
-    if (performance.now() >= end) {
-      if (--running === 0) finished.resolve();
+const handlers: Bun.SocketHandler<Req> = {
+  open(s) {
+    const c = s.data.cell;
+    s.write(`{"type":"register","v":1,"id":"${c.prefix}${c.seq++}","port":${probePorts[s.data.w]}}\n`);
+  },
+  data(s, chunk) {
+    const r = s.data;
+    if (r.done) return;
+    if (r.first.length < REGISTERED.length) r.first += chunk.subarray(0, REGISTERED.length - r.first.length).toString();
+    const nl = chunk.indexOf(10);
+    if (nl < 0) {
+      r.got += chunk.byteLength;
       return;
     }
-    const r: Req = { w, t0: performance.now(), got: 0, first: "", done: false };
-    Bun.connect<Req>({ hostname: HOST, port, socket: handlers, data: r }).catch((e: Error & { code?: string }) => {
+    r.got += nl + 1;
+    r.done = true;
+    const ok = r.first === REGISTERED;
+    if (!ok) r.cell.noteError(chunk.subarray(0, Math.min(nl, 300)).toString());
+    // RST instead of FIN: a FIN close leaves the port in TIME_WAIT for 60 s, and
+    // with ~28k ephemeral ports the kernel's port search, not the server,
+    // would become what is measured.
+    s.terminate();
+    r.cell.finish(r, ok);
+  },
+  close(s) {
+    const r = s.data;
+    if (r && !r.done) {
+      r.done = true;
+      r.cell.noteError("closed before the reply");
+      r.cell.finish(r, false);
+    }
+  },
+  error(s) {
+    s.terminate();
+  },
+};
+
+/** One measured cell: `conc` workers, each starting its next registration when the last one is answered, until the time is up. */
+class Cell {
+  readonly prefix: string;
+  seq = 0;
+  private readonly port: number;
+  private readonly conc: number;
+  private readonly durationMs: number;
+  private readonly start = performance.now();
+  private readonly warmEnd: number;
+  private readonly end: number;
+  private readonly lat: number[] = [];
+  private okInWindow = 0;
+  private okTotal = 0;
+  private bytesInWindow = 0;
+  private errors = 0;
+  private readonly errorSamples = new Set<string>();
+  private running: number;
+  private readonly finished = Promise.withResolvers<void>();
+
+  constructor(cmd: Msg) {
+    this.port = Number(cmd.port);
+    this.conc = this.running = Number(cmd.conc);
+    this.prefix = String(cmd.prefix);
+    this.durationMs = Number(cmd.durationMs);
+    this.warmEnd = this.start + Number(cmd.warmupMs);
+    this.end = this.warmEnd + this.durationMs;
+  }
+
+  async run(): Promise<Msg> {
+    for (let w = 0; w < this.conc; w++) this.next(w);
+    const hardStop = setTimeout(() => this.finished.resolve(), this.end - this.start + 30_000);
+    await this.finished.promise;
+    clearTimeout(hardStop);
+    return {
+      conc: this.conc,
+      completed: this.okInWindow,
+      completedTotal: this.okTotal,
+      throughput: this.okInWindow / (this.durationMs / 1000),
+      replyBytes: this.okInWindow ? this.bytesInWindow / this.okInWindow : 0,
+      latencyMs: dist(this.lat),
+      errors: this.errors,
+      errorSamples: Array.from(this.errorSamples),
+      unfinished: this.running,
+      wallMs: performance.now() - this.start,
+    };
+  }
+
+  noteError(text: string): void {
+    this.errors++;
+    if (this.errorSamples.size < 5) this.errorSamples.add(text.replace(/"id":"[^"]*"/g, '"id":…'));
+  }
+
+  finish(r: Req, ok: boolean): void {
+    const t1 = performance.now();
+    if (ok) this.okTotal++;
+    if (ok && r.t0 >= this.warmEnd && r.t0 < this.end) this.lat.push(t1 - r.t0);
+    if (ok && t1 >= this.warmEnd && t1 < this.end) {
+      this.okInWindow++;
+      this.bytesInWindow += r.got;
+    }
+    this.next(r.w);
+  }
+
+  private next(w: number): void {
+    if (performance.now() >= this.end) {
+      if (--this.running === 0) this.finished.resolve();
+      return;
+    }
+    const r: Req = { cell: this, w, t0: performance.now(), got: 0, first: "", done: false };
+    Bun.connect<Req>({ hostname: HOST, port: this.port, socket: handlers, data: r }).catch((e: Error & { code?: string }) => {
       if (r.done) return;
       r.done = true;
-      noteError(`connect: ${e.code ?? e.message}`);
+      this.noteError(`connect: ${e.code ?? e.message}`);
       // A refused or exhausted connect fails at once; do not spin on it.
-      setTimeout(() => next(w), 5);
+      setTimeout(() => this.next(w), 5);
     });
   }
-
-  function finish(r: Req, ok: boolean): void {
-    const t1 = performance.now();
-    if (ok) okTotal++;
-    if (ok && r.t0 >= warmEnd && r.t0 < end) lat.push(t1 - r.t0);
-    if (ok && t1 >= warmEnd && t1 < end) {
-      okInWindow++;
-      bytesInWindow += r.got;
-    }
-    next(r.w);
-  }
-
-  for (let w = 0; w < conc; w++) next(w);
-
-  const hardStop = setTimeout(() => finished.resolve(), durationMs + warmupMs + 30_000);
-  return finished.promise.then(() => {
-    clearTimeout(hardStop);
-    const seconds = durationMs / 1000;
-    return {
-      conc,
-      completed: okInWindow,
-      completedTotal: okTotal,
-      throughput: okInWindow / seconds,
-      replyBytes: okInWindow ? bytesInWindow / okInWindow : 0,
-      latencyMs: dist(lat),
-      errors,
-      errorSamples: Array.from(errorSamples),
-      unfinished: running,
-      wallMs: performance.now() - start,
-    };
-  });
 }

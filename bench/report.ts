@@ -62,8 +62,17 @@ interface Target {
 }
 
 function targetsTable(r: Msg): string {
+  const rows = [...registrationTargets(regCells(r)), ...sessionTargets(r), meshTarget(r), ...departureTargets(r), recoveryTarget(r)];
+  const mark = (m: boolean | null) => (m === null ? "–" : m ? "met" : "**missed**");
+  return table(
+    ["Target", "Measured", "Floor / bound", "Result"],
+    rows.map((t) => [t.what, t.measured, t.floor, mark(t.met)]),
+  );
+}
+
+/** Throughput and p99 against the floor (probe off) and the floor with dial-back (probe on), for the cells the targets name. */
+function registrationTargets(cells: Cell[]): Target[] {
   const rows: Target[] = [];
-  const cells = regCells(r);
   const cell = (n: number, c: number) => cells.find((x) => x.registered === n && x.conc === c);
   const want: [number, number][] = [
     [0, 1],
@@ -79,38 +88,18 @@ function targetsTable(r: Msg): string {
       rows.push({ what: `Throughput >= 70% of floor: ${label}`, measured: "not in this run", floor: "", met: null });
       continue;
     }
-    const ratioOff = x.off.throughput / x.floor.throughput;
-    rows.push({
-      what: `Throughput >= 70% of floor, probe off: ${label}`,
-      measured: `${int(x.off.throughput)}/s (${ratioOff.toFixed(2)}x)`,
-      floor: `${int(x.floor.throughput)}/s`,
-      met: ratioOff >= 0.7,
-    });
-    if (x.floorDial) {
-      const ratioOn = x.on.throughput / x.floorDial.throughput;
-      rows.push({
-        what: `Throughput >= 70% of floor+dial, probe on: ${label}`,
-        measured: `${int(x.on.throughput)}/s (${ratioOn.toFixed(2)}x; ${(x.on.throughput / x.floor.throughput).toFixed(2)}x of the bare floor)`,
-        floor: `${int(x.floorDial.throughput)}/s`,
-        met: ratioOn >= 0.7,
-      });
-    }
-    const p99 = x.off.latencyMs.p99 / x.floor.latencyMs.p99;
-    rows.push({
-      what: `p99 <= 2x floor p99, probe off: ${label}`,
-      measured: `${ms(x.off.latencyMs.p99)} ms (${p99.toFixed(2)}x)`,
-      floor: `${ms(x.floor.latencyMs.p99)} ms`,
-      met: p99 <= 2,
-    });
-    if (x.floorDial) {
-      const p99on = x.on.latencyMs.p99 / x.floorDial.latencyMs.p99;
-      rows.push({
-        what: `p99 <= 2x floor+dial p99, probe on: ${label}`,
-        measured: `${ms(x.on.latencyMs.p99)} ms (${p99on.toFixed(2)}x)`,
-        floor: `${ms(x.floorDial.latencyMs.p99)} ms`,
-        met: p99on <= 2,
-      });
-    }
+    const throughput = (probe: string, floorName: string, run: Run, floor: Run, extra = "") => {
+      const ratio = run.throughput / floor.throughput;
+      return { what: `Throughput >= 70% of ${floorName}, probe ${probe}: ${label}`, measured: `${int(run.throughput)}/s (${ratio.toFixed(2)}x${extra})`, floor: `${int(floor.throughput)}/s`, met: ratio >= 0.7 };
+    };
+    const p99 = (probe: string, floorName: string, run: Run, floor: Run) => {
+      const ratio = run.latencyMs.p99 / floor.latencyMs.p99;
+      return { what: `p99 <= 2x ${floorName} p99, probe ${probe}: ${label}`, measured: `${ms(run.latencyMs.p99)} ms (${ratio.toFixed(2)}x)`, floor: `${ms(floor.latencyMs.p99)} ms`, met: ratio <= 2 };
+    };
+    rows.push(throughput("off", "floor", x.off, x.floor));
+    if (x.floorDial) rows.push(throughput("on", "floor+dial", x.on, x.floorDial, `; ${(x.on.throughput / x.floor.throughput).toFixed(2)}x of the bare floor`));
+    rows.push(p99("off", "floor", x.off, x.floor));
+    if (x.floorDial) rows.push(p99("on", "floor+dial", x.on, x.floorDial));
   }
   const big = cell(10_000, 1);
   rows.push(
@@ -123,63 +112,62 @@ function targetsTable(r: Msg): string {
         }
       : { what: "10,000 registered: reply time", measured: "not in this run", floor: "", met: null },
   );
+  return rows;
+}
+
+function sessionTargets(r: Msg): Target[] {
   const sess = (r.sessions as Msg | undefined)?.rows as Msg[] | undefined;
   const s10 = sess?.find((x) => x.nodes === 10_000);
-  if (s10) {
-    rows.push({ what: "10,000 registered nodes: RSS < 150 MB", measured: `${mbs(Number(s10.rss))} MB`, floor: `${mbs(Number(s10.floorRss))} MB`, met: Number(s10.rss) < 150e6 });
-    rows.push({
+  if (!s10) return [{ what: "10,000 registered nodes: RSS and heartbeat CPU", measured: "not in this run", floor: "", met: null }];
+  return [
+    { what: "10,000 registered nodes: RSS < 150 MB", measured: `${mbs(Number(s10.rss))} MB`, floor: `${mbs(Number(s10.floorRss))} MB`, met: Number(s10.rss) < 150e6 },
+    {
       what: "10,000 registered nodes: heartbeat CPU < 5% of a core",
       measured: `${Number(s10.heartbeatCpuPct).toFixed(2)}%`,
       floor: `${Number(s10.floorCpuPct).toFixed(2)}%`,
       met: Number(s10.heartbeatCpuPct) < 5,
-    });
-  } else {
-    rows.push({ what: "10,000 registered nodes: RSS and heartbeat CPU", measured: "not in this run", floor: "", met: null });
-  }
-  const meshRows = ((r.mesh as Msg | undefined)?.rows as Msg[] | undefined) ?? [];
-  const m500 = meshRows.find((x) => x.n === 500);
-  rows.push(
-    m500
-      ? {
-          what: "500-node full mesh (124,750 greetings) < 10 s in one process",
-          measured: `${secs(Number(m500.meshMs))} s${m500.complete ? "" : " (INCOMPLETE)"}`,
-          floor: "",
-          met: Boolean(m500.complete) && Number(m500.meshMs) < 10_000,
-        }
-      : { what: "500-node full mesh < 10 s", measured: "not in this run", floor: "", met: null },
-  );
+    },
+  ];
+}
+
+function meshTarget(r: Msg): Target {
+  const m500 = (((r.mesh as Msg | undefined)?.rows as Msg[] | undefined) ?? []).find((x) => x.n === 500);
+  if (!m500) return { what: "500-node full mesh < 10 s", measured: "not in this run", floor: "", met: null };
+  return {
+    what: "500-node full mesh (124,750 greetings) < 10 s in one process",
+    measured: `${secs(Number(m500.meshMs))} s${m500.complete ? "" : " (INCOMPLETE)"}`,
+    floor: "",
+    met: Boolean(m500.complete) && Number(m500.meshMs) < 10_000,
+  };
+}
+
+function departureTargets(r: Msg): Target[] {
   const dep = r.departure as Msg | undefined;
-  if (dep && !dep.error) {
-    const kill = (dep.kill as Msg).pushedMs as Msg;
-    rows.push({ what: "kill -9: close detected and pushed < 50 ms at p99", measured: `p99 ${ms(Number(kill.p99))} ms (max ${ms(Number(kill.max))})`, floor: "", met: Number(kill.p99) < 50 });
-    const fr = dep.freeze as Msg;
-    const pushed = fr.pushedMs as Msg;
-    rows.push({
+  if (!dep || dep.error) return [{ what: "Departure", measured: dep?.error ? `failed: ${String(dep.error)}` : "not in this run", floor: "", met: null }];
+  const kill = (dep.kill as Msg).pushedMs as Msg;
+  const fr = dep.freeze as Msg;
+  const pushed = fr.pushedMs as Msg;
+  return [
+    { what: "kill -9: close detected and pushed < 50 ms at p99", measured: `p99 ${ms(Number(kill.p99))} ms (max ${ms(Number(kill.max))})`, floor: "", met: Number(kill.p99) < 50 },
+    {
       what: "SIGSTOP: frozen node evicted within its heartbeat bound",
       measured: `max ${int(Number(pushed.max))} ms`,
       floor: `bound ${int(Number(fr.boundMs))} ms`,
       met: Number(pushed.max) <= Number(fr.boundMs),
-    });
-  } else {
-    rows.push({ what: "Departure", measured: dep?.error ? `failed: ${String(dep.error)}` : "not in this run", floor: "", met: null });
-  }
+    },
+  ];
+}
+
+function recoveryTarget(r: Msg): Target {
   const rec = r.recovery as Msg | undefined;
-  if (rec && !rec.error) {
-    const worst = Math.max(...(rec.trials as Msg[]).map((t) => Number(t.fromRestartMs)));
-    rows.push({
-      what: `${String(rec.nodes)} nodes all back within 2 s of a registry restart`,
-      measured: `worst ${int(worst)} ms of ${(rec.trials as Msg[]).length}`,
-      floor: "",
-      met: Number(rec.nodes) >= 100 ? worst <= 2000 : null,
-    });
-  } else {
-    rows.push({ what: "Recovery", measured: rec?.error ? `failed: ${String(rec.error)}` : "not in this run", floor: "", met: null });
-  }
-  const mark = (m: boolean | null) => (m === null ? "–" : m ? "met" : "**missed**");
-  return table(
-    ["Target", "Measured", "Floor / bound", "Result"],
-    rows.map((t) => [t.what, t.measured, t.floor, mark(t.met)]),
-  );
+  if (!rec || rec.error) return { what: "Recovery", measured: rec?.error ? `failed: ${String(rec.error)}` : "not in this run", floor: "", met: null };
+  const worst = Math.max(...(rec.trials as Msg[]).map((t) => Number(t.fromRestartMs)));
+  return {
+    what: `${String(rec.nodes)} nodes all back within 2 s of a registry restart`,
+    measured: `worst ${int(worst)} ms of ${(rec.trials as Msg[]).length}`,
+    floor: "",
+    met: Number(rec.nodes) >= 100 ? worst <= 2000 : null,
+  };
 }
 
 // --- sections ----------------------------------------------------------------
