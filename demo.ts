@@ -6,7 +6,7 @@
  * `bun demo.ts [--nodes 5]` (or `npm run demo`).
  */
 import { intArg } from "./cli.ts";
-import { disposeAll, greetingsOf, meshProblems, runScript, spawnNode, spawnRegistry, waitUntil, type Proc } from "./harness.ts";
+import { disposeAll, greetingsOf, killAllOnExit, meshProblems, runScript, spawnNode, spawnRegistry, waitUntil, type Proc } from "./harness.ts";
 
 async function demo(n: number, deadlineMs: number, procs: Proc[]): Promise<boolean> {
   const say = (text: string) => process.stdout.write(`${text}\n`);
@@ -63,6 +63,7 @@ async function demo(n: number, deadlineMs: number, procs: Proc[]): Promise<boole
 }
 
 if (import.meta.main) {
+  killAllOnExit(); // Ctrl-C during the tour stops its processes too
   await runScript(
     { name: "demo", description: "Start a registry and N nodes on loopback, watch the mesh form, stop cleanly." },
     {

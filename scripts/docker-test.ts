@@ -65,11 +65,7 @@ async function main(o: DockerTestOptions): Promise<number> {
 
 // --- internal ----------------------------------------------------------------
 
-interface Exec {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
+type Exec = Awaited<ReturnType<typeof exec>>;
 
 /** Thrown by a check whose failure makes the following ones meaningless. */
 class Abort extends Error {}
