@@ -10,7 +10,7 @@
  * Commands: {"cmd":"grow","to":N,"conc":C} -> time to register up to N nodes;
  * {"cmd":"stats"}; {"cmd":"waitSeq","seq":S,"timeoutMs":T} -> when every session has seen seq S.
  */
-import { probeResponder } from "../harness.ts";
+import { probeResponder, waitUntil } from "../harness.ts";
 import { emit, serveCommands, wallMs } from "./lib.ts";
 
 interface Opts {
@@ -105,13 +105,12 @@ serveCommands(async (cmd) => {
       return stats();
     case "waitSeq": {
       const started = performance.now();
-      const until = started + Number(cmd.timeoutMs ?? 10_000);
       const seq = Number(cmd.seq);
-      while (stats().minSeq < seq) {
-        if (performance.now() > until) return { ...stats(), reached: false, ms: performance.now() - started };
-        await Bun.sleep(2);
-      }
-      return { ...stats(), reached: true, ms: performance.now() - started, t: wallMs() };
+      const reached = await waitUntil(() => stats().minSeq >= seq, Number(cmd.timeoutMs ?? 10_000), `every session to see seq ${seq}`, 2).then(
+        () => true,
+        () => false,
+      );
+      return { ...stats(), reached, ms: performance.now() - started, t: wallMs() };
     }
     default:
       throw new Error(`unknown command ${String(cmd.cmd)}`);

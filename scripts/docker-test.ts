@@ -512,15 +512,9 @@ function lastEvents(p: Proc): string {
   return [...events, ...p.stderr.slice(-4)].join(" | ") || "(nothing)";
 }
 
+/** 226593809 -> "226.6MB". */
 function human(bytes: number): string {
-  const units = ["B", "kB", "MB", "GB"];
-  let n = bytes;
-  let i = 0;
-  while (Math.abs(n) >= 1000 && i < units.length - 1) {
-    n /= 1000;
-    i++;
-  }
-  return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
+  return new Intl.NumberFormat("en", { notation: "compact", maximumFractionDigits: 1 }).format(bytes) + "B";
 }
 
 function tail(text: string, lines: number): string {
