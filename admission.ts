@@ -44,7 +44,7 @@ export class Admission {
     if (this.tokenDigest && !(msg.token !== undefined && timingSafeEqual(sha256(msg.token), this.tokenDigest))) {
       return refuse("unauthorized", msg.token === undefined ? "this registry requires a token" : "wrong token");
     }
-    const host = await this.hostFor(msg, source);
+    const host = msg.host === undefined ? source : await this.advertised(msg.host, source);
     if (typeof host !== "string") return host;
     const address = formatAddress(host, msg.port);
     const known = this.membership.get(msg.id) ?? this.membership.at(address);
@@ -80,10 +80,9 @@ export class Admission {
     return t ? text.split(t).join("[token]").split(JSON.stringify(t).slice(1, -1)).join("[token]") : text;
   }
 
-  /** The host a node will be listed under: its source address unless it advertises another it may use. */
-  private async hostFor(msg: Register, source: string): Promise<string | Refusal> {
-    if (msg.host === undefined) return source;
-    const wanted = normalizeHost(msg.host);
+  /** The host a node advertises, if it may use it. */
+  private async advertised(host: string, source: string): Promise<string | Refusal> {
+    const wanted = normalizeHost(host);
     if (wanted === "0.0.0.0" || wanted === "::") {
       return refuse("address-not-allowed", `cannot advertise the unspecified address ${wanted}`);
     }

@@ -25,6 +25,7 @@ export class Conn<S = unknown> {
   private queue: Uint8Array[] = [];
   private queuedBytes = 0;
   private ending = false;
+  private paused = false;
   readonly splitter: LineSplitter;
   /** Set when this layer itself ends the connection over a limit, so the owner can report it on close. */
   limitHit: { code: ErrorCode; message: string } | undefined;
@@ -84,18 +85,30 @@ export class Conn<S = unknown> {
   }
 
   /**
-   * Stops reading: lines after the current one wait, unread, and the socket
-   * is paused (the peer's further bytes stay in the kernel) until `release`.
+   * Stops reading: lines after the current one wait, unread, until `release`.
+   * Only if more bytes arrive meanwhile is the socket paused, so the peer's
+   * further bytes stay in the kernel; the common case costs no syscall.
    */
   hold(): void {
     this.splitter.hold();
-    this.socket.pause();
   }
 
   /** Reads what was held, then resumes the socket unless a line held it again. */
   release(): void {
     if (this.closed || !this.splitter.holding) return;
-    if (this.splitter.release() && !this.splitter.holding) this.socket.resume();
+    if (this.splitter.release() && !this.splitter.holding && this.paused) {
+      this.paused = false;
+      this.socket.resume();
+    }
+  }
+
+  /** Feeds a chunk from the socket to the splitter (the `data` handler). */
+  read(chunk: Uint8Array): void {
+    if (this.splitter.holding && !this.paused) {
+      this.paused = true;
+      this.socket.pause();
+    }
+    this.splitter.push(chunk);
   }
 
   /** Closes after everything queued has been handed to the kernel. */
@@ -182,7 +195,7 @@ export function lineHandlers<S>(hooks: ConnHooks<S>): Bun.SocketHandler<Conn<S>>
           // fall through: the normal path reports whatever is wrong
         }
       }
-      conn.splitter.push(chunk);
+      conn.read(chunk);
     },
     drain(socket) {
       socket.data.flush();
@@ -213,9 +226,9 @@ export function normalizeHost(host: string): string {
   return h;
 }
 
-/** `host:port`, with brackets around IPv6. */
+/** `host:port`, with brackets around IPv6 (of the hosts we write, only an IPv6 address contains a colon). */
 export function formatAddress(host: string, port: number): string {
-  return isIP(host) === 6 ? `[${host}]:${port}` : `${host}:${port}`;
+  return host.includes(":") ? `[${host}]:${port}` : `${host}:${port}`;
 }
 
 /** Parses `host`, `host:port`, `[v6]` or `[v6]:port`; a bare IPv6 literal is a host. */

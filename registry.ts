@@ -213,6 +213,7 @@ class Sessions {
   private readonly deadlines: SessionDeadlines<Session>;
   private readonly fanout: FanOut;
   private readonly registryId = randomId();
+  private registrations = 0;
   private stopping = false;
 
   constructor(
@@ -325,7 +326,7 @@ class Sessions {
       source: conn.remoteAddress,
       registry: this.registryId,
       joinedAt: Date.now(),
-      ticket: randomId(),
+      ticket: `${this.registryId}.${++this.registrations}`,
     };
     const joined = await this.membership.join(member, this.admission.replaceable(member));
     if (!joined.ok) return this.reject(conn, "replaced", `node ${joined.holder.id} at ${addressOf(joined.holder)} registered at the same moment`);
