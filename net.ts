@@ -6,45 +6,74 @@
  */
 import { lookup } from "node:dns/promises";
 import { isIP } from "node:net";
+import type { Backlogged, ByteBudget } from "./limits.ts";
 import { DEFAULTS, LineSplitter, encode, type ErrorCode, type Message } from "./protocol.ts";
 
 const encoder = new TextEncoder();
+
+/** What one connection may hold and read: the limits a role gives its connections. */
+export interface ConnLimits {
+  maxLineBytes: number;
+  /** Unsent bytes this connection may hold before it is dropped as a slow consumer (default DEFAULTS.maxQueueBytes). */
+  maxQueueBytes?: number;
+  /** Unsent bytes all connections together may hold (see ByteBudget). */
+  budget?: ByteBudget;
+  /** Lines handled per read before other connections get a turn (default: no bound). */
+  maxLinesPerRead?: number;
+}
 
 /**
  * One TCP connection speaking NDJSON. Bun's `write` sends what the kernel takes
  * and drops the rest, so unsent bytes are queued here and flushed on `drain`;
  * once anything is queued, everything after it queues too, to keep order.
+ * Queued buffers are counted against a shared budget; a buffer queued on many
+ * connections (a fan-out write) is shared, not copied.
  */
-export class Conn<S = unknown> {
+export class Conn<S = unknown> implements Backlogged {
   /** Remote address with IPv4-mapped IPv6 normalised; copied at open because Bun clears it at close. */
   readonly remoteAddress: string;
   readonly remotePort: number;
   closed = false;
   /** Role-specific session state. */
   state: S;
-  private queue: Uint8Array[] = [];
-  private queuedBytes = 0;
-  private ending = false;
-  private paused = false;
-  readonly splitter: LineSplitter;
   /** Set when this layer itself ends the connection over a limit, so the owner can report it on close. */
   limitHit: { code: ErrorCode; message: string } | undefined;
+  readonly splitter: LineSplitter;
+  private queue: { buf: Uint8Array; off: number }[] = [];
+  private queuedBytes = 0;
+  private sentTotal = 0;
+  private ending = false;
+  private paused = false;
+  private holds = 0;
+  private linesThisRead = 0;
+  private readonly maxQueueBytes: number;
+  private readonly maxLinesPerRead: number;
+  private readonly budget: ByteBudget | undefined;
 
   constructor(
     readonly socket: Bun.Socket<Conn<S>>,
     state: S,
-    maxLineBytes: number,
+    limits: ConnLimits,
     onLine: (conn: Conn<S>, line: string) => void,
-    private readonly maxQueueBytes: number = DEFAULTS.maxQueueBytes,
   ) {
     this.remoteAddress = normalizeHost(socket.remoteAddress ?? "");
     this.remotePort = socket.remotePort ?? 0;
     this.state = state;
+    this.maxQueueBytes = limits.maxQueueBytes ?? DEFAULTS.maxQueueBytes;
+    this.maxLinesPerRead = limits.maxLinesPerRead ?? Infinity;
+    this.budget = limits.budget;
     this.splitter = new LineSplitter(
-      maxLineBytes,
-      (line) => onLine(this, line),
+      limits.maxLineBytes,
+      (line) => {
+        onLine(this, line);
+        // One connection must not keep the loop to itself: past the bound, the rest waits a turn.
+        if (++this.linesThisRead >= this.maxLinesPerRead && !this.closed) {
+          this.hold();
+          setImmediate(() => this.release());
+        }
+      },
       () => {
-        this.limitHit = { code: "line-too-long", message: `line exceeds ${maxLineBytes} bytes` };
+        this.limitHit = { code: "line-too-long", message: `line exceeds ${limits.maxLineBytes} bytes` };
         this.fail(this.limitHit.code, this.limitHit.message);
       },
     );
@@ -54,11 +83,12 @@ export class Conn<S = unknown> {
   send(msg: Message | string | Uint8Array): boolean {
     if (this.closed || this.ending) return false;
     const data = typeof msg === "object" && !(msg instanceof Uint8Array) ? encode(msg) : msg;
-    if (this.queue.length) return this.enqueue(typeof data === "string" ? encoder.encode(data) : data);
+    const len = typeof data === "string" ? Buffer.byteLength(data) : data.byteLength;
+    this.sentTotal += len;
+    if (this.queue.length) return this.enqueue(typeof data === "string" ? encoder.encode(data) : data, 0);
     const n = this.socket.write(data);
     if (n < 0) return false;
-    const len = typeof data === "string" ? Buffer.byteLength(data) : data.byteLength;
-    if (n < len) return this.enqueue((typeof data === "string" ? encoder.encode(data) : data).subarray(n));
+    if (n < len) return this.enqueue(typeof data === "string" ? encoder.encode(data) : data, n);
     return true;
   }
 
@@ -67,35 +97,45 @@ export class Conn<S = unknown> {
     return this.queuedBytes;
   }
 
+  /** Bytes handed to `send` so far; with `pendingBytes`, tells whether a given message has left. */
+  get sentBytes(): number {
+    return this.sentTotal;
+  }
+
   /** The `drain` handler: writes what was queued, then finishes a pending end(). */
   flush(): void {
     while (this.queue.length) {
       const head = this.queue[0]!;
-      const n = this.socket.write(head);
+      const rest = head.buf.byteLength - head.off;
+      const n = this.socket.write(head.off ? head.buf.subarray(head.off) : head.buf);
       if (n < 0) return;
-      if (n < head.byteLength) {
-        this.queue[0] = head.subarray(n);
-        this.queuedBytes -= n;
+      this.queuedBytes -= Math.min(n, rest);
+      if (n < rest) {
+        head.off += n;
         return;
       }
       this.queue.shift();
-      this.queuedBytes -= head.byteLength;
+      this.budget?.release(head.buf);
     }
+    this.budget?.backlogged.delete(this);
     if (this.ending) this.socket.end();
   }
 
   /**
-   * Stops reading: lines after the current one wait, unread, until `release`.
-   * Only if more bytes arrive meanwhile is the socket paused, so the peer's
-   * further bytes stay in the kernel; the common case costs no syscall.
+   * Stops reading: lines after the current one wait, unread, until as many
+   * `release`s as `hold`s. Only if more bytes arrive meanwhile is the socket
+   * paused, so the peer's further bytes stay in the kernel; the common case
+   * costs no syscall.
    */
   hold(): void {
+    this.holds++;
     this.splitter.hold();
   }
 
   /** Reads what was held, then resumes the socket unless a line held it again. */
   release(): void {
-    if (this.closed || !this.splitter.holding) return;
+    if (this.holds === 0 || --this.holds > 0 || this.closed) return;
+    this.linesThisRead = 0;
     if (this.splitter.release() && !this.splitter.holding && this.paused) {
       this.paused = false;
       this.socket.resume();
@@ -104,10 +144,12 @@ export class Conn<S = unknown> {
 
   /** Feeds a chunk from the socket to the splitter (the `data` handler). */
   read(chunk: Uint8Array): void {
-    if (this.splitter.holding && !this.paused) {
-      this.paused = true;
-      this.socket.pause();
-    }
+    if (this.splitter.holding) {
+      if (!this.paused) {
+        this.paused = true;
+        this.socket.pause();
+      }
+    } else this.linesThisRead = 0;
     this.splitter.push(chunk);
   }
 
@@ -126,29 +168,44 @@ export class Conn<S = unknown> {
 
   /** Closes at once, dropping anything unsent (RST). */
   destroy(): void {
+    this.ending = true; // nothing more is sent
+    this.dropQueue();
     if (!this.closed) this.socket.terminate();
   }
 
-  private enqueue(bytes: Uint8Array): boolean {
-    this.queue.push(bytes);
-    this.queuedBytes += bytes.byteLength;
+  /** Drops the connection because it does not read what it is sent. */
+  dropSlow(why: string): void {
+    this.limitHit = { code: "slow-consumer", message: why };
+    this.destroy();
+  }
+
+  /** Forgets what was queued; called when the socket closes, whoever closed it. */
+  dropQueue(): void {
+    if (!this.queue.length) return;
+    for (const q of this.queue) this.budget?.release(q.buf);
+    this.queue = [];
+    this.queuedBytes = 0;
+    this.budget?.backlogged.delete(this);
+  }
+
+  private enqueue(buf: Uint8Array, off: number): boolean {
+    this.queue.push({ buf, off });
+    this.queuedBytes += buf.byteLength - off;
     if (this.queuedBytes > this.maxQueueBytes) {
-      this.limitHit = { code: "slow-consumer", message: `over ${this.maxQueueBytes} bytes unsent: the peer does not read` };
-      this.queue = [];
-      this.queuedBytes = 0;
-      this.destroy();
+      this.dropSlow(`over ${this.maxQueueBytes} bytes unsent: the peer does not read`);
       return false;
     }
-    return true;
+    if (this.budget) {
+      this.budget.retain(buf, this);
+      this.budget.enforce();
+    }
+    return !this.ending; // false if the budget dropped this very connection
   }
 }
 
-export interface ConnHooks<S> {
+export interface ConnHooks<S> extends ConnLimits {
   /** Fresh state for each socket (Bun shares a listener's `data` object between sockets). */
   state(socket: Bun.Socket<Conn<S>>): S;
-  maxLineBytes: number;
-  /** Unsent bytes allowed before the connection is dropped (default DEFAULTS.maxQueueBytes). */
-  maxQueueBytes?: number;
   open?(conn: Conn<S>): void;
   line(conn: Conn<S>, line: string): void;
   close?(conn: Conn<S>, error?: Error): void;
@@ -170,13 +227,13 @@ export function lineHandlers<S>(hooks: ConnHooks<S>): Bun.SocketHandler<Conn<S>>
   const exact = hooks.exact;
   return {
     open(socket) {
-      const conn = new Conn<S>(socket, undefined as S, hooks.maxLineBytes, (c, line) => {
+      const conn = new Conn<S>(socket, undefined as S, hooks, (c, line) => {
         try {
           hooks.line(c, line);
         } catch (e) {
           c.fail("bad-message", `internal error: ${(e as Error).message}`);
         }
-      }, hooks.maxQueueBytes);
+      });
       socket.data = conn;
       try {
         conn.state = hooks.state(socket);
@@ -204,6 +261,7 @@ export function lineHandlers<S>(hooks: ConnHooks<S>): Bun.SocketHandler<Conn<S>>
       const conn = socket.data;
       if (!conn || conn.closed) return;
       conn.closed = true;
+      conn.dropQueue();
       try {
         hooks.close?.(conn, error);
       } catch {
@@ -224,6 +282,36 @@ export function normalizeHost(host: string): string {
   if (h.startsWith("[") && h.endsWith("]")) h = h.slice(1, -1);
   if (h.startsWith("::ffff:") && isIP(h.slice(7)) === 4) h = h.slice(7);
   return h;
+}
+
+/**
+ * The one spelling of an IP address that all its other spellings map to
+ * (`0`, `0.0`, `0x0`, `::0`, `0:0:0:0:0:0:0:0`, `::ffff:7f00:1`, ...), or
+ * undefined if `host` is not an IP address. Hosts are parsed the way URLs
+ * parse them, which accepts the short and hex IPv4 forms the resolver accepts.
+ */
+export function canonicalIp(host: string): string | undefined {
+  const h = normalizeHost(host);
+  let c: string;
+  try {
+    c = new URL(h.includes(":") ? `http://[${h}]/` : `http://${h}/`).hostname;
+  } catch {
+    return undefined;
+  }
+  if (!c.startsWith("[")) return isIP(c) === 4 ? c : undefined;
+  const v6 = c.slice(1, -1);
+  const mapped = /^::ffff:([0-9a-f]{1,4}):([0-9a-f]{1,4})$/.exec(v6);
+  if (!mapped) return v6;
+  const [hi, lo] = [parseInt(mapped[1]!, 16), parseInt(mapped[2]!, 16)];
+  return `${hi >> 8}.${hi & 255}.${lo >> 8}.${lo & 255}`;
+}
+
+/** What an address (as canonicalIp writes it) reaches: no host in particular, this host, or another. */
+export function ipScope(ip: string): "unspecified" | "loopback" | "other" {
+  if (ip.includes(":")) return ip === "::" ? "unspecified" : ip === "::1" ? "loopback" : "other";
+  // 0.0.0.0/8 is "this network": a connection to 0.0.0.0 reaches this very host.
+  if (ip.startsWith("0.")) return "unspecified";
+  return ip.startsWith("127.") ? "loopback" : "other";
 }
 
 /** `host:port`, with brackets around IPv6 (of the hosts we write, only an IPv6 address contains a colon). */
