@@ -1,13 +1,13 @@
 /**
  * Admission: who may register, and under which address. The checks run in
  * the order docs/PROTOCOL.md gives (version, token, host, capacity, probe);
- * the first that fails is the answer. Then it decides which registrations
- * the newcomer may replace.
+ * the first that fails is the answer. Then it decides which registrations a
+ * newcomer may replace: never a live one (the identity rule).
  */
 import { createHash, timingSafeEqual } from "node:crypto";
-import type { Member, Membership } from "./membership.ts";
-import { addressOf } from "./membership.ts";
-import { formatAddress, lineHandlers, normalizeHost, resolveHost, type Conn, type Transport } from "./net.ts";
+import { BucketMap } from "./limits.ts";
+import { addressOf, type Member, type Membership } from "./membership.ts";
+import { canonicalIp, formatAddress, ipScope, lineHandlers, normalizeHost, resolveHost, type Conn, type Transport } from "./net.ts";
 import { DEFAULTS, FromListener, PROTOCOL_VERSION, decode, randomId, type ErrorCode, type Register } from "./protocol.ts";
 
 export interface AdmissionSettings {
@@ -19,31 +19,45 @@ export interface AdmissionSettings {
   /** Dial each registering node back before listing it. */
   probe: boolean;
   probeTimeoutMs: number;
+  /** Probes per second one source address may cause (0 = no limit). */
+  rateAddressProbes: number;
+  /** Failed tokens one source address may send per minute (0 = no limit). */
+  authFailuresPerMinute: number;
 }
 
-export type Refusal = { ok: false; code: ErrorCode; message: string };
+/** `detail` is for the registry's own log only: what a refused client is told stays the same whatever went wrong. */
+export type Refusal = { ok: false; code: ErrorCode; message: string; detail?: string };
 /** Where the node will be listed, or why not. */
-export type Verdict = { ok: true; host: string; address: string } | Refusal;
+export type Verdict = { ok: true; host: string } | Refusal;
+/** A listed registration's session as its registry sees it. */
+export type Holding = "gone" | "silent" | "live";
 
 export class Admission {
+  /** Tokens refused, and registrations refused because their address guessed too often. */
+  readonly tokens = { failed: 0, blocked: 0 };
   private readonly tokenDigest: Buffer | undefined;
+  private readonly probes: BucketMap;
+  private readonly authFailures: BucketMap;
 
   constructor(
     private readonly s: AdmissionSettings,
     private readonly membership: Membership,
     private readonly transport: Transport,
+    now: () => number = () => performance.now(),
   ) {
     this.tokenDigest = s.token ? sha256(s.token) : undefined;
+    this.probes = new BucketMap({ perSecond: s.rateAddressProbes, burst: 10 * s.rateAddressProbes }, now);
+    const perMinute = s.authFailuresPerMinute;
+    this.authFailures = new BucketMap({ perSecond: perMinute / 60, burst: perMinute }, now);
   }
 
-  /** Checks a `register` from `source`; resolves to the address to list it under, or a refusal. */
+  /** Checks a `register` from `source`; resolves to the host to list it under, or a refusal. */
   async check(msg: Register, source: string): Promise<Verdict> {
     if (msg.v !== PROTOCOL_VERSION) {
       return refuse("unsupported-version", `protocol version ${msg.v} is not supported; this registry speaks ${PROTOCOL_VERSION}`);
     }
-    if (this.tokenDigest && !(msg.token !== undefined && timingSafeEqual(sha256(msg.token), this.tokenDigest))) {
-      return refuse("unauthorized", msg.token === undefined ? "this registry requires a token" : "wrong token");
-    }
+    const auth = this.authenticate(msg.token, source);
+    if (auth) return auth;
     const host = msg.host === undefined ? source : await this.advertised(msg.host, source);
     if (typeof host !== "string") return host;
     const address = formatAddress(host, msg.port);
@@ -52,26 +66,35 @@ export class Admission {
       return refuse("registry-full", `registry holds its maximum of ${this.s.maxNodes} nodes`);
     }
     if (this.s.probe) {
-      const failure = await this.probe(host, msg.port, msg.id);
-      if (failure) {
-        return refuse(
-          "unreachable",
-          `could not reach you at ${address} (${failure}); if nodes must reach you at another address, start the node with --advertise host[:port]`,
-        );
-      }
+      const failed = await this.probeFor(source, host, msg.port, msg.id);
+      if (failed) return failed;
     }
-    return { ok: true, host, address };
+    return { ok: true, host };
   }
 
   /**
    * The registrations a newcomer may replace: whatever holds its id (the node
-   * registering again) or its address (a node restarted on the same port).
-   * The newest registration wins.
+   * registering again) or its address (a node restarted on the same port),
+   * provided that registration's session is gone or silent, or its address no
+   * longer answers as it. A live, answering holder keeps its place: `id-in-use`.
    */
-  replaceable(member: Member): Member[] {
+  async replaceable(member: Member, holding: (m: Member) => Holding | Promise<Holding>, source: string): Promise<Member[] | Refusal> {
     const byId = this.membership.get(member.id);
     const byAddress = this.membership.at(addressOf(member));
-    return [byId, byAddress].filter((m, i, all): m is Member => m !== undefined && all.indexOf(m) === i);
+    const out: Member[] = [];
+    for (const holder of byAddress && byAddress !== byId ? [byId, byAddress] : [byId]) {
+      if (!holder) continue;
+      if ((await holding(holder)) === "live") {
+        const taken = holder.id === member.id ? `node ${holder.id} is registered and alive at ${addressOf(holder)}` : `${addressOf(holder)} is held by live node ${holder.id}`;
+        if (!this.s.probe) return refuse("id-in-use", taken);
+        // Alive by its heartbeats, but a crashed host's session can linger: does its address still answer as it?
+        const gone = await this.probeFor(source, holder.host, holder.port, holder.id);
+        if (!gone) return refuse("id-in-use", taken);
+        if (gone.code === "rate-limited") return gone;
+      }
+      out.push(holder);
+    }
+    return out;
   }
 
   /** Refusals quote what the peer sent (a parser's message, a field's value); the token must not travel on that way. */
@@ -80,34 +103,91 @@ export class Admission {
     return t ? text.split(t).join("[token]").split(JSON.stringify(t).slice(1, -1)).join("[token]") : text;
   }
 
+  /** Forgets the rate-limit buckets that have refilled; call now and then. */
+  sweep(): void {
+    this.probes.sweep();
+    this.authFailures.sweep();
+  }
+
+  /** Token check, with guesses throttled per source address. */
+  private authenticate(token: string | undefined, source: string): Refusal | undefined {
+    if (!this.tokenDigest) return undefined;
+    const waitMs = this.authFailures.waitMs(source);
+    if (waitMs > 0) {
+      this.tokens.blocked++;
+      return refuse("rate-limited", `too many wrong tokens from ${source}; retry in ${Math.ceil(waitMs / 1000)} s`);
+    }
+    if (token !== undefined && timingSafeEqual(sha256(token), this.tokenDigest)) return undefined;
+    this.tokens.failed++;
+    this.authFailures.take(source);
+    return refuse("unauthorized", token === undefined ? "this registry requires a token" : "wrong token");
+  }
+
   /** The host a node advertises, if it may use it. */
   private async advertised(host: string, source: string): Promise<string | Refusal> {
-    const wanted = normalizeHost(host);
-    if (wanted === "0.0.0.0" || wanted === "::") {
-      return refuse("address-not-allowed", `cannot advertise the unspecified address ${wanted}`);
+    const wanted = canonicalIp(host) ?? normalizeHost(host);
+    const addresses = canonicalIp(wanted) ? [wanted] : await resolveWithin(wanted, this.s.probeTimeoutMs);
+    if (addresses.some((a) => ipScope(a) === "unspecified")) {
+      return refuse("address-not-allowed", `cannot advertise ${host}: it is the unspecified address, which names no host in particular`);
     }
-    if (!this.s.allowAdvertise && wanted !== source && !(await resolvesTo(wanted, source, this.s.probeTimeoutMs))) {
+    if (!this.s.allowAdvertise && wanted !== source && !addresses.includes(source)) {
       return refuse(
         "address-not-allowed",
         `advertised host ${wanted} is not the address this connection comes from (${source}); the registry must be started with --allow-advertise to accept it`,
       );
     }
+    if (ipScope(source) !== "loopback" && addresses.some((a) => ipScope(a) === "loopback")) {
+      return refuse("address-not-allowed", `cannot advertise ${host}: it is a loopback address, which every other node would take for itself`);
+    }
     return wanted;
   }
 
-  /** Dials a node back to check the address it will be listed under. Returns why it failed, or null. */
-  private async probe(host: string, port: number, id: string): Promise<string | null> {
+  /**
+   * Probes `id` at `host:port` on behalf of a registration from `source`.
+   * Undefined if it answered; else one refusal whatever happened, so that the
+   * registry cannot be used to tell closed, silent and talking ports apart.
+   * Only the registry's log learns the detail. A timeout caused by the
+   * registry's own load is `unavailable`, worth retrying.
+   */
+  private async probeFor(source: string, host: string, port: number, id: string): Promise<Refusal | undefined> {
+    if (!this.probes.take(source)) {
+      return refuse("rate-limited", `too many registrations to check from ${source}; retry in ${Math.ceil(this.probes.waitMs(source) / 1000)} s`);
+    }
+    const outcome = await this.probe(host, port, id);
+    if (outcome.ok) return undefined;
+    const address = formatAddress(host, port);
+    return {
+      ok: false,
+      code: outcome.overloaded ? "unavailable" : "unreachable",
+      message: `no node answered as ${id} at ${address}; if nodes must reach this node at another address, start it with --advertise host[:port]`,
+      detail: outcome.detail,
+    };
+  }
+
+  /**
+   * Dials a node back to check that `id` listens at `host:port`. A timeout
+   * counts as the registry's own overload when its timer fired late (the
+   * loop was too busy to read the answer), else as the node's.
+   */
+  private async probe(host: string, port: number, id: string): Promise<{ ok: true } | { ok: false; overloaded: boolean; detail: string }> {
     const nonce = randomId();
     const reply = Promise.withResolvers<string | null>();
-    const timer = setTimeout(() => reply.resolve(`no answer within ${this.s.probeTimeoutMs}ms`), this.s.probeTimeoutMs);
+    const started = performance.now();
+    const overloaded = () => performance.now() - started > this.s.probeTimeoutMs + Math.max(50, this.s.probeTimeoutMs / 4);
+    let late = false;
+    const timer = setTimeout(() => {
+      late = overloaded();
+      reply.resolve(`no answer within ${this.s.probeTimeoutMs}ms`);
+    }, this.s.probeTimeoutMs);
     let conn: Conn<ProbeState> | undefined;
     try {
       conn = await this.transport.dial<ProbeState>(host, port, probeHandlers, this.s.probeTimeoutMs);
       conn.state = { done: reply.resolve, nonce, id };
       conn.send({ type: "probe", v: PROTOCOL_VERSION, id, nonce });
-      return await reply.promise;
+      const failure = await reply.promise;
+      return failure === null ? { ok: true } : { ok: false, overloaded: late, detail: failure };
     } catch (e) {
-      return (e as Error).message;
+      return { ok: false, overloaded: (e as { code?: string }).code === "ETIMEDOUT" && overloaded(), detail: (e as Error).message };
     } finally {
       clearTimeout(timer);
       conn?.destroy(); // a reset, not a close: probing thousands of nodes leaves no sockets in TIME_WAIT
@@ -148,14 +228,15 @@ function sha256(text: string): Buffer {
   return createHash("sha256").update(text).digest();
 }
 
-/** Whether a name resolves to an address, within a deadline: the name is the client's choice, the resolver's patience is not. */
-async function resolvesTo(host: string, address: string, timeoutMs: number): Promise<boolean> {
+/** Every address a name resolves to, within a deadline (none if it fails): the name is the client's choice, the resolver's patience is not. */
+async function resolveWithin(host: string, timeoutMs: number): Promise<string[]> {
   let timer: Timer | undefined;
   const late = new Promise<string[]>((resolve) => (timer = setTimeout(() => resolve([]), timeoutMs)));
   try {
-    return (await Promise.race([resolveHost(host), late])).includes(address);
+    const found = await Promise.race([resolveHost(host), late]);
+    return found.map((a) => canonicalIp(a) ?? a);
   } catch {
-    return false;
+    return [];
   } finally {
     clearTimeout(timer);
   }

@@ -42,6 +42,8 @@ export interface NodeOptions {
   maxReplyBytes?: number;
   inboundTimeoutMs?: number;
   maxInboundConns?: number;
+  /** Open inbound greeting connections from one source address. */
+  maxInboundPerAddress?: number;
   onEvent?: (e: NodeEvent) => void;
   /** Resolve startNode only after the first registration (default true). */
   waitForRegistration?: boolean;
@@ -108,14 +110,14 @@ export async function startNode(options: NodeOptions): Promise<PeerNode> {
   const view = new Map<string, Peer>();
   const listed = (id: string) => view.has(id);
   const met = new Met(listed);
-  const listener = new Listener(s, transport, me, met, emit);
+  const listener = new Listener(s, transport, me, met, (id) => view.get(id), emit);
   emit({ event: "listening", id: me.id, name: me.name, host: s.listenHost, port: listener.port });
   const done = Promise.withResolvers<void>();
   done.promise.catch(() => {}); // observed through `done` by whoever cares
   const greetAll = (peers: Peer[]) => {
     for (const p of peers) greeter.greet(p);
   };
-  const session = new RegistrySession(s, transport, options.clock ?? systemClock, me, listener.port, view, met, greetAll, emit, (error) => {
+  const session = new RegistrySession(s, transport, options.clock ?? systemClock, me, listener.port, view, met, greetAll, (p) => listener.onListed(p), emit, (error) => {
     void halt().then(() => done.reject(error));
   });
   const greeter = new Greeter(s, transport, me, () => session.listedAs(), met, listed, (id) => session.receipt([id]), emit);
@@ -186,11 +188,15 @@ function settingsOf(options: NodeOptions) {
     maxReplyBytes: options.maxReplyBytes ?? DEFAULTS.maxReplyBytes,
     inboundTimeoutMs: options.inboundTimeoutMs ?? DEFAULTS.inboundTimeoutMs,
     maxInboundConns: options.maxInboundConns ?? DEFAULTS.maxInboundConns,
+    maxInboundPerAddress: options.maxInboundPerAddress ?? DEFAULTS.maxInboundPerAddress,
   };
 }
 
-/** Registry refusals that retrying cannot fix; anything else is retried with backoff. */
-const FATAL: ReadonlySet<string> = new Set(["unauthorized", "address-not-allowed", "unsupported-version", "unreachable", "bad-message", "bad-json"]);
+/**
+ * Registry refusals that retrying cannot fix, before a first registration:
+ * anything else (`unavailable`, `rate-limited`, `registry-full`, ...) is retried with backoff.
+ */
+const FATAL: ReadonlySet<string> = new Set(["unauthorized", "address-not-allowed", "unsupported-version", "unreachable", "id-in-use", "bad-message", "bad-json"]);
 
 /** Ids per receipt line: 200 ids of up to 64 chars stay under the registry's default line limit. */
 const RECEIPT_CHUNK = 200;
@@ -235,6 +241,8 @@ class RegistrySession {
     private readonly met: Met,
     /** Greets the peers a registration handed out. */
     private readonly greet: (peers: Peer[]) => void,
+    /** A peer was added to the view, or updated. */
+    private readonly onListed: (peer: Peer) => void,
     private readonly emit: (e: SessionEvent) => void,
     private readonly onFatal: (error: RegistrationError) => void,
   ) {
@@ -346,6 +354,7 @@ class RegistrySession {
         if (!this.acceptSeq(conn, m.seq) || m.peer.id === this.me.id) return;
         if (!this.view.has(m.peer.id)) this.emit({ event: "peer-joined", peer: m.peer.id, address: formatAddress(m.peer.host, m.peer.port), name: m.peer.name });
         this.view.set(m.peer.id, m.peer);
+        this.onListed(m.peer);
         return;
       case "left":
         if (!this.acceptSeq(conn, m.seq)) return;
@@ -448,6 +457,7 @@ class RegistrySession {
     }
     this.view.clear();
     for (const [k, p] of next) this.view.set(k, p);
+    for (const p of next.values()) this.onListed(p);
   }
 
   private scheduleReconnect(): void {
@@ -516,6 +526,7 @@ const flags = {
   "max-line": { type: "string", description: `Longest line the greeting listener accepts, bytes [env NODE_MAX_LINE, default ${DEFAULTS.maxLineBytes}]` },
   "inbound-timeout": { type: "string", description: `Lifetime of an inbound greeting connection, ms [env NODE_INBOUND_TIMEOUT_MS, default ${DEFAULTS.inboundTimeoutMs}]` },
   "max-inbound": { type: "string", description: `Open inbound greeting connections at most [env NODE_MAX_INBOUND, default ${DEFAULTS.maxInboundConns}]` },
+  "max-inbound-per-ip": { type: "string", description: `Open inbound greeting connections from one source address [env NODE_MAX_INBOUND_PER_IP, default ${DEFAULTS.maxInboundPerAddress}]` },
 } satisfies ArgsDef;
 
 export const command = defineCommand({
@@ -558,6 +569,7 @@ export const command = defineCommand({
         maxLineBytes: num("max-line", "NODE_MAX_LINE", 64),
         inboundTimeoutMs: num("inbound-timeout", "NODE_INBOUND_TIMEOUT_MS", 1, MAX_TIMER_MS),
         maxInboundConns: num("max-inbound", "NODE_MAX_INBOUND", 1),
+        maxInboundPerAddress: num("max-inbound-per-ip", "NODE_MAX_INBOUND_PER_IP", 1),
         registerTimeoutMs: num("register-timeout", "NODE_REGISTER_TIMEOUT_MS", 1, MAX_TIMER_MS),
         maxReplyBytes: num("max-reply", "NODE_MAX_REPLY_BYTES", 1024),
         onEvent: print,

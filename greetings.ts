@@ -4,6 +4,7 @@
  * join later and the registry's `probe`. Each peer identity is met once: a
  * retried or repeated greeting is acknowledged but counted once.
  */
+import { ConnectionCaps, type CapTicket } from "./limits.ts";
 import { formatAddress, lineHandlers, type Conn, type Transport } from "./net.ts";
 import { DEFAULTS, FromListener, PROTOCOL_VERSION, ToListener, decode, type Peer } from "./protocol.ts";
 
@@ -150,32 +151,47 @@ export interface ListenerSettings {
   maxLineBytes: number;
   inboundTimeoutMs: number;
   maxInboundConns: number;
+  /** Open inbound connections from one source address. */
+  maxInboundPerAddress: number;
 }
 
-/** The node's listening port: answers `hello` with `welcome` and the registry's `probe` with `probe-ok`. */
+/**
+ * The node's listening port: answers `hello` with `welcome` and the
+ * registry's `probe` with `probe-ok`, one request per connection. A `hello`
+ * counts as a greeting only from a node the registry lists under that id at
+ * that address: anyone can claim an id, so a hello from an id not (yet)
+ * listed is answered and kept aside, and reported once the registry lists
+ * that node (its `joined` often arrives just after its greeting).
+ */
 export class Listener {
   readonly port: number;
   private readonly listeners: Bun.TCPSocketListener<Conn<InboundState>>[];
-  private inbound = 0;
+  private readonly caps: ConnectionCaps;
+  /** Hellos from nodes not listed yet, by id: the first claim of each, bounded. */
+  private readonly pending = new Map<string, { address: string; name?: string }>();
 
   constructor(
-    s: ListenerSettings,
+    private readonly s: ListenerSettings,
     transport: Transport,
     private readonly me: Identity,
     private readonly met: Met,
+    /** The peer the registry lists under `id`, if any. */
+    private readonly listed: (id: string) => Peer | undefined,
     private readonly emit: (e: GreetingEvent) => void,
   ) {
+    this.caps = new ConnectionCaps(s.maxInboundPerAddress, s.maxInboundConns, "node");
     const handlers = lineHandlers<InboundState>({
       maxLineBytes: s.maxLineBytes,
-      state: () => ({ timer: undefined }),
+      state: () => ({ timer: undefined, answered: false }),
       open: (conn) => {
-        this.inbound++;
-        if (this.inbound > s.maxInboundConns) return conn.fail("too-many-connections", `more than ${s.maxInboundConns} open greeting connections`);
+        const { refused, ticket } = this.caps.admit(conn.remoteAddress);
+        conn.state.caps = ticket;
+        if (refused) return conn.fail("too-many-connections", refused);
         conn.state.timer = setTimeout(() => conn.destroy(), s.inboundTimeoutMs);
       },
       line: (conn, line) => this.onLine(conn, line),
       close: (conn) => {
-        this.inbound--;
+        if (conn.state.caps) this.caps.release(conn.state.caps);
         clearTimeout(conn.state.timer);
       },
     });
@@ -184,11 +200,22 @@ export class Listener {
     this.port = listening.port;
   }
 
+  /** The registry lists `peer` (now, or again): a greeting it sent before is reported now. */
+  onListed(peer: Peer): void {
+    const p = this.pending.get(peer.id);
+    if (!p) return;
+    this.pending.delete(peer.id);
+    if (p.address === formatAddress(peer.host, peer.port)) this.greeted(peer.id, p.address, p.name);
+  }
+
   stop(): void {
     for (const l of this.listeners) l.stop(true);
   }
 
   private onLine(conn: Conn<InboundState>, line: string): void {
+    // One request per connection: what follows the first line is not read.
+    if (conn.state.answered) return;
+    conn.state.answered = true;
     const { id, name } = this.me;
     const r = decode(ToListener, line);
     if (!r.ok) return conn.fail(r.code, r.message);
@@ -202,8 +229,20 @@ export class Listener {
     conn.send(name ? { type: "welcome", v: PROTOCOL_VERSION, id, name } : { type: "welcome", v: PROTOCOL_VERSION, id });
     conn.end();
     if (m.id === id || this.met.has(m.id)) return; // a retried greeting is acknowledged again but counted once
-    this.met.add(m.id);
-    this.emit({ event: "greeting", peer: m.id, address: formatAddress(m.host, m.port), name: m.name });
+    const address = formatAddress(m.host, m.port);
+    const peer = this.listed(m.id);
+    if (peer) {
+      if (formatAddress(peer.host, peer.port) === address) this.greeted(m.id, address, m.name);
+      return;
+    }
+    if (this.pending.has(m.id)) return; // the first claim stands until the registry says who that is
+    if (this.pending.size >= MAX_PENDING) this.pending.delete(this.pending.keys().next().value!);
+    this.pending.set(m.id, { address, name: m.name });
+  }
+
+  private greeted(peer: string, address: string, name: string | undefined): void {
+    this.met.add(peer);
+    this.emit({ event: "greeting", peer, address, name });
   }
 }
 
@@ -212,8 +251,14 @@ export class Listener {
 /** Peers remembered as met before those that left are forgotten: twice the registry's default node cap. */
 const MAX_MET = 2 * DEFAULTS.maxNodes;
 
+/** Hellos from nodes not listed yet, kept until the registry lists them: enough for a burst of joins, bounded against made-up ids. */
+const MAX_PENDING = 1024;
+
 interface InboundState {
   timer: Timer | undefined;
+  caps?: CapTicket;
+  /** The connection's one request has been read. */
+  answered: boolean;
 }
 
 interface GreetState {

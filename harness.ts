@@ -12,6 +12,8 @@ import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { checkFlags, runCli } from "./cli.ts";
 import { command as nodeCommand } from "./client.ts";
+import type { Clock } from "./liveness.ts";
+import { tcp, type Conn, type Transport } from "./net.ts";
 import { command as registryCommand } from "./registry.ts";
 
 /** The project root: where the scripts are started from. */
@@ -685,4 +687,91 @@ export function mulberry32(seed: number): () => number {
     t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
     return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
   };
+}
+
+/** A connection a listener accepted, seen from the server's side: its Conn, and the bytes it has read so far. */
+export interface Accepted {
+  conn: Conn<unknown>;
+  read: number;
+}
+
+/**
+ * Plain TCP that records every connection its listeners accept and every
+ * chunk they read, before the role does: the boundary a test observes
+ * instead of patching prototypes. A line is answered while it is read, so
+ * once `read` covers a line, its answer has been written or queued.
+ */
+export function watchedTransport(onData?: (chunk: Uint8Array) => void) {
+  const accepted: Accepted[] = [];
+  const byConn = new Map<unknown, Accepted>();
+  const transport: Transport = {
+    ...tcp,
+    listen: (host, port, handlers) =>
+      tcp.listen(host, port, {
+        ...handlers,
+        open(socket) {
+          handlers.open?.(socket);
+          const a = { conn: socket.data as Conn<unknown>, read: 0 };
+          accepted.push(a);
+          byConn.set(socket.data, a);
+        },
+        data(socket, chunk) {
+          onData?.(chunk);
+          const a = byConn.get(socket.data);
+          if (a) a.read += chunk.byteLength;
+          handlers.data?.(socket, chunk);
+        },
+      }),
+  };
+  return {
+    transport,
+    accepted,
+    /** The server's end of the connection a client opened from local port `port`, once accepted. */
+    async from(port: number, timeoutMs = 10_000): Promise<Accepted> {
+      let found: Accepted | undefined;
+      await waitUntil(() => (found = accepted.find((a) => a.conn.remotePort === port)) !== undefined, timeoutMs, `the connection from port ${port} to be accepted`);
+      return found!;
+    },
+  };
+}
+
+// --- time ---------------------------------------------------------------------
+
+/** A clock that moves only when told; timers fire in time order as it passes them. */
+export class ManualClock implements Clock {
+  private t = 1_000;
+  private timers = new Set<{ ms: number; next: number; fn: () => void }>();
+
+  now(): number {
+    return this.t;
+  }
+
+  every(ms: number, fn: () => void): () => void {
+    const timer = { ms, next: this.t + ms, fn };
+    this.timers.add(timer);
+    return () => this.timers.delete(timer);
+  }
+
+  /** Moves time forward, firing each timer every time it comes due. */
+  advance(ms: number): void {
+    const end = this.t + ms;
+    for (;;) {
+      const due = [...this.timers].filter((x) => x.next <= end).sort((a, b) => a.next - b.next)[0];
+      if (!due) break;
+      this.t = due.next;
+      due.next += due.ms;
+      due.fn();
+    }
+    this.t = end;
+  }
+
+  /** Jumps forward without firing anything: the process was frozen, then one late tick runs. */
+  freeze(ms: number): void {
+    this.t += ms;
+    for (const x of this.timers) {
+      if (x.next > this.t) continue;
+      x.next = this.t + x.ms;
+      x.fn();
+    }
+  }
 }

@@ -66,6 +66,8 @@ export interface Membership {
   pairs(): [string, string][];
   mesh(): MeshState;
   subscribe(fn: (change: Change) => void): () => void;
+  /** Several registries: whether registry `id` is still connected to the shared list (its sessions may be live). */
+  registryAlive?(id: string): boolean | Promise<boolean>;
   close(): Promise<void>;
 }
 

@@ -35,11 +35,22 @@ export const DEFAULTS = {
   /** A peer connection to a node's listener must finish within this time. */
   inboundTimeoutMs: 5_000,
   maxInboundConns: 512,
+  /** Half the total: one address cannot take every slot, and a whole host of nodes greeting at once still fits. */
+  maxInboundPerAddress: 256,
   /** Reconnect backoff to the registry: full jitter between 0 and min(cap, base*2^n). */
   reconnectBaseMs: 100,
   reconnectMaxMs: 2_000,
   /** Unsent bytes one connection may hold before it is dropped as a slow consumer. */
   maxQueueBytes: 32 * 1024 * 1024,
+  /** Unsent bytes all the registry's connections may hold together. */
+  maxQueueTotalBytes: 256 * 1024 * 1024,
+  /** Rate limits, per second with bursts of ten seconds' worth: far above what a node sends (a ping per heartbeat, a sync per gap, receipts per greeting round). */
+  rateSessionLines: 100,
+  rateAddressLines: 2_000,
+  rateSessionSyncs: 1,
+  rateAddressProbes: 100,
+  /** Failed tokens per source address per minute before its registrations are refused for a while. */
+  authFailuresPerMinute: 10,
 } as const;
 
 // --- schemas -----------------------------------------------------------------
@@ -69,7 +80,8 @@ export const ErrorCode = v.picklist([
   "unexpected-message", // a valid message at the wrong point of the session
   "unauthorized", // missing or wrong token
   "address-not-allowed", // advertised host is not the one the node connects from
-  "unreachable", // the registry could not dial the node back
+  "unreachable", // the probe's port refused, or answered as someone else
+  "unavailable", // the registry could not check in time (a probe that timed out): retry later
   "registry-full", // max nodes reached
   "too-many-connections", // connection caps (per source address, in all)
   "registration-timeout", // no `register` in time
@@ -78,6 +90,8 @@ export const ErrorCode = v.picklist([
   "wrong-node", // a probe reached a node with another id
   "shutting-down", // the registry is stopping
   "slow-consumer", // too many unsent bytes queued for this connection
+  "rate-limited", // more requests than the rate limits allow; retry later
+  "id-in-use", // a live node holds this id or address
 ]);
 export type ErrorCode = v.InferOutput<typeof ErrorCode>;
 

@@ -10,9 +10,9 @@
  * and the fan-out pushes changes out.
  */
 import { defineCommand, runMain, type ArgsDef } from "citty";
-import { Admission } from "./admission.ts";
+import { Admission, type Holding } from "./admission.ts";
 import { UsageError, createPrinter, readSettings, runCli, stopOnSignals } from "./cli.ts";
-import { ConnectionCaps, type CapTicket } from "./limits.ts";
+import { BucketMap, ByteBudget, ConnectionCaps, TokenBucket, type CapTicket, type Rate } from "./limits.ts";
 import { SessionDeadlines, systemClock, type Clock, type Expiry, type Watched } from "./liveness.ts";
 import { MemoryMembership, addressOf, peerOf, type Change, type Member, type Membership } from "./membership.ts";
 import { formatAddress, lineHandlers, parsePort, tcp, type Conn, type Transport } from "./net.ts";
@@ -49,6 +49,18 @@ export interface RegistryOptions {
   maxConns?: number;
   /** Unsent bytes per session before it is dropped as a slow consumer. */
   maxQueueBytes?: number;
+  /** Unsent bytes all sessions together may hold; over it, the largest backlogs are dropped (0 = no budget). */
+  maxQueueTotalBytes?: number;
+  /** Lines per second one session may send, in bursts of ten seconds' worth (0 = no limit). */
+  rateSessionLines?: number;
+  /** Lines per second all sessions from one source address may send (0 = no limit). */
+  rateAddressLines?: number;
+  /** `sync` requests per second one session may send (0 = no limit). */
+  rateSessionSyncs?: number;
+  /** Probes per second registrations from one source address may cause (0 = no limit). */
+  rateAddressProbes?: number;
+  /** Wrong tokens per minute from one source address before its registrations are refused for a while (0 = no limit). */
+  authFailuresPerMinute?: number;
   /** Shared secret nodes must present in `register`. */
   token?: string;
   /** Let nodes advertise a host other than the one they connect from. */
@@ -69,8 +81,8 @@ export type RegistryEvent =
   | { event: "node-left"; id: string; host: string; port: number; reason: LeaveReason; nodes: number; seq: number }
   | { event: "pair-greeted"; a: string; b: string }
   | { event: "mesh-complete"; nodes: number; pairs: number; ms: number }
-  /** A connection was refused and closed, or cut over a limit. */
-  | { event: "error"; code: ErrorCode; message: string; remote: string }
+  /** A connection was refused and closed, or cut over a limit; `detail` (never sent to the client) says more. */
+  | { event: "error"; code: ErrorCode; message: string; remote: string; detail?: string }
   | { event: "http-listening"; url: string }
   | { event: "stopped" };
 
@@ -94,6 +106,16 @@ export interface RegistryStats {
   startedAt: number;
   /** Time the mesh last became complete after the last join, ms since the join (null while incomplete). */
   meshCompleteMs: number | null;
+  /** Unsent bytes held for all sessions now (shared buffers counted once), and the budget. */
+  unsentBytes: number;
+  maxUnsentBytes: number;
+  /** `sync` requests answered by a snapshot still on its way. */
+  coalescedSyncs: number;
+  /** Wrong tokens, and registrations refused because their address sent too many. */
+  authFailures: number;
+  authBlocked: number;
+  /** Time the registry's own event loop was stalled, ms in all (left out of every deadline). */
+  stalledMs: number;
 }
 
 export interface Registry {
@@ -133,7 +155,7 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
     port,
     boot: membership.boot,
     nodes: () => Array.from(membership.members(), ({ id, host, port, name, source, joinedAt }) => ({ id, host, port, name, source, joinedAt })),
-    stats: () => counters.stats(membership),
+    stats: () => counters.stats(membership, sessions.figures()),
     subscribe(fn) {
       listeners.add(fn);
       return () => listeners.delete(fn);
@@ -177,6 +199,12 @@ function settingsOf(options: RegistryOptions) {
     maxConnsPerAddress: options.maxConnsPerAddress ?? DEFAULTS.maxConnsPerAddress,
     maxConns: options.maxConns ?? DEFAULTS.maxConns,
     maxQueueBytes: options.maxQueueBytes ?? DEFAULTS.maxQueueBytes,
+    maxQueueTotalBytes: options.maxQueueTotalBytes ?? DEFAULTS.maxQueueTotalBytes,
+    rateSessionLines: options.rateSessionLines ?? DEFAULTS.rateSessionLines,
+    rateAddressLines: options.rateAddressLines ?? DEFAULTS.rateAddressLines,
+    rateSessionSyncs: options.rateSessionSyncs ?? DEFAULTS.rateSessionSyncs,
+    rateAddressProbes: options.rateAddressProbes ?? DEFAULTS.rateAddressProbes,
+    authFailuresPerMinute: options.authFailuresPerMinute ?? DEFAULTS.authFailuresPerMinute,
     token: options.token || undefined,
     allowAdvertise: options.allowAdvertise ?? false,
   };
@@ -191,18 +219,30 @@ const PUSH_PACING = 4;
 const PING_CHUNK = Buffer.from(PING_LINE + "\n");
 const PONG_BYTES = Buffer.from(PONG_LINE);
 
+/** Lines handled per read of one connection before the others get a turn. */
+const MAX_LINES_PER_READ = 64;
+
+/** Lines over its rate limit in a row after which a session is closed rather than answered. */
+const MAX_STRIKES = 100;
+
 interface Session extends Watched {
   conn: Conn<Session>;
   caps?: CapTicket;
   /** The registration this session holds, while it is listed. */
   member?: Member;
   leaveReason?: LeaveReason;
+  lines: TokenBucket;
+  syncs: TokenBucket;
+  /** Lines refused by a rate limit since the last one allowed. */
+  strikes: number;
+  /** `sentBytes` at the end of the last snapshot queued: while the connection has not written that far, a sync waits for it. */
+  snapshotEnd: number;
 }
 
 /**
- * The registry's sessions: one per node connection. Reads its lines,
- * registers it through admission and membership, answers pings and syncs,
- * and turns membership changes into pushes and events.
+ * The registry's sessions: one per node connection. Reads its lines (within
+ * rate limits), registers it through admission and membership, answers pings
+ * and syncs, and turns membership changes into pushes and events.
  */
 class Sessions {
   readonly handlers: Bun.SocketHandler<Conn<Session>>;
@@ -210,8 +250,11 @@ class Sessions {
   /** Local sessions by the ticket of the registration they hold. */
   private readonly byTicket = new Map<string, Conn<Session>>();
   private readonly caps: ConnectionCaps;
+  private readonly budget: ByteBudget;
+  private readonly addressLines: BucketMap;
   private readonly deadlines: SessionDeadlines<Session>;
   private readonly fanout: FanOut;
+  private readonly snapshots: SnapshotCache;
   private readonly registryId = randomId();
   private registrations = 0;
   private stopping = false;
@@ -222,26 +265,29 @@ class Sessions {
     private readonly admission: Admission,
     private readonly counters: Counters,
     private readonly emit: (e: RegistryEvent) => void,
-    clock: Clock,
+    private readonly clock: Clock,
   ) {
     this.caps = new ConnectionCaps(s.maxConnsPerAddress, s.maxConns);
+    this.budget = new ByteBudget(s.maxQueueTotalBytes);
+    this.addressLines = new BucketMap(perSecond(s.rateAddressLines), () => clock.now());
     this.fanout = new FanOut(this.conns);
+    this.snapshots = new SnapshotCache(membership);
     this.deadlines = new SessionDeadlines(clock, s, () => this.states(), (session, why) => this.expire(session, why));
     membership.subscribe((c) => this.onChange(c));
     this.handlers = lineHandlers<Session>({
       maxLineBytes: s.maxLineBytes,
       maxQueueBytes: s.maxQueueBytes,
-      state: (socket) => {
-        const now = this.deadlines.clock.now();
-        return { conn: socket.data, phase: "new", openedAt: now, lastSeen: now };
-      },
+      budget: this.budget,
+      maxLinesPerRead: MAX_LINES_PER_READ,
+      state: (socket) => this.newSession(socket.data),
       // A ping alone in its chunk is answered without splitting or decoding: with
       // 10,000 nodes that is 5,000 lines a second.
       exact: {
         bytes: PING_CHUNK,
         handle: (conn) => {
-          if (conn.state.phase !== "registered") return false;
-          conn.state.lastSeen = this.deadlines.clock.now();
+          const s = conn.state;
+          if (s.phase !== "registered" || !this.allowLine(s)) return false;
+          s.lastSeen = this.deadlines.clock.now();
           conn.send(PONG_BYTES);
           return true;
         },
@@ -252,8 +298,37 @@ class Sessions {
     });
   }
 
+  /** The figures of /stats that the sessions' parts keep. */
+  figures(): Pick<RegistryStats, "unsentBytes" | "maxUnsentBytes" | "authFailures" | "authBlocked" | "stalledMs"> {
+    return {
+      unsentBytes: this.budget.total,
+      maxUnsentBytes: this.budget.max,
+      authFailures: this.admission.tokens.failed,
+      authBlocked: this.admission.tokens.blocked,
+      stalledMs: Math.round(this.deadlines.clock.stalledMs),
+    };
+  }
+
+  private newSession(conn: Conn<Session>): Session {
+    const now = this.deadlines.clock.now();
+    const clock = () => this.clock.now();
+    return {
+      conn,
+      phase: "new",
+      openedAt: now,
+      lastSeen: now,
+      lines: new TokenBucket(10 * this.s.rateSessionLines, this.s.rateSessionLines, clock),
+      syncs: new TokenBucket(10 * this.s.rateSessionSyncs, this.s.rateSessionSyncs, clock),
+      strikes: 0,
+      snapshotEnd: 0,
+    };
+  }
+
   private *states(): IterableIterator<Session> {
     for (const c of this.conns) yield c.state;
+    // Rate-limit state of quiet addresses is forgotten on the same beat.
+    this.addressLines.sweep();
+    this.admission.sweep();
   }
 
   private onOpen(conn: Conn<Session>): void {
@@ -264,9 +339,19 @@ class Sessions {
     this.conns.add(conn);
   }
 
+  /** Takes a line from the session's and its address's rate limits. */
+  private allowLine(s: Session): boolean {
+    if (s.lines.take() && this.addressLines.take(s.conn.remoteAddress)) {
+      s.strikes = 0;
+      return true;
+    }
+    return false;
+  }
+
   private onLine(conn: Conn<Session>, line: string): void {
     const s = conn.state;
     if (s.phase === "closing") return;
+    if (!this.allowLine(s)) return this.overRate(conn, "lines");
     s.lastSeen = this.deadlines.clock.now();
     if (line === PING_LINE && s.phase === "registered") {
       conn.send(PONG_LINE);
@@ -301,8 +386,7 @@ class Sessions {
         return;
       case "sync":
         if (s.phase !== "registered") return this.reject(conn, "unexpected-message", "sync before register");
-        conn.send(this.snapshotLine());
-        return;
+        return this.sync(conn);
       case "receipt":
         if (s.phase !== "registered" || !s.member) return this.reject(conn, "unexpected-message", "receipt before register");
         this.membership.receipt(s.member, msg.ids);
@@ -310,14 +394,35 @@ class Sessions {
     }
   }
 
+  /**
+   * Answers `sync` with the list, at most one snapshot on its way per session:
+   * while the last one is still queued, it answers this sync too (the pushes
+   * after it follow in order), so a client that asks and never reads cannot
+   * pile snapshots up. The snapshot's bytes are shared by every session.
+   */
+  private sync(conn: Conn<Session>): void {
+    const s = conn.state;
+    if (conn.sentBytes - conn.pendingBytes < s.snapshotEnd) {
+      this.counters.coalescedSyncs++;
+      return;
+    }
+    if (!s.syncs.take()) return this.overRate(conn, "sync requests");
+    conn.send(this.snapshots.line());
+    s.snapshotEnd = conn.sentBytes;
+  }
+
+  /** A line over a rate limit: answered `rate-limited`, and after too many in a row the session is closed. */
+  private overRate(conn: Conn<Session>, what: string): void {
+    const s = conn.state;
+    const message = `too many ${what} from this ${s.strikes < MAX_STRIKES ? "session; slow down" : "session: closing it"}`;
+    if (++s.strikes > MAX_STRIKES) return this.reject(conn, "rate-limited", message);
+    this.answerError(conn, "rate-limited", message);
+  }
+
   private async register(conn: Conn<Session>, msg: Register): Promise<void> {
     const started = performance.now();
     const verdict = await this.admission.check(msg, conn.remoteAddress);
-    if (!verdict.ok) return this.reject(conn, verdict.code, verdict.message);
-    // The session may have closed while we resolved or probed; its close
-    // handler has run, so listing it now would leave an entry nobody removes.
-    if (conn.closed) return;
-    if (this.stopping) return this.reject(conn, "shutting-down", "registry is shutting down");
+    if (!verdict.ok) return this.reject(conn, verdict.code, verdict.message, verdict.detail);
     const member: Member = {
       id: msg.id,
       host: verdict.host,
@@ -328,9 +433,25 @@ class Sessions {
       joinedAt: Date.now(),
       ticket: `${this.registryId}.${++this.registrations}`,
     };
-    const joined = await this.membership.join(member, this.admission.replaceable(member));
-    if (!joined.ok) return this.reject(conn, "replaced", `node ${joined.holder.id} at ${addressOf(joined.holder)} registered at the same moment`);
+    // Another registration may slip in while this one is decided; then decide again.
+    for (let attempt = 1; ; attempt++) {
+      const replaces = await this.admission.replaceable(member, (m) => this.holding(m), conn.remoteAddress);
+      if (!Array.isArray(replaces)) return this.reject(conn, replaces.code, replaces.message, replaces.detail);
+      // The session may have closed while we resolved or probed; its close
+      // handler has run, so listing it now would leave an entry nobody removes.
+      if (conn.closed) return;
+      if (this.stopping) return this.reject(conn, "shutting-down", "registry is shutting down");
+      const joined = await this.membership.join(member, replaces);
+      if (joined.ok) break;
+      if (attempt === 3) return this.reject(conn, "id-in-use", `node ${joined.holder.id} at ${addressOf(joined.holder)} registered at the same moment`);
+    }
     if (conn.closed) return void this.membership.leave(member, "closed");
+    this.listed(conn, member);
+    this.counters.registered(performance.now() - started);
+  }
+
+  /** The session now holds `member`: it is registered and gets its reply. */
+  private listed(conn: Conn<Session>, member: Member): void {
     const s = conn.state;
     s.phase = "registered";
     s.member = member;
@@ -341,7 +462,18 @@ class Sessions {
     conn.send(
       `{"type":"registered","v":${PROTOCOL_VERSION},"boot":"${m.boot}","seq":${m.seq},"heartbeat":${this.s.heartbeatMs},"timeout":${this.s.heartbeatTimeoutMs},"self":${self},"peers":[${m.peerList(member.id)}]}\n`,
     );
-    this.counters.registered(performance.now() - started);
+  }
+
+  /**
+   * Whether a listed registration's session is gone, silent (it missed a
+   * beat) or live. Another registry's registration is gone when that
+   * registry is, else taken for live.
+   */
+  private holding(m: Member): Holding | Promise<Holding> {
+    const conn = this.byTicket.get(m.ticket);
+    if (conn) return this.deadlines.clock.now() - conn.state.lastSeen > 1.5 * this.s.heartbeatMs ? "silent" : "live";
+    if (m.registry === this.registryId || !this.membership.registryAlive) return "gone";
+    return Promise.resolve(this.membership.registryAlive(m.registry)).then((alive) => (alive ? "live" : "gone"));
   }
 
   private onClose(conn: Conn<Session>): void {
@@ -391,7 +523,7 @@ class Sessions {
       case "reset": {
         // The list was rebuilt under us: every session gets the whole of it.
         this.fanout.flush();
-        const line = Buffer.from(this.snapshotLine());
+        const line = this.snapshots.line();
         for (const conn of this.conns) if (conn.state.phase === "registered") conn.send(line);
         return;
       }
@@ -407,11 +539,6 @@ class Sessions {
     this.byTicket.delete(replaced.ticket);
     old.state.member = undefined;
     if (!old.closed) old.fail("replaced", message);
-  }
-
-  private snapshotLine(): string {
-    const m = this.membership;
-    return `{"type":"snapshot","boot":"${m.boot}","seq":${m.seq},"peers":[${m.peerList()}]}\n`;
   }
 
   private expire(s: Session, why: Expiry): void {
@@ -434,12 +561,13 @@ class Sessions {
   }
 
   /** Refuses a connection: tells it why, counts and reports it, and closes it. */
-  private reject(conn: Conn<Session>, code: ErrorCode, rawMessage: string): void {
+  private reject(conn: Conn<Session>, code: ErrorCode, rawMessage: string, detail?: string): void {
     const message = this.admission.redact(rawMessage);
     this.counters.reject(code);
     conn.state.phase = "closing";
     conn.state.lastSeen = this.deadlines.clock.now();
-    this.emit({ event: "error", code, message, remote: formatAddress(conn.remoteAddress, conn.remotePort) });
+    const remote = formatAddress(conn.remoteAddress, conn.remotePort);
+    this.emit({ event: "error", code, message, remote, ...(detail ? { detail: this.admission.redact(detail) } : {}) });
     conn.fail(code, message);
   }
 
@@ -457,6 +585,27 @@ class Sessions {
     while (open.some((c) => !c.closed) && performance.now() < deadline) await Bun.sleep(10);
     for (const c of open) c.destroy();
   }
+}
+
+/** The `snapshot` line for the list as it is, encoded once per change and shared by every session that asks. */
+class SnapshotCache {
+  private cached: { boot: string; seq: number; bytes: Buffer } | undefined;
+
+  constructor(private readonly membership: Membership) {}
+
+  line(): Buffer {
+    const m = this.membership;
+    const c = this.cached;
+    if (c && c.boot === m.boot && c.seq === m.seq) return c.bytes;
+    const bytes = Buffer.from(`{"type":"snapshot","boot":"${m.boot}","seq":${m.seq},"peers":[${m.peerList()}]}\n`);
+    this.cached = { boot: m.boot, seq: m.seq, bytes };
+    return bytes;
+  }
+}
+
+/** A rate as a token bucket wants it: bursts of ten seconds' worth. */
+function perSecond(rate: number): Rate {
+  return { perSecond: rate, burst: 10 * rate };
 }
 
 /**
@@ -498,6 +647,7 @@ class FanOut {
 /** The registry's own counters: registrations, refusals, latencies. */
 class Counters {
   joins = 0;
+  coalescedSyncs = 0;
   leaves: Record<LeaveReason, number> = { closed: 0, timeout: 0, leave: 0, replaced: 0 };
   private registrations = 0;
   private rejected: Partial<Record<ErrorCode, number>> = {};
@@ -514,7 +664,7 @@ class Counters {
     this.latencySumMs += latencyMs;
   }
 
-  stats(m: Membership): RegistryStats {
+  stats(m: Membership, parts: ReturnType<Sessions["figures"]>): RegistryStats {
     const n = Math.min(this.registrations, this.latencies.length);
     const sorted = Array.from(this.latencies.subarray(0, n)).sort((a, b) => a - b);
     const pct = (p: number) => (n ? round(sorted[Math.min(n - 1, Math.floor(p * n))]!) : 0);
@@ -531,6 +681,8 @@ class Counters {
       latencyMs: { p50: pct(0.5), p90: pct(0.9), p99: pct(0.99), max: n ? round(sorted[n - 1]!) : 0, count: this.registrations, sum: round(this.latencySumMs) },
       startedAt: this.startedAt,
       meshCompleteMs: mesh.completeMs === null ? null : round(mesh.completeMs),
+      coalescedSyncs: this.coalescedSyncs,
+      ...parts,
     };
   }
 }
@@ -582,6 +734,12 @@ const flags = {
   "max-conns-per-ip": { type: "string", description: `Open connections per source address, 0 = no cap [env REGISTRY_MAX_CONNS_PER_IP, default ${DEFAULTS.maxConnsPerAddress}]` },
   "max-conns": { type: "string", description: `Open connections in all, 0 = no cap [env REGISTRY_MAX_CONNS, default ${DEFAULTS.maxConns}]` },
   "max-queue": { type: "string", description: `Unsent bytes per connection before it is dropped as a slow consumer [env REGISTRY_MAX_QUEUE_BYTES, default ${DEFAULTS.maxQueueBytes}]` },
+  "max-queue-total": { type: "string", description: `Unsent bytes all connections together may hold; over it the largest backlogs are dropped, 0 = no budget [env REGISTRY_MAX_QUEUE_TOTAL_BYTES, default ${DEFAULTS.maxQueueTotalBytes}]` },
+  "rate-session": { type: "string", description: `Lines per second one session may send, bursts of 10 s worth, 0 = no limit [env REGISTRY_RATE_SESSION, default ${DEFAULTS.rateSessionLines}]` },
+  "rate-address": { type: "string", description: `Lines per second all sessions of one source address may send, 0 = no limit [env REGISTRY_RATE_ADDRESS, default ${DEFAULTS.rateAddressLines}]` },
+  "rate-sync": { type: "string", description: `sync requests per second per session, 0 = no limit [env REGISTRY_RATE_SYNC, default ${DEFAULTS.rateSessionSyncs}]` },
+  "rate-probe": { type: "string", description: `Probes per second for registrations from one source address, 0 = no limit [env REGISTRY_RATE_PROBE, default ${DEFAULTS.rateAddressProbes}]` },
+  "auth-failures": { type: "string", description: `Wrong tokens per minute from one source address before its registrations are refused for a while, 0 = no limit [env REGISTRY_AUTH_FAILURES, default ${DEFAULTS.authFailuresPerMinute}]` },
   http: { type: "string", description: "Serve the status API and live page on this port [env REGISTRY_HTTP_PORT]" },
   "http-host": { type: "string", description: "Address for the status page [env REGISTRY_HTTP_HOST, default: same as host]" },
 } satisfies ArgsDef;
@@ -614,6 +772,12 @@ export const command = defineCommand({
         maxConnsPerAddress: num("max-conns-per-ip", "REGISTRY_MAX_CONNS_PER_IP"),
         maxConns: num("max-conns", "REGISTRY_MAX_CONNS"),
         maxQueueBytes: num("max-queue", "REGISTRY_MAX_QUEUE_BYTES", 1024),
+        maxQueueTotalBytes: num("max-queue-total", "REGISTRY_MAX_QUEUE_TOTAL_BYTES"),
+        rateSessionLines: num("rate-session", "REGISTRY_RATE_SESSION"),
+        rateAddressLines: num("rate-address", "REGISTRY_RATE_ADDRESS"),
+        rateSessionSyncs: num("rate-sync", "REGISTRY_RATE_SYNC"),
+        rateAddressProbes: num("rate-probe", "REGISTRY_RATE_PROBE"),
+        authFailuresPerMinute: num("auth-failures", "REGISTRY_AUTH_FAILURES"),
         onEvent: print,
       });
       let status: { stop(): Promise<void> } | undefined;

@@ -421,6 +421,12 @@ function statsJson({ s, boot, rate, window, clients }: Figures) {
     },
     seq: s.seq,
     statusClients: clients,
+    unsentBytes: s.unsentBytes,
+    maxUnsentBytes: s.maxUnsentBytes,
+    coalescedSyncs: s.coalescedSyncs,
+    authFailures: s.authFailures,
+    authBlocked: s.authBlocked,
+    stalledMs: s.stalledMs,
   };
 }
 
@@ -468,6 +474,12 @@ function metricsText({ s, boot, rate, window, clients }: Figures): string {
     s.meshCompleteMs === null ? NaN : seconds(s.meshCompleteMs),
   );
   one(`${p}_status_clients`, "gauge", "Open event streams of the status page.", clients);
+  one(`${p}_unsent_bytes`, "gauge", "Bytes queued for connections that have not read them yet (shared buffers counted once).", s.unsentBytes);
+  one(`${p}_unsent_bytes_budget`, "gauge", "The most unsent bytes all connections may hold together; 0 = no budget.", s.maxUnsentBytes);
+  one(`${p}_coalesced_syncs_total`, "counter", "sync requests answered by a snapshot already on its way.", s.coalescedSyncs);
+  one(`${p}_auth_failures_total`, "counter", "Registrations with a missing or wrong token.", s.authFailures);
+  one(`${p}_auth_blocked_total`, "counter", "Registrations refused because their address sent too many wrong tokens.", s.authBlocked);
+  one(`${p}_stalled_seconds_total`, "counter", "Time the registry's own event loop was stalled, left out of every deadline.", s.stalledMs / 1000);
   return out.join("\n") + "\n";
 }
 

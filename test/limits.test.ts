@@ -10,7 +10,7 @@
 import { afterEach, describe, expect, test } from "bun:test";
 import { RegistrationError, startNode, type NodeOptions, type PeerNode } from "../client.ts";
 import { startRegistry, type Registry, type RegistryOptions } from "../registry.ts";
-import { EventLog, RawClient, closedPort, spawnNode, spawnRegistry, spawnScript, waitUntil, withDeadline, type Proc, type WireMessage } from "../harness.ts";
+import { EventLog, RawClient, closedPort, spawnNode, spawnRegistry, spawnScript, waitUntil, watchedTransport, withDeadline, type Proc, type WireMessage } from "../harness.ts";
 
 const cleanups: (() => unknown)[] = [];
 afterEach(async () => {
@@ -124,26 +124,37 @@ describe("registry limits", () => {
   });
 
   test("a registered node that stops reading is dropped once its unsent backlog passes the queue cap; others carry on", async () => {
-    const { reg, log } = await registry({ probe: false, heartbeatMs: 60_000 });
-    // Fill the list so that every `sync` answer is large.
-    const fillers: RawClient[] = [];
-    for (let i = 0; i < 40; i++) {
-      const c = await raw(reg.port);
-      await c.write(JSON.stringify({ type: "register", v: 1, id: `filler-${i}-`.padEnd(64, "f"), port: 20_000 + i, name: "n".repeat(64) }) + "\n");
-      fillers.push(c);
-    }
-    await waitUntil(() => reg.stats().nodes === 40, 10_000, "40 fillers registered");
-    const slow = await RawClient.connect(reg.port);
-    cleanups.push(() => slow[Symbol.asyncDispose]());
-    slow.send({ type: "register", v: 1, id: "slow-reader", port: 30_000 });
+    const watched = watchedTransport();
+    const { reg, log } = await registry({ probe: false, heartbeatMs: 60_000, maxQueueBytes: 64 * 1024, rateSessionSyncs: 0, transport: watched.transport });
+    // A list whose snapshot is larger than the cap: ~400 peers of ~200 bytes.
+    await registerFillers(reg, 400);
+    const slow = await raw(reg.port);
+    await slow.send({ type: "register", v: 1, id: "slow-reader", port: 30_000 });
     await slow.waitFor("registered", 5_000);
     slow.pause();
-    // ~8 KB per answer: 6000 of them is about 50 MB, past the 32 MiB cap plus what the kernel buffers.
-    slow.write('{"type":"sync"}\n'.repeat(6000));
-    const left = await log.waitFor((e) => e.event === "node-left" && e.id === "slow-reader", 30_000, "the slow reader to be dropped");
+    const end = await watched.from(slow.localPort);
+    // Snapshots until the kernel's buffers are full and the registry holds bytes itself (a sync
+    // waits for the last snapshot while that is queued); then every join and leave it is pushed
+    // queues behind it, until the backlog passes the cap.
+    let sent = end.read;
+    let churn = 0;
+    while (!log.named("error").some((e) => e.code === "slow-consumer")) {
+      if (end.conn.pendingBytes === 0) {
+        await slow.write('{"type":"sync"}\n');
+        sent += 16;
+        await waitUntil(() => end.read >= sent || end.conn.closed, 10_000, "the registry to read the sync");
+      } else {
+        const c = await raw(reg.port);
+        await c.send({ type: "register", v: 1, id: `churn-${churn++}-`.padEnd(64, "c"), port: 40_000 + (churn % 20_000), name: "m".repeat(64) });
+        await c.waitFor("registered", 5_000);
+        c.destroy();
+        await c.waitClosed(5_000);
+      }
+    }
+    const left = await log.waitFor((e) => e.event === "node-left" && e.id === "slow-reader", 10_000, "the slow reader to be dropped");
     expect(left.reason).toBe("closed");
-    const why = await log.waitFor((e) => e.event === "error" && e.code === "slow-consumer", 5_000, "slow-consumer event");
-    expect(String(why.message)).toContain("does not read");
+    const why = log.named("error").find((e) => e.code === "slow-consumer")!;
+    expect(String(why.message)).toContain("over 65536 bytes unsent: the peer does not read");
     expect(reg.stats().rejected["slow-consumer"]).toBe(1);
     const node = await realNode(reg.port);
     expect(node.registered).toBe(true);
@@ -375,6 +386,15 @@ async function registry(options: RegistryOptions): Promise<{ reg: Registry; log:
   const reg = await startRegistry({ host: "127.0.0.1", port: 0, onEvent: log.push, ...options });
   cleanups.push(() => reg.stop());
   return { reg, log };
+}
+
+/** `n` raw sessions with long ids and names registered (probe off), kept open until the test ends. */
+async function registerFillers(reg: Registry, n: number): Promise<void> {
+  for (let i = 0; i < n; i++) {
+    const c = await raw(reg.port);
+    await c.send({ type: "register", v: 1, id: `filler-${i}-`.padEnd(64, "f"), port: 20_000 + i, name: "n".repeat(64) });
+  }
+  await waitUntil(() => reg.stats().nodes >= n, 20_000, `${n} fillers registered`);
 }
 
 async function realNode(registryPort: number, options: Partial<NodeOptions> = {}): Promise<PeerNode> {

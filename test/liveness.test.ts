@@ -5,46 +5,8 @@
  * reconnecting, restarts").
  */
 import { describe, expect, test } from "bun:test";
-import { Backoff, Heartbeat, SessionDeadlines, StallClock, type Clock, type Expiry, type Watched } from "../liveness.ts";
-
-/** A clock that moves only when told; timers fire in time order as it passes them. */
-class ManualClock implements Clock {
-  private t = 1_000;
-  private timers = new Set<{ ms: number; next: number; fn: () => void }>();
-
-  now(): number {
-    return this.t;
-  }
-
-  every(ms: number, fn: () => void): () => void {
-    const timer = { ms, next: this.t + ms, fn };
-    this.timers.add(timer);
-    return () => this.timers.delete(timer);
-  }
-
-  /** Moves time forward, firing each timer every time it comes due. */
-  advance(ms: number): void {
-    const end = this.t + ms;
-    for (;;) {
-      const due = [...this.timers].filter((x) => x.next <= end).sort((a, b) => a.next - b.next)[0];
-      if (!due) break;
-      this.t = due.next;
-      due.next += due.ms;
-      due.fn();
-    }
-    this.t = end;
-  }
-
-  /** Jumps forward without firing anything: the process was frozen, then one late tick runs. */
-  freeze(ms: number): void {
-    this.t += ms;
-    for (const x of this.timers) {
-      if (x.next > this.t) continue;
-      x.next = this.t + x.ms;
-      x.fn();
-    }
-  }
-}
+import { ManualClock } from "../harness.ts";
+import { Backoff, Heartbeat, SessionDeadlines, StallClock, type Expiry, type Watched } from "../liveness.ts";
 
 const LIMITS = { heartbeatMs: 2_000, heartbeatTimeoutMs: 6_000, registerTimeoutMs: 5_000, closingGraceMs: 2_000 };
 /** The sweep runs every min(heartbeat / 2, registration deadline / 4, 1 s): a deadline is noticed within one sweep. */
