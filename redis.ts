@@ -182,7 +182,7 @@ export class RedisMembership implements Membership {
     if (member.registry !== this.registryId) {
       throw new Error(`member ${member.id} names registry ${member.registry}, but this membership is ${this.registryId}'s`);
     }
-    const reply = await this.write(SCRIPTS.join, [member.id, addressOf(member), JSON.stringify(member), ...replaces.map((r) => r.ticket)]);
+    const reply = await this.write(SCRIPTS.join, [member.id, addressOf(member), storedJson(member), ...replaces.map((r) => r.ticket)]);
     if (reply?.[0] === "held") {
       const holder = parseMember(reply[1]);
       if (!holder) throw new Error(`the store holds an unreadable entry for ${member.id} or its address`);
@@ -289,6 +289,8 @@ export class RedisMembership implements Membership {
       }
       await this.resync();
     }
+    // The epoch changed again under the reconcile: treat the store as lost rather than act on it.
+    this.lose(this.link, new Error("the store changed epoch twice in a row"));
     return undefined;
   }
 
@@ -437,7 +439,7 @@ export class RedisMembership implements Membership {
     const alone = this.current === "degraded" && this.mirror.seq > this.storeSeq;
     const floor = alone ? this.mirror.seq + 1 : this.mirror.seq;
     const args = [this.registryId, String(this.o.leaseMs), randomId(), String(floor), String(own.length)];
-    for (const m of own) args.push(m.id, addressOf(m), JSON.stringify(m), m.ticket);
+    for (const m of own) args.push(m.id, addressOf(m), storedJson(m), m.ticket);
     for (const [a, b] of links) args.push(a, b);
     try {
       const reply = await this.run(link, SCRIPTS.reconcile, args, this.o.opTimeoutMs * 5);
@@ -510,7 +512,8 @@ export class RedisMembership implements Membership {
     this.lastError = undefined;
     this.current = "ok";
     this.announce({ kind: "store", state: "ok" });
-    void this.read(link);
+    // A subscriber that throws while a change is applied must not kill the process: the list is reloaded instead.
+    this.read(link).catch((e) => this.lose(link, e));
     return true;
   }
 
@@ -767,6 +770,12 @@ function compareIds(a: string, b: string): number {
 
 function seqOf(id: string): number {
   return Number(id.slice(0, id.indexOf("-")));
+}
+
+/** The member as the store keeps it: its own fields only, whatever else the caller's object carries. */
+function storedJson(m: Member): string {
+  const { id, host, port, name, source, registry, joinedAt, ticket } = m;
+  return JSON.stringify({ id, host, port, name, source, registry, joinedAt, ticket });
 }
 
 function parseJson(text: string): unknown {

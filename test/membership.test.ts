@@ -5,6 +5,7 @@
  * that dies or restarts empty, a registry killed while its lease runs.
  */
 import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test";
+import { RedisClient } from "bun";
 import { MemoryMembership, peerOf, type JoinResult, type Member, type Membership } from "../membership.ts";
 import { openStore, storeUrl, type RedisMembership, type StoreOptions } from "../redis.ts";
 import { EventLog, spawnScript, waitUntil, withDeadline } from "./helpers.ts";
@@ -292,7 +293,7 @@ describe.skipIf(redisUnavailable !== null)("several registries on one store", ()
 
   test("a registry killed: at once no longer connected, its nodes may re-register elsewhere, the rest go after its lease", async () => {
     const prefix = freshPrefix();
-    const a = await openRedis(server!.url, "A", prefix, { heartbeatMs: 100, leaseMs: 600 });
+    const a = await openRedis(server!.url, "A", prefix, { heartbeatMs: 100, leaseMs: 1_500 });
     const log = record(a);
     await using holder = spawnScript("test/store-holder.ts", [server!.url, prefix, "K", "3"], {}, "store-holder");
     await holder.log.waitFor("ready", 10_000, "the holder to list its members");
@@ -316,6 +317,47 @@ describe.skipIf(redisUnavailable !== null)("several registries on one store", ()
       ["K-2", "timeout"],
     ]);
     expect([...a.members()]).toEqual([moved]);
+  });
+});
+
+describe.skipIf(redisUnavailable !== null)("the log and leases", () => {
+  test("a broken chain in the log (entries lost) makes every mirror reload the list and announce reset", async () => {
+    const prefix = freshPrefix();
+    const [a, b] = [await openRedis(server!.url, "A", prefix), await openRedis(server!.url, "B", prefix)];
+    const [logA, logB] = [record(a), record(b)];
+    await a.join(member("a1", 7001, "A"), []);
+    await waitUntil(() => b.seq === 1, WAIT_MS, "B to apply seq 1");
+    // An entry that does not follow the last one: what a reader finds after the log was trimmed past it.
+    const raw = new RedisClient(server!.url);
+    try {
+      await raw.send("EVAL", [
+        "local at = redis.call('XADD', KEYS[1], '1-*', 'p', 'lost', 'c', '{}') redis.call('SET', KEYS[2], at) return at",
+        "2",
+        `${prefix}log`,
+        `${prefix}last`,
+      ]);
+    } finally {
+      raw.close();
+    }
+    for (const log of [logA, logB]) expect(await log.waitFor("reset", WAIT_MS, "a reload")).toMatchObject({ boot: a.boot, seq: 1 });
+    // And the log goes on from there.
+    await b.join(member("b1", 7002, "B"), []);
+    await logA.waitFor((e) => e.event === "joined" && e.seq === 2, WAIT_MS, "A to apply B's join");
+    expect(a.peerList()).toBe(b.peerList());
+  });
+
+  test("a registry whose lease ran out while it lives sees its nodes swept, and writes them back", async () => {
+    const prefix = freshPrefix();
+    // A beats less often than its lease lasts: what a stalled registry looks like to the others.
+    const a = await openRedis(server!.url, "A", prefix, { heartbeatMs: 5_000, leaseMs: 300 });
+    const b = await openRedis(server!.url, "B", prefix, { heartbeatMs: 100 });
+    const logB = record(b);
+    const a1 = member("a1", 7001, "A");
+    await a.join(a1, []);
+    const swept = await logB.waitFor((e) => e.event === "left", WAIT_MS, "B to sweep A's node");
+    expect(swept).toMatchObject({ reason: "timeout", member: a1 });
+    const back = await logB.waitFor((e) => e.event === "joined" && Number(e.seq) > Number(swept.seq), WAIT_MS, "A to write its node back");
+    expect(back.member).toEqual(a1);
   });
 });
 

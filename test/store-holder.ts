@@ -7,7 +7,7 @@
 import { openStore } from "../redis.ts";
 
 const [url = "", prefix = "", registryId = "", count = "0"] = process.argv.slice(2);
-const store = await openStore(url, { registryId, prefix, heartbeatMs: 100, leaseMs: 600 });
+const store = await openStore(url, { registryId, prefix, heartbeatMs: 100, leaseMs: 1_500 });
 for (let i = 0; i < Number(count); i++) {
   const id = `${registryId}-${i}`;
   const r = await store.join(
