@@ -8,20 +8,23 @@
  * keeps a local mirror of a shared list and applies other registries' changes
  * to it. Both announce every change, their own and others', in `seq` order.
  */
+import * as v from "valibot";
 import { formatAddress } from "./net.ts";
-import type { LeaveReason, Peer } from "./protocol.ts";
+import { Peer, type LeaveReason } from "./protocol.ts";
 
-/** A listed node as the registry keeps it. */
-export interface Member extends Peer {
+/** A listed node as the registry keeps it (a schema too: a shared store hands members back as text). */
+export const Member = v.object({
+  ...Peer.entries,
   /** Address its registry session comes from. */
-  source: string;
+  source: v.string(),
   /** The registry whose session holds it. */
-  registry: string;
+  registry: v.string(),
   /** When this registration was accepted, ms since the epoch. */
-  joinedAt: number;
+  joinedAt: v.number(),
   /** Unique per registration: tells a node's newer registration from an older one. */
-  ticket: string;
-}
+  ticket: v.string(),
+});
+export type Member = v.InferOutput<typeof Member>;
 
 /** A change of the list, announced in order. */
 export type Change =
@@ -32,7 +35,7 @@ export type Change =
   | { kind: "reset"; boot: string; seq: number }
   | { kind: "greeted"; a: string; b: string }
   | { kind: "mesh-complete"; nodes: number; pairs: number; ms: number }
-  /** Several registries: the shared store was lost or is back; the list is then this registry's own. */
+  /** Several registries: the shared store was lost (the list then changes only by this registry's sessions) or is back. */
   | { kind: "store"; state: StoreState; reason?: string };
 
 export type StoreState = "ok" | "degraded";
@@ -66,8 +69,13 @@ export interface Membership {
   pairs(): [string, string][];
   mesh(): MeshState;
   subscribe(fn: (change: Change) => void): () => void;
-  /** Several registries: whether registry `id` is still connected to the shared list (its sessions may be live). */
-  registryAlive?(id: string): boolean | Promise<boolean>;
+  /**
+   * Whether registry `registry` is still connected to the shared store: false
+   * soon after it died (its connections close at once on kill -9), long before
+   * its lease runs out, so its entries may be replaced. The memory list knows
+   * only this registry, and says true.
+   */
+  isConnected(registry: string): Promise<boolean>;
   close(): Promise<void>;
 }
 
@@ -91,7 +99,8 @@ export function peerOf(m: Member): Peer {
 /**
  * The list in this process: one registry, no store. Changes are applied and
  * announced synchronously, so `join` and `leave` resolve with the list
- * already updated.
+ * already updated. A store-backed membership keeps one as its mirror and
+ * feeds it the store's changes through `apply` and `reset`.
  */
 export class MemoryMembership implements Membership {
   readonly state: StoreState = "ok";
@@ -110,9 +119,13 @@ export class MemoryMembership implements Membership {
   private beforeLast: { id: string; list: string } | undefined;
 
   constructor(
-    readonly boot: string,
+    private currentBoot: string,
     private readonly now: () => number = () => performance.now(),
   ) {}
+
+  get boot(): string {
+    return this.currentBoot;
+  }
 
   get seq(): number {
     return this.lastSeq;
@@ -152,27 +165,16 @@ export class MemoryMembership implements Membership {
       if (holder && !replaces.some((r) => r.ticket === holder.member.ticket)) return { ok: false, holder: holder.member };
     }
     // Another id at this address goes first, as a leave of its own; the same id is updated in place.
-    if (byAddr && byAddr !== byId) this.remove(byAddr, "replaced");
-    if (byId) this.unlist(byId);
-    const json = JSON.stringify(peerOf(member));
-    const before = this.list;
-    this.entries.set(member.id, { member, json, address, links: new Set() });
-    this.byAddress.set(address, member.id);
-    if (before !== null) {
-      this.list = before ? `${before},${json}` : json;
-      this.beforeLast = { id: member.id, list: before };
-    }
-    const seq = ++this.lastSeq;
-    this.lastJoinAt = this.now();
-    this.completeMs = this.entries.size < 2 ? 0 : null;
-    this.announce({ kind: "joined", seq, member, replaced: byId?.member });
+    if (byAddr && byAddr !== byId) this.remove(byAddr, "replaced", this.lastSeq + 1);
+    const seq = this.lastSeq + 1;
+    this.put(member, address, seq);
     return { ok: true, seq };
   }
 
   async leave(member: Member, reason: LeaveReason): Promise<boolean> {
     const e = this.entries.get(member.id);
     if (!e || e.member.ticket !== member.ticket) return false;
-    this.remove(e, reason);
+    this.remove(e, reason, this.lastSeq + 1);
     return true;
   }
 
@@ -180,16 +182,50 @@ export class MemoryMembership implements Membership {
     const e = this.entries.get(member.id);
     if (!e || e.member.ticket !== member.ticket) return;
     let added = 0;
-    for (const id of ids) {
-      const other = id === member.id ? undefined : this.entries.get(id);
-      if (!other || e.links.has(id)) continue;
-      e.links.add(id);
-      other.links.add(member.id);
-      this.greeted++;
-      added++;
-      this.announce({ kind: "greeted", a: member.id, b: id });
-    }
+    for (const id of ids) if (this.link(e, id)) added++;
     if (added) this.checkMesh();
+  }
+
+  /**
+   * Applies a change decided elsewhere (a shared store's log), announced as if
+   * it were this list's own. Its seq is taken as is: it may skip numbers
+   * (changes this mirror has no part in), never go back. A `left` for a
+   * registration no longer listed only moves the seq on.
+   */
+  apply(change: Extract<Change, { kind: "joined" | "left" | "greeted" }>): void {
+    if (change.kind === "joined") return this.put(change.member, addressOf(change.member), change.seq);
+    if (change.kind === "greeted") {
+      const e = this.entries.get(change.a);
+      if (e && this.link(e, change.b)) this.checkMesh();
+      return;
+    }
+    const e = this.entries.get(change.member.id);
+    if (e && e.member.ticket === change.member.ticket) this.remove(e, change.reason, change.seq);
+    else this.lastSeq = change.seq;
+  }
+
+  /** Replaces the whole list (a shared store's, reloaded) and announces `reset`: sessions must resync. */
+  reset(boot: string, seq: number, members: Iterable<Member>, pairs: Iterable<readonly [string, string]>): void {
+    for (const e of this.entries.values()) e.links.clear();
+    this.entries.clear();
+    this.byAddress.clear();
+    this.list = null;
+    this.beforeLast = undefined;
+    this.greeted = 0;
+    for (const member of members) {
+      const address = addressOf(member);
+      this.entries.set(member.id, { member, json: JSON.stringify(peerOf(member)), address, links: new Set() });
+      this.byAddress.set(address, member.id);
+    }
+    for (const [a, b] of pairs) {
+      const e = this.entries.get(a);
+      if (e) this.link(e, b, false);
+    }
+    this.currentBoot = boot;
+    this.lastSeq = seq;
+    this.lastJoinAt = this.now();
+    this.completeMs = this.greeted >= this.mesh().expected ? 0 : null;
+    this.announce({ kind: "reset", boot, seq });
   }
 
   pairs(): [string, string][] {
@@ -208,15 +244,48 @@ export class MemoryMembership implements Membership {
     return () => this.listeners.delete(fn);
   }
 
+  async isConnected(): Promise<boolean> {
+    return true;
+  }
+
   async close(): Promise<void> {
     this.listeners.clear();
   }
 
-  private remove(e: Entry, reason: LeaveReason): void {
+  /** Lists `member` under `seq`, in place of the same id's registration if any. */
+  private put(member: Member, address: string, seq: number): void {
+    const byId = this.entries.get(member.id);
+    if (byId) this.unlist(byId);
+    const json = JSON.stringify(peerOf(member));
+    const before = this.list;
+    this.entries.set(member.id, { member, json, address, links: new Set() });
+    this.byAddress.set(address, member.id);
+    if (before !== null) {
+      this.list = before ? `${before},${json}` : json;
+      this.beforeLast = { id: member.id, list: before };
+    }
+    this.lastSeq = seq;
+    this.lastJoinAt = this.now();
+    this.completeMs = this.entries.size < 2 ? 0 : null;
+    this.announce({ kind: "joined", seq, member, replaced: byId?.member });
+  }
+
+  private remove(e: Entry, reason: LeaveReason, seq: number): void {
     this.unlist(e);
-    const seq = ++this.lastSeq;
+    this.lastSeq = seq;
     this.announce({ kind: "left", seq, member: e.member, reason });
     this.checkMesh();
+  }
+
+  /** Records that `e` and `id` have met (both sides hold the link); false if `id` is not listed or they had. */
+  private link(e: Entry, id: string, announce = true): boolean {
+    const other = id === e.member.id ? undefined : this.entries.get(id);
+    if (!other || e.links.has(id)) return false;
+    e.links.add(id);
+    other.links.add(e.member.id);
+    this.greeted++;
+    if (announce) this.announce({ kind: "greeted", a: e.member.id, b: id });
+    return true;
   }
 
   /** Takes an entry out of the list and the pair counts, announcing nothing. */

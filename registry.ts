@@ -472,8 +472,8 @@ class Sessions {
   private holding(m: Member): Holding | Promise<Holding> {
     const conn = this.byTicket.get(m.ticket);
     if (conn) return this.deadlines.clock.now() - conn.state.lastSeen > 1.5 * this.s.heartbeatMs ? "silent" : "live";
-    if (m.registry === this.registryId || !this.membership.registryAlive) return "gone";
-    return Promise.resolve(this.membership.registryAlive(m.registry)).then((alive) => (alive ? "live" : "gone"));
+    if (m.registry === this.registryId) return "gone";
+    return this.membership.isConnected(m.registry).then((alive) => (alive ? "live" : "gone"));
   }
 
   private onClose(conn: Conn<Session>): void {

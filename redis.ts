@@ -1,0 +1,818 @@
+/**
+ * RedisMembership: one list shared by several registries through Redis (>= 7)
+ * or Valkey (>= 7.2); docs/STORE.md is the design. Each registry reads a local
+ * mirror (a MemoryMembership) synchronously. Every change is one Lua script in
+ * the store: it checks and updates the shared list, takes the next global seq
+ * and appends the change to a log, a stream whose entry ids follow the seq.
+ * Every registry applies that log to its mirror in order, so all of them
+ * announce the same changes under the same numbers. Leases tell the survivors
+ * which registry died; a lost store leaves each registry serving alone until
+ * it reconciles. Bun's built-in RedisClient: no dependency.
+ */
+import { RedisClient, type RedisOptions } from "bun";
+import * as v from "valibot";
+import { Joined, LeaveReason, randomId } from "./protocol.ts";
+import {
+  Member,
+  MemoryMembership,
+  addressOf,
+  type Change,
+  type JoinResult,
+  type Membership,
+  type MeshState,
+  type StoreState,
+} from "./membership.ts";
+
+export interface StoreOptions {
+  /** This registry's id: names its lease, and must be the `registry` of every member it joins. */
+  registryId: string;
+  /** Used when the URL carries none (the CLI reads REGISTRY_STORE_PASSWORD). */
+  password?: string;
+  /** Prefix of every key, so that several lists can share one database. */
+  prefix?: string;
+  /** Lease refresh and dead-registry sweep interval. */
+  heartbeatMs?: number;
+  /** A registry silent this long is dead: survivors remove its entries. */
+  leaseMs?: number;
+  /** Deadline of one store command; a miss counts as a lost store. */
+  opTimeoutMs?: number;
+  connectTimeoutMs?: number;
+  /** Reconnect backoff: full jitter between 0 and min(max, base * 2^attempt). */
+  retryBaseMs?: number;
+  retryMaxMs?: number;
+  /** Log entries kept; a mirror further behind reloads the whole list. */
+  logLength?: number;
+  /** For rediss:// (a private CA, a client certificate). */
+  tls?: Bun.TLSOptions;
+  now?: () => number;
+}
+
+export const STORE_DEFAULTS = {
+  prefix: "registry:",
+  heartbeatMs: 1_000,
+  leaseMs: 3_000,
+  opTimeoutMs: 1_000,
+  connectTimeoutMs: 1_000,
+  retryBaseMs: 100,
+  retryMaxMs: 1_000,
+  logLength: 10_000,
+} as const;
+
+/** A store URL or option that cannot work; the message says what was expected. */
+export class StoreConfigError extends Error {
+  override name = "StoreConfigError";
+}
+
+/**
+ * Checks a store URL (`redis://[user:password@]host[:port][/db]`, or
+ * `rediss://` for TLS) and adds `password` when the URL has none.
+ */
+export function storeUrl(text: string, password?: string): URL {
+  let url: URL;
+  try {
+    url = new URL(text);
+  } catch {
+    throw new StoreConfigError(`store "${text}" is not a URL: expected redis://host:port[/db] or rediss://host:port[/db]`);
+  }
+  if (url.protocol !== "redis:" && url.protocol !== "rediss:") {
+    throw new StoreConfigError(`store URL must start with redis:// or rediss://, got ${url.protocol}//`);
+  }
+  if (!url.hostname) throw new StoreConfigError("store URL names no host: expected redis://host:port[/db]");
+  if (!/^\/?\d*$/.test(url.pathname) || url.search || url.hash) {
+    throw new StoreConfigError(`store URL may end only in a database number (/0, /1, ...), got "${url.pathname}${url.search}${url.hash}"`);
+  }
+  if (password && !url.password) url.password = password;
+  return url;
+}
+
+/** Connects to the store and loads the shared list; a store that cannot be reached yet gives a degraded membership that keeps retrying. */
+export async function openStore(url: string, options: StoreOptions): Promise<RedisMembership> {
+  const m = new RedisMembership(storeUrl(url, options.password), options);
+  await m.start();
+  return m;
+}
+
+export class RedisMembership implements Membership {
+  readonly registryId: string;
+  /** Why the store is degraded, while it is. */
+  lastError: string | undefined;
+  private readonly o: Required<Omit<StoreOptions, "password" | "tls" | "registryId">> & { tls?: Bun.TLSOptions };
+  private readonly url: string;
+  /** `host:port/db`, for messages: never the password. */
+  private readonly where: string;
+  private readonly mirror: MemoryMembership;
+  private readonly listeners = new Set<(change: Change) => void>();
+  /** The registrations this registry holds: what it writes back when the store lost them. */
+  private readonly own = new Map<string, Member>();
+  private link: Link | undefined;
+  private current: StoreState = "degraded";
+  /** Id of the last log entry applied to the mirror. */
+  private cursor = "0-0";
+  /** Entries from a script's reply that arrived before the log entries they follow, by the id they follow. */
+  private readonly pending = new Map<string, { id: string; json: string }>();
+  /** Joins and leaves waiting for their entry to reach the mirror: true once applied, false if a reload or a lost store overtook it. */
+  private readonly waiters = new Map<string, (applied: boolean) => void>();
+  private reconciling: Promise<void> | undefined;
+  private recovering: Promise<void> | undefined;
+  private inflight = 0;
+  private drained: (() => void) | undefined;
+  /** The mirror's seq when the store was lost: changes made alone go above it. */
+  private storeSeq = 0;
+  private beating = false;
+  private closed = false;
+  private readonly heartbeat: Timer;
+  private retry: { timer: Timer; wake: () => void } | undefined;
+
+  constructor(url: URL, options: StoreOptions) {
+    const prefix = options.prefix ?? STORE_DEFAULTS.prefix;
+    // The prefix ends up in a KEYS pattern when an epoch is wiped.
+    if (!/^[A-Za-z0-9._:-]*$/.test(prefix)) throw new StoreConfigError(`store key prefix "${prefix}" may hold only A-Z a-z 0-9 . _ : -`);
+    if (!options.registryId) throw new StoreConfigError("a registry id is needed to hold a lease in the store");
+    this.registryId = options.registryId;
+    this.o = { ...STORE_DEFAULTS, ...definedOnly(options), prefix, now: options.now ?? (() => performance.now()) };
+    this.url = url.href;
+    this.where = `${url.host}${url.pathname.length > 1 ? url.pathname : ""}`;
+    this.mirror = new MemoryMembership(randomId(), this.o.now);
+    this.mirror.subscribe((change) => this.onMirror(change));
+    this.heartbeat = setInterval(() => void this.beat(), this.o.heartbeatMs);
+    this.heartbeat.unref();
+  }
+
+  get boot(): string {
+    return this.mirror.boot;
+  }
+  get seq(): number {
+    return this.mirror.seq;
+  }
+  get size(): number {
+    return this.mirror.size;
+  }
+  get state(): StoreState {
+    return this.current;
+  }
+  get(id: string): Member | undefined {
+    return this.mirror.get(id);
+  }
+  at(address: string): Member | undefined {
+    return this.mirror.at(address);
+  }
+  members(): IterableIterator<Member> {
+    return this.mirror.members();
+  }
+  peerList(except?: string): string {
+    return this.mirror.peerList(except);
+  }
+  pairs(): [string, string][] {
+    return this.mirror.pairs();
+  }
+  mesh(): MeshState {
+    return this.mirror.mesh();
+  }
+  subscribe(fn: (change: Change) => void): () => void {
+    this.listeners.add(fn);
+    return () => this.listeners.delete(fn);
+  }
+
+  /** First connection: resolves once the list is loaded, or at once degraded (retrying) if the store cannot be reached. */
+  async start(): Promise<void> {
+    if (!(await this.attempt())) this.recoverLater();
+  }
+
+  async join(member: Member, replaces: readonly Member[]): Promise<JoinResult> {
+    if (member.registry !== this.registryId) {
+      throw new Error(`member ${member.id} names registry ${member.registry}, but this membership is ${this.registryId}'s`);
+    }
+    const reply = await this.write(SCRIPTS.join, [member.id, addressOf(member), storedJson(member), ...replaces.map((r) => r.ticket)]);
+    if (reply?.[0] === "held") {
+      const holder = parseMember(reply[1]);
+      if (!holder) throw new Error(`the store holds an unreadable entry for ${member.id} or its address`);
+      return { ok: false, holder };
+    }
+    if (reply?.[0] === "ok") {
+      this.own.set(member.id, member);
+      const id = this.ingestReply(reply);
+      if (id && (await this.applied(id))) return { ok: true, seq: seqOf(id) };
+      // A reload or a lost store overtook the change: the mirror is the judge now.
+      const listed = this.mirror.get(member.id);
+      if (listed?.ticket === member.ticket) return { ok: true, seq: this.mirror.seq };
+      if (this.current === "ok") {
+        this.own.delete(member.id);
+        const holder = listed ?? this.mirror.at(addressOf(member));
+        return holder ? { ok: false, holder } : this.join(member, replaces);
+      }
+    }
+    // Without the store this registry's list decides alone; the store learns it on reconcile.
+    const r = await this.mirror.join(member, replaces);
+    if (r.ok) this.own.set(member.id, member);
+    else if (this.own.get(member.id)?.ticket === member.ticket) this.own.delete(member.id);
+    return r;
+  }
+
+  async leave(member: Member, reason: LeaveReason): Promise<boolean> {
+    if (this.own.get(member.id)?.ticket === member.ticket) this.own.delete(member.id);
+    const reply = await this.write(SCRIPTS.leave, [member.id, member.ticket, reason]);
+    if (reply?.[0] === "gone") return false;
+    if (reply?.[0] === "ok") {
+      const id = this.ingestReply(reply);
+      if (id && (await this.applied(id))) return true;
+      await this.mirror.leave(member, reason);
+      return true;
+    }
+    return this.mirror.leave(member, reason);
+  }
+
+  receipt(member: Member, ids: readonly string[]): void {
+    if (!ids.length) return;
+    this.write(SCRIPTS.receipt, [member.id, member.ticket, ...ids])
+      .then((reply) => {
+        if (reply) this.ingestReply(reply);
+        else this.mirror.receipt(member, ids);
+      })
+      .catch((e) => this.lose(this.link, e));
+  }
+
+  async isConnected(registry: string): Promise<boolean> {
+    const link = this.link;
+    // Without the store nothing is known: the caller must not take the holder for dead.
+    if (registry === this.registryId || !link || this.current !== "ok") return true;
+    try {
+      const r = await deadline(link.cmd.send("PUBSUB", ["NUMSUB", this.key(`alive:${registry}`)]), this.o.opTimeoutMs, "PUBSUB NUMSUB");
+      return Number((r as unknown[])[1]) > 0;
+    } catch (e) {
+      this.lose(link, e);
+      return true;
+    }
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    clearInterval(this.heartbeat);
+    if (this.retry) {
+      clearTimeout(this.retry.timer);
+      this.retry.wake();
+    }
+    await this.recovering;
+    const link = this.link;
+    this.link = undefined;
+    if (link) {
+      // Survivors sweep whatever this registry still lists at their next beat instead of after the lease.
+      await deadline(link.cmd.send("DEL", [this.key(`lease:${this.registryId}`)]), this.o.opTimeoutMs, "DEL lease").catch(() => {});
+      closeLink(link);
+    }
+    this.settleWaiters();
+    this.listeners.clear();
+    await this.mirror.close();
+  }
+
+  // --- writing ---------------------------------------------------------------
+
+  /**
+   * Runs a change script while the store is ok; undefined when it is not, or
+   * was lost on the way (the outcome is then unknown, and reconcile settles
+   * it). A store in a new epoch is reconciled with first.
+   */
+  private async write(script: Script, args: string[]): Promise<Reply | undefined> {
+    for (let tries = 0; tries < 2; tries++) {
+      while (this.reconciling) await this.reconciling;
+      const link = this.link;
+      if (this.current !== "ok" || !link) return undefined;
+      this.inflight++;
+      try {
+        const reply = await this.run(link, script, [this.registryId, ...args]);
+        if (reply[0] !== "epoch") return reply;
+      } catch (e) {
+        this.lose(link, e);
+        return undefined;
+      } finally {
+        if (--this.inflight === 0) this.drained?.();
+      }
+      await this.resync();
+    }
+    // The epoch changed again under the reconcile: treat the store as lost rather than act on it.
+    this.lose(this.link, new Error("the store changed epoch twice in a row"));
+    return undefined;
+  }
+
+  private async run(link: Link, script: Script, args: string[], timeoutMs = this.o.opTimeoutMs): Promise<Reply> {
+    const argv = [this.o.prefix, this.mirror.boot, String(this.o.logLength), ...args];
+    const call = async () => {
+      try {
+        return (await link.cmd.send("EVALSHA", [script.sha, "0", ...argv])) as Reply;
+      } catch (e) {
+        // A restarted store has forgotten the scripts; EVAL loads them again.
+        if (!String((e as Error).message).startsWith("NOSCRIPT")) throw e;
+        return (await link.cmd.send("EVAL", [script.source, "0", ...argv])) as Reply;
+      }
+    };
+    return deadline(call(), timeoutMs, `${script.name} script`);
+  }
+
+  private async beat(): Promise<void> {
+    if (this.beating || this.current !== "ok") return;
+    this.beating = true;
+    try {
+      const reply = await this.write(SCRIPTS.heartbeat, [String(this.o.leaseMs)]);
+      if (reply) this.ingestReply(reply);
+      // Our lease had run out: others may have swept our entries, which we still hold.
+      if (reply?.[0] === "lost") await this.resync();
+    } finally {
+      this.beating = false;
+    }
+  }
+
+  // --- reading the log -------------------------------------------------------
+
+  /** Feeds a script's log entries to the mirror; returns the last one's id. */
+  private ingestReply(reply: Reply): string | undefined {
+    let last: string | undefined;
+    for (let i = 1; i + 2 < reply.length; i += 3) {
+      last = String(reply[i]);
+      if (!this.ingest(last, String(reply[i + 1]), String(reply[i + 2]), false)) void this.resync();
+    }
+    return last;
+  }
+
+  /**
+   * Applies one log entry if it follows the last one applied (each names the
+   * id before it). A script's reply may arrive before entries it follows are
+   * read: it waits. The reader is never ahead: what it lacks was trimmed or
+   * lost, and false means the whole list must be reloaded.
+   */
+  private ingest(id: string, prev: string, json: string, fromReader: boolean): boolean {
+    if (compareIds(id, this.cursor) <= 0) return true;
+    if (prev !== this.cursor) {
+      if (fromReader) return false;
+      this.pending.set(prev, { id, json });
+      return true;
+    }
+    if (!this.apply(id, json)) return false;
+    for (let next = this.pending.get(this.cursor); next; next = this.pending.get(this.cursor)) {
+      this.pending.delete(this.cursor);
+      if (!this.apply(next.id, next.json)) return false;
+    }
+    return true;
+  }
+
+  private apply(id: string, json: string): boolean {
+    const r = v.safeParse(LogEntry, parseJson(json));
+    if (!r.success) return false;
+    this.cursor = id;
+    const e = r.output;
+    if (e.kind === "greeted") for (const b of e.ids) this.mirror.apply({ kind: "greeted", a: e.a, b });
+    else this.mirror.apply(e);
+    const waiter = this.waiters.get(id);
+    if (waiter) {
+      this.waiters.delete(id);
+      waiter(true);
+    }
+    return true;
+  }
+
+  private applied(id: string): Promise<boolean> {
+    if (this.link === undefined) return Promise.resolve(false);
+    if (compareIds(id, this.cursor) <= 0) return Promise.resolve(true);
+    return new Promise((resolve) => this.waiters.set(id, resolve));
+  }
+
+  private settleWaiters(): void {
+    for (const w of this.waiters.values()) w(false);
+    this.waiters.clear();
+  }
+
+  /** Tails the log on the reader connection until the link is replaced. */
+  private async read(link: Link): Promise<void> {
+    const stream = this.key("log");
+    while (this.link === link) {
+      let reply: unknown;
+      try {
+        const args = ["BLOCK", String(this.o.heartbeatMs), "COUNT", "1000", "STREAMS", stream, this.cursor];
+        reply = await deadline(link.reader.send("XREAD", args), this.o.heartbeatMs + this.o.opTimeoutMs, "XREAD");
+      } catch (e) {
+        this.lose(link, e);
+        return;
+      }
+      if (this.link !== link) return;
+      for (const [id, prev, json] of streamEntries(reply, stream)) {
+        if (!this.ingest(id, prev, json, true)) {
+          await this.resync();
+          break;
+        }
+      }
+    }
+  }
+
+  /** Keeps `own` true to the list: registrations another registry took over are no longer ours to write back. */
+  private onMirror(change: Change): void {
+    if (change.kind === "joined" && change.replaced && change.member.registry !== this.registryId) {
+      if (this.own.get(change.replaced.id)?.ticket === change.replaced.ticket) this.own.delete(change.replaced.id);
+    } else if (change.kind === "left" && this.own.get(change.member.id)?.ticket === change.member.ticket) {
+      // Swept as dead (our lease ran out) while we hold it: write it back rather than let it go.
+      if (change.reason !== "replaced" && this.current === "ok") void this.resync();
+      else this.own.delete(change.member.id);
+    }
+    for (const fn of this.listeners) fn(change);
+  }
+
+  private announce(change: Change): void {
+    for (const fn of this.listeners) fn(change);
+  }
+
+  // --- reconcile, loss, recovery ---------------------------------------------
+
+  /** Reloads the list, writing this registry's own entries back first; one at a time, never rejects. */
+  private resync(): Promise<void> {
+    this.reconciling ??= this.reconcile().finally(() => (this.reconciling = undefined));
+    return this.reconciling;
+  }
+
+  private async reconcile(): Promise<void> {
+    const link = this.link;
+    if (!link) return;
+    // Changes in flight settle first, so that `own` says what the store will have.
+    if (this.inflight) await new Promise<void>((resolve) => (this.drained = resolve));
+    this.drained = undefined;
+    const own = [...this.own.values()];
+    const mine = new Set(this.own.keys());
+    const links = this.mirror.pairs().filter(([a, b]) => mine.has(a) || mine.has(b));
+    // Seqs this registry used alone are not reused: the list it announces next is numbered above them.
+    const alone = this.current === "degraded" && this.mirror.seq > this.storeSeq;
+    const floor = alone ? this.mirror.seq + 1 : this.mirror.seq;
+    const args = [this.registryId, String(this.o.leaseMs), randomId(), String(floor), String(own.length)];
+    for (const m of own) args.push(m.id, addressOf(m), storedJson(m), m.ticket);
+    for (const [a, b] of links) args.push(a, b);
+    try {
+      const reply = await this.run(link, SCRIPTS.reconcile, args, this.o.opTimeoutMs * 5);
+      if (this.link === link) this.reload(reply);
+    } catch (e) {
+      this.lose(link, e);
+    }
+  }
+
+  /** Replaces the mirror by the list a reconcile script returned: `reset`, boot, seq, last log id, members, pairs. */
+  private reload(reply: Reply): void {
+    const [, boot, seq, last, rawMembers, rawPairs] = reply as [string, string, number, string, string[], string[]];
+    const members = rawMembers.flatMap((raw) => parseMember(raw) ?? []);
+    const pairs: [string, string][] = [];
+    for (let i = 0; i + 1 < rawPairs.length; i += 2) pairs.push([rawPairs[i]!, rawPairs[i + 1]!]);
+    this.pending.clear();
+    this.cursor = last;
+    this.storeSeq = seq;
+    this.mirror.reset(boot, seq, members, pairs);
+    // What the store gave to someone else while we were away is no longer ours.
+    for (const [id, m] of this.own) if (this.mirror.get(id)?.ticket !== m.ticket) this.own.delete(id);
+    this.settleWaiters();
+  }
+
+  /** The store failed (closed, timed out, refused): serve alone, say so once, and reconnect. */
+  private lose(link: Link | undefined, error: unknown): void {
+    if (!link || this.link !== link) return;
+    this.link = undefined;
+    closeLink(link);
+    this.pending.clear();
+    this.settleWaiters();
+    this.lastError = `store ${this.where}: ${errorText(error)}`;
+    if (this.current === "ok") {
+      this.current = "degraded";
+      this.storeSeq = this.mirror.seq;
+      this.announce({ kind: "store", state: "degraded", reason: this.lastError });
+    }
+    this.recoverLater();
+  }
+
+  private recoverLater(): void {
+    if (this.closed || this.recovering) return;
+    this.recovering = this.recover().finally(() => (this.recovering = undefined));
+  }
+
+  private async recover(): Promise<void> {
+    for (let attempt = 1; !this.closed; attempt++) {
+      const capMs = Math.min(this.o.retryMaxMs, this.o.retryBaseMs * 2 ** Math.min(attempt, 20));
+      await new Promise<void>((wake) => (this.retry = { timer: setTimeout(wake, Math.random() * capMs), wake }));
+      if (!this.closed && (await this.attempt())) return;
+    }
+  }
+
+  /** One connection attempt: connect, reconcile, start reading; false if the store is still out of reach. */
+  private async attempt(): Promise<boolean> {
+    let link: Link;
+    try {
+      link = await this.connect();
+    } catch (e) {
+      this.lastError = `store ${this.where}: ${errorText(e)}`;
+      return false;
+    }
+    if (this.closed) {
+      closeLink(link);
+      return true;
+    }
+    this.link = link;
+    await this.resync();
+    if (this.link !== link) return false;
+    this.lastError = undefined;
+    this.current = "ok";
+    this.announce({ kind: "store", state: "ok" });
+    // A subscriber that throws while a change is applied must not kill the process: the list is reloaded instead.
+    this.read(link).catch((e) => this.lose(link, e));
+    return true;
+  }
+
+  /** Three connections: commands, the blocking log reader, and a subscription that shows this registry is alive. */
+  private async connect(): Promise<Link> {
+    const options: RedisOptions = {
+      autoReconnect: false, // a lost connection is a lost store: reconcile, never replay a queue
+      enableOfflineQueue: false,
+      connectionTimeout: this.o.connectTimeoutMs,
+      ...(this.o.tls ? { tls: this.o.tls } : {}),
+    };
+    const link: Link = { cmd: new RedisClient(this.url, options), reader: new RedisClient(this.url, options), sub: new RedisClient(this.url, options) };
+    try {
+      await deadline(Promise.all([link.cmd.connect(), link.reader.connect(), link.sub.connect()]), this.o.connectTimeoutMs + 500, "connect");
+      await deadline(link.sub.subscribe(this.key(`alive:${this.registryId}`), () => {}), this.o.opTimeoutMs, "SUBSCRIBE");
+    } catch (e) {
+      closeLink(link);
+      // Bun reports a refused password, TLS or protocol mismatch as a plain close.
+      const hint = errorText(e) === "Connection closed" ? " (closed during the handshake: wrong password, TLS setting, or not Redis?)" : "";
+      throw new Error(`cannot connect: ${errorText(e)}${hint}`, { cause: e });
+    }
+    for (const c of [link.cmd, link.reader, link.sub]) c.onclose = () => this.lose(link, new Error("connection closed"));
+    return link;
+  }
+
+  private key(name: string): string {
+    return this.o.prefix + name;
+  }
+}
+
+// --- internal ----------------------------------------------------------------
+
+type Reply = unknown[];
+
+interface Link {
+  cmd: RedisClient;
+  reader: RedisClient;
+  sub: RedisClient;
+}
+
+interface Script {
+  name: string;
+  source: string;
+  sha: string;
+}
+
+/** One change as the log carries it: joins and leaves under their seq, greetings as one entry per receipt. */
+const LogEntry = v.variant("kind", [
+  v.object({ kind: v.literal("joined"), seq: Joined.entries.seq, member: Member, replaced: v.optional(Member) }),
+  v.object({ kind: v.literal("left"), seq: Joined.entries.seq, member: Member, reason: LeaveReason }),
+  v.object({ kind: v.literal("greeted"), a: v.string(), ids: v.array(v.string()) }),
+]);
+
+/**
+ * Shared by every script. ARGV: 1 key prefix, 2 the epoch (boot) the caller
+ * knows, 3 log length, 4 the caller's registry id, then the script's own.
+ * Keys (docs/STORE.md): boot, seq, last (id of the newest log entry), log,
+ * members (id -> member JSON), where (id -> address), addr (address -> id),
+ * links:<id>, owned:<registry>, registries, lease:<registry>.
+ * Members are stored as the JSON the registry wrote and logged as is, never
+ * re-encoded (cjson would round numbers); cjson only reads fields.
+ */
+const PRELUDE = `
+local P, BOOT, MAXLEN, SELF = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local out = {'ok'}
+local function key(name) return P .. name end
+local function log(id, json)
+  local prev = redis.call('GET', key('last')) or '0-0'
+  local at = redis.call('XADD', key('log'), 'MAXLEN', '~', MAXLEN, id, 'p', prev, 'c', json)
+  redis.call('SET', key('last'), at)
+  out[#out + 1] = at
+  out[#out + 1] = prev
+  out[#out + 1] = json
+end
+local function unlist(id, raw)
+  local address = redis.call('HGET', key('where'), id)
+  redis.call('HDEL', key('members'), id)
+  redis.call('HDEL', key('where'), id)
+  if address and redis.call('HGET', key('addr'), address) == id then redis.call('HDEL', key('addr'), address) end
+  redis.call('SREM', key('owned:') .. cjson.decode(raw).registry, id)
+  for _, other in ipairs(redis.call('SMEMBERS', key('links:') .. id)) do redis.call('SREM', key('links:') .. other, id) end
+  redis.call('DEL', key('links:') .. id)
+end
+local function remove(id, raw, reason)
+  unlist(id, raw)
+  local seq = redis.call('INCR', key('seq'))
+  log(seq .. '-0', '{"kind":"left","seq":' .. seq .. ',"member":' .. raw .. ',"reason":"' .. reason .. '"}')
+end
+local function list(id, address, json, replaced)
+  redis.call('HSET', key('members'), id, json)
+  redis.call('HSET', key('where'), id, address)
+  redis.call('HSET', key('addr'), address, id)
+  redis.call('SADD', key('owned:') .. SELF, id)
+  local seq = redis.call('INCR', key('seq'))
+  log(seq .. '-0', '{"kind":"joined","seq":' .. seq .. ',"member":' .. json .. (replaced and (',"replaced":' .. replaced) or '') .. '}')
+end
+-- Greetings take no seq of their own (nodes never see them): they are numbered after the last change.
+local function greet(a, ids)
+  log((redis.call('GET', key('seq')) or '0') .. '-*', '{"kind":"greeted","a":' .. cjson.encode(a) .. ',"ids":' .. cjson.encode(ids) .. '}')
+end
+local function link(a, b)
+  if a == b or redis.call('HEXISTS', key('members'), a) == 0 or redis.call('HEXISTS', key('members'), b) == 0 then return false end
+  if redis.call('SADD', key('links:') .. a, b) == 0 then return false end
+  redis.call('SADD', key('links:') .. b, a)
+  return true
+end
+-- Entries of registries whose lease ran out go, as if their sessions had timed out.
+local function sweep()
+  for _, r in ipairs(redis.call('SMEMBERS', key('registries'))) do
+    if r ~= SELF and redis.call('EXISTS', key('lease:') .. r) == 0 then
+      for _, id in ipairs(redis.call('SMEMBERS', key('owned:') .. r)) do
+        local raw = redis.call('HGET', key('members'), id)
+        if raw then remove(id, raw, 'timeout') end
+      end
+      redis.call('DEL', key('owned:') .. r)
+      redis.call('SREM', key('registries'), r)
+    end
+  end
+end
+`;
+
+/** Refuses to act on a store in another epoch (restarted empty): the caller reconciles first. */
+const SAME_EPOCH = `if redis.call('GET', key('boot')) ~= BOOT then return {'epoch'} end
+`;
+
+/** ARGV 5 id, 6 address, 7 member JSON, 8... tickets the caller allows to be replaced. Compare-and-set on tickets. */
+const JOIN = `
+local id, address, json = ARGV[5], ARGV[6], ARGV[7]
+local function allowed(raw)
+  local ticket = cjson.decode(raw).ticket
+  for i = 8, #ARGV do if ARGV[i] == ticket then return true end end
+  return false
+end
+local byId = redis.call('HGET', key('members'), id)
+local other = redis.call('HGET', key('addr'), address)
+local byAddress = other and other ~= id and redis.call('HGET', key('members'), other)
+if byId and not allowed(byId) then return {'held', byId} end
+if byAddress and not allowed(byAddress) then return {'held', byAddress} end
+if byAddress then remove(other, byAddress, 'replaced') end
+if byId then unlist(id, byId) end
+redis.call('SADD', key('registries'), SELF)
+list(id, address, json, byId)
+return out
+`;
+
+/** ARGV 5 id, 6 ticket, 7 reason: only that registration goes. */
+const LEAVE = `
+local raw = redis.call('HGET', key('members'), ARGV[5])
+if not raw or cjson.decode(raw).ticket ~= ARGV[6] then return {'gone'} end
+remove(ARGV[5], raw, ARGV[7])
+return out
+`;
+
+/** ARGV 5 id, 6 ticket, 7... ids it has greeted. */
+const RECEIPT = `
+local id = ARGV[5]
+local raw = redis.call('HGET', key('members'), id)
+if not raw or cjson.decode(raw).ticket ~= ARGV[6] then return out end
+local added = {}
+for i = 7, #ARGV do if link(id, ARGV[i]) then added[#added + 1] = ARGV[i] end end
+if #added > 0 then greet(id, added) end
+return out
+`;
+
+/** ARGV 5 lease ms. Renews the lease ('lost' if it had run out) and sweeps the dead. */
+const HEARTBEAT = `
+local had = redis.call('SET', key('lease:') .. SELF, BOOT, 'PX', ARGV[5], 'GET')
+redis.call('SADD', key('registries'), SELF)
+sweep()
+if not had then out[1] = 'lost' end
+return out
+`;
+
+/**
+ * ARGV 5 lease ms, 6 a fresh epoch id, 7 seq floor, 8 n, then n x (id,
+ * address, JSON, ticket) this registry holds, then pairs (a, b) they greeted.
+ * Starts an epoch if the store has none; removes what this registry no longer
+ * holds; writes back what it holds unless the store gave the id or address
+ * to another registration meanwhile (the store's wins); returns the whole list.
+ */
+const RECONCILE = `
+local boot = redis.call('GET', key('boot'))
+if not boot then
+  for _, k in ipairs(redis.call('KEYS', P .. '*')) do redis.call('DEL', k) end
+  boot = ARGV[6]
+  redis.call('SET', key('boot'), boot)
+elseif boot == BOOT and tonumber(redis.call('GET', key('seq')) or '0') < tonumber(ARGV[7]) then
+  redis.call('SET', key('seq'), ARGV[7])
+end
+sweep()
+redis.call('SET', key('lease:') .. SELF, boot, 'PX', ARGV[5])
+redis.call('SADD', key('registries'), SELF)
+local n, held = tonumber(ARGV[8]), {}
+for i = 0, n - 1 do held[ARGV[9 + i * 4]] = ARGV[12 + i * 4] end
+for _, id in ipairs(redis.call('SMEMBERS', key('owned:') .. SELF)) do
+  local raw = redis.call('HGET', key('members'), id)
+  if not raw then redis.call('SREM', key('owned:') .. SELF, id)
+  elseif held[id] ~= cjson.decode(raw).ticket then remove(id, raw, 'closed') end
+end
+for i = 0, n - 1 do
+  local b = 9 + i * 4
+  if not redis.call('HGET', key('members'), ARGV[b]) and not redis.call('HGET', key('addr'), ARGV[b + 1]) then
+    list(ARGV[b], ARGV[b + 1], ARGV[b + 2], false)
+  end
+end
+local greeted = {}
+for i = 9 + n * 4, #ARGV - 1, 2 do
+  if link(ARGV[i], ARGV[i + 1]) then
+    greeted[ARGV[i]] = greeted[ARGV[i]] or {}
+    table.insert(greeted[ARGV[i]], ARGV[i + 1])
+  end
+end
+for a, ids in pairs(greeted) do greet(a, ids) end
+local links = {}
+for _, id in ipairs(redis.call('HKEYS', key('members'))) do
+  for _, other in ipairs(redis.call('SMEMBERS', key('links:') .. id)) do
+    if id < other then links[#links + 1] = id; links[#links + 1] = other end
+  end
+end
+return {'reset', boot, tonumber(redis.call('GET', key('seq')) or '0'), redis.call('GET', key('last')) or '0-0', redis.call('HVALS', key('members')), links}
+`;
+
+function script(name: string, body: string, epochChecked = true): Script {
+  const source = PRELUDE + (epochChecked ? SAME_EPOCH : "") + body;
+  return { name, source, sha: new Bun.CryptoHasher("sha1").update(source).digest("hex") };
+}
+
+const SCRIPTS = {
+  join: script("join", JOIN),
+  leave: script("leave", LEAVE),
+  receipt: script("receipt", RECEIPT),
+  heartbeat: script("heartbeat", HEARTBEAT),
+  reconcile: script("reconcile", RECONCILE, false),
+};
+
+/** Entries of an XREAD reply as [id, previous id, change JSON]; RESP3 gives a map, RESP2 an array of pairs. */
+function streamEntries(reply: unknown, stream: string): [string, string, string][] {
+  if (!reply) return [];
+  const entries = Array.isArray(reply) ? (reply.find((r) => Array.isArray(r) && r[0] === stream)?.[1] as unknown) : (reply as Record<string, unknown>)[stream];
+  if (!Array.isArray(entries)) return [];
+  return entries.map(([id, fields]: [string, string[]]) => {
+    const f: Record<string, string> = {};
+    for (let i = 0; i + 1 < fields.length; i += 2) f[fields[i]!] = fields[i + 1]!;
+    return [id, f.p ?? "", f.c ?? ""];
+  });
+}
+
+/** Orders stream ids (`<seq>-<n>`) numerically. */
+function compareIds(a: string, b: string): number {
+  const [am = 0, an = 0] = a.split("-").map(Number);
+  const [bm = 0, bn = 0] = b.split("-").map(Number);
+  return am - bm || an - bn;
+}
+
+function seqOf(id: string): number {
+  return Number(id.slice(0, id.indexOf("-")));
+}
+
+/** The member as the store keeps it: its own fields only, whatever else the caller's object carries. */
+function storedJson(m: Member): string {
+  const { id, host, port, name, source, registry, joinedAt, ticket } = m;
+  return JSON.stringify({ id, host, port, name, source, registry, joinedAt, ticket });
+}
+
+function parseJson(text: string): unknown {
+  try {
+    return JSON.parse(text);
+  } catch {
+    return undefined;
+  }
+}
+
+function parseMember(raw: unknown): Member | undefined {
+  const r = v.safeParse(Member, typeof raw === "string" ? parseJson(raw) : undefined);
+  return r.success ? r.output : undefined;
+}
+
+function closeLink(link: Link): void {
+  for (const c of [link.cmd, link.reader, link.sub]) {
+    c.onclose = null;
+    c.close();
+  }
+}
+
+/** Settles with `promise`, or rejects naming `what` once `ms` have passed. */
+async function deadline<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: Timer | undefined;
+  const late = new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`${what}: no answer within ${ms}ms`)), ms)));
+  try {
+    return await Promise.race([promise, late]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+function errorText(e: unknown): string {
+  return e instanceof Error ? e.message : String(e);
+}
+
+function definedOnly<T extends object>(o: T): Partial<T> {
+  return Object.fromEntries(Object.entries(o).filter(([, x]) => x !== undefined)) as Partial<T>;
+}
