@@ -2,6 +2,7 @@
 #   docker run IMAGE registry [host] [port] [flags]     (default :: / 8080)
 #   docker run IMAGE client <registry-host> <port> [flags]
 #   docker run IMAGE registry --help | client --help
+#   docker run IMAGE --help | --version                 (no role needed)
 # Build:  docker build -t contact-registry .
 # Classic Dockerfile syntax only (no BuildKit-only flags), so the legacy
 # builder of an older engine builds it too.
@@ -32,7 +33,11 @@ COPY package.json protocol.ts net.ts cli.ts registry.ts client.ts docker-entrypo
 COPY status.* ./
 COPY scripts/healthcheck.ts ./scripts/
 USER bun
-EXPOSE 8080/tcp
+# No EXPOSE: it would be declared for every container of the image, and a
+# node listens on a port the OS picks (NODE_PORT fixes one). The registry
+# listens on 8080 unless told otherwise, its status page on REGISTRY_HTTP_PORT
+# when set; publish with -p, or declare them where the role is known (compose
+# does, for its registry service).
 # Registry: /healthz when the status server runs, else a TCP connect to its
 # port; node: a TCP connect to its greeting listener. See scripts/healthcheck.ts.
 # Each check starts a bun process (~60 ms CPU): 15 s keeps a host with dozens

@@ -4,10 +4,12 @@
  * registry and three nodes on a Docker network this run creates, and checks
  * from the nodes' --json output that they formed a full mesh at the
  * addresses Docker gave them; then the image's HEALTHCHECK for both roles
- * (the registry's through /healthz), a graceful `docker stop`, the
- * entrypoint's role handling, a registry and nodes speaking IPv6 only (when
+ * (the registry's through /healthz), a
+ * graceful `docker stop`, the entrypoint's role handling and its --help and
+ * --version without a role, a registry and nodes speaking IPv6 only (when
  * the engine allows an IPv6 network), and compose.yaml with `--scale
- * client=5` and a token (when `docker compose` or `docker-compose` exists).
+ * client=5` and a token (when `docker compose` or `docker-compose` exists),
+ * readable logs unless LOG_JSON=1.
  *
  * Without a usable engine (`docker info` fails, or the oven/bun base image is
  * missing) it prints one line `SKIP docker: <reason>` and exits 0; with
@@ -178,22 +180,33 @@ class Run {
       },
       true,
     );
-    await this.check("runtime stage runs as a non-root user, with a HEALTHCHECK", async () => {
+    await this.check("runtime stage runs as a non-root user, with a HEALTHCHECK and no EXPOSE", async () => {
       const cfg = JSON.parse(await this.execOk(["image", "inspect", "-f", "{{json .Config}}", this.o.image])) as {
         User?: string;
         Healthcheck?: { Test?: string[] };
+        ExposedPorts?: Record<string, unknown>;
       };
       if (!cfg.User || cfg.User === "root" || cfg.User === "0") throw new Error(`image user is "${cfg.User ?? ""}"`);
       const test = cfg.Healthcheck?.Test?.join(" ") ?? "";
       if (!test.includes("healthcheck.ts")) throw new Error(`no healthcheck.ts HEALTHCHECK, got "${test}"`);
+      // Every container of the image would show it, nodes included, which listen on ports the OS picks.
+      const exposed = Object.keys(cfg.ExposedPorts ?? {});
+      if (exposed.length) throw new Error(`the image exposes ${exposed.join(", ")}`);
       return `user ${cfg.User}`;
     });
   }
 
-  /** The role dispatch: --help for each role, usage on an unknown role. */
+  /** The role dispatch: --help for each role, --help and --version without one, usage on an unknown role. */
   private async entrypoint(): Promise<void> {
     const runOnce = (args: string[]) => this.exec(["run", "--rm", "--label", `${LABEL}=${process.pid}`, this.o.image, ...args], 30_000);
-    const [reg, cli, bad] = await Promise.all([runOnce(["registry", "--help"]), runOnce(["client", "--help"]), runOnce(["nonsense"])]);
+    const [reg, cli, bad, help, version] = await Promise.all([
+      runOnce(["registry", "--help"]),
+      runOnce(["client", "--help"]),
+      runOnce(["nonsense"]),
+      runOnce(["--help"]),
+      runOnce(["--version"]),
+    ]);
+    const { version: packageVersion } = (await Bun.file(join(ROOT, "package.json")).json()) as { version: string };
     await this.check("`registry --help` prints the registry's usage, exit 0", async () => {
       if (reg.code !== 0 || !/USAGE\s+registry/.test(reg.stdout)) throw new Error(`exit ${reg.code}: ${tail(reg.stdout + reg.stderr, 5)}`);
     });
@@ -202,6 +215,16 @@ class Run {
     });
     await this.check("an unknown role says so, exit 2", async () => {
       if (bad.code !== 2 || !bad.stderr.includes('unknown role "nonsense"')) throw new Error(`exit ${bad.code}: ${tail(bad.stdout + bad.stderr, 5)}`);
+    });
+    await this.check("`--help` without a role lists the roles, exit 0", async () => {
+      if (help.code !== 0 || !/^\s+registry \[host\]/m.test(help.stdout) || !/^\s+client <registry-host>/m.test(help.stdout)) {
+        throw new Error(`exit ${help.code}: ${tail(help.stdout + help.stderr, 5)}`);
+      }
+    });
+    await this.check("`--version` without a role prints the package's version, exit 0", async () => {
+      const want = new RegExp(`^contact-registry ${packageVersion.replaceAll(".", "\\.")} \\(bun \\d+\\.\\d+\\.\\d+\\)$`);
+      if (version.code !== 0 || !want.test(version.stdout.trim())) throw new Error(`exit ${version.code}: ${tail(version.stdout + version.stderr, 5)}`);
+      return version.stdout.trim();
     });
   }
 
@@ -320,9 +343,20 @@ class Run {
     if (!cmd) return this.skip("compose", "neither `docker compose` nor `docker-compose` is installed");
     const project = `${this.tag}-compose`;
     const token = crypto.randomUUID();
-    // REGISTRY_TOKEN set here wins over a developer's .env next to compose.yaml.
-    const env = { ...process.env, CONTACT_REGISTRY_IMAGE: this.o.image, REGISTRY_TOKEN: token };
     const base = [...cmd, "-p", project, "-f", join(ROOT, "compose.yaml")];
+    await this.check("compose: readable logs unless LOG_JSON=1", async () => {
+      const { LOG_JSON: _, ...inherited } = process.env;
+      const config = async (env: Record<string, string | undefined>) => {
+        const r = await execFile([...base, "config"], 30_000, { ...inherited, ...env });
+        if (r.code !== 0) throw new Error(`config exited ${r.code}: ${tail(r.stderr, 5)}`);
+        return [...r.stdout.matchAll(/^\s*LOG_JSON:\s*(.*)$/gm)].map((m) => m[1]!.replace(/^['"]|['"]$/g, ""));
+      };
+      const [plain, json] = await Promise.all([config({}), config({ LOG_JSON: "1" })]);
+      if (plain.length !== 2 || plain.some((v) => v !== "")) throw new Error(`LOG_JSON by default: ${JSON.stringify(plain)}, expected empty for both services`);
+      if (json.length !== 2 || json.some((v) => v !== "1")) throw new Error(`LOG_JSON with LOG_JSON=1: ${JSON.stringify(json)}`);
+    });
+    // REGISTRY_TOKEN set here wins over a developer's .env next to compose.yaml; the mesh check reads JSON.
+    const env = { ...process.env, CONTACT_REGISTRY_IMAGE: this.o.image, REGISTRY_TOKEN: token, LOG_JSON: "1" };
     const scale = 5;
     if (this.stopping) throw new Abort("stopping");
     this.composeProjects.set(project, { base, env });
