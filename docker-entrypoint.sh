@@ -48,6 +48,9 @@ role="${1-}"
 case "$role" in
   registry | client)
     shift
+    # A record left by an earlier run of this container would point the
+    # HEALTHCHECK at a port that is no longer ours.
+    if [ -n "${PORTS_FILE:-}" ]; then rm -f "$PORTS_FILE"; fi
     exec bun "/app/$role.ts" "$@"
     ;;
   -h | --help | help)
