@@ -24,6 +24,7 @@ import { defineCommand, runMain } from "citty";
 import { join } from "node:path";
 import { checkFlags, intArg, runCli, UsageError, type EventRecord } from "../cli.ts";
 import { meshProblems, Proc, withDeadline } from "../test/helpers.ts";
+import { Abort, CheckRun, execFile, tail, type Exec } from "./check-run.ts";
 
 const ROOT = join(import.meta.dir, "..");
 const LABEL = "contact-registry-test.pid";
@@ -89,25 +90,13 @@ export async function main(o: DockerTestOptions): Promise<number> {
   }
   const secs = ((performance.now() - started) / 1000).toFixed(1);
   process.stdout.write(`took ${secs}s\n`);
-  process.stdout.write(`docker: ${run.passed} passed, ${run.failed} failed${run.skipped ? `, ${run.skipped} skipped` : ""}\n`);
+  process.stdout.write(run.summary("docker"));
   return run.failed ? 1 : 0;
 }
 
 // --- internal ----------------------------------------------------------------
 
-interface Exec {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-/** Thrown by a check whose failure makes the following ones meaningless. */
-class Abort extends Error {}
-
-class Run {
-  passed = 0;
-  failed = 0;
-  skipped = 0;
+class Run extends CheckRun {
   private readonly tag = `crtest-${process.pid}-${crypto.randomUUID().slice(0, 6)}`;
   private readonly containers = new Set<string>();
   private readonly networks = new Set<string>();
@@ -123,47 +112,19 @@ class Run {
     private readonly o: DockerTestOptions,
     /** The runtime stage's base, to tell what the image adds to it. */
     private readonly runtimeBase: string,
-  ) {}
+  ) {
+    super();
+  }
 
   async all(): Promise<void> {
     await this.removeLeftovers();
-    try {
+    await this.runAll(async () => {
       await this.build();
       await this.entrypoint();
       await this.mesh();
       if (this.o.ipv6) await this.ipv6();
       await this.compose();
-    } catch (e) {
-      if (!(e instanceof Abort)) this.fail("unexpected error", (e as Error).stack ?? String(e));
-      process.stdout.write("aborted: the remaining checks need the one that failed\n");
-    }
-  }
-
-  pass(name: string, detail = ""): void {
-    this.passed++;
-    process.stdout.write(`ok    ${name}${detail ? `: ${detail}` : ""}\n`);
-  }
-
-  fail(name: string, why: string): void {
-    this.failed++;
-    process.stdout.write(`FAIL  ${name}: ${why}\n`);
-  }
-
-  skip(name: string, why: string): void {
-    this.skipped++;
-    process.stdout.write(`skip  ${name}: ${why}\n`);
-  }
-
-  /** Runs a check; a thrown error is its failure. `fatal` stops the run there. */
-  private async check(name: string, fn: () => Promise<string | void>, fatal = false): Promise<boolean> {
-    try {
-      this.pass(name, (await fn()) ?? "");
-      return true;
-    } catch (e) {
-      this.fail(name, (e as Error).message);
-      if (fatal) throw new Abort(name);
-      return false;
-    }
+    });
   }
 
   private async build(): Promise<void> {
@@ -615,13 +576,6 @@ function baseImagesOf(dockerfile: string): string[] {
   return [...new Set(out)];
 }
 
-async function execFile(cmd: string[], timeoutMs: number, env?: Record<string, string | undefined>): Promise<Exec> {
-  const p = Bun.spawn(cmd, { stdin: "ignore", stdout: "pipe", stderr: "pipe", timeout: timeoutMs, killSignal: "SIGKILL", env });
-  const [stdout, stderr, code] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
-  if (p.signalCode) return { code: 124, stdout, stderr: `${stderr}\n(${cmd.slice(0, 3).join(" ")} killed after ${timeoutMs}ms)` };
-  return { code, stdout, stderr };
-}
-
 /** Re-evaluates `cond` every `everyMs` until true; a throw from `cond` ends the wait with it. */
 async function waitFor(cond: () => boolean | Promise<boolean>, ms: number, what: string, everyMs = 20): Promise<void> {
   const deadline = performance.now() + ms;
@@ -655,10 +609,6 @@ function human(bytes: number): string {
     i++;
   }
   return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
-}
-
-function tail(text: string, lines: number): string {
-  return text.trim().split("\n").slice(-lines).join("\n");
 }
 
 function firstLine(text: string): string {
