@@ -13,11 +13,12 @@ ARG BUN_VERSION=1.4.4
 FROM oven/bun:${BUN_VERSION} AS build
 WORKDIR /build
 COPY package.json bun.lock ./
-# --production leaves out devDependencies, among them the npm `bun` package
-# (whose postinstall would fetch a second Bun) and playwright-core;
-# --omit=peer leaves out typescript, which valibot lists as an optional peer
-# and Bun would otherwise install (23 MB nobody runs).
-RUN bun install --frozen-lockfile --production --omit=peer --ignore-scripts
+# --production leaves out devDependencies (typescript, bun-types,
+# playwright-core); --omit=optional the npm `bun` package, which the
+# installed command brings as its Bun (this image has one: a second would
+# add about 100 MB); --omit=peer typescript once more, which valibot lists as
+# an optional peer and Bun would otherwise install (23 MB nobody runs).
+RUN bun install --frozen-lockfile --production --omit=optional --omit=peer --ignore-scripts
 
 # --- runtime: slim base, non-root, only what runs ---------------------------
 FROM oven/bun:${BUN_VERSION}-slim AS runtime
