@@ -3,6 +3,7 @@
 # the rest goes to that role's script unchanged.
 #   registry [host] [port] [flags]        bun registry.ts ...
 #   client <registry-host> <port> [flags] bun client.ts ...
+#   --help | --version                    this usage | the package version
 # `exec` makes bun the container's main process, so `docker stop` (SIGTERM)
 # reaches the script's own shutdown handler: a node says `leave`, the
 # registry tells its nodes it is stopping.
@@ -16,6 +17,7 @@ contact-registry image: the first argument is the role.
                                         (default host :: falling back to 0.0.0.0, port 8080)
   client <registry-host> <port> [flags] run a peer node
   registry --help | client --help       every flag and environment variable of a role
+  --version                             the version of contact-registry and of Bun
 
 Examples:
   docker run -d --name registry --network mesh contact-registry registry
@@ -24,6 +26,10 @@ Examples:
 Secrets: set REGISTRY_TOKEN_FILE to a file (for example a compose secret at
 /run/secrets/registry_token) instead of REGISTRY_TOKEN, to keep the token out of
 the container's environment listing.
+
+Ports: the registry listens on 8080 (REGISTRY_PORT), its status page on
+REGISTRY_HTTP_PORT when set; a node on a port the OS picks (NODE_PORT to fix
+one, for example to publish it). The image declares none of them.
 EOF
 }
 
@@ -42,11 +48,17 @@ role="${1-}"
 case "$role" in
   registry | client)
     shift
+    # A record left by an earlier run of this container would point the
+    # HEALTHCHECK at a port that is no longer ours.
+    if [ -n "${PORTS_FILE:-}" ]; then rm -f "$PORTS_FILE"; fi
     exec bun "/app/$role.ts" "$@"
     ;;
   -h | --help | help)
     usage
     exit 0
+    ;;
+  -v | --version | version)
+    exec bun -e 'console.log(`contact-registry ${require("/app/package.json").version} (bun ${Bun.version})`)'
     ;;
   "")
     usage >&2

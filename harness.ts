@@ -372,9 +372,16 @@ export async function disposeAll(items: Iterable<AsyncDisposable | undefined>): 
   await Promise.allSettled(Array.from(items, (i) => i?.[Symbol.asyncDispose]()));
 }
 
+/** What a command printed and how it ended. */
+export interface Exec {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
 /** Runs a command to its end (killed after `timeoutMs`, exit code 124 then); never throws. */
-export async function exec(cmd: string[], timeoutMs: number, env?: Record<string, string | undefined>): Promise<{ code: number; stdout: string; stderr: string }> {
-  const p = Bun.spawn(cmd, { stdin: "ignore", stdout: "pipe", stderr: "pipe", timeout: timeoutMs, killSignal: "SIGKILL", env });
+export async function exec(cmd: string[], timeoutMs: number, env?: Record<string, string | undefined>, cwd?: string): Promise<Exec> {
+  const p = Bun.spawn(cmd, { cwd, stdin: "ignore", stdout: "pipe", stderr: "pipe", timeout: timeoutMs, killSignal: "SIGKILL", env });
   const [stdout, stderr, code] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
   if (p.signalCode) return { code: 124, stdout, stderr: `${stderr}\n(${cmd.slice(0, 3).join(" ")} killed after ${timeoutMs}ms)` };
   return { code, stdout, stderr };

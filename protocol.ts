@@ -174,7 +174,14 @@ export function decode<S extends v.GenericSchema>(schema: S, line: string): Deco
   if (r.success) return { ok: true, msg: r.output };
   const issue = r.issues[0];
   const path = issue.path?.map((p) => String(p.key)).join(".");
-  return { ok: false, code: "bad-message", message: path ? `${path}: ${issue.message}` : issue.message };
+  return { ok: false, code: "bad-message", message: clip(path ? `${path}: ${issue.message}` : issue.message) };
+}
+
+/** Longest error text: a message quotes what it got (valibot does), and a 16 KiB field must not come back as a 16 KiB error. */
+const MAX_MESSAGE = 300;
+
+function clip(text: string): string {
+  return text.length <= MAX_MESSAGE ? text : `${text.slice(0, MAX_MESSAGE - 1)}…`;
 }
 
 // --- framing -----------------------------------------------------------------

@@ -4,10 +4,12 @@
  * registry and three nodes on a Docker network this run creates, and checks
  * from the nodes' --json output that they formed a full mesh at the
  * addresses Docker gave them; then the image's HEALTHCHECK for both roles
- * (the registry's through /healthz), a graceful `docker stop`, the
- * entrypoint's role handling, a registry and nodes speaking IPv6 only (when
+ * (the registry's through /healthz; a frozen node turns unhealthy), a
+ * graceful `docker stop`, the entrypoint's role handling and its --help and
+ * --version without a role, a registry and nodes speaking IPv6 only (when
  * the engine allows an IPv6 network), and compose.yaml with `--scale
- * client=5` and a token (when `docker compose` or `docker-compose` exists).
+ * client=5` and a token (when `docker compose` or `docker-compose` exists),
+ * readable logs unless LOG_JSON=1.
  *
  * Without a usable engine (`docker info` fails, or the oven/bun base image is
  * missing) it prints one line `SKIP docker: <reason>` and exits 0; with
@@ -18,13 +20,41 @@
  * removed by the next run. Waits are for log lines or states under
  * deadlines, never for time.
  */
+import { defineCommand, runMain } from "citty";
 import { join } from "node:path";
-import { intArg } from "../cli.ts";
-import { ROOT, Proc, exec, greetingsOf, meshProblems, runScript, waitUntil, withDeadline } from "../harness.ts";
+import { checkFlags, intArg, runCli, UsageError } from "../cli.ts";
+import { ROOT, Proc, exec, greetingsOf, meshProblems, waitUntil, withDeadline, type JsonEvent } from "../harness.ts";
+import { Abort, CheckRun, tail, type Exec } from "./check-run.ts";
 
 const LABEL = "contact-registry-test.pid";
 
-interface DockerTestOptions {
+export const command = defineCommand({
+  meta: { name: "docker-test", description: "Build the image and check a registry + nodes mesh in Docker (skips without an engine)." },
+  args: {
+    image: { type: "string", description: "Tag to build and test", default: "contact-registry:test" },
+    nodes: { type: "string", description: "Node containers in the mesh check", default: "3" },
+    timeout: { type: "string", description: "Give up after this many seconds, build included", default: "300" },
+    require: { type: "boolean", description: "A missing engine or base image is a failure, not a skip [env DOCKER_TEST_REQUIRE=1]" },
+    ipv6: { type: "boolean", description: "Also check an IPv6 network when the engine allows one; --no-ipv6 to leave it out", default: true },
+  },
+  async run({ args, rawArgs }) {
+    await runCli(async () => {
+      checkFlags(rawArgs, command.args as Record<string, { type?: string }>);
+      const nodes = intArg("nodes", args.nodes, 2);
+      if (nodes > 20) throw new UsageError("--nodes: at most 20 (this is a correctness check, not a benchmark)");
+      const code = await main({
+        image: String(args.image),
+        nodes,
+        timeoutMs: intArg("timeout", args.timeout, 10) * 1000,
+        require: Boolean(args.require) || process.env.DOCKER_TEST_REQUIRE === "1",
+        ipv6: args.ipv6 !== false,
+      });
+      process.exit(code);
+    });
+  },
+});
+
+export interface DockerTestOptions {
   image: string;
   nodes: number;
   timeoutMs: number;
@@ -33,7 +63,7 @@ interface DockerTestOptions {
 }
 
 /** Runs every check; returns the exit code. */
-async function main(o: DockerTestOptions): Promise<number> {
+export async function main(o: DockerTestOptions): Promise<number> {
   const started = performance.now();
   const docker = Bun.which("docker") ?? "/usr/bin/docker";
   const baseImages = baseImagesOf(await Bun.file(join(ROOT, "Dockerfile")).text());
@@ -59,21 +89,13 @@ async function main(o: DockerTestOptions): Promise<number> {
   }
   const secs = ((performance.now() - started) / 1000).toFixed(1);
   process.stdout.write(`took ${secs}s\n`);
-  process.stdout.write(`docker: ${run.passed} passed, ${run.failed} failed${run.skipped ? `, ${run.skipped} skipped` : ""}\n`);
+  process.stdout.write(run.summary("docker"));
   return run.failed ? 1 : 0;
 }
 
 // --- internal ----------------------------------------------------------------
 
-type Exec = Awaited<ReturnType<typeof exec>>;
-
-/** Thrown by a check whose failure makes the following ones meaningless. */
-class Abort extends Error {}
-
-class Run {
-  passed = 0;
-  failed = 0;
-  skipped = 0;
+class Run extends CheckRun {
   private readonly tag = `crtest-${process.pid}-${crypto.randomUUID().slice(0, 6)}`;
   private readonly containers = new Set<string>();
   private readonly networks = new Set<string>();
@@ -89,47 +111,19 @@ class Run {
     private readonly o: DockerTestOptions,
     /** The runtime stage's base, to tell what the image adds to it. */
     private readonly runtimeBase: string,
-  ) {}
+  ) {
+    super();
+  }
 
   async all(): Promise<void> {
     await this.removeLeftovers();
-    try {
+    await this.runAll(async () => {
       await this.build();
       await this.entrypoint();
       await this.mesh();
       if (this.o.ipv6) await this.ipv6();
       await this.compose();
-    } catch (e) {
-      if (!(e instanceof Abort)) this.fail("unexpected error", (e as Error).stack ?? String(e));
-      process.stdout.write("aborted: the remaining checks need the one that failed\n");
-    }
-  }
-
-  pass(name: string, detail = ""): void {
-    this.passed++;
-    process.stdout.write(`ok    ${name}${detail ? `: ${detail}` : ""}\n`);
-  }
-
-  fail(name: string, why: string): void {
-    this.failed++;
-    process.stdout.write(`FAIL  ${name}: ${why}\n`);
-  }
-
-  skip(name: string, why: string): void {
-    this.skipped++;
-    process.stdout.write(`skip  ${name}: ${why}\n`);
-  }
-
-  /** Runs a check; a thrown error is its failure. `fatal` stops the run there. */
-  private async check(name: string, fn: () => Promise<string | void>, fatal = false): Promise<boolean> {
-    try {
-      this.pass(name, (await fn()) ?? "");
-      return true;
-    } catch (e) {
-      this.fail(name, (e as Error).message);
-      if (fatal) throw new Abort(name);
-      return false;
-    }
+    });
   }
 
   private async build(): Promise<void> {
@@ -146,22 +140,33 @@ class Run {
       },
       true,
     );
-    await this.check("runtime stage runs as a non-root user, with a HEALTHCHECK", async () => {
+    await this.check("runtime stage runs as a non-root user, with a HEALTHCHECK and no EXPOSE", async () => {
       const cfg = JSON.parse(await this.execOk(["image", "inspect", "-f", "{{json .Config}}", this.o.image])) as {
         User?: string;
         Healthcheck?: { Test?: string[] };
+        ExposedPorts?: Record<string, unknown>;
       };
       if (!cfg.User || cfg.User === "root" || cfg.User === "0") throw new Error(`image user is "${cfg.User ?? ""}"`);
       const test = cfg.Healthcheck?.Test?.join(" ") ?? "";
       if (!test.includes("healthcheck.ts")) throw new Error(`no healthcheck.ts HEALTHCHECK, got "${test}"`);
+      // Every container of the image would show it, nodes included, which listen on ports the OS picks.
+      const exposed = Object.keys(cfg.ExposedPorts ?? {});
+      if (exposed.length) throw new Error(`the image exposes ${exposed.join(", ")}`);
       return `user ${cfg.User}`;
     });
   }
 
-  /** The role dispatch: --help for each role, usage on an unknown role. */
+  /** The role dispatch: --help for each role, --help and --version without one, usage on an unknown role. */
   private async entrypoint(): Promise<void> {
     const runOnce = (args: string[]) => this.exec(["run", "--rm", "--label", `${LABEL}=${process.pid}`, this.o.image, ...args], 30_000);
-    const [reg, cli, bad] = await Promise.all([runOnce(["registry", "--help"]), runOnce(["client", "--help"]), runOnce(["nonsense"])]);
+    const [reg, cli, bad, help, version] = await Promise.all([
+      runOnce(["registry", "--help"]),
+      runOnce(["client", "--help"]),
+      runOnce(["nonsense"]),
+      runOnce(["--help"]),
+      runOnce(["--version"]),
+    ]);
+    const { version: packageVersion } = (await Bun.file(join(ROOT, "package.json")).json()) as { version: string };
     await this.check("`registry --help` prints the registry's usage, exit 0", async () => {
       if (reg.code !== 0 || !/USAGE\s+registry/.test(reg.stdout)) throw new Error(`exit ${reg.code}: ${tail(reg.stdout + reg.stderr, 5)}`);
     });
@@ -170,6 +175,16 @@ class Run {
     });
     await this.check("an unknown role says so, exit 2", async () => {
       if (bad.code !== 2 || !bad.stderr.includes('unknown role "nonsense"')) throw new Error(`exit ${bad.code}: ${tail(bad.stdout + bad.stderr, 5)}`);
+    });
+    await this.check("`--help` without a role lists the roles, exit 0", async () => {
+      if (help.code !== 0 || !/^\s+registry \[host\]/m.test(help.stdout) || !/^\s+client <registry-host>/m.test(help.stdout)) {
+        throw new Error(`exit ${help.code}: ${tail(help.stdout + help.stderr, 5)}`);
+      }
+    });
+    await this.check("`--version` without a role prints the package's version, exit 0", async () => {
+      const want = new RegExp(`^contact-registry ${packageVersion.replaceAll(".", "\\.")} \\(bun \\d+\\.\\d+\\.\\d+\\)$`);
+      if (version.code !== 0 || !want.test(version.stdout.trim())) throw new Error(`exit ${version.code}: ${tail(version.stdout + version.stderr, 5)}`);
+      return version.stdout.trim();
     });
   }
 
@@ -247,6 +262,27 @@ class Run {
           ),
       );
     });
+
+    await this.frozen(names[0]!);
+  }
+
+  /**
+   * A stopped (SIGSTOP) node still completes TCP handshakes in the kernel: its
+   * health check must ask the process, and fail. Last, since the node then
+   * stops answering its peers too.
+   */
+  private async frozen(node: string): Promise<void> {
+    const last = await this.healthy(node);
+    if (!last.includes("probe-ok")) {
+      // The check fell back to a TCP connect: the scripts do not record their ports yet.
+      return this.skip("HEALTHCHECK: a frozen node turns unhealthy", `the check does not ask the node yet: "${last}"`);
+    }
+    await this.check("HEALTHCHECK: a frozen node turns unhealthy", async () => {
+      await this.execOk(["kill", "-s", "STOP", node]);
+      const output = await this.unhealthy(node);
+      await this.execOk(["kill", "-s", "CONT", node]);
+      return output;
+    });
   }
 
   /** A registry and two nodes on an IPv6 network, the nodes given the registry's IPv6 address. */
@@ -280,6 +316,7 @@ class Run {
       );
       return String(nodes[1]!.log.named("registered")[0]!.address);
     });
+    await this.check("IPv6: the registry without a status server becomes healthy", () => this.healthy(registry));
   }
 
   /** compose.yaml as the README runs it: a registry and `--scale client=5`, the token by interpolation. */
@@ -288,9 +325,20 @@ class Run {
     if (!cmd) return this.skip("compose", "neither `docker compose` nor `docker-compose` is installed");
     const project = `${this.tag}-compose`;
     const token = crypto.randomUUID();
-    // REGISTRY_TOKEN set here wins over a developer's .env next to compose.yaml.
-    const env = { ...process.env, CONTACT_REGISTRY_IMAGE: this.o.image, REGISTRY_TOKEN: token };
     const base = [...cmd, "-p", project, "-f", join(ROOT, "compose.yaml")];
+    await this.check("compose: readable logs unless LOG_JSON=1", async () => {
+      const { LOG_JSON: _, ...inherited } = process.env;
+      const config = async (env: Record<string, string | undefined>) => {
+        const r = await exec([...base, "config"], 30_000, { ...inherited, ...env });
+        if (r.code !== 0) throw new Error(`config exited ${r.code}: ${tail(r.stderr, 5)}`);
+        return [...r.stdout.matchAll(/^\s*LOG_JSON:\s*(.*)$/gm)].map((m) => m[1]!.replace(/^['"]|['"]$/g, ""));
+      };
+      const [plain, json] = await Promise.all([config({}), config({ LOG_JSON: "1" })]);
+      if (plain.length !== 2 || plain.some((v) => v !== "")) throw new Error(`LOG_JSON by default: ${JSON.stringify(plain)}, expected empty for both services`);
+      if (json.length !== 2 || json.some((v) => v !== "1")) throw new Error(`LOG_JSON with LOG_JSON=1: ${JSON.stringify(json)}`);
+    });
+    // REGISTRY_TOKEN set here wins over a developer's .env next to compose.yaml; the mesh check reads JSON.
+    const env = { ...process.env, CONTACT_REGISTRY_IMAGE: this.o.image, REGISTRY_TOKEN: token, LOG_JSON: "1" };
     const scale = 5;
     if (this.stopping) throw new Abort("stopping");
     this.composeProjects.set(project, { base, env });
@@ -347,6 +395,24 @@ class Run {
     const r = await this.creates(["network", "create", "--internal", "--label", `${LABEL}=${process.pid}`, ...extra, name], 30_000);
     if (r.code !== 0) throw new Error(`docker network create ${name} exited ${r.code}: ${r.stderr.trim()}`);
     return name;
+  }
+
+  /** Polls the health state until unhealthy; returns the failing check's output. */
+  private async unhealthy(container: string): Promise<string> {
+    let output = "";
+    await waitUntil(
+      async () => {
+        const h = JSON.parse(await this.execOk(["inspect", "-f", "{{json .State.Health}}", container])) as { Status: string; Log?: { Output: string }[] } | null;
+        output = h?.Log?.at(-1)?.Output.trim() ?? "";
+        return h?.Status === "unhealthy";
+      },
+      30_000,
+      `${container} to become unhealthy`,
+      250,
+    ).catch((e: Error) => {
+      throw new Error(`${e.message} (last check: ${output || "none yet"})`);
+    });
+    return output;
   }
 
   /** Polls the health state (Docker has it only as state) until healthy, failing fast on unhealthy. */
@@ -508,40 +574,23 @@ function alive(pid: number): boolean {
 }
 
 function lastEvents(p: Proc): string {
-  const events = p.log.events.slice(-4).map((e) => JSON.stringify(e));
+  const events = p.log.events.slice(-4).map((e: JsonEvent) => JSON.stringify(e));
   return [...events, ...p.stderr.slice(-4)].join(" | ") || "(nothing)";
 }
 
-/** 226593809 -> "226.6MB". */
 function human(bytes: number): string {
-  return new Intl.NumberFormat("en", { notation: "compact", maximumFractionDigits: 1 }).format(bytes) + "B";
-}
-
-function tail(text: string, lines: number): string {
-  return text.trim().split("\n").slice(-lines).join("\n");
+  const units = ["B", "kB", "MB", "GB"];
+  let n = bytes;
+  let i = 0;
+  while (Math.abs(n) >= 1000 && i < units.length - 1) {
+    n /= 1000;
+    i++;
+  }
+  return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
 }
 
 function firstLine(text: string): string {
   return text.trim().split("\n")[0] ?? "";
 }
 
-if (import.meta.main) {
-  await runScript(
-    { name: "docker-test", description: "Build the image and check a registry + nodes mesh in Docker (skips without an engine)." },
-    {
-      image: { type: "string", description: "Tag to build and test", default: "contact-registry:test" },
-      nodes: { type: "string", description: "Node containers in the mesh check, 2 to 20 (a correctness check, not a benchmark)", default: "3" },
-      timeout: { type: "string", description: "Give up after this many seconds, build included", default: "300" },
-      require: { type: "boolean", description: "A missing engine or base image is a failure, not a skip [env DOCKER_TEST_REQUIRE=1]" },
-      ipv6: { type: "boolean", description: "Also check an IPv6 network when the engine allows one; --no-ipv6 to leave it out", default: true },
-    },
-    (args) =>
-      main({
-        image: String(args.image),
-        nodes: intArg("nodes", args.nodes, 2, 20),
-        timeoutMs: intArg("timeout", args.timeout, 10) * 1000,
-        require: Boolean(args.require) || process.env.DOCKER_TEST_REQUIRE === "1",
-        ipv6: args.ipv6 !== false,
-      }),
-  );
-}
+if (import.meta.main) await runMain(command);

@@ -3,206 +3,141 @@
  * The image's HEALTHCHECK: `bun /app/scripts/healthcheck.ts`, exit 0 = healthy,
  * 1 = unhealthy, with one line saying why (docker inspect shows it).
  *
- * It finds the role's process (registry.ts or client.ts) and the TCP ports
- * that process listens on (from /proc), instead of trusting REGISTRY_PORT:
- * the port may have come as an argument (`registry 0.0.0.0 9000`) and a node's
- * port is picked by the OS. Then:
- * - registry: if the status server is on (REGISTRY_HTTP_PORT or --http), GET
- *   /healthz on it must answer 200, which proves the event loop runs; every
- *   other listening port must accept a TCP connection.
- * - client: its greeting listener must accept a TCP connection. A node has no
- *   HTTP endpoint; that its process is alive Docker knows already.
- * If /proc cannot be read it falls back to the environment: /healthz on
- * REGISTRY_HTTP_PORT, else a TCP connect to REGISTRY_PORT (default 8080).
- * Connections go to loopback only; the checked scripts see a connection that
- * closes without a word, which neither logs.
+ * Where to look: the role's script records what it listens on in the file
+ * named by PORTS_FILE (the image sets it; the entrypoint removes it before
+ * starting the role): its `listening` event and, for a registry with a status
+ * server, `http-listening`, one JSON line each with `role` added. A node's
+ * port is picked by the OS and any port may come from the command line, so
+ * the record, not the environment, says where to look.
+ *
+ * What to ask: the process itself, in its own protocol, so that a frozen
+ * process fails (a bare TCP connect would pass: the kernel completes the
+ * handshake for a stopped process). None of these leaves a line in its log.
+ * - registry with a status server: GET /healthz must answer 200;
+ * - registry without: a connection that says `leave` must be closed by it;
+ * - node: its listener must answer a `probe` for the node's own id with `probe-ok`.
  */
-import { readFileSync, readdirSync, readlinkSync } from "node:fs";
-import { isIP } from "node:net";
+import { readFileSync } from "node:fs";
+import * as v from "valibot";
+import { dial, lineHandlers, type Conn } from "../net.ts";
+import { FromListener, PROTOCOL_VERSION, decode, randomId } from "../protocol.ts";
 
 const TIMEOUT_MS = 2_000;
 
-/** Runs the check for whichever role runs in this container. */
-export async function check(): Promise<{ ok: boolean; text: string }> {
-  const proc = findRoleProcess();
-  if (!proc) return fallback("no registry.ts or client.ts process found");
-  let listening: Listener[];
-  try {
-    listening = listeningSockets(proc.pid);
-  } catch (e) {
-    return fallback(`cannot read /proc/${proc.pid}: ${(e as Error).message}`);
-  }
-  if (!listening.length) return { ok: false, text: `${proc.role} (pid ${proc.pid}) listens on no TCP port` };
-  const httpPort = proc.role === "registry" ? configuredHttpPort(proc.argv) : undefined;
-  if (httpPort !== undefined && !listening.some((l) => l.port === httpPort)) {
-    return { ok: false, text: `registry status server is not listening on port ${httpPort}` };
-  }
-  const results = await Promise.all(
-    listening.map((l) => (l.port === httpPort ? getHealthz(loopbackFor(l.address), l.port) : tcpProbe(loopbackFor(l.address), l.port))),
-  );
-  const ok = results.every((r) => r.ok);
-  return { ok, text: `${proc.role} (pid ${proc.pid}): ${results.map((r) => r.text).join(", ")}` };
-}
+/** One line of the ports file. */
+const PortsRecord = v.variant("event", [
+  v.object({ event: v.literal("listening"), role: v.picklist(["registry", "node"]), host: v.string(), port: v.number(), id: v.optional(v.string()) }),
+  v.object({ event: v.literal("http-listening"), url: v.string() }),
+]);
+type PortsRecord = v.InferOutput<typeof PortsRecord>;
+type Listening = Extract<PortsRecord, { event: "listening" }>;
 
-// --- internal ----------------------------------------------------------------
-
-interface Listener {
-  address: string;
-  port: number;
-}
-
-interface Result {
+export interface Result {
   ok: boolean;
   text: string;
 }
 
-async function fallback(why: string): Promise<Result> {
-  const http = process.env.REGISTRY_HTTP_PORT;
-  const r = http ? await getHealthz(["127.0.0.1"], Number(http)) : await tcpProbe(["127.0.0.1"], Number(process.env.REGISTRY_PORT || 8080));
-  return { ok: r.ok, text: `${why}; from the environment: ${r.text}` };
-}
-
-/** The lowest pid whose command line runs registry.ts or client.ts (the container's main process). */
-function findRoleProcess(): { pid: number; role: "registry" | "client"; argv: string[] } | undefined {
-  const pids = readdirSync("/proc")
-    .filter((d) => /^\d+$/.test(d))
-    .map(Number)
-    .filter((p) => p !== process.pid)
-    .sort((a, b) => a - b);
-  for (const pid of pids) {
-    let argv: string[];
-    try {
-      argv = readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0").filter(Boolean);
-    } catch {
-      continue; // gone meanwhile, or not ours to read
-    }
-    const i = argv.findIndex((a) => /(^|\/)(registry|client)\.ts$/.test(a));
-    if (i < 0) continue;
-    const role = argv[i]!.endsWith("registry.ts") ? "registry" : "client";
-    return { pid, role, argv: argv.slice(i + 1) };
+/** Runs the check for whichever role runs in this container. */
+export async function check(portsFile = process.env.PORTS_FILE): Promise<Result> {
+  const records = portsFile ? readRecords(portsFile) : [];
+  const listening = records.findLast((r): r is Listening => r.event === "listening");
+  if (!listening) return interim(portsFile);
+  const http = records.findLast((r) => r.event === "http-listening");
+  if (listening.role === "registry") {
+    return http ? getHealthz(http.url) : closesOnLeave(loopback(listening.host), listening.port);
   }
-  return undefined;
+  if (!listening.id) return { ok: false, text: `node record in ${portsFile} has no id` };
+  return answersProbe(loopback(listening.host), listening.port, listening.id);
 }
 
-/** TCP sockets in LISTEN state that the process holds, matched by socket inode. */
-function listeningSockets(pid: number): Listener[] {
-  const inodes = new Set<string>();
-  for (const fd of readdirSync(`/proc/${pid}/fd`)) {
-    try {
-      const m = /^socket:\[(\d+)\]$/.exec(readlinkSync(`/proc/${pid}/fd/${fd}`));
-      if (m) inodes.add(m[1]!);
-    } catch {
-      // closed meanwhile
-    }
-  }
-  const out: Listener[] = [];
-  for (const [file, v6] of [
-    ["tcp", false],
-    ["tcp6", true],
-  ] as const) {
-    let text: string;
-    try {
-      text = readFileSync(`/proc/${pid}/net/${file}`, "utf8");
-    } catch {
-      continue; // no IPv6 in this kernel
-    }
-    for (const line of text.split("\n").slice(1)) {
-      const f = line.trim().split(/\s+/);
-      // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
-      if (f.length < 10 || f[3] !== "0A" || !inodes.has(f[9]!)) continue;
-      const [addrHex, portHex] = f[1]!.split(":");
-      const port = parseInt(portHex!, 16);
-      if (!out.some((l) => l.port === port)) out.push({ address: decodeAddress(addrHex!, v6), port });
-    }
-  }
-  return out;
-}
+// --- internal ----------------------------------------------------------------
 
-/** /proc/net/tcp{,6} addresses: 32-bit words in host (little-endian) byte order. */
-function decodeAddress(hex: string, v6: boolean): string {
-  const bytes: number[] = [];
-  for (let w = 0; w < hex.length; w += 8) {
-    const word = hex.slice(w, w + 8);
-    for (let b = 6; b >= 0; b -= 2) bytes.push(parseInt(word.slice(b, b + 2), 16));
-  }
-  if (!v6) return bytes.join(".");
-  if (bytes.slice(0, 10).every((b) => b === 0) && bytes[10] === 0xff && bytes[11] === 0xff) return bytes.slice(12).join(".");
-  const groups: string[] = [];
-  for (let i = 0; i < 16; i += 2) groups.push(((bytes[i]! << 8) | bytes[i + 1]!).toString(16));
-  return groups.join(":").replace(/^0(:0)+$/, "::");
-}
-
-/** Where to reach a listener from inside its container; unspecified addresses mean loopback. */
-function loopbackFor(address: string): string[] {
-  if (address === "0.0.0.0") return ["127.0.0.1"];
-  if (address === "::") return ["127.0.0.1", "::1"]; // dual-stack; ::1 if the socket is IPv6-only
-  return [address];
-}
-
-/** --http N / --http=N on the registry's command line, else REGISTRY_HTTP_PORT (the flag wins, as in registry.ts). */
-function configuredHttpPort(argv: string[]): number | undefined {
-  let text: string | undefined;
-  for (let i = 0; i < argv.length; i++) {
-    const a = argv[i]!;
-    if (a === "--http") text = argv[i + 1];
-    else if (a.startsWith("--http=")) text = a.slice("--http=".length);
-  }
-  text ||= process.env.REGISTRY_HTTP_PORT || undefined;
-  const n = Number(text);
-  return text && Number.isInteger(n) && n > 0 && n < 65536 ? n : undefined;
-}
-
-async function tcpProbe(hosts: string[], port: number): Promise<Result> {
-  let last = "";
-  for (const host of hosts) {
-    try {
-      await connectOnce(host, port);
-      return { ok: true, text: `tcp ${port} accepts` };
-    } catch (e) {
-      last = (e as Error).message;
-    }
-  }
-  return { ok: false, text: `tcp ${port}: ${last}` };
-}
-
-async function getHealthz(hosts: string[], port: number): Promise<Result> {
-  let last = "";
-  for (const host of hosts) {
-    const url = `http://${isIP(host) === 6 ? `[${host}]` : host}:${port}/healthz`;
-    try {
-      const res = await fetch(url, { signal: AbortSignal.timeout(TIMEOUT_MS) });
-      await res.body?.cancel();
-      if (res.ok) return { ok: true, text: `/healthz ${res.status}` };
-      return { ok: false, text: `/healthz on ${port} answered ${res.status}` };
-    } catch (e) {
-      last = (e as Error).message;
-    }
-  }
-  return { ok: false, text: `/healthz on ${port}: ${last}` };
-}
-
-/** Connects and closes at once; rejects on refusal or after the deadline (Bun has no connect timeout). */
-async function connectOnce(hostname: string, port: number): Promise<void> {
-  const opened = Bun.connect({
-    hostname,
-    port,
-    socket: {
-      open: (s) => void s.end(),
-      data: () => {},
-      connectError: () => {},
-    },
-  });
-  let timer: Timer | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`no connection within ${TIMEOUT_MS}ms`)), TIMEOUT_MS);
-  });
+/** Valid records of the file, in order; a missing file or a half-written last line reads as fewer records. */
+function readRecords(file: string): PortsRecord[] {
+  let text: string;
   try {
-    await Promise.race([opened, timeout]);
+    text = readFileSync(file, "utf8");
+  } catch {
+    return [];
+  }
+  return text.split("\n").flatMap((line) => {
+    try {
+      const r = v.safeParse(PortsRecord, JSON.parse(line));
+      return r.success ? [r.output] : [];
+    } catch {
+      return [];
+    }
+  });
+}
+
+/** Until the scripts write the ports file: the previous /proc-based check. */
+async function interim(portsFile: string | undefined): Promise<Result> {
+  const { check: fromProc } = await import("./healthcheck-proc.ts");
+  const r = await fromProc();
+  return { ok: r.ok, text: `${r.text} (no listening record${portsFile ? ` in ${portsFile}` : ": PORTS_FILE is not set"})` };
+}
+
+/** A bind address as a place to connect to from inside the container. */
+function loopback(host: string): string {
+  return host === "::" || host === "0.0.0.0" || host === "" ? "localhost" : host;
+}
+
+async function getHealthz(url: string): Promise<Result> {
+  const target = new URL("healthz", url).href;
+  try {
+    const res = await fetch(target, { signal: AbortSignal.timeout(TIMEOUT_MS) });
+    await res.body?.cancel();
+    return { ok: res.ok, text: `registry: /healthz ${res.status} (${target})` };
   } catch (e) {
-    opened.then((s) => s.terminate(), () => {});
-    throw e;
+    return { ok: false, text: `registry: ${target}: ${(e as Error).message}` };
+  }
+}
+
+/** A registry closes a connection that says `leave` before registering, and logs nothing for it. */
+async function closesOnLeave(host: string, port: number): Promise<Result> {
+  const closed = Promise.withResolvers<void>();
+  const r = await exchange(host, port, '{"type":"leave"}\n', { line: () => {}, close: () => closed.resolve() }, closed.promise);
+  return { ok: r.ok, text: `registry on port ${port}: ${r.ok ? "closed the connection after leave" : r.text}` };
+}
+
+/** A node's listener answers a probe for its own id with probe-ok and the nonce. */
+async function answersProbe(host: string, port: number, id: string): Promise<Result> {
+  const nonce = randomId();
+  const answer = Promise.withResolvers<void>();
+  const onLine = (_conn: Conn<null>, line: string) => {
+    const m = decode(FromListener, line);
+    if (!m.ok) return answer.reject(new Error(`unreadable answer: ${m.message}`));
+    if (m.msg.type === "probe-ok" && m.msg.id === id && m.msg.nonce === nonce) return answer.resolve();
+    answer.reject(new Error(`answered ${line}`));
+  };
+  const probe = JSON.stringify({ type: "probe", v: PROTOCOL_VERSION, id, nonce }) + "\n";
+  const r = await exchange(host, port, probe, { line: onLine, close: () => answer.reject(new Error("closed without an answer")) }, answer.promise);
+  return { ok: r.ok, text: `node ${id} on port ${port}: ${r.ok ? "answered probe-ok" : r.text}` };
+}
+
+/** Dials, sends one line and waits for `done`, all within TIMEOUT_MS. */
+async function exchange(
+  host: string,
+  port: number,
+  line: string,
+  hooks: { line(conn: Conn<null>, line: string): void; close(): void },
+  done: Promise<unknown>,
+): Promise<Result> {
+  done.catch(() => {}); // it may settle before it is awaited
+  let timer: Timer | undefined;
+  const late = new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`no answer within ${TIMEOUT_MS}ms`)), TIMEOUT_MS)));
+  let conn: Conn<null> | undefined;
+  try {
+    const handlers = lineHandlers<null>({ state: () => null, maxLineBytes: 16 * 1024, line: hooks.line, close: hooks.close });
+    conn = await Promise.race([dial(host, port, handlers, TIMEOUT_MS), late]);
+    conn.send(line);
+    await Promise.race([done, late]);
+    return { ok: true, text: "" };
+  } catch (e) {
+    return { ok: false, text: (e as Error).message };
   } finally {
     clearTimeout(timer);
+    conn?.destroy();
   }
 }
 

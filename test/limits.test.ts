@@ -9,12 +9,71 @@
  */
 import { afterEach, describe, expect, test } from "bun:test";
 import { RegistrationError, startNode, type NodeOptions, type PeerNode } from "../client.ts";
+import { BucketMap, ByteBudget, TokenBucket } from "../limits.ts";
 import { startRegistry, type Registry, type RegistryOptions } from "../registry.ts";
 import { EventLog, RawClient, closedPort, spawnNode, spawnRegistry, spawnScript, waitUntil, watchedTransport, withDeadline, type Proc, type WireMessage } from "../harness.ts";
 
 const cleanups: (() => unknown)[] = [];
 afterEach(async () => {
   for (const fn of cleanups.splice(0).reverse()) await Promise.resolve().then(fn).catch(() => {});
+});
+
+describe("budgets, without sockets", () => {
+  const holder = (pendingBytes: number, log: string[], name: string) => ({ pendingBytes, dropSlow: (why: string) => void log.push(`${name}: ${why}`) });
+
+  test("a buffer held by many connections counts once, until the last lets it go", () => {
+    const b = new ByteBudget(1_000);
+    const shared = new Uint8Array(600);
+    const [x, y] = [holder(600, [], "x"), holder(600, [], "y")];
+    b.retain(shared, x);
+    b.retain(shared, y);
+    expect(b.total).toBe(600);
+    b.release(shared);
+    expect(b.total).toBe(600);
+    b.release(shared);
+    expect(b.total).toBe(0);
+  });
+
+  test("over the budget, the largest backlogs are dropped until it fits; the others are left alone", () => {
+    const log: string[] = [];
+    const b = new ByteBudget(1_000);
+    const conns = [holder(100, log, "small"), holder(700, log, "large"), holder(400, log, "middle")];
+    const bufs = conns.map((c) => {
+      const buf = new Uint8Array(c.pendingBytes);
+      b.retain(buf, c);
+      return buf;
+    });
+    // A dropped connection releases its buffers, as Conn.destroy does.
+    conns[1]!.dropSlow = (why) => {
+      log.push(`large: ${why}`);
+      b.release(bufs[1]!);
+    };
+    b.enforce();
+    expect(log.map((l) => l.split(":")[0])).toEqual(["large"]);
+    expect(b.total).toBe(500);
+    expect(b.dropped).toBe(1);
+  });
+
+  test("a token bucket allows its burst, then its rate; a rate of 0 is no limit", () => {
+    let now = 0;
+    const t = new TokenBucket(10, 5, () => now);
+    expect(Array.from({ length: 12 }, () => t.take()).filter(Boolean).length).toBe(10);
+    expect(t.waitMs()).toBe(200);
+    now += 1_000;
+    expect(Array.from({ length: 10 }, () => t.take()).filter(Boolean).length).toBe(5);
+    const free = new TokenBucket(0, 0, () => now);
+    expect(Array.from({ length: 1_000 }, () => free.take()).every(Boolean)).toBe(true);
+  });
+
+  test("buckets per address are separate, and forgotten once refilled", () => {
+    let now = 0;
+    const m = new BucketMap({ perSecond: 1, burst: 2 }, () => now);
+    expect([m.take("a"), m.take("a"), m.take("a"), m.take("b")]).toEqual([true, true, false, true]);
+    expect(m.size).toBe(2);
+    now += 5_000;
+    m.sweep();
+    expect(m.size).toBe(0);
+  });
 });
 
 describe("registry limits", () => {

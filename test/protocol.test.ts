@@ -235,6 +235,17 @@ describe("LineSplitter hold and release (a registry reads nothing while it check
 });
 
 describe("decode", () => {
+  test("an error quoting a long value is clipped: what a client sends does not come back at its size", () => {
+    const r = decode(ToRegistry, JSON.stringify({ type: "receipt", ids: "A".repeat(16_000) }));
+    expect(r.ok).toBe(false);
+    if (!r.ok) {
+      expect(r.code).toBe("bad-message");
+      expect(r.message.length).toBeLessThanOrEqual(300);
+      expect(r.message).toStartWith("ids: Invalid type: Expected Array");
+      expect(r.message).toEndWith("…");
+    }
+  });
+
   test.each([
     ["not JSON at all", "hello"],
     ["truncated JSON", '{"type":'],
