@@ -8,7 +8,7 @@ import { mkdtempSync, readFileSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { makeCerts, nodeIdOf, type CertSet } from "../certs.ts";
-import { spawnScript, withDeadline } from "./helpers.ts";
+import { spawnScript, withDeadline } from "../harness.ts";
 
 const T = 30_000;
 let dirs: string[] = [];
