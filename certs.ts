@@ -4,7 +4,7 @@
  * Keys are EC P-256 and everything is made by the system's `openssl`, so this
  * file does no cryptography itself. A node's identity is the URI
  * `urn:node:<id>` in its subjectAltName; its CN carries the same id for people
- * reading the certificate, but only the URI counts (`nodeIdOf`).
+ * reading the certificate, but only the URI counts (`nodeIdOf` in net.ts).
  */
 import { defineCommand, runMain } from "citty";
 import { randomBytes } from "node:crypto";
@@ -13,11 +13,8 @@ import { isIP } from "node:net";
 import { join } from "node:path";
 import * as v from "valibot";
 import { checkFlags, intArg, runCli, UsageError } from "./cli.ts";
-import { normalizeHost } from "./net.ts";
+import { NODE_URI_PREFIX, normalizeHost } from "./net.ts";
 import { Peer } from "./protocol.ts";
-
-/** What precedes the id in a node certificate's subjectAltName URI. */
-export const NODE_URI_PREFIX = "urn:node:";
 
 export type CertOptions = {
   /** Node ids; default `node-0` ... `node-<nodes-1>`. */
@@ -103,22 +100,6 @@ export async function makeCerts(dir: string, opts: CertOptions = {}): Promise<Ce
   } finally {
     rmSync(stage, { recursive: true, force: true });
   }
-}
-
-/**
- * The node id a certificate proves: the one subjectAltName URI
- * `urn:node:<id>`, given as Bun's `getPeerCertificate().subjectaltname`
- * string. None, or more than one, is no identity. Bun quotes a value that
- * contains a comma, so a crafted entry cannot pass for a second one.
- */
-export function nodeIdOf(subjectaltname: string | undefined): string | undefined {
-  if (!subjectaltname) return undefined;
-  const ids = subjectaltname
-    .split(", ")
-    .filter((entry) => entry.startsWith(`URI:${NODE_URI_PREFIX}`))
-    .map((entry) => entry.slice(`URI:${NODE_URI_PREFIX}`.length));
-  if (ids.length !== 1 || !v.is(Peer.entries.id, ids[0])) return undefined;
-  return ids[0];
 }
 
 // --- internal ----------------------------------------------------------------

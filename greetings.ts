@@ -5,7 +5,7 @@
  * retried or repeated greeting is acknowledged but counted once.
  */
 import { ConnectionCaps, type CapTicket } from "./limits.ts";
-import { formatAddress, lineHandlers, type Conn, type Transport } from "./net.ts";
+import { formatAddress, lineHandlers, type Conn, type Listening, type Transport } from "./net.ts";
 import { DEFAULTS, FromListener, PROTOCOL_VERSION, ToListener, decode, type Peer } from "./protocol.ts";
 
 export type GreetingEvent =
@@ -165,7 +165,7 @@ export interface ListenerSettings {
  */
 export class Listener {
   readonly port: number;
-  private readonly listeners: Bun.TCPSocketListener<Conn<InboundState>>[];
+  private readonly listeners: Listening["listeners"];
   private readonly caps: ConnectionCaps;
   /** Hellos from nodes not listed yet, by id: the first claim of each, bounded. */
   private readonly pending = new Map<string, { address: string; name?: string }>();

@@ -8,12 +8,14 @@
  */
 import { defineCommand, runMain, type ArgsDef, type CommandMeta, type ParsedArgs } from "citty";
 import net from "node:net";
-import { readFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { makeCerts, type CertSet } from "./certs.ts";
 import { checkFlags, runCli } from "./cli.ts";
 import { command as nodeCommand } from "./client.ts";
 import type { Clock } from "./liveness.ts";
-import { tcp, type Conn, type Transport } from "./net.ts";
+import { tcp, tls, type Conn, type TlsTransport, type Transport } from "./net.ts";
 import { command as registryCommand } from "./registry.ts";
 
 /** The project root: where the scripts are started from. */
@@ -740,6 +742,79 @@ export function watchedTransport(onData?: (chunk: Uint8Array) => void) {
       return found!;
     },
   };
+}
+
+// --- TLS ----------------------------------------------------------------------
+
+/** A certificate and its key, as PEM file paths. */
+export type KeyPair = { cert: string; key: string };
+
+/**
+ * Certificates for one test or run, made by certs.ts in a temporary
+ * directory that disposing removes: the mesh's CA, registry and node
+ * certificates, and a stranger's (another CA, node certificates for the same
+ * ids): valid certificates, but not the mesh's.
+ */
+export interface TestCerts extends AsyncDisposable {
+  dir: string;
+  mesh: CertSet;
+  stranger: CertSet;
+  /** The mesh certificate of node `id` (one of the ids asked for). */
+  node(id: string): KeyPair;
+  /** A certificate for `id`, signed by the mesh CA, that expired yesterday. */
+  expired(id: string): Promise<KeyPair>;
+  /** The registry's TLS flags; with `mesh`, mutual TLS. */
+  registryArgs(mesh: boolean): string[];
+  /** A node's TLS flags: the CA, and for a mesh node its certificate. */
+  nodeArgs(id?: string): string[];
+  /** The registry's transport; with `mesh`, mutual TLS. */
+  registryTransport(mesh: boolean, handshakeTimeoutMs?: number): TlsTransport;
+  /** A node's transport: TLS to the registry, and with `id` mutual TLS as that node. */
+  nodeTransport(id?: string, handshakeTimeoutMs?: number): TlsTransport;
+}
+
+export async function testCerts(ids: string[] = ["node-0", "node-1", "node-2"]): Promise<TestCerts> {
+  const dir = mkdtempSync(join(tmpdir(), "contact-registry-certs-"));
+  try {
+    const [mesh, stranger] = await Promise.all([makeCerts(join(dir, "mesh"), { ids, days: 2 }), makeCerts(join(dir, "stranger"), { ids, days: 2 })]);
+    const node = (id: string): KeyPair => {
+      const n = mesh.nodes.find((x) => x.id === id);
+      if (!n) throw new Error(`no certificate for ${id}: testCerts made ${ids.join(", ")}`);
+      return n;
+    };
+    return {
+      dir,
+      mesh,
+      stranger,
+      node,
+      expired: (id) => expiredCert(mesh, join(dir, `expired-${id}`), id),
+      registryArgs: (m) => ["--tls-cert", mesh.registry!.cert, "--tls-key", mesh.registry!.key, ...(m ? ["--tls-client-ca", mesh.ca] : [])],
+      nodeArgs: (id) => ["--tls-ca", mesh.ca, ...(id ? ["--tls-cert", node(id).cert, "--tls-key", node(id).key] : [])],
+      registryTransport: (m, handshakeTimeoutMs) => tls({ ...mesh.registry!, meshCa: m ? mesh.ca : undefined, handshakeTimeoutMs }),
+      nodeTransport: (id, handshakeTimeoutMs) => tls({ ca: mesh.ca, ...(id ? { ...node(id), meshCa: mesh.ca } : {}), handshakeTimeoutMs }),
+      async [Symbol.asyncDispose]() {
+        rmSync(dir, { recursive: true, force: true });
+      },
+    };
+  } catch (e) {
+    rmSync(dir, { recursive: true, force: true });
+    throw e;
+  }
+}
+
+/** A node certificate signed by the set's CA whose validity ended a day ago (openssl takes negative days). */
+async function expiredCert(set: CertSet, base: string, id: string): Promise<KeyPair> {
+  const pair = { cert: `${base}.pem`, key: `${base}.key` };
+  writeFileSync(`${base}.ext`, `subjectAltName=URI:urn:node:${id}\nextendedKeyUsage=serverAuth,clientAuth\n`);
+  const steps = [
+    ["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", `/CN=${id}`, "-keyout", pair.key, "-out", `${base}.csr`],
+    ["openssl", "x509", "-req", "-in", `${base}.csr`, "-CA", set.ca, "-CAkey", set.caKey, "-set_serial", "7", "-days", "-1", "-extfile", `${base}.ext`, "-out", pair.cert],
+  ];
+  for (const cmd of steps) {
+    const r = await exec(cmd, 10_000);
+    if (r.code !== 0) throw new Error(`${cmd.slice(0, 2).join(" ")} failed: ${r.stderr.trim()}`);
+  }
+  return pair;
 }
 
 // --- time ---------------------------------------------------------------------

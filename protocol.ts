@@ -51,6 +51,8 @@ export const DEFAULTS = {
   rateAddressProbes: 100,
   /** Failed tokens per source address per minute before its registrations are refused for a while. */
   authFailuresPerMinute: 10,
+  /** A TLS handshake must be over this long after the TCP connect: Bun sets no deadline of its own. */
+  handshakeTimeoutMs: 3_000,
 } as const;
 
 // --- schemas -----------------------------------------------------------------
@@ -71,7 +73,7 @@ export type Peer = v.InferOutput<typeof Peer>;
 export const LeaveReason = v.picklist(["closed", "timeout", "leave", "replaced"]);
 export type LeaveReason = v.InferOutput<typeof LeaveReason>;
 
-/** Every error code; stable across versions. All but `slow-consumer` (the peer is not reading) are sent on the wire. */
+/** Every error code; stable across versions. All but `slow-consumer` (the peer is not reading) and the two handshake ones (no TLS to send them over) are sent on the wire. */
 export const ErrorCode = v.picklist([
   "bad-json", // the line is not JSON
   "bad-message", // JSON, but not a valid message (schema)
@@ -92,6 +94,13 @@ export const ErrorCode = v.picklist([
   "slow-consumer", // too many unsent bytes queued for this connection
   "rate-limited", // more requests than the rate limits allow; retry later
   "id-in-use", // a live node holds this id or address
+  "tls-required", // a plain-text client on a TLS port (sent in plain text)
+  "tls-unsupported", // a TLS client on a plain port (sent in plain text, which the client reads as a broken record)
+  "handshake-timeout", // the TLS handshake did not finish in time; never sent
+  "handshake-failed", // the TLS handshake failed; never sent
+  "certificate-required", // mutual TLS: the client presented no certificate
+  "bad-certificate", // mutual TLS: the client's certificate is not signed by the mesh CA, or out of its dates
+  "identity-mismatch", // the id in `register` or `hello` is not the one the connection's certificate names
 ]);
 export type ErrorCode = v.InferOutput<typeof ErrorCode>;
 

@@ -7,7 +7,8 @@ import { afterEach, describe, expect, test } from "bun:test";
 import { mkdtempSync, readFileSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { makeCerts, nodeIdOf, type CertSet } from "../certs.ts";
+import { makeCerts, type CertSet } from "../certs.ts";
+import { nodeIdOf } from "../net.ts";
 import { spawnScript, withDeadline } from "../harness.ts";
 
 const T = 30_000;
