@@ -1,13 +1,24 @@
 /**
  * Admission: who may register, and under which address. The checks run in
- * the order docs/PROTOCOL.md gives (version, token, host, capacity, probe);
+ * the order docs/PROTOCOL.md gives (version, identity, token, host, capacity, probe);
  * the first that fails is the answer. Then it decides which registrations a
  * newcomer may replace: never a live one (the identity rule).
  */
 import { createHash, timingSafeEqual } from "node:crypto";
 import { BucketMap } from "./limits.ts";
 import { addressOf, type Member, type Membership } from "./membership.ts";
-import { canonicalIp, formatAddress, ipScope, lineHandlers, normalizeHost, resolveHost, type Conn, type Transport } from "./net.ts";
+import {
+  canonicalIp,
+  formatAddress,
+  identityMismatch,
+  ipScope,
+  lineHandlers,
+  normalizeHost,
+  resolveHost,
+  type Conn,
+  type PeerIdentity,
+  type Transport,
+} from "./net.ts";
 import { DEFAULTS, FromListener, PROTOCOL_VERSION, decode, randomId, type ErrorCode, type Register } from "./protocol.ts";
 
 export interface AdmissionSettings {
@@ -51,11 +62,16 @@ export class Admission {
     this.authFailures = new BucketMap({ perSecond: perMinute / 60, burst: perMinute }, now);
   }
 
-  /** Checks a `register` from `source`; resolves to the host to list it under, or a refusal. */
-  async check(msg: Register, source: string): Promise<Verdict> {
+  /**
+   * Checks a `register` from `source`, made on a connection whose client
+   * certificate proved `peer` (mutual TLS); resolves to the host to list it
+   * under, or a refusal.
+   */
+  async check(msg: Register, source: string, peer?: PeerIdentity): Promise<Verdict> {
     if (msg.v !== PROTOCOL_VERSION) {
       return refuse("unsupported-version", `protocol version ${msg.v} is not supported; this registry speaks ${PROTOCOL_VERSION}`);
     }
+    if (peer && peer.node !== msg.id) return refuse("identity-mismatch", identityMismatch(msg.id, peer));
     const auth = this.authenticate(msg.token, source);
     if (auth) return auth;
     const host = msg.host === undefined ? source : await this.advertised(msg.host, source);
@@ -181,7 +197,7 @@ export class Admission {
     }, this.s.probeTimeoutMs);
     let conn: Conn<ProbeState> | undefined;
     try {
-      conn = await this.transport.dial<ProbeState>(host, port, probeHandlers, this.s.probeTimeoutMs);
+      conn = await this.transport.dial<ProbeState>(host, port, probeHandlers, this.s.probeTimeoutMs, id);
       conn.state = { done: reply.resolve, nonce, id };
       conn.send({ type: "probe", v: PROTOCOL_VERSION, id, nonce });
       const failure = await reply.promise;

@@ -6,12 +6,33 @@
  */
 import type { ArgsDef, ParsedArgs } from "citty";
 import { createConsola } from "consola";
+import { TlsConfigError, tls, type TlsEvent, type TlsOptions, type TlsTransport } from "./net.ts";
 
 /** Anything a role emits: a name and fields. */
 export type AnyEvent = { event: string };
 
 /** An event as it travels as JSON, loosely typed (tests and tools read other processes' output). */
 export type EventRecord = AnyEvent & Record<string, unknown>;
+
+/** Events both programs report: a warning once at start, a reload of the certificate files on SIGHUP. */
+export type CommonEvent = { event: "warning"; message: string } | TlsEvent;
+
+/** The readable line for a CommonEvent. */
+export function describeCommon(e: CommonEvent): string {
+  switch (e.event) {
+    case "warning":
+      return `warning: ${e.message}`;
+    case "tls-reloaded":
+      return `certificates reloaded${e.subject ? ` (${e.subject}` : ""}${e.notAfter ? `, valid until ${e.notAfter})` : e.subject ? ")" : ""}; new connections use them`;
+    case "tls-reload-failed":
+      return `certificates not reloaded, the previous ones stay in use: ${e.message}`;
+  }
+}
+
+/** True for the CommonEvents printed as warnings. */
+export function isWarning(e: CommonEvent | AnyEvent): boolean {
+  return e.event === "warning" || e.event === "tls-reload-failed";
+}
 
 /**
  * Turns a role's events into output: with `json`, one JSON object per line on
@@ -118,4 +139,19 @@ export function stopOnSignals(stop: () => Promise<void>): void {
   };
   process.once("SIGTERM", shutdown);
   process.once("SIGINT", shutdown);
+}
+
+/** SIGHUP runs `reload` (the programs read their certificates again) instead of ending the program. */
+export function reloadOnHangup(reload: () => void): void {
+  process.on("SIGHUP", reload);
+}
+
+/** A TLS transport from the command line's files: an unusable file is a usage error that says which and why. */
+export function tlsFromFlags(options: TlsOptions): TlsTransport {
+  try {
+    return tls(options);
+  } catch (e) {
+    if (e instanceof TlsConfigError) throw new UsageError(`TLS: ${e.message}`);
+    throw e;
+  }
 }

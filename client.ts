@@ -11,11 +11,23 @@
  * heartbeat and the backoff.
  */
 import { defineCommand, runMain, type ArgsDef } from "citty";
-import { UsageError, createPrinter, readSettings, runCli, stopOnSignals } from "./cli.ts";
+import { UsageError, createPrinter, describeCommon, isWarning, readSettings, reloadOnHangup, runCli, stopOnSignals, tlsFromFlags, type CommonEvent } from "./cli.ts";
 import { Greeter, Listener, Met, type GreetingEvent, type Identity } from "./greetings.ts";
 import { Backoff, Heartbeat, systemClock, type Clock } from "./liveness.ts";
-import { formatAddress, lineHandlers, parseHostPort, parsePort, tcp, type Conn, type Transport } from "./net.ts";
-import { DEFAULTS, FromRegistry, MAX_TIMER_MS, PROTOCOL_VERSION, decode, randomId, type ErrorCode, type Peer } from "./protocol.ts";
+import {
+  NODE_URI_PREFIX,
+  formatAddress,
+  isLoopbackHost,
+  lineHandlers,
+  parseHostPort,
+  parsePort,
+  tcp,
+  type Conn,
+  type TlsTransport,
+  type Transport,
+} from "./net.ts";
+import { DEFAULTS, ErrorCode, FromRegistry, MAX_TIMER_MS, PROTOCOL_VERSION, decode, randomId, type Peer } from "./protocol.ts";
+import * as v from "valibot";
 
 export interface NodeOptions {
   registryHost: string;
@@ -26,7 +38,7 @@ export interface NodeOptions {
   port?: number;
   /** `host[:port]` to register instead of what the registry sees (NAT, port mapping). */
   advertise?: string;
-  /** Stable identity; random per process by default. */
+  /** Stable identity; by default the id the transport's certificate names, else random per process. */
   id?: string;
   name?: string;
   token?: string;
@@ -47,7 +59,7 @@ export interface NodeOptions {
   onEvent?: (e: NodeEvent) => void;
   /** Resolve startNode only after the first registration (default true). */
   waitForRegistration?: boolean;
-  /** Where sockets are opened (default plain TCP). */
+  /** Where sockets are opened (default plain TCP; `tls(...)` for TLS to the registry, and with a mesh CA mutual TLS everywhere). */
   transport?: Transport;
   /** Drives the heartbeat (default: the system's monotonic clock). */
   clock?: Clock;
@@ -58,6 +70,8 @@ export type NodeEvent =
   | SessionEvent
   | GreetingEvent
   | { event: "stopped" }
+  /** `warning` once at start (a token sent in clear to a remote registry); on SIGHUP (CLI only) `tls-reloaded` or `tls-reload-failed`. */
+  | CommonEvent
   /** On SIGUSR1 (CLI only): the node's current view. */
   | { event: "view"; registered: boolean; peers: string[] };
 
@@ -106,7 +120,10 @@ export async function startNode(options: NodeOptions): Promise<PeerNode> {
   const s = settingsOf(options);
   const transport = options.transport ?? tcp;
   const emit = options.onEvent ?? (() => {});
-  const me: Identity = { id: options.id ?? randomId(), name: options.name || undefined };
+  const me: Identity = { id: options.id ?? transport.identity?.node ?? randomId(), name: options.name || undefined };
+  if (s.token && !transport.encrypted && !isLoopbackHost(s.registryHost)) {
+    emit({ event: "warning", message: `the token travels in clear to ${s.registryHost}: connect with TLS (--tls, or --tls-ca FILE)` });
+  }
   const view = new Map<string, Peer>();
   const listed = (id: string) => view.has(id);
   const met = new Met(listed);
@@ -195,8 +212,23 @@ function settingsOf(options: NodeOptions) {
 /**
  * Registry refusals that retrying cannot fix, before a first registration:
  * anything else (`unavailable`, `rate-limited`, `registry-full`, ...) is retried with backoff.
+ * The TLS ones come on the wire (`tls-required`, the client certificate's) or
+ * from this node's own check of the registry (its certificate, a port without TLS).
  */
-const FATAL: ReadonlySet<string> = new Set(["unauthorized", "address-not-allowed", "unsupported-version", "unreachable", "id-in-use", "bad-message", "bad-json"]);
+const FATAL: ReadonlySet<string> = new Set([
+  "unauthorized",
+  "address-not-allowed",
+  "unsupported-version",
+  "unreachable",
+  "id-in-use",
+  "bad-message",
+  "bad-json",
+  "tls-required",
+  "tls-unsupported",
+  "certificate-required",
+  "bad-certificate",
+  "identity-mismatch",
+]);
 
 /** Ids per receipt line: 200 ids of up to 64 chars stay under the registry's default line limit. */
 const RECEIPT_CHUNK = 200;
@@ -315,7 +347,14 @@ class RegistrySession {
       conn = await this.transport.dial(this.s.registryHost, this.s.registryPort, this.handlers, this.s.connectTimeoutMs);
     } catch (e) {
       if (this.stopped) return;
-      this.emit({ event: "disconnected", reason: (e as Error).message, registered: false });
+      const reason = (e as Error).message;
+      this.emit({ event: "disconnected", reason, registered: false });
+      // A registry that answers with a certificate this node refuses, or without TLS, is a configuration to fix.
+      const code = (e as { code?: string }).code;
+      if (v.is(ErrorCode, code)) {
+        this.emit({ event: "error", code, message: reason });
+        if (!this.everRegistered && FATAL.has(code)) return this.giveUp(new RegistrationError(code, reason));
+      }
       return this.scheduleReconnect();
     }
     if (this.stopped) return conn.destroy();
@@ -429,6 +468,10 @@ class RegistrySession {
     this.emit({ event: "disconnected", reason: limit ?? conn.state.lastError ?? "connection closed", registered: was });
     const fatal = conn.state.fatal;
     if (!fatal) return this.scheduleReconnect();
+    this.giveUp(fatal);
+  }
+
+  private giveUp(fatal: RegistrationError): void {
     this.first.reject(fatal);
     this.onFatal(fatal);
   }
@@ -499,11 +542,13 @@ function describe(e: NodeEvent): string {
       return "node stopped";
     case "view":
       return `${e.registered ? "registered" : "not registered"}; peers: ${e.peers.join(", ") || "none"}`;
+    default:
+      return describeCommon(e);
   }
 }
 
 function level(e: NodeEvent): "warn" | "success" | "info" {
-  if (e.event === "error" || e.event === "greet-failed") return "warn";
+  if (e.event === "error" || e.event === "greet-failed" || isWarning(e)) return "warn";
   return e.event === "listening" || e.event === "registered" ? "success" : "info";
 }
 
@@ -527,7 +572,41 @@ const flags = {
   "inbound-timeout": { type: "string", description: `Lifetime of an inbound greeting connection, ms [env NODE_INBOUND_TIMEOUT_MS, default ${DEFAULTS.inboundTimeoutMs}]` },
   "max-inbound": { type: "string", description: `Open inbound greeting connections at most [env NODE_MAX_INBOUND, default ${DEFAULTS.maxInboundConns}]` },
   "max-inbound-per-ip": { type: "string", description: `Open inbound greeting connections from one source address [env NODE_MAX_INBOUND_PER_IP, default ${DEFAULTS.maxInboundPerAddress}]` },
+  tls: { type: "boolean", description: "Connect to the registry with TLS, trusting the system's CAs [env NODE_TLS=1]" },
+  "tls-ca": { type: "string", description: "CA certificate (PEM) the registry's certificate, and with --tls-cert every node's, must be signed by; implies --tls [env NODE_TLS_CA]" },
+  "tls-server-name": { type: "string", description: "Name the registry's certificate must carry, when connecting by address or another name [env NODE_TLS_SERVER_NAME, default the registry host]" },
+  "tls-cert": { type: "string", description: "This node's certificate (PEM): mutual TLS with the registry and every node; the node's id is the one it names [env NODE_TLS_CERT]" },
+  "tls-key": { type: "string", description: "The key of --tls-cert (PEM) [env NODE_TLS_KEY]" },
 } satisfies ArgsDef;
+
+/**
+ * The transport the TLS flags ask for: none (plain TCP), TLS to the registry,
+ * or with a certificate mutual TLS across the mesh, where the node's id is
+ * the one its certificate names.
+ */
+function nodeTransport(
+  f: { tls: boolean; ca?: string; serverName?: string; cert?: string; key?: string },
+  id: string | undefined,
+  handshakeTimeoutMs: number,
+): TlsTransport | undefined {
+  if (!f.tls && f.ca === undefined) {
+    const stray = f.cert !== undefined ? "--tls-cert" : f.key !== undefined ? "--tls-key" : f.serverName !== undefined ? "--tls-server-name" : undefined;
+    if (stray) throw new UsageError(`${stray} needs --tls-ca (or --tls): without them the node does not use TLS`);
+    return undefined;
+  }
+  if ((f.cert !== undefined || f.key !== undefined) && f.ca === undefined) {
+    throw new UsageError("--tls-cert and --tls-key need --tls-ca: the CA that signed the other nodes' certificates");
+  }
+  const transport = tlsFromFlags({ ca: f.ca, meshCa: f.cert === undefined ? undefined : f.ca, cert: f.cert, key: f.key, serverName: f.serverName, handshakeTimeoutMs });
+  const named = transport.identity?.node;
+  if (f.cert !== undefined && named === undefined) {
+    throw new UsageError(`the certificate in ${f.cert} names no node: a node's certificate carries the URI ${NODE_URI_PREFIX}<id> in its subjectAltName (bun run certs makes them)`);
+  }
+  if (f.cert !== undefined && id !== undefined && id !== named) {
+    throw new UsageError(`--id ${id} is not the node the certificate in ${f.cert} is for (${named}): leave --id out, or give that node's certificate`);
+  }
+  return transport;
+}
 
 export const command = defineCommand({
   meta: { name: "client", version: "0.1.0", description: "Peer node: registers with a contact registry and greets the other nodes." },
@@ -553,6 +632,19 @@ export const command = defineCommand({
         }
       }
       const print = createPrinter("node", on("json", "LOG_JSON"), describe, level);
+      const inboundTimeoutMs = num("inbound-timeout", "NODE_INBOUND_TIMEOUT_MS", 1, MAX_TIMER_MS);
+      const id = flag("id", "NODE_ID");
+      const transport = nodeTransport(
+        {
+          tls: on("tls", "NODE_TLS"),
+          ca: flag("tls-ca", "NODE_TLS_CA"),
+          serverName: flag("tls-server-name", "NODE_TLS_SERVER_NAME"),
+          cert: flag("tls-cert", "NODE_TLS_CERT"),
+          key: flag("tls-key", "NODE_TLS_KEY"),
+        },
+        id,
+        Math.min(DEFAULTS.handshakeTimeoutMs, inboundTimeoutMs ?? DEFAULTS.inboundTimeoutMs),
+      );
       const node = await startNode({
         registryHost,
         registryPort,
@@ -560,24 +652,26 @@ export const command = defineCommand({
         port,
         advertise,
         name: flag("name", "NODE_NAME"),
-        id: flag("id", "NODE_ID"),
+        id,
         token: flag("token", "REGISTRY_TOKEN"),
         greetTimeoutMs: num("greet-timeout", "NODE_GREET_TIMEOUT_MS", 1, MAX_TIMER_MS),
         greetConcurrency: num("greet-concurrency", "NODE_GREET_CONCURRENCY", 1),
         greetRetries: num("greet-retries", "NODE_GREET_RETRIES"),
         reconnectMaxMs: num("reconnect-max", "NODE_RECONNECT_MAX_MS", 1, MAX_TIMER_MS),
         maxLineBytes: num("max-line", "NODE_MAX_LINE", 64),
-        inboundTimeoutMs: num("inbound-timeout", "NODE_INBOUND_TIMEOUT_MS", 1, MAX_TIMER_MS),
+        inboundTimeoutMs,
         maxInboundConns: num("max-inbound", "NODE_MAX_INBOUND", 1),
         maxInboundPerAddress: num("max-inbound-per-ip", "NODE_MAX_INBOUND_PER_IP", 1),
         registerTimeoutMs: num("register-timeout", "NODE_REGISTER_TIMEOUT_MS", 1, MAX_TIMER_MS),
         maxReplyBytes: num("max-reply", "NODE_MAX_REPLY_BYTES", 1024),
+        transport,
         onEvent: print,
         // Signals must stop the node even while its registry is still out of reach;
         // a refused first registration still ends the process through `done`.
         waitForRegistration: false,
       });
       stopOnSignals(() => node.stop());
+      if (transport) reloadOnHangup(() => print(transport.reload()));
       // Lets a harness (scripts/chaos.ts) read this node's view without replaying its whole history.
       process.on("SIGUSR1", () => print({ event: "view", registered: node.registered, peers: node.peers().map((p) => p.id) }));
       await node.done;

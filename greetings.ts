@@ -5,7 +5,7 @@
  * retried or repeated greeting is acknowledged but counted once.
  */
 import { ConnectionCaps, type CapTicket } from "./limits.ts";
-import { formatAddress, lineHandlers, type Conn, type Listening, type Transport } from "./net.ts";
+import { formatAddress, identityMismatch, lineHandlers, type Conn, type Listening, type Transport } from "./net.ts";
 import { DEFAULTS, FromListener, PROTOCOL_VERSION, ToListener, decode, type Peer } from "./protocol.ts";
 
 export type GreetingEvent =
@@ -128,7 +128,7 @@ export class Greeter {
     const timer = setTimeout(() => deadline.reject(new Error(`no welcome within ${this.s.greetTimeoutMs}ms`)), this.s.greetTimeoutMs);
     let conn: Conn<GreetState> | undefined;
     try {
-      conn = await this.transport.dial(peer.host, peer.port, greetHandlers, this.s.greetTimeoutMs);
+      conn = await this.transport.dial(peer.host, peer.port, greetHandlers, this.s.greetTimeoutMs, peer.id);
       this.conns.add(conn);
       conn.state = { expect: peer.id, done: deadline };
       const { host, port } = this.listedAs();
@@ -161,7 +161,9 @@ export interface ListenerSettings {
  * counts as a greeting only from a node the registry lists under that id at
  * that address: anyone can claim an id, so a hello from an id not (yet)
  * listed is answered and kept aside, and reported once the registry lists
- * that node (its `joined` often arrives just after its greeting).
+ * that node (its `joined` often arrives just after its greeting). With
+ * mutual TLS a `hello` must name the node the connection's certificate
+ * names, and the greeter checks the certificate of the node it dials.
  */
 export class Listener {
   readonly port: number;
@@ -226,6 +228,8 @@ export class Listener {
       conn.send({ type: "probe-ok", id, nonce: m.nonce });
       return conn.end();
     }
+    // With mutual TLS a hello speaks for the node its certificate names, and no other.
+    if (conn.peer && conn.peer.node !== m.id) return conn.fail("identity-mismatch", identityMismatch(m.id, conn.peer));
     conn.send(name ? { type: "welcome", v: PROTOCOL_VERSION, id, name } : { type: "welcome", v: PROTOCOL_VERSION, id });
     conn.end();
     if (m.id === id || this.met.has(m.id)) return; // a retried greeting is acknowledged again but counted once

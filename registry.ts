@@ -11,11 +11,11 @@
  */
 import { defineCommand, runMain, type ArgsDef } from "citty";
 import { Admission, type Holding } from "./admission.ts";
-import { UsageError, createPrinter, readSettings, runCli, stopOnSignals } from "./cli.ts";
+import { UsageError, createPrinter, describeCommon, isWarning, readSettings, reloadOnHangup, runCli, stopOnSignals, tlsFromFlags, type CommonEvent } from "./cli.ts";
 import { BucketMap, ByteBudget, ConnectionCaps, TokenBucket, type CapTicket, type Rate } from "./limits.ts";
 import { SessionDeadlines, systemClock, type Clock, type Expiry, type Watched } from "./liveness.ts";
 import { MemoryMembership, addressOf, peerOf, type Change, type Member, type Membership } from "./membership.ts";
-import { formatAddress, lineHandlers, parsePort, tcp, type Conn, type Transport } from "./net.ts";
+import { formatAddress, isLoopbackHost, lineHandlers, parsePort, tcp, type Conn, type TlsTransport, type Transport } from "./net.ts";
 import {
   DEFAULTS,
   MAX_TIMER_MS,
@@ -67,7 +67,7 @@ export interface RegistryOptions {
   allowAdvertise?: boolean;
   /** Receives every event (the CLI prints them). */
   onEvent?: (e: RegistryEvent) => void;
-  /** Where sockets are opened (default plain TCP). */
+  /** Where sockets are opened (default plain TCP; `tls(...)` for TLS on the registry port, and with a mesh CA mutual TLS for it and the probe). */
   transport?: Transport;
   /** The list (default: in this process). */
   membership?: Membership;
@@ -84,7 +84,9 @@ export type RegistryEvent =
   /** A connection was refused and closed, or cut over a limit; `detail` (never sent to the client) says more. */
   | { event: "error"; code: ErrorCode; message: string; remote: string; detail?: string }
   | { event: "http-listening"; url: string }
-  | { event: "stopped" };
+  | { event: "stopped" }
+  /** `warning` once at start (a token sent in clear on a port other hosts reach); on SIGHUP (CLI only) `tls-reloaded` or `tls-reload-failed`. */
+  | CommonEvent;
 
 export type NodeInfo = Peer & {
   /** Address the node connected from. */
@@ -148,6 +150,9 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
   const sessions = new Sessions(s, membership, new Admission(s, membership, transport), counters, emit, clock);
   const { listeners: servers, port } = transport.listen(s.host, s.port, sessions.handlers);
   emit({ event: "listening", host: s.host, port, boot: membership.boot });
+  if (s.token && !transport.encrypted && !isLoopbackHost(s.host)) {
+    emit({ event: "warning", message: `the token travels in clear on ${s.host}, which other hosts reach: start the registry with --tls-cert and --tls-key` });
+  }
 
   let stopped: Promise<void> | undefined;
   const registry: Registry = {
@@ -421,7 +426,7 @@ class Sessions {
 
   private async register(conn: Conn<Session>, msg: Register): Promise<void> {
     const started = performance.now();
-    const verdict = await this.admission.check(msg, conn.remoteAddress);
+    const verdict = await this.admission.check(msg, conn.remoteAddress, conn.peer);
     if (!verdict.ok) return this.reject(conn, verdict.code, verdict.message, verdict.detail);
     const member: Member = {
       id: msg.id,
@@ -707,6 +712,10 @@ function describe(e: RegistryEvent): string {
       return `status page on ${e.url}`;
     case "stopped":
       return "registry stopped";
+    case "warning":
+    case "tls-reloaded":
+    case "tls-reload-failed":
+      return describeCommon(e);
     default: {
       const { event, ...rest } = e;
       return `${event} ${JSON.stringify(rest)}`;
@@ -715,7 +724,7 @@ function describe(e: RegistryEvent): string {
 }
 
 function level(e: RegistryEvent): "warn" | "success" | "info" {
-  return e.event === "error" ? "warn" : e.event === "listening" ? "success" : "info";
+  return e.event === "error" || isWarning(e) ? "warn" : e.event === "listening" ? "success" : "info";
 }
 
 const flags = {
@@ -742,7 +751,22 @@ const flags = {
   "auth-failures": { type: "string", description: `Wrong tokens per minute from one source address before its registrations are refused for a while, 0 = no limit [env REGISTRY_AUTH_FAILURES, default ${DEFAULTS.authFailuresPerMinute}]` },
   http: { type: "string", description: "Serve the status API and live page on this port [env REGISTRY_HTTP_PORT]" },
   "http-host": { type: "string", description: "Address for the status page [env REGISTRY_HTTP_HOST, default: same as host]" },
+  "tls-cert": { type: "string", description: "Certificate (PEM) served on the registry port, which then speaks TLS only [env REGISTRY_TLS_CERT]" },
+  "tls-key": { type: "string", description: "The key of --tls-cert (PEM) [env REGISTRY_TLS_KEY]" },
+  "tls-client-ca": {
+    type: "string",
+    description: "CA certificate (PEM) of the mesh: nodes must present a certificate it signed, for their id; the probe is mutual TLS too [env REGISTRY_TLS_CLIENT_CA]",
+  },
 } satisfies ArgsDef;
+
+/** TLS on the registry port when a certificate is given; with a client CA, mutual TLS for it and the probe. */
+function registryTransport(f: { cert?: string; key?: string; clientCa?: string }, handshakeTimeoutMs: number): TlsTransport | undefined {
+  if (f.cert === undefined && f.key === undefined) {
+    if (f.clientCa !== undefined) throw new UsageError("--tls-client-ca needs --tls-cert and --tls-key: mutual TLS is TLS first");
+    return undefined;
+  }
+  return tlsFromFlags({ cert: f.cert, key: f.key, meshCa: f.clientCa, handshakeTimeoutMs });
+}
 
 export const command = defineCommand({
   meta: { name: "registry", version: "0.1.0", description: "Contact registry: lists running peer nodes and tells them about each other." },
@@ -757,6 +781,11 @@ export const command = defineCommand({
       const httpPort = httpText === undefined ? undefined : parsePort(httpText);
       if (httpText !== undefined && httpPort === undefined) throw new UsageError(`--http must be a port number, got "${httpText}"`);
       const print = createPrinter("registry", on("json", "LOG_JSON"), describe, level);
+      const registerTimeoutMs = num("register-timeout", "REGISTRY_REGISTER_TIMEOUT_MS", 1, MAX_TIMER_MS);
+      const transport = registryTransport(
+        { cert: flag("tls-cert", "REGISTRY_TLS_CERT"), key: flag("tls-key", "REGISTRY_TLS_KEY"), clientCa: flag("tls-client-ca", "REGISTRY_TLS_CLIENT_CA") },
+        Math.min(DEFAULTS.handshakeTimeoutMs, registerTimeoutMs ?? DEFAULTS.registerTimeoutMs),
+      );
       const registry = await startRegistry({
         host: flag("host", "REGISTRY_HOST") ?? "::",
         port,
@@ -766,7 +795,7 @@ export const command = defineCommand({
         probe: on("probe", "REGISTRY_PROBE", true),
         probeTimeoutMs: num("probe-timeout", "REGISTRY_PROBE_TIMEOUT_MS", 1, MAX_TIMER_MS),
         allowAdvertise: on("allow-advertise", "REGISTRY_ALLOW_ADVERTISE"),
-        registerTimeoutMs: num("register-timeout", "REGISTRY_REGISTER_TIMEOUT_MS", 1, MAX_TIMER_MS),
+        registerTimeoutMs,
         maxLineBytes: num("max-line", "REGISTRY_MAX_LINE", 64),
         maxNodes: num("max-nodes", "REGISTRY_MAX_NODES", 1),
         maxConnsPerAddress: num("max-conns-per-ip", "REGISTRY_MAX_CONNS_PER_IP"),
@@ -778,6 +807,7 @@ export const command = defineCommand({
         rateSessionSyncs: num("rate-sync", "REGISTRY_RATE_SYNC"),
         rateAddressProbes: num("rate-probe", "REGISTRY_RATE_PROBE"),
         authFailuresPerMinute: num("auth-failures", "REGISTRY_AUTH_FAILURES"),
+        transport,
         onEvent: print,
       });
       let status: { stop(): Promise<void> } | undefined;
@@ -791,6 +821,7 @@ export const command = defineCommand({
         await registry.stop(); // open status pages get their `stopped` event before the server goes
         await status?.stop();
       });
+      if (transport) reloadOnHangup(() => print(transport.reload()));
     });
   },
 });

@@ -1,0 +1,315 @@
+/**
+ * The roles over TLS: a TLS registry with TLS nodes, and mutual TLS for the
+ * whole mesh, as processes started with the documented flags (--json output
+ * and exit codes) and in-process where a test needs the registry's counters
+ * or a node the flags would not let start. Every test makes its certificates
+ * with certs.ts in a temporary directory (testCerts).
+ */
+import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test";
+import { copyFileSync, mkdirSync, writeFileSync } from "node:fs";
+import { X509Certificate } from "node:crypto";
+import { join } from "node:path";
+import { makeCerts } from "../certs.ts";
+import { startNode, type NodeEvent, type PeerNode } from "../client.ts";
+import {
+  EventLog,
+  disposeAll,
+  greetingsOf,
+  meshProblems,
+  spawnNode,
+  spawnRegistry,
+  spawnScript,
+  testCerts,
+  waitUntil,
+  withDeadline,
+  type KeyPair,
+  type Proc,
+  type TestCerts,
+} from "../harness.ts";
+import { tcp, tls, type Transport } from "../net.ts";
+import { startRegistry, type Registry } from "../registry.ts";
+
+const T = 60_000;
+const WAIT = 20_000;
+const IDS = ["node-0", "node-1", "node-2", "node-3", "node-4"];
+
+let certs: TestCerts;
+beforeAll(async () => {
+  certs = await testCerts(IDS);
+}, 30_000);
+afterAll(() => certs?.[Symbol.asyncDispose]());
+
+const fixtures: (AsyncDisposable | undefined)[] = [];
+afterEach(async () => {
+  await disposeAll(fixtures.splice(0));
+});
+
+type NodeProc = Proc & { id: string; port: number };
+
+/** A node process that is expected to be refused: resolves with its error event and exit code. */
+async function refusedNode(port: number, args: string[]): Promise<{ error: Record<string, unknown>; code: number; stderr: string }> {
+  const p = spawnScript("client.ts", ["127.0.0.1", String(port), "--json", "--listen", "127.0.0.1", ...args], { label: "refused node" });
+  fixtures.push(p);
+  const error = await p.log.waitFor("error", WAIT, "the node's error");
+  const code = await withDeadline(p.exited(), WAIT, "the refused node to exit");
+  return { error, code, stderr: p.stderr.join("\n") };
+}
+
+/** In-process registry on 127.0.0.1, disposed after the test. */
+async function registryWith(transport: Transport): Promise<{ reg: Registry; log: EventLog }> {
+  const log = new EventLog();
+  const reg = await startRegistry({ host: "127.0.0.1", port: 0, transport, onEvent: log.push });
+  fixtures.push(reg);
+  return { reg, log };
+}
+
+/** In-process node, disposed after the test; `waitForRegistration` as startNode has it. */
+async function nodeWith(port: number, transport: Transport, o: { id?: string; advertise?: string; wait?: boolean } = {}): Promise<{ node: PeerNode; log: EventLog }> {
+  const log = new EventLog();
+  const node = await startNode({
+    registryHost: "127.0.0.1",
+    registryPort: port,
+    listenHost: "127.0.0.1",
+    transport,
+    id: o.id,
+    advertise: o.advertise,
+    onEvent: (e: NodeEvent) => log.push(e),
+    waitForRegistration: o.wait ?? true,
+  });
+  fixtures.push(node);
+  return { node, log };
+}
+
+describe("TLS on the registry port", () => {
+  test(
+    "a TLS registry and TLS nodes form the full mesh; nodes reach it by address and by name",
+    async () => {
+      const registry = await spawnRegistry(certs.registryArgs(false));
+      fixtures.push(registry);
+      const nodes: NodeProc[] = [];
+      for (const host of ["127.0.0.1", "localhost", "127.0.0.1"]) {
+        const n = await spawnNode(registry.port, [...certs.nodeArgs(), "--listen", "127.0.0.1"], {}, host);
+        fixtures.push(n);
+        nodes.push(n);
+      }
+      await expectFullMesh(registry, nodes);
+    },
+    T,
+  );
+
+  test(
+    "a plain-text node is refused with a clear message and exits 1; a node trusting another CA refuses the registry and exits 1",
+    async () => {
+      const registry = await spawnRegistry(certs.registryArgs(false));
+      fixtures.push(registry);
+      const plain = await refusedNode(registry.port, []);
+      expect(plain.error).toMatchObject({ code: "tls-required", message: "this port speaks TLS: connect with TLS (a node: --tls, or --tls-ca FILE)" });
+      expect(plain.code).toBe(1);
+      expect(plain.stderr).toContain("tls-required: this port speaks TLS");
+      const wary = await refusedNode(registry.port, ["--tls-ca", certs.stranger.ca]);
+      expect(wary.error.code).toBe("bad-certificate");
+      expect(String(wary.error.message)).toContain("the registry's certificate is not trusted: it is signed by a CA that is not trusted here");
+      expect(wary.code).toBe(1);
+      const refusal = await registry.log.waitFor("error", WAIT, "the registry's report of the plain-text node");
+      expect(refusal).toMatchObject({ code: "tls-required" });
+      expect(registry.log.named("node-registered")).toEqual([]);
+    },
+    T,
+  );
+
+  test("the registry counts both mismatches in /stats: plain text on its TLS port, TLS on a plain one", async () => {
+    const secure = await registryWith(certs.registryTransport(false));
+    const plain = await registryWith(tcp);
+    await expect(nodeWith(secure.reg.port, tcp)).rejects.toThrow("tls-required: this port speaks TLS");
+    await expect(nodeWith(plain.reg.port, certs.nodeTransport())).rejects.toThrow(/^tls-unsupported: .*it does not speak TLS \(it answered in plain text\)/);
+    await waitUntil(() => plain.reg.stats().rejected["tls-unsupported"] === 1, 5_000, "the plain registry to count the TLS client");
+    expect(secure.reg.stats().rejected).toEqual({ "tls-required": 1 });
+    expect(plain.reg.stats().rejected).toEqual({ "tls-unsupported": 1 });
+  });
+});
+
+describe("mutual TLS", () => {
+  test(
+    "a full mesh of 5 node processes, each with the id its certificate names",
+    async () => {
+      const registry = await spawnRegistry(certs.registryArgs(true));
+      fixtures.push(registry);
+      const nodes = await Promise.all(
+        IDS.map(async (id) => {
+          const n = await spawnNode(registry.port, [...certs.nodeArgs(id), "--listen", "127.0.0.1"]);
+          fixtures.push(n);
+          return n;
+        }),
+      );
+      expect(nodes.map((n) => n.id).sort()).toEqual(IDS);
+      await expectFullMesh(registry, nodes);
+      expect(registry.log.named("node-registered").map((e) => e.id).sort()).toEqual(IDS);
+    },
+    T,
+  );
+
+  test("a node without a certificate, with another CA's, or with one for another id is refused, each with its code", async () => {
+    const { reg, log } = await registryWith(certs.registryTransport(true));
+    const refusals = await Promise.all([
+      nodeWith(reg.port, tls({ ca: certs.mesh.ca })).catch((e: Error) => e.message),
+      // A stranger's certificate is not the mesh's: the node itself runs without a mesh CA to get that far.
+      nodeWith(reg.port, tls({ ca: certs.mesh.ca, ...certs.stranger.nodes[0]! })).catch((e: Error) => e.message),
+      nodeWith(reg.port, certs.nodeTransport("node-1"), { id: "node-0" }).catch((e: Error) => e.message),
+    ]);
+    expect(refusals).toEqual([
+      "certificate-required: this port requires a client certificate signed by the mesh CA",
+      expect.stringMatching(/^bad-certificate: the client certificate is refused: it is signed by a CA that is not trusted here \(/),
+      "identity-mismatch: this connection's certificate is for node node-1, not node-0",
+    ]);
+    await waitUntil(() => log.named("error").length === 3, 5_000, "the registry to report all three");
+    expect(reg.stats().rejected).toEqual({ "certificate-required": 1, "bad-certificate": 1, "identity-mismatch": 1 });
+    expect(reg.nodes()).toEqual([]);
+  });
+
+  test("the flags refuse an --id that is not the certificate's before anything is sent", async () => {
+    const p = spawnScript("client.ts", ["127.0.0.1", "9", ...certs.nodeArgs("node-1"), "--id", "node-0"], { label: "node" });
+    fixtures.push(p);
+    expect(await withDeadline(p.exited(), WAIT, "the node to exit")).toBe(2);
+    expect(p.stderr.join("\n")).toContain(`usage error: --id node-0 is not the node the certificate in ${certs.node("node-1").cert} is for (node-1)`);
+  });
+
+  test("a raw TLS client without a mesh certificate cannot open a greeting; a mesh certificate cannot greet as another id", async () => {
+    const { reg } = await registryWith(certs.registryTransport(true));
+    const { node, log } = await nodeWith(reg.port, certs.nodeTransport("node-0"));
+    const hello = (id: string) => ({ type: "hello", v: 1, id, host: "127.0.0.1", port: 1 });
+    const answers = await Promise.all([
+      rawTls(node.port, undefined, hello("node-1")),
+      rawTls(node.port, certs.stranger.nodes[1]!, hello("node-1")),
+      rawTls(node.port, certs.node("node-2"), hello("node-1")),
+      rawTls(node.port, certs.node("node-2"), hello("node-2")),
+    ]);
+    expect(answers.map((a) => a.code ?? a.type)).toEqual(["certificate-required", "bad-certificate", "identity-mismatch", "welcome"]);
+    expect(answers[2]!.message).toBe("this connection's certificate is for node node-2, not node-1");
+    // The refused ones were never read: the only hello the node took is node-2's own (kept aside: node-2 is not listed).
+    expect(log.named("greeting")).toEqual([]);
+  });
+
+  test("the probe works through TLS: the registry reaches the listener with its own certificate and checks the id it finds", async () => {
+    const { reg, log } = await registryWith(certs.registryTransport(true));
+    const { node: good } = await nodeWith(reg.port, certs.nodeTransport("node-0"));
+    expect(reg.nodes().map((n) => [n.id, n.port])).toEqual([["node-0", good.port]]);
+    // node-1 names node-0's listener as its own: the probe finds node-0's certificate there.
+    const refusal = await nodeWith(reg.port, certs.nodeTransport("node-1"), { advertise: `:${good.port}` }).catch((e: Error) => e.message);
+    expect(refusal).toBe(`unreachable: no node answered as node-1 at 127.0.0.1:${good.port}; if nodes must reach this node at another address, start it with --advertise host[:port]`);
+    const report = await log.waitFor((e) => e.event === "error" && e.code === "unreachable", 5_000);
+    expect(String(report.detail)).toContain("reached a certificate for node node-0, expected node node-1");
+    expect(reg.nodes().map((n) => n.id)).toEqual(["node-0"]);
+  });
+});
+
+describe("rotation on SIGHUP", () => {
+  test(
+    "registry and node read their files again: new connections get the new certificates, open sessions stay; broken files are refused and the old ones kept",
+    async () => {
+      const dir = join(certs.dir, `rotation-${Date.now()}`);
+      const live = await liveFiles(dir);
+      const registry = await spawnRegistry(["--tls-cert", live.registry.cert, "--tls-key", live.registry.key, "--tls-client-ca", certs.mesh.ca]);
+      fixtures.push(registry);
+      const n0 = await spawnNode(registry.port, ["--tls-ca", certs.mesh.ca, "--tls-cert", live.node0.cert, "--tls-key", live.node0.key, "--listen", "127.0.0.1"]);
+      fixtures.push(n0);
+      const n1 = await spawnNode(registry.port, [...certs.nodeArgs("node-1"), "--listen", "127.0.0.1"]);
+      fixtures.push(n1);
+      await registry.log.waitFor((e) => e.event === "mesh-complete" && e.nodes === 2, WAIT, "mesh-complete with 2 nodes");
+      const before = { registry: await servedSerial(registry.port, "localhost"), node: await servedSerial(n0.port, "node-0") };
+
+      const renewed = await renew(dir);
+      registry.signal("SIGHUP");
+      n0.signal("SIGHUP");
+      await registry.log.waitFor("tls-reloaded", WAIT, "the registry to reload");
+      await n0.log.waitFor("tls-reloaded", WAIT, "node-0 to reload");
+      expect(await servedSerial(registry.port, "localhost")).toBe(renewed.registry);
+      expect(await servedSerial(n0.port, "node-0")).toBe(renewed.node0);
+      expect(renewed.registry).not.toBe(before.registry);
+      expect(renewed.node0).not.toBe(before.node);
+
+      // A third node joins with both new certificates in play: registry session, probe of it, greetings to node-0.
+      const n2 = await spawnNode(registry.port, [...certs.nodeArgs("node-2"), "--listen", "127.0.0.1"]);
+      fixtures.push(n2);
+      await registry.log.waitFor((e) => e.event === "mesh-complete" && e.nodes === 3, WAIT, "mesh-complete with 3 nodes");
+
+      writeFileSync(live.registry.cert, "-----BEGIN CERTIFICATE-----\ntruncated\n");
+      registry.signal("SIGHUP");
+      const failed = await registry.log.waitFor("tls-reload-failed", WAIT, "the registry to refuse the broken file");
+      expect(String(failed.message)).toContain(live.registry.cert);
+      expect(await servedSerial(registry.port, "localhost")).toBe(renewed.registry);
+
+      // The sessions opened before either reload never dropped.
+      for (const n of [n0, n1]) expect([n.log.named("disconnected"), n.log.named("registered").length]).toEqual([[], 1]);
+      expect(registry.log.named("node-left")).toEqual([]);
+    },
+    T,
+  );
+});
+
+// --- internal ----------------------------------------------------------------
+
+/** Every pair of `nodes` met exactly once, both ends agree, and nobody reported an error, a failed greeting or a warning. */
+async function expectFullMesh(registry: Proc, nodes: NodeProc[]): Promise<void> {
+  const n = nodes.length;
+  await registry.log.waitFor((e) => e.event === "mesh-complete" && e.nodes === n, WAIT, `mesh-complete with ${n} nodes`);
+  const met = (x: NodeProc) => x.log.named("greeted").length + x.log.named("greeting").length;
+  await waitUntil(() => nodes.every((x) => met(x) === n - 1), WAIT, "every node to meet every other");
+  const { greeted, received } = greetingsOf(nodes);
+  expect(meshProblems(nodes.map((x) => x.id), greeted, received)).toEqual([]);
+  expect(registry.log.named("error")).toEqual([]);
+  for (const x of nodes) expect([...x.log.named("error"), ...x.log.named("greet-failed"), ...x.log.named("warning")]).toEqual([]);
+}
+
+/** Copies of the mesh's CA, registry and node-0 files into `dir`, which a test then replaces: the files the processes run with. */
+async function liveFiles(dir: string): Promise<{ registry: KeyPair; node0: KeyPair }> {
+  mkdirSync(dir, { recursive: true });
+  const copy = (from: KeyPair, name: string): KeyPair => {
+    const to = { cert: join(dir, `${name}.pem`), key: join(dir, `${name}.key`) };
+    copyFileSync(from.cert, to.cert);
+    copyFileSync(from.key, to.key);
+    return to;
+  };
+  copy({ cert: certs.mesh.ca, key: certs.mesh.caKey }, "ca");
+  return { registry: copy(certs.mesh.registry!, "registry"), node0: copy(certs.node("node-0"), "node-0") };
+}
+
+/** Renews the registry's and node-0's certificates in place with certs.ts (same CA), as `bun run certs` would; their new serials. */
+async function renew(dir: string): Promise<{ registry: string; node0: string }> {
+  const set = await makeCerts(dir, { ids: ["node-0"], days: 2 });
+  const serial = async (path: string) => new X509Certificate(await Bun.file(path).text()).serialNumber;
+  return { registry: await serial(set.registry!.cert), node0: await serial(set.nodes[0]!.cert) };
+}
+
+/** The serial number of the certificate served on `port` now (a fresh connection, node-2's certificate presented). */
+async function servedSerial(port: number, serverName: string): Promise<string> {
+  const got = Promise.withResolvers<string>();
+  const pair = certs.node("node-2");
+  const s = await Bun.connect({
+    hostname: "127.0.0.1",
+    port,
+    tls: { ca: Bun.file(certs.mesh.ca), cert: Bun.file(pair.cert), key: Bun.file(pair.key), serverName, rejectUnauthorized: false },
+    socket: { handshake: (s) => got.resolve(s.getPeerX509Certificate().serialNumber), data() {}, close: () => got.resolve("(closed)") },
+  });
+  try {
+    return await withDeadline(got.promise, 5_000, `the certificate on port ${port}`);
+  } finally {
+    s.terminate();
+  }
+}
+
+/** A bare TLS client: presents `pair` (or no certificate), sends one message, returns the first line back. */
+async function rawTls(port: number, pair: { cert: string; key: string } | undefined, msg: object): Promise<Record<string, string>> {
+  const line = Promise.withResolvers<string>();
+  const files = pair ? { cert: Bun.file(pair.cert), key: Bun.file(pair.key) } : {};
+  const s = await Bun.connect({
+    hostname: "127.0.0.1",
+    port,
+    tls: { ca: Bun.file(certs.mesh.ca), rejectUnauthorized: false, ...files },
+    socket: { handshake: (s) => void s.write(JSON.stringify(msg) + "\n"), data: (_, d) => line.resolve(String(d)), close: () => line.resolve('{"type":"(closed)"}') },
+  });
+  try {
+    return JSON.parse(await withDeadline(line.promise, 5_000, "the listener's answer")) as Record<string, string>;
+  } finally {
+    s.terminate();
+  }
+}
