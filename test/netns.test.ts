@@ -4,12 +4,17 @@
  * run inside them. What loopback tests cannot show: the address the registry
  * hands out is the one other hosts can reach, over IPv4 and IPv6; a host
  * that falls silent (no FIN) is evicted by the heartbeat; the dial-back probe
- * refuses an address nobody can reach.
+ * refuses an address nobody can reach; mutual TLS with certificates for the
+ * hosts' own addresses.
  */
 import { afterAll, describe, expect, test } from "bun:test";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { makeCerts } from "../certs.ts";
 import { formatAddress } from "../net.ts";
 import { greetingsOf, meshProblems, waitUntil, withDeadline, type Proc } from "../harness.ts";
-import { UNUSED4, createNetwork, netnsUnavailable, removeOwn, type Host } from "./netns.ts";
+import { SUBNET4, SUBNET6, UNUSED4, createNetwork, netnsUnavailable, removeOwn, type Host } from "./netns.ts";
 
 const unavailable = await netnsUnavailable();
 if (unavailable) console.log(`SKIP netns: ${unavailable}`);
@@ -53,6 +58,44 @@ describe.skipIf(unavailable !== null)("across hosts (network namespaces)", () =>
     expect(nc.proc.exitCode).toBeNull();
     expect(reg.log.named("node-left").map((e) => e.id)).toEqual([nc.id]);
     expect([...na.log.named("peer-left"), ...nb.log.named("peer-left")].map((e) => e.peer)).toEqual([nc.id, nc.id]);
+  }, TEST_MS);
+
+  test("mutual TLS across hosts: the registry's certificate names its addresses, every node's its id; a token is warned about only without TLS", async () => {
+    await using net = await createNetwork(["r", "a", "b", "c"]);
+    const dir = mkdtempSync(join(tmpdir(), "netns-certs-"));
+    try {
+      const ids = ["alpha", "bravo", "charlie"];
+      // The hosts' addresses come from netns.ts: the registry host is always .1.
+      const set = await makeCerts(dir, { ids, names: ["registry.test"], ips: [`${SUBNET4}.1`, `${SUBNET6}1`], days: 2 });
+      const r = net.host("r");
+      const tlsArgs = ["--tls-cert", set.registry!.cert, "--tls-key", set.registry!.key, "--tls-client-ca", set.ca];
+      const reg = await registryOn(r, "::", tlsArgs, { REGISTRY_TOKEN: "s3cret" });
+      const hosts = [net.host("a"), net.host("b"), net.host("c")];
+      // Over IPv4 and IPv6 alike: each checks the registry's certificate against the address it dialed.
+      const nodes = await Promise.all(
+        hosts.map((h, i) => {
+          const pair = set.nodes[i]!;
+          return nodeOn(h, i === 2 ? r.ipv6 : r.ipv4, reg.port, ["--tls-ca", set.ca, "--tls-cert", pair.cert, "--tls-key", pair.key], { REGISTRY_TOKEN: "s3cret" });
+        }),
+      );
+      expect(nodes.map((n) => n.id)).toEqual(ids);
+      await reg.log.waitFor((e) => e.event === "mesh-complete" && e.nodes === 3, WAIT_MS, "mesh-complete with 3 nodes");
+      const count = (event: string) => nodes.reduce((sum, n) => sum + n.log.named(event).length, 0);
+      await waitUntil(() => count("greeted") >= 3 && count("greeting") >= 3, WAIT_MS, "3 greeted and greeting events");
+      const { greeted, received } = greetingsOf(nodes);
+      expect(meshProblems(ids, greeted, received)).toEqual([]);
+      expect(reg.log.named("node-registered").map((e) => [e.id, e.host]).sort()).toEqual(hosts.map((h, i) => [ids[i], i === 2 ? h.ipv6 : h.ipv4]).sort());
+      for (const p of [reg, ...nodes]) expect([...p.log.named("error"), ...p.log.named("warning"), ...p.log.named("greet-failed")]).toEqual([]);
+
+      // The same token without TLS, across the link: both ends say so once, at start.
+      const plain = await registryOn(r, "::", [], { REGISTRY_TOKEN: "s3cret" });
+      const exposed = await nodeOn(hosts[0]!, r.ipv4, plain.port, [], { REGISTRY_TOKEN: "s3cret" });
+      for (const p of [plain, exposed]) {
+        expect(p.log.named("warning").map((e) => e.message)).toEqual([expect.stringMatching(/^the token travels in clear /)]);
+      }
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   }, TEST_MS);
 
   test("the dial-back probe refuses an advertised address nobody has; without --allow-advertise it is not allowed", async () => {
@@ -133,16 +176,16 @@ async function meshAcrossHosts(host: Host, nodeHosts: Host[], family: 4 | 6, bin
   expect(reg.log.named("error")).toEqual([]);
 }
 
-async function registryOn(host: Host, bind: string, extra: string[] = []): Promise<RegistryProc> {
-  const p = host.spawn("registry.ts", [bind, "0", "--json", ...extra], {}, `registry@${host.name}`);
+async function registryOn(host: Host, bind: string, extra: string[] = [], env: Record<string, string> = {}): Promise<RegistryProc> {
+  const p = host.spawn("registry.ts", [bind, "0", "--json", ...extra], env, `registry@${host.name}`);
   const e = await p.log.waitFor("listening", WAIT_MS, `registry on ${host.name} to listen`).catch((err) => {
     throw new Error(`${(err as Error).message}; stderr: ${p.stderr.join("\n")}`);
   });
   return Object.assign(p, { port: Number(e.port) });
 }
 
-async function nodeOn(host: Host, registryHost: string, registryPort: number, extra: string[] = []): Promise<NodeProc> {
-  const p = host.spawn("client.ts", [registryHost, String(registryPort), "--json", "--name", host.name, ...extra], {}, `node@${host.name}`);
+async function nodeOn(host: Host, registryHost: string, registryPort: number, extra: string[] = [], env: Record<string, string> = {}): Promise<NodeProc> {
+  const p = host.spawn("client.ts", [registryHost, String(registryPort), "--json", "--name", host.name, ...extra], env, `node@${host.name}`);
   try {
     const l = await p.log.waitFor("listening", WAIT_MS, `node on ${host.name} to listen`);
     await p.log.waitFor("registered", WAIT_MS, `node on ${host.name} to register`);
