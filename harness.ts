@@ -802,6 +802,31 @@ export async function testCerts(ids: string[] = ["node-0", "node-1", "node-2"]):
   }
 }
 
+/**
+ * The first bytes a real TLS client sends (its ClientHello, as Bun's TLS
+ * sends it), caught by a plain listener: raw material for attacks on
+ * handshakes that look real as far as they go.
+ */
+export async function clientHello(): Promise<Buffer> {
+  const hello = Promise.withResolvers<Buffer>();
+  const l = Bun.listen({
+    hostname: "127.0.0.1",
+    port: 0,
+    socket: {
+      data(s, chunk) {
+        hello.resolve(Buffer.from(chunk));
+        s.terminate();
+      },
+    },
+  });
+  try {
+    Bun.connect({ hostname: "127.0.0.1", port: l.port, tls: { serverName: "localhost" }, socket: { data() {}, error() {} } }).catch(() => {});
+    return await withDeadline(hello.promise, 5_000, "a TLS client's ClientHello");
+  } finally {
+    l.stop(true);
+  }
+}
+
 /** A node certificate signed by the set's CA whose validity ended a day ago (openssl takes negative days). */
 async function expiredCert(set: CertSet, base: string, id: string): Promise<KeyPair> {
   const pair = { cert: `${base}.pem`, key: `${base}.key` };

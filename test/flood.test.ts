@@ -4,12 +4,13 @@
  * nodes register and meet as usual. The flood comes from 127.0.0.2-5 and the
  * real nodes from 127.0.0.1, so the test also shows that one address
  * exhausting its cap does not starve another. Afterwards every socket the
- * flood cost the registry is closed again (counted in /proc/PID/fd).
+ * flood cost the registry is closed again (counted in /proc/PID/fd). The
+ * same against a mutual-TLS registry port, with handshakes that never end.
  */
 import { afterEach, expect, test } from "bun:test";
 import { readdirSync, readlinkSync } from "node:fs";
 import { startNode, type PeerNode } from "../client.ts";
-import { EventLog, RawClient, spawnRegistry, waitUntil } from "../harness.ts";
+import { EventLog, RawClient, clientHello, rssBytes, spawnRegistry, testCerts, waitUntil } from "../harness.ts";
 
 const CAP = 20;
 const PER_ADDRESS = 3 * CAP;
@@ -102,6 +103,64 @@ test("idle, half-sent, trickling and half-closed floods are capped per address a
   expect(registry.proc.exitCode).toBeNull();
 }, 60_000);
 
+/** What a connection to the TLS port does: never says anything, stops in the middle of its ClientHello, trickles one, or sends garbage records. */
+type Handshake = "silent" | "half-hello" | "slow-hello" | "garbage";
+const HANDSHAKERS: [Handshake, string][] = [
+  ["silent", "127.0.0.2"],
+  ["half-hello", "127.0.0.3"],
+  ["slow-hello", "127.0.0.4"],
+  ["garbage", "127.0.0.5"],
+];
+
+test("on the TLS port, handshakes that never end are capped per address and cut at the handshake deadline; mutual-TLS nodes register meanwhile; sockets and memory come back", async () => {
+  await using certs = await testCerts(["node-0", "node-1", "node-2", "node-3", "node-4", "warm"]);
+  const registry = await spawnRegistry([...certs.registryArgs(true), "--register-timeout", String(REGISTER_TIMEOUT_MS), "--max-conns-per-ip", String(CAP)]);
+  cleanups.push(() => registry[Symbol.asyncDispose]());
+  const join = (id: string, log?: EventLog) =>
+    startNode({ registryHost: "127.0.0.1", registryPort: registry.port, listenHost: "127.0.0.1", transport: certs.nodeTransport(id), onEvent: log?.push, waitForRegistration: false });
+  const warm = await join("warm");
+  await registry.log.waitFor((e) => e.event === "node-registered" && e.id === "warm", 10_000);
+  await warm.stop();
+  await registry.log.waitFor((e) => e.event === "node-left" && e.id === "warm", 10_000);
+  const baseline = { sockets: socketCount(registry.pid), rss: rssBytes(registry.pid) ?? 0 };
+
+  const hello = await clientHello();
+  const flood = await Promise.all(
+    HANDSHAKERS.map(async ([kind, from]) => {
+      const conns = await Promise.all(Array.from({ length: PER_ADDRESS }, () => RawClient.connect(registry.port, { localAddress: from, timeoutMs: 10_000 })));
+      for (const c of conns) cleanups.push(() => c.destroy());
+      for (const c of conns) void shake(kind, c, hello);
+      return { kind, from, conns };
+    }),
+  );
+  const ids = ["node-0", "node-1", "node-2", "node-3", "node-4"];
+  const logs = ids.map(() => new EventLog());
+  const nodes: PeerNode[] = await Promise.all(ids.map((id, i) => join(id, logs[i])));
+  for (const n of nodes) cleanups.push(() => n.stop());
+  await Promise.all(logs.map((l) => l.waitFor("registered", 20_000, "a mutual-TLS node to register during the flood")));
+  await waitUntil(() => nodes.every((n) => ids.every((id) => id === n.id || n.met().includes(id))), 20_000, "the real nodes to meet each other");
+
+  // Cut by the handshake deadline (1.5 s here: the registration deadline is shorter than 3 s); the attackers never give up.
+  for (const { kind, conns } of flood) await Promise.all(conns.map((c) => c.waitClosed(15_000, `the registry to cut every ${kind} connection`)));
+  const errors = registry.log.named("error");
+  for (const { kind, from, conns } of flood) {
+    const mine = errors.filter((e) => String(e.remote).startsWith(`${from}:`)).map((e) => String(e.code));
+    const cut = kind === "garbage" ? "handshake-failed" : "handshake-timeout";
+    // One report per connection: the cap refused the excess before any handshake; the rest were cut.
+    expect({ kind, reports: mine.length, other: mine.filter((c) => c !== cut && c !== "too-many-connections") }).toEqual({ kind, reports: conns.length, other: [] });
+    expect(mine.filter((c) => c === cut).length).toBeGreaterThanOrEqual(CAP);
+    expect(mine).toContain("too-many-connections");
+  }
+  expect(errors.some((e) => String(e.remote).startsWith("127.0.0.1:"))).toBe(false);
+  expect(logs.flatMap((l) => l.named("error"))).toEqual([]);
+
+  await Promise.all(nodes.map((n) => n.stop()));
+  await waitUntil(() => socketCount(registry.pid) <= baseline.sockets, 10_000, `registry sockets back to ${baseline.sockets}`);
+  // Each refused handshake holds TLS state until it is cut: what it costs must not stay.
+  expect(((rssBytes(registry.pid) ?? 0) - baseline.rss) / 2 ** 20).toBeLessThan(64);
+  expect(registry.proc.exitCode).toBeNull();
+}, 60_000);
+
 // --- internal ----------------------------------------------------------------
 
 /** What one flood connection does until the registry closes it. */
@@ -120,6 +179,25 @@ async function attack(kind: Kind, c: RawClient): Promise<void> {
     case "trickle":
       for (let i = 0; !c.closed; i = (i + 1) % register.length) {
         await c.write(register[i]!);
+        await Bun.sleep(50); // the attacker's pace, not a wait for anything
+      }
+  }
+}
+
+/** What one connection to the TLS port does until the registry cuts it. */
+async function shake(kind: Handshake, c: RawClient, hello: Buffer): Promise<void> {
+  switch (kind) {
+    case "silent":
+      return;
+    case "half-hello":
+      await c.write(hello.subarray(0, hello.byteLength >> 1));
+      return;
+    case "garbage":
+      await c.write(Buffer.concat([Buffer.from([0x16, 0x03, 0x03, 0x00, 0x40]), Buffer.alloc(64, 0x5a)]));
+      return;
+    case "slow-hello":
+      for (let i = 0; i < hello.byteLength && !c.closed; i++) {
+        await c.write(hello.subarray(i, i + 1));
         await Bun.sleep(50); // the attacker's pace, not a wait for anything
       }
   }
