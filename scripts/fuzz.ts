@@ -11,6 +11,10 @@
  *
  *   bun scripts/fuzz.ts --iterations 20000 --seed 42
  *
+ * With --tls both run in mutual TLS, and each connection is a handshake-level
+ * attack (garbage records, a real ClientHello mutated, cut short or
+ * trickled, plain text on the TLS port) or carries its frames inside TLS.
+ *
  * The seed is printed; the same seed replays the same frames. Exit 0 when
  * nothing was found, 1 otherwise, 2 on a bad command line; with --json the
  * last stdout line is the result as one JSON object (event "fuzz-result").
@@ -18,8 +22,10 @@
 import * as v from "valibot";
 import { startNode, type PeerNode } from "../client.ts";
 import { intArg } from "../cli.ts";
+import type { Transport } from "../net.ts";
 import {
   RawClient,
+  clientHello,
   closedPort,
   killAllOnExit,
   mulberry32,
@@ -28,10 +34,13 @@ import {
   runScript,
   spawnNode,
   spawnRegistry,
+  testCerts,
   waitUntil,
   withDeadline,
   type JsonEvent,
+  type KeyPair,
   type Proc,
+  type TestCerts,
 } from "../harness.ts";
 import { DEFAULTS, PROTOCOL_VERSION, Register } from "../protocol.ts";
 
@@ -45,6 +54,8 @@ interface FuzzOptions {
   realNodes: number;
   /** Allowed growth of either server's resident memory over its idle baseline, MiB. */
   maxRssGrowthMiB: number;
+  /** Both servers in mutual TLS, attacked at the handshake too (see TlsFuzz). */
+  tls?: boolean;
   /** Progress and summary lines. */
   log: (line: string) => void;
 }
@@ -65,6 +76,8 @@ interface FuzzResult {
   fuzzRegistrations: number;
   rssMiB: { registry: RssFigures; node: RssFigures };
   realNodes: { started: number; registered: number };
+  /** With --tls: how the connections were played (see TLS_ATTACKS). */
+  tlsAttacks?: Record<string, number>;
   ms: number;
 }
 
@@ -99,6 +112,7 @@ class FuzzRun {
   private readonly rss = new RssSampler();
   private registry: (Proc & { port: number }) | undefined;
   private node: (Proc & { id: string; port: number }) | undefined;
+  private tls: TlsFuzz | undefined;
 
   constructor(private readonly o: FuzzOptions) {
     this.rand = mulberry32(o.seed);
@@ -109,9 +123,10 @@ class FuzzRun {
     const o = this.o;
     o.log(`fuzz: seed ${o.seed}, ${o.iterations} frames, ${o.concurrency} connections at once`);
     try {
+      const tls = (this.tls = o.tls ? await TlsFuzz.create(o.seed, o.realNodes) : undefined);
       // A short registration deadline so half-sent frames are also cut by the registry, not only by us.
-      const registry = (this.registry = await spawnRegistry(["--register-timeout", "1000"]));
-      const node = (this.node = await spawnNode(registry.port, ["--listen", "127.0.0.1"]));
+      const registry = (this.registry = await spawnRegistry(["--register-timeout", "1000", ...(tls?.registryArgs ?? [])]));
+      const node = (this.node = await spawnNode(registry.port, ["--listen", "127.0.0.1", ...(tls?.nodeArgs ?? [])]));
       const probed = this.responder.port;
       this.gen.targets = { nodeId: node.id, registerPorts: [probed, probed, probed, node.port, registry.port, closedPort()] };
       this.rss.watch("registry", registry.pid);
@@ -125,6 +140,7 @@ class FuzzRun {
       this.rss.stop();
       this.responder.stop();
       await Promise.allSettled([this.node?.[Symbol.asyncDispose](), this.registry?.[Symbol.asyncDispose]()]);
+      await this.tls?.[Symbol.asyncDispose]();
     }
     return {
       ok: this.problems.length === 0,
@@ -137,6 +153,7 @@ class FuzzRun {
       fuzzRegistrations: this.responder.probes(),
       rssMiB: this.rss.figures() as FuzzResult["rssMiB"],
       realNodes: { started: this.real.starts.length, registered: this.real.registered },
+      ...(this.tls ? { tlsAttacks: this.tls.attacks } : {}),
       ms: Math.round(performance.now() - this.started),
     };
   }
@@ -151,7 +168,7 @@ class FuzzRun {
       for (let plan = this.nextPlan(); plan; plan = this.nextPlan()) {
         const port = plan.target === "registry" ? this.registry!.port : this.node!.port;
         this.connections[plan.target]++;
-        const codes = await playConnection(port, plan, LINGER_MS);
+        const codes = this.tls ? await this.tls.play(port, plan) : await playConnection(port, plan, LINGER_MS);
         for (const c of codes) this.replies[plan.target][c] = (this.replies[plan.target][c] ?? 0) + 1;
         while (this.real.starts.length < o.realNodes && this.frames >= (this.real.starts.length + 1) * nodeEvery) this.startRealNode();
         if (this.frames >= nextProgress) {
@@ -196,6 +213,7 @@ class FuzzRun {
       registryPort: this.registry!.port,
       listenHost: "127.0.0.1",
       name: `real-${n}`,
+      transport: this.tls?.nodeTransport(n),
       waitForRegistration: false,
       onEvent: (e) => {
         this.real.events.push({ ...e, node: n });
@@ -246,6 +264,7 @@ class FuzzRun {
     for (const target of ["registry", "listener"] as const) {
       if (!Object.keys(this.replies[target]).length && this.connections[target]) problems.push(`the ${target} never answered a fuzz frame`);
     }
+    this.tls?.check(registry, problems);
   }
 }
 
@@ -575,6 +594,185 @@ async function playConnection(port: number, plan: ConnPlan, lingerMs: number): P
   return codes.length ? codes : [conn.messages.length ? "(answered)" : "(silent)"];
 }
 
+// --- TLS ---------------------------------------------------------------------
+
+/** What a connection to a TLS port does, with its weight. */
+const TLS_ATTACKS = [
+  ["frames-inside", 30], // a mesh certificate, then the plan's frames inside TLS
+  ["stranger", 5], // another CA's certificate, then the frames
+  ["plain", 15], // the plan's frames in plain text
+  ["garbage", 10], // a handshake record header, then random bytes
+  ["mutated-hello", 15], // a real ClientHello with bytes changed, cut or repeated
+  ["half-hello", 10], // the first part of a real ClientHello, then nothing
+  ["slow-hello", 5], // a real ClientHello, a few bytes per loop turn
+  ["hello-then-junk", 10], // a whole ClientHello, then the plan's frames in plain text
+] as const;
+type TlsAttack = (typeof TLS_ATTACKS)[number][0];
+
+/**
+ * The TLS side of a fuzz run: certificates (certs.ts, in a temporary
+ * directory), the flags for the registry and the node, and how each planned
+ * connection is played against a TLS port. The attack and its details are
+ * drawn from the seed and the plan's own bytes, so a seed replays the same
+ * attacks whatever order the connections run in.
+ */
+class TlsFuzz implements AsyncDisposable {
+  readonly attacks: Record<string, number> = {};
+  private constructor(
+    private readonly seed: number,
+    private readonly certs: TestCerts,
+    private readonly hello: Buffer,
+  ) {}
+
+  static async create(seed: number, realNodes: number): Promise<TlsFuzz> {
+    const certs = await testCerts(["fuzzed", "fuzzer", ...Array.from({ length: realNodes }, (_, i) => `real-${i}`)]);
+    return new TlsFuzz(seed, certs, await clientHello());
+  }
+
+  get registryArgs(): string[] {
+    return this.certs.registryArgs(true);
+  }
+
+  get nodeArgs(): string[] {
+    return this.certs.nodeArgs("fuzzed");
+  }
+
+  nodeTransport(n: number): Transport {
+    return this.certs.nodeTransport(`real-${n}`);
+  }
+
+  async play(port: number, plan: ConnPlan): Promise<string[]> {
+    const rand = mulberry32((Bun.hash.crc32(Buffer.concat(plan.writes)) ^ this.seed) >>> 0);
+    let r = rand() * TLS_ATTACKS.reduce((sum, a) => sum + a[1], 0);
+    const attack: TlsAttack = (TLS_ATTACKS.find((a) => (r -= a[1]) < 0) ?? TLS_ATTACKS[0])[0];
+    this.attacks[attack] = (this.attacks[attack] ?? 0) + 1;
+    const hello = this.hello;
+    switch (attack) {
+      case "frames-inside":
+        return playInsideTls(port, plan, this.certs.node("fuzzer"), this.certs.mesh.ca);
+      case "stranger":
+        return playInsideTls(port, plan, this.certs.stranger.nodes[0]!, this.certs.mesh.ca);
+      case "plain":
+        return playConnection(port, plan, LINGER_MS);
+      case "garbage":
+        return playBytes(port, [Buffer.concat([Buffer.from([0x16, 0x03, 1 + Math.floor(rand() * 3)]), randomBytes(rand, 2 + Math.floor(rand() * 600))])], rand);
+      case "mutated-hello":
+        return playBytes(port, [mutate(hello, rand)], rand);
+      case "half-hello":
+        return playBytes(port, [hello.subarray(0, 1 + Math.floor(rand() * (hello.byteLength - 1)))], rand);
+      case "slow-hello":
+        return playBytes(port, Array.from(hello.subarray(0, 1 + Math.floor(rand() * 200)), (b) => Uint8Array.of(b)), rand);
+      case "hello-then-junk":
+        return playBytes(port, [hello, ...plan.writes], rand);
+    }
+  }
+
+  /** The registry must have cut handshakes at its deadline and answered plain text in plain text. */
+  check(registry: Proc, problems: string[]): void {
+    const reported = new Set(registry.log.named("error").map((e) => String(e.code)));
+    for (const code of ["handshake-timeout", "handshake-failed", "tls-required"]) {
+      if (!reported.has(code)) problems.push(`the TLS registry never reported ${code}`);
+    }
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.certs[Symbol.asyncDispose]();
+  }
+}
+
+/** Raw bytes to a TLS port; one connection in ten then waits for the server to cut it (its handshake deadline), the rest leave after LINGER_MS. */
+async function playBytes(port: number, writes: Uint8Array[], rand: () => number): Promise<string[]> {
+  const wait = rand() < 0.1 ? 5_000 : LINGER_MS;
+  let conn: RawClient;
+  try {
+    conn = await RawClient.connect(port);
+  } catch {
+    return ["(connect failed)"];
+  }
+  try {
+    for (const w of writes) {
+      if (conn.closed) break;
+      await conn.write(w);
+      if (writes.length > 1) await new Promise((r) => setImmediate(r));
+    }
+    await conn.waitClosed(wait).catch(() => {});
+  } finally {
+    conn.destroy();
+  }
+  const codes = conn.errorCodes();
+  return codes.length ? codes : [conn.closed && wait > LINGER_MS ? "(cut)" : "(silent)"];
+}
+
+/** A TLS connection presenting `pair`, then the plan's writes inside it (queued: Bun's write does not buffer); the error codes it got back. */
+async function playInsideTls(port: number, plan: ConnPlan, pair: KeyPair, ca: string): Promise<string[]> {
+  const codes: string[] = [];
+  const ready = Promise.withResolvers<void>();
+  const closed = Promise.withResolvers<void>();
+  const queue: Uint8Array[] = [];
+  let rest = "";
+  const flush = (s: Bun.Socket<undefined>) => {
+    while (queue.length) {
+      const head = queue[0]!;
+      const n = s.write(head);
+      if (n < 0) return void queue.splice(0);
+      if (n < head.byteLength) return void (queue[0] = head.subarray(n));
+      queue.shift();
+    }
+  };
+  let socket: Bun.Socket<undefined>;
+  try {
+    socket = await Bun.connect({
+      hostname: "127.0.0.1",
+      port,
+      tls: { ca: Bun.file(ca), cert: Bun.file(pair.cert), key: Bun.file(pair.key), rejectUnauthorized: false },
+      socket: {
+        handshake: () => ready.resolve(),
+        data(_, chunk) {
+          rest += chunk.toString();
+          for (let nl = rest.indexOf("\n"); nl >= 0; nl = rest.indexOf("\n")) {
+            const code = /"type":"error","code":"([a-z-]+)"/.exec(rest.slice(0, nl))?.[1];
+            if (code) codes.push(code);
+            rest = rest.slice(nl + 1);
+          }
+        },
+        drain: (s) => flush(s),
+        close: () => closed.resolve(),
+        error() {},
+      },
+    });
+  } catch {
+    return ["(connect failed)"];
+  }
+  try {
+    await withDeadline(ready.promise, 3_000, "the TLS handshake");
+    queue.push(...plan.writes);
+    flush(socket);
+    await withDeadline(closed.promise, LINGER_MS, "the server to close").catch(() => {});
+  } catch {
+    return ["(no handshake)"];
+  } finally {
+    socket.terminate();
+  }
+  return codes.length ? codes : ["(silent)"];
+}
+
+function randomBytes(rand: () => number, n: number): Buffer {
+  return Buffer.from(Array.from({ length: n }, () => Math.floor(rand() * 256)));
+}
+
+/** A copy of `bytes` with a few bytes changed, a piece cut out or a piece repeated. */
+function mutate(bytes: Buffer, rand: () => number): Buffer {
+  const out = Array.from(bytes);
+  for (let i = 1 + Math.floor(rand() * 4); i > 0; i--) {
+    const at = Math.floor(rand() * out.length);
+    const r = rand();
+    if (r < 0.6) out[at] = Math.floor(rand() * 256);
+    else if (r < 0.8) out.splice(at, 1 + Math.floor(rand() * 20));
+    else out.splice(at, 0, ...out.slice(at, at + 1 + Math.floor(rand() * 40)));
+  }
+  return Buffer.from(out);
+}
+
 class RssSampler {
   private pids = new Map<string, number>();
   private figs = new Map<string, RssFigures>();
@@ -616,6 +814,7 @@ function summary(r: FuzzResult): string {
   return [
     `fuzz: seed ${r.seed}: ${r.frames} frames over ${r.connections.registry} registry + ${r.connections.listener} listener connections in ${r.ms} ms`,
     `  frames:     ${fmt(r.framesByKind)}`,
+    ...(r.tlsAttacks ? [`  tls:        ${fmt(r.tlsAttacks)}`] : []),
     `  registry:   ${fmt(r.replies.registry)}`,
     `  listener:   ${fmt(r.replies.listener)}`,
     `  fuzz registrations that passed the probe: ${r.fuzzRegistrations}`,
@@ -635,6 +834,7 @@ if (import.meta.main) {
       concurrency: { type: "string", description: "Connections open at once", default: "32" },
       nodes: { type: "string", description: "Real nodes that register during the run", default: "5" },
       "max-rss-growth": { type: "string", description: "Allowed memory growth of each server, MiB", default: "128" },
+      tls: { type: "boolean", description: "Both servers in mutual TLS: attack the handshake, and send the frames inside TLS" },
       json: { type: "boolean", description: "End with the result as one JSON line" },
     },
     async (args) => {
@@ -644,6 +844,7 @@ if (import.meta.main) {
         concurrency: intArg("concurrency", args.concurrency, 1),
         realNodes: intArg("nodes", args.nodes),
         maxRssGrowthMiB: intArg("max-rss-growth", args["max-rss-growth"], 1),
+        tls: args.tls,
         log: (line) => process.stdout.write(`${line}\n`),
       });
       if (args.json) process.stdout.write(JSON.stringify({ event: "fuzz-result", ...result }) + "\n");

@@ -1,9 +1,9 @@
 /**
  * The CI-sized run of scripts/fuzz.ts, run as the script it is: a few
  * thousand seeded random and mutated frames against a registry process and a
- * node process, with real nodes registering meanwhile. `bun run fuzz --
- * --iterations N` runs a long one. The seed is printed; FUZZ_SEED=<seed>
- * replays a failing run.
+ * node process, with real nodes registering meanwhile, in plain TCP and in
+ * mutual TLS (`--tls`). `bun run fuzz -- --iterations N` runs a long one.
+ * The seed is printed; FUZZ_SEED=<seed> replays a failing run.
  */
 import { afterEach, expect, test } from "bun:test";
 import { spawnScript, withDeadline, type Proc } from "../harness.ts";
@@ -32,4 +32,21 @@ test("fuzz: neither server crashes or grows without bound, and real nodes all re
   expect(r.replies.registry["unexpected-message"] ?? 0).toBeGreaterThan(0);
   expect(r.fuzzRegistrations).toBeGreaterThan(0);
   expect(r.rssMiB.registry?.peak ?? 0).toBeGreaterThan(0);
+}, 60_000);
+
+test("fuzz over mutual TLS: handshake garbage, half and slow handshakes, plain text and frames inside TLS; no crash, bounded memory, handshakes cut at the deadline", async () => {
+  const seed = process.env.FUZZ_SEED ? ["--seed", process.env.FUZZ_SEED] : [];
+  run = spawnScript("scripts/fuzz.ts", ["--tls", "--iterations", "1500", "--nodes", "3", ...seed, "--json"], { label: "fuzz --tls" });
+  const code = await withDeadline(run.exited(), 55_000, "the TLS fuzz run to end");
+  console.log(run.stderr.filter((l) => !l.endsWith(" frames")).map((l) => l.replace(/^stdout: /, "")).join("\n"));
+  const r = (await run.log.waitFor("fuzz-result", 0, "its result line")) as any; // checked field by field below
+  expect(r.problems).toEqual([]); // among them: the registry reported handshake-timeout, handshake-failed and tls-required
+  expect(code).toBe(0);
+  expect(r.realNodes).toEqual({ started: 3, registered: 3 });
+  for (const attack of ["frames-inside", "plain", "garbage", "mutated-hello", "half-hello", "slow-hello"]) expect(r.tlsAttacks[attack] ?? 0).toBeGreaterThan(0);
+  // Each server refused plain text in plain text, and read frames that came inside TLS.
+  for (const target of ["registry", "listener"]) {
+    expect(r.replies[target]["tls-required"] ?? 0).toBeGreaterThan(0);
+    expect(r.replies[target]["bad-json"] ?? 0).toBeGreaterThan(0);
+  }
 }, 60_000);
