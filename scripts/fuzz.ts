@@ -681,26 +681,9 @@ class TlsFuzz implements AsyncDisposable {
 }
 
 /** Raw bytes to a TLS port; one connection in ten then waits for the server to cut it (its handshake deadline), the rest leave after LINGER_MS. */
-async function playBytes(port: number, writes: Uint8Array[], rand: () => number): Promise<string[]> {
-  const wait = rand() < 0.1 ? 5_000 : LINGER_MS;
-  let conn: RawClient;
-  try {
-    conn = await RawClient.connect(port);
-  } catch {
-    return ["(connect failed)"];
-  }
-  try {
-    for (const w of writes) {
-      if (conn.closed) break;
-      await conn.write(w);
-      if (writes.length > 1) await new Promise((r) => setImmediate(r));
-    }
-    await conn.waitClosed(wait).catch(() => {});
-  } finally {
-    conn.destroy();
-  }
-  const codes = conn.errorCodes();
-  return codes.length ? codes : [conn.closed && wait > LINGER_MS ? "(cut)" : "(silent)"];
+function playBytes(port: number, writes: Uint8Array[], rand: () => number): Promise<string[]> {
+  const plan: ConnPlan = { target: "registry", kinds: [], writes, spaced: writes.length > 1, close: "linger" };
+  return playConnection(port, plan, rand() < 0.1 ? 5_000 : LINGER_MS);
 }
 
 /** A TLS connection presenting `pair`, then the plan's writes inside it (queued: Bun's write does not buffer); the error codes it got back. */
