@@ -897,7 +897,8 @@ function listenTls<S>(host: string, port: number, handlers: Bun.SocketHandler<Co
       settle(h);
       const conn = h.conn;
       if (!ok) {
-        conn.limitHit = { code: "handshake-failed", message: "the TLS handshake failed", detail: err?.message };
+        // A client that left without a byte (a port check, a health check) is no failure, as on a plain port.
+        if (!h.first) conn.limitHit = { code: "handshake-failed", message: "the TLS handshake failed", detail: err?.message };
         return conn.destroy();
       }
       if (h.mesh) {

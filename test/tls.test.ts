@@ -190,6 +190,15 @@ describe("TLS on the registry port", () => {
     expect(s.closed[0]).toEqual({ code: "handshake-timeout", message: "no TLS handshake within 300ms" });
   });
 
+  test("a client that connects and leaves without a byte is no failure, as on a plain port", async () => {
+    const s = serve(certs.registryTransport(false, 5_000));
+    const c = await RawClient.connect(s.port);
+    c.end();
+    await c.waitClosed(4_000);
+    await waitUntil(() => s.closed.length === 1, 5_000, "the server side to close");
+    expect(s.closed).toEqual([undefined]);
+  });
+
   test("handshake garbage fails the handshake at once", async () => {
     const s = serve(certs.registryTransport(false, 5_000));
     await using c = await RawClient.connect(s.port);
