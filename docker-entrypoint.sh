@@ -27,6 +27,11 @@ Secrets: set REGISTRY_TOKEN_FILE to a file (for example a compose secret at
 /run/secrets/registry_token) instead of REGISTRY_TOKEN, to keep the token out of
 the container's environment listing.
 
+TLS: mount the certificates as files (compose secrets, or -v FILE:/run/secrets/NAME:ro)
+and point REGISTRY_TLS_CERT, REGISTRY_TLS_KEY, REGISTRY_TLS_CLIENT_CA or NODE_TLS_CA,
+NODE_TLS_CERT, NODE_TLS_KEY at them; keys must be readable by uid 1000 (user bun).
+compose.tls.yaml in the project runs a mesh in mutual TLS. SIGHUP reloads them.
+
 Ports: the registry listens on 8080 (REGISTRY_PORT), its status page on
 REGISTRY_HTTP_PORT when set; a node on a port the OS picks (NODE_PORT to fix
 one, for example to publish it). The image declares none of them.

@@ -9,7 +9,8 @@
  * --version without a role, a registry and nodes speaking IPv6 only (when
  * the engine allows an IPv6 network), and compose.yaml with `--scale
  * client=5` and a token (when `docker compose` or `docker-compose` exists),
- * readable logs unless LOG_JSON=1.
+ * readable logs unless LOG_JSON=1, and compose.tls.yaml: a mesh in mutual TLS
+ * whose certificates (made here by certs.ts) are mounted as secrets.
  *
  * Without a usable engine (`docker info` fails, or the oven/bun base image is
  * missing) it prints one line `SKIP docker: <reason>` and exits 0; with
@@ -21,7 +22,10 @@
  * deadlines, never for time.
  */
 import { defineCommand, runMain } from "citty";
+import { chownSync, mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { makeCerts } from "../certs.ts";
 import { checkFlags, intArg, runCli, UsageError } from "../cli.ts";
 import { ROOT, Proc, exec, greetingsOf, meshProblems, waitUntil, withDeadline, type JsonEvent } from "../harness.ts";
 import { Abort, CheckRun, tail, type Exec } from "./check-run.ts";
@@ -123,6 +127,7 @@ class Run extends CheckRun {
       await this.mesh();
       if (this.o.ipv6) await this.ipv6();
       await this.compose();
+      await this.composeTls();
     });
   }
 
@@ -340,19 +345,9 @@ class Run extends CheckRun {
     // REGISTRY_TOKEN set here wins over a developer's .env next to compose.yaml; the mesh check reads JSON.
     const env = { ...process.env, CONTACT_REGISTRY_IMAGE: this.o.image, REGISTRY_TOKEN: token, LOG_JSON: "1" };
     const scale = 5;
-    if (this.stopping) throw new Abort("stopping");
-    this.composeProjects.set(project, { base, env });
-    const up = await this.check(`compose (${cmd.join(" ")}): up --scale client=${scale}`, async () => {
-      const p = exec([...base, "up", "-d", "--no-build", "--scale", `client=${scale}`], 120_000, env);
-      this.creating.add(p);
-      const r = await p.finally(() => this.creating.delete(p));
-      if (r.code !== 0) throw new Error(`exited ${r.code}: ${tail(r.stderr + r.stdout, 10)}`);
-    });
+    const up = await this.check(`compose (${cmd.join(" ")}): up --scale client=${scale}`, () => this.composeUp(project, base, env, ["--scale", `client=${scale}`]));
     if (!up) return;
-    const ps = (service: string) =>
-      this.execOk(["ps", "-a", "--filter", `label=com.docker.compose.project=${project}`, "--filter", `label=com.docker.compose.service=${service}`, "--format", "{{.Names}}"]).then((o) =>
-        o.split("\n").map((l) => l.trim()).filter(Boolean),
-      );
+    const ps = (service: string) => this.composeContainers(project, service);
     const [registries, clients] = await Promise.all([ps("registry"), ps("client")]);
     await this.check(`compose: ${scale} clients form a full mesh`, async () => {
       if (registries.length !== 1 || clients.length !== scale) throw new Error(`found ${registries.length} registry and ${clients.length} client containers`);
@@ -366,6 +361,71 @@ class Run extends CheckRun {
       const r = await this.creates(["run", "--rm", "--label", `${LABEL}=${process.pid}`, "--network", net, this.o.image, "client", "registry", "8080", "--json"], 30_000);
       if (r.code === 0 || !r.stdout.includes('"code":"unauthorized"')) throw new Error(`a node without the token: exit ${r.code}, ${tail(r.stdout + r.stderr, 4)}`);
     });
+  }
+
+  /**
+   * compose.tls.yaml as its header runs it: certificates from certs.ts in a
+   * directory of this run, the keys given to uid 1000 (file secrets keep
+   * their owner and mode), a registry and three nodes in mutual TLS.
+   */
+  private async composeTls(): Promise<void> {
+    const cmd = await composeCommand(this.docker);
+    if (!cmd) return this.skip("compose.tls.yaml", "neither `docker compose` nor `docker-compose` is installed");
+    if (process.getuid?.() !== 0) return this.skip("compose.tls.yaml", "giving the keys to uid 1000 (the image's user) needs root");
+    const dir = mkdtempSync(join(tmpdir(), `${this.tag}-certs-`));
+    try {
+      const ids = ["node-0", "node-1", "node-2"];
+      const set = await makeCerts(dir, { ids, names: ["registry"], ips: [], days: 2 });
+      for (const key of [set.registry!.key, ...set.nodes.map((n) => n.key)]) chownSync(key, 1000, -1);
+      const project = `${this.tag}-tls`;
+      const base = [...cmd, "-p", project, "-f", join(ROOT, "compose.tls.yaml")];
+      const env = { ...process.env, CONTACT_REGISTRY_IMAGE: this.o.image, CERTS_DIR: dir, LOG_JSON: "1" };
+      const up = await this.check("compose.tls.yaml: up, certificates as secrets", () => this.composeUp(project, base, env, []));
+      if (!up) return;
+      const nodes = (await Promise.all(ids.map((id) => this.composeContainers(project, id)))).flat();
+      await this.check("compose.tls.yaml: three nodes form a full mesh in mutual TLS, each with its certificate's id", async () => {
+        const followed = nodes.map((c) => this.follow(c));
+        await fullMesh(followed);
+        const named = followed.map((p) => String(p.log.named("listening")[0]?.id)).sort();
+        if (named.join() !== ids.join()) throw new Error(`the nodes took the ids ${named.join(", ")}`);
+      });
+      await this.check("compose.tls.yaml: a container without a certificate of the mesh is refused at the handshake", async () => {
+        const registry = (await this.composeContainers(project, "registry"))[0]!;
+        const net = (await this.execOk(["inspect", "-f", "{{range $k, $v := .NetworkSettings.Networks}}{{$k}} {{end}}", registry])).trim().split(" ")[0]!;
+        const r = await this.creates(
+          ["run", "--rm", "--label", `${LABEL}=${process.pid}`, "--network", net, "-v", `${set.ca}:/ca.pem:ro`, this.o.image, "client", "registry", "8443", "--json", "--tls-ca", "/ca.pem"],
+          30_000,
+        );
+        if (r.code === 0 || !r.stdout.includes('"code":"certificate-required"')) throw new Error(`exit ${r.code}, ${tail(r.stdout + r.stderr, 4)}`);
+      });
+    } finally {
+      // Taken down here, not at the end of the run: its secrets are files in this directory.
+      await this.composeDown(`${this.tag}-tls`);
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }
+
+  /** `up -d --no-build` of a compose project, taken down by cleanup (or composeDown) whatever happens. */
+  private async composeUp(project: string, base: string[], env: Record<string, string | undefined>, extra: string[]): Promise<void> {
+    if (this.stopping) throw new Abort("stopping");
+    this.composeProjects.set(project, { base, env });
+    const p = exec([...base, "up", "-d", "--no-build", ...extra], 120_000, env);
+    this.creating.add(p);
+    const r = await p.finally(() => this.creating.delete(p));
+    if (r.code !== 0) throw new Error(`exited ${r.code}: ${tail(r.stderr + r.stdout, 10)}`);
+  }
+
+  private async composeDown(project: string): Promise<void> {
+    const p = this.composeProjects.get(project);
+    if (!p) return;
+    this.composeProjects.delete(project);
+    await exec([...p.base, "down", "--remove-orphans", "-t", "5"], 60_000, p.env);
+  }
+
+  /** Names of a compose project's containers of one service. */
+  private async composeContainers(project: string, service: string): Promise<string[]> {
+    const out = await this.execOk(["ps", "-a", "--filter", `label=com.docker.compose.project=${project}`, "--filter", `label=com.docker.compose.service=${service}`, "--format", "{{.Names}}"]);
+    return out.split("\n").map((l) => l.trim()).filter(Boolean);
   }
 
   /** Starts a labelled container and follows its log; the follower parses --json lines. */
