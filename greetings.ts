@@ -125,6 +125,9 @@ export class Greeter {
 
   private async greetOnce(peer: Peer): Promise<void> {
     const deadline = Promise.withResolvers<void>();
+    // The deadline can pass while the dial is still under way (a TLS handshake counts against both),
+    // before anything awaits it: unobserved, that rejection would end the process.
+    deadline.promise.catch(() => {});
     const timer = setTimeout(() => deadline.reject(new Error(`no welcome within ${this.s.greetTimeoutMs}ms`)), this.s.greetTimeoutMs);
     let conn: Conn<GreetState> | undefined;
     try {

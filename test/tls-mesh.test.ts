@@ -11,6 +11,7 @@ import { X509Certificate } from "node:crypto";
 import { join } from "node:path";
 import { makeCerts } from "../certs.ts";
 import { startNode, type NodeEvent, type PeerNode } from "../client.ts";
+import { Greeter, Met } from "../greetings.ts";
 import {
   EventLog,
   disposeAll,
@@ -187,6 +188,21 @@ describe("mutual TLS", () => {
     expect(answers[2]!.message).toBe("this connection's certificate is for node node-2, not node-1");
     // The refused ones were never read: the only hello the node took is node-2's own (kept aside: node-2 is not listed).
     expect(log.named("greeting")).toEqual([]);
+  });
+
+  test("a greeting whose TLS handshake never ends fails after its retries, and leaves nothing unhandled", async () => {
+    // Accepts TCP and never answers: the dial outlives the greeting's deadline.
+    const silent = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
+    fixtures.push({ [Symbol.asyncDispose]: async () => silent.stop(true) });
+    const log = new EventLog();
+    const settings = { greetTimeoutMs: 200, greetConcurrency: 1, greetRetries: 1 };
+    const listed = () => true;
+    const greeter = new Greeter(settings, certs.nodeTransport("node-0"), { id: "node-0" }, () => ({ host: "127.0.0.1", port: 1 }), new Met(listed), listed, () => {}, log.push);
+    fixtures.push({ [Symbol.asyncDispose]: async () => greeter.stop() });
+    greeter.greet({ id: "node-1", host: "127.0.0.1", port: silent.port });
+    const failed = await log.waitFor("greet-failed", 5_000);
+    expect(failed).toMatchObject({ peer: "node-1", tries: 2 });
+    expect(String(failed.reason)).toMatch(/no TLS connection within|no welcome within/);
   });
 
   test("the probe works through TLS: the registry reaches the listener with its own certificate and checks the id it finds", async () => {
