@@ -9,8 +9,10 @@
  * gets the least possible dial-back (connect to the port it names, one line
  * each way): the floor for a registry running its address probe.
  *
- * `bun bench/floor.ts`; prints {"event":"listening","port":N}; commands on
- * stdin: {"cmd":"reply","bytes":N,"dial":false}, {"cmd":"stats"} (CPU time, RSS).
+ * `bun bench/floor.ts [CERT.pem KEY.pem]`: with a certificate, the same over
+ * Bun's own TLS listener (`tls` option): the floor for a TLS registry.
+ * Prints {"event":"listening","port":N}; commands on stdin:
+ * {"cmd":"reply","bytes":N,"dial":false}, {"cmd":"stats"} (CPU time, RSS).
  */
 import { cpuMs, emit, selfRss, serveCommands, wallMs } from "./lib.ts";
 
@@ -26,9 +28,11 @@ let dial = false;
 const PING = Buffer.from('{"type":"ping"}');
 const PONG = Buffer.from('{"type":"pong"}\n');
 
+const [certFile, keyFile] = process.argv.slice(2);
 const server = Bun.listen<Sock>({
   hostname: "127.0.0.1",
   port: 0,
+  ...(certFile && keyFile ? { tls: { cert: Bun.file(certFile), key: Bun.file(keyFile) } } : {}),
   socket: {
     open(s) {
       s.data = { queue: [] };

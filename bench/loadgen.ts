@@ -6,12 +6,23 @@
  * registers the port of listener w, so concurrent registrations never share
  * an address.
  *
+ * With `tls`, each round trip is a TLS connection (a full handshake, or with
+ * `resume` a resumed one: each worker offers the session of its last
+ * connection) and `register` goes out once the handshake is done.
+ *
  * `bun bench/loadgen.ts`; commands on stdin:
  *   {"cmd":"listeners","count":N}                       -> {"ports":[...]}
- *   {"cmd":"run","port":P,"conc":C,"warmupMs":W,"durationMs":D,"prefix":"x"}
+ *   {"cmd":"run","port":P,"conc":C,"warmupMs":W,"durationMs":D,"prefix":"x","tls":{"ca":"PEM","serverName":"localhost","resume":false}}
  */
 import { probeResponder } from "../harness.ts";
 import { dist, emit, serveCommands, type Msg } from "./lib.ts";
+
+/** TLS settings of a cell: the CA's PEM, the name to check, whether to resume sessions. */
+interface CellTls {
+  ca: string;
+  serverName: string;
+  resume: boolean;
+}
 
 /** One registration round trip: the worker that made it, when it began, what has arrived. */
 interface Req {
@@ -46,11 +57,13 @@ function openProbeListeners(count: number): void {
   while (probePorts.length < count) probePorts.push(probeResponder(HOST).port);
 }
 
+function sendRegister(s: Bun.Socket<Req>): void {
+  const c = s.data.cell;
+  s.write(`{"type":"register","v":1,"id":"${c.prefix}${c.seq++}","port":${probePorts[s.data.w]}}\n`);
+}
+
 const handlers: Bun.SocketHandler<Req> = {
-  open(s) {
-    const c = s.data.cell;
-    s.write(`{"type":"register","v":1,"id":"${c.prefix}${c.seq++}","port":${probePorts[s.data.w]}}\n`);
-  },
+  open: sendRegister,
   data(s, chunk) {
     const r = s.data;
     if (r.done) return;
@@ -83,10 +96,38 @@ const handlers: Bun.SocketHandler<Req> = {
   },
 };
 
+/** The same over TLS: `register` once the handshake is done; a worker's last session is offered again when resuming. */
+const tlsHandlers: Bun.SocketHandler<Req> = {
+  ...handlers,
+  open(s) {
+    const session = s.data.cell.sessions[s.data.w];
+    if (session) s.setSession(session);
+  },
+  handshake(s, ok) {
+    if (ok) return sendRegister(s);
+    s.data.cell.noteError("TLS handshake failed");
+    s.terminate();
+  },
+  data(s, chunk) {
+    const r = s.data;
+    if (!r.done && r.got === 0) {
+      // The session ticket comes after the handshake: by the reply it is there.
+      if (r.cell.tls?.resume) r.cell.sessions[r.w] = (s.getSession as () => Buffer | undefined)();
+      if (s.isSessionReused()) r.cell.resumed++;
+    }
+    handlers.data!(s, chunk);
+  },
+};
+
 /** One measured cell: `conc` workers, each starting its next registration when the last one is answered, until the time is up. */
 class Cell {
   readonly prefix: string;
   seq = 0;
+  readonly tls: CellTls | undefined;
+  /** Per worker, the TLS session of its last connection (resumption). */
+  readonly sessions: (Buffer | undefined)[] = [];
+  /** Connections whose TLS session was resumed. */
+  resumed = 0;
   private readonly port: number;
   private readonly conc: number;
   private readonly durationMs: number;
@@ -109,6 +150,7 @@ class Cell {
     this.durationMs = Number(cmd.durationMs);
     this.warmEnd = this.start + Number(cmd.warmupMs);
     this.end = this.warmEnd + this.durationMs;
+    this.tls = cmd.tls as CellTls | undefined;
   }
 
   async run(): Promise<Msg> {
@@ -126,6 +168,7 @@ class Cell {
       errors: this.errors,
       errorSamples: Array.from(this.errorSamples),
       unfinished: this.running,
+      ...(this.tls ? { resumed: this.resumed } : {}),
       wallMs: performance.now() - this.start,
     };
   }
@@ -152,7 +195,8 @@ class Cell {
       return;
     }
     const r: Req = { cell: this, w, t0: performance.now(), got: 0, first: "", done: false };
-    Bun.connect<Req>({ hostname: HOST, port: this.port, socket: handlers, data: r }).catch((e: Error & { code?: string }) => {
+    const tls = this.tls ? { ca: this.tls.ca, serverName: this.tls.serverName } : undefined;
+    Bun.connect<Req>({ hostname: HOST, port: this.port, tls, socket: tls ? tlsHandlers : handlers, data: r }).catch((e: Error & { code?: string }) => {
       if (r.done) return;
       r.done = true;
       this.noteError(`connect: ${e.code ?? e.message}`);

@@ -5,10 +5,13 @@
  *
  * Commands on stdin:
  *   {"cmd":"start","n":N,"registryPort":P,"events":["peer-left",...]} -> nodes started one after another
- *   {"cmd":"mesh","n":N,"registryPort":P,"timeoutMs":T} -> start N nodes one after another, time the full mesh
+ *   {"cmd":"mesh","n":N,"registryPort":P,"timeoutMs":T,"certs":DIR} -> start N nodes one after another, time the full mesh;
+ *     with `certs` (a `bun run certs` directory with node-0 ... node-<N-1>), node i runs in mutual TLS as node-i
  *   {"cmd":"stop"} -> kill every node (no goodbye)
  */
+import { join } from "node:path";
 import { startNode, type PeerNode } from "../client.ts";
+import { tls, type Transport } from "../net.ts";
 import { emit, serveCommands, wallMs, type Msg } from "./lib.ts";
 
 const nodes: PeerNode[] = [];
@@ -62,8 +65,11 @@ async function mesh(cmd: Msg): Promise<Msg> {
     else if (e.event === "greet-failed") failed++;
   };
   const t0 = performance.now();
+  const dir = cmd.certs === undefined ? undefined : String(cmd.certs);
+  const transport = (i: number): Transport | undefined =>
+    dir === undefined ? undefined : tls({ ca: join(dir, "ca.pem"), meshCa: join(dir, "ca.pem"), cert: join(dir, `node-${i}.pem`), key: join(dir, `node-${i}.key`) });
   for (let i = 0; i < n; i++) {
-    nodes.push(await startNode({ registryHost: "127.0.0.1", registryPort: Number(cmd.registryPort), listenHost: "127.0.0.1", onEvent }));
+    nodes.push(await startNode({ registryHost: "127.0.0.1", registryPort: Number(cmd.registryPort), listenHost: "127.0.0.1", transport: transport(i), onEvent }));
   }
   const joinedMs = performance.now() - t0;
   if (pairs === 0) complete.resolve();

@@ -43,6 +43,8 @@ export async function writeReport(results: Msg, paths: { md: string; svg: string
     departure: departureTable(results),
     recovery: recoveryTable(results),
     reply: replySection(results),
+    tls_registration: tlsRegistration(results),
+    tls_mesh: tlsMesh(results),
     command: String(results.command),
     durationNote: `${String((results.config as Msg).warmupMs)} ms of warm-up (discarded) and ${String((results.config as Msg).durationMs)} ms measured per cell`,
     date: String(results.date),
@@ -62,7 +64,7 @@ interface Target {
 }
 
 function targetsTable(r: Msg): string {
-  const rows = [...registrationTargets(regCells(r)), ...sessionTargets(r), meshTarget(r), ...departureTargets(r), recoveryTarget(r)];
+  const rows = [...registrationTargets(regCells(r)), ...sessionTargets(r), meshTarget(r), ...departureTargets(r), recoveryTarget(r), ...tlsTargets(r)];
   const mark = (m: boolean | null) => (m === null ? "–" : m ? "met" : "**missed**");
   return table(
     ["Target", "Measured", "Floor / bound", "Result"],
@@ -168,6 +170,36 @@ function recoveryTarget(r: Msg): Target {
     floor: "",
     met: Number(rec.nodes) >= 100 ? worst <= 2000 : null,
   };
+}
+
+type TlsCell = Msg & { conc: number; plain: Run; floor: Run; tls: Run; tlsFloor: Run; resumed?: Run; resumedFloor?: Run };
+
+function tlsCells(r: Msg): TlsCell[] {
+  return (((r.tls as Msg | undefined)?.cells as TlsCell[] | undefined) ?? []).slice();
+}
+
+/** The TLS registry against the bare TLS floor at each concurrency, full handshakes and resumed; the mesh in mutual TLS. */
+function tlsTargets(r: Msg): Target[] {
+  const cells = tlsCells(r);
+  if (!cells.length) return [{ what: "TLS registration >= 70% of the TLS floor", measured: notRun(r, "tls"), floor: "", met: null }];
+  const rows: Target[] = [];
+  const row = (what: string, run: Run, floor: Run) => {
+    const x = run.throughput / floor.throughput;
+    rows.push({ what, measured: `${int(run.throughput)}/s (${x.toFixed(2)}x)${errs(run)}`, floor: `${int(floor.throughput)}/s`, met: x >= 0.7 });
+  };
+  for (const c of cells) row(`TLS registration >= 70% of the TLS floor, full handshake: concurrency ${c.conc}`, c.tls, c.tlsFloor);
+  for (const c of cells) if (c.resumed && c.resumedFloor) row(`TLS registration >= 70% of the TLS floor, resumed session: concurrency ${c.conc}`, c.resumed, c.resumedFloor);
+  const mesh = ((r.tls as Msg).mesh as Msg[] | undefined) ?? [];
+  const [plain, mutual] = [mesh.find((m) => m.mode === "plain"), mesh.find((m) => m.mode === "mutual TLS")];
+  if (plain && mutual) {
+    rows.push({
+      what: `${int(Number(mutual.n))}-node full mesh in mutual TLS (no target: the cost of TLS, next to plain TCP)`,
+      measured: `${secs(Number(mutual.meshMs))} s${mutual.complete ? "" : " (INCOMPLETE)"}`,
+      floor: `plain ${secs(Number(plain.meshMs))} s`,
+      met: null,
+    });
+  }
+  return rows;
 }
 
 // --- sections ----------------------------------------------------------------
@@ -304,6 +336,42 @@ function meshTable(r: Msg): string {
   return failedNote(r, "mesh") + table(
     ["Nodes", "Greetings", "All joined after", "Full mesh after", "Greetings/s", "Failed greetings", "Complete"],
     (m.rows as Msg[]).map((x) => [
+      int(Number(x.n)),
+      int(Number(x.pairs)),
+      `${int(Number(x.joinedMs))} ms`,
+      `${int(Number(x.meshMs))} ms`,
+      int(Number(x.greetingsPerSec)),
+      String(x.failed),
+      x.complete ? "yes" : "**no**",
+    ]),
+  );
+}
+
+function tlsRegistration(r: Msg): string {
+  const cells = tlsCells(r);
+  if (!cells.length) return notRun(r, "tls");
+  const us = (x?: Run) => (x?.serverCpuUsPerReq === undefined ? "" : x.serverCpuUsPerReq.toFixed(0));
+  const rows: string[][] = [];
+  for (const c of cells) {
+    const lines: [string, Run, Run][] = [
+      ["plain TCP", c.plain, c.floor],
+      ["TLS, full handshake", c.tls, c.tlsFloor],
+      ...(c.resumed && c.resumedFloor ? [["TLS, resumed session", c.resumed, c.resumedFloor] as [string, Run, Run]] : []),
+    ];
+    for (const [what, run, floor] of lines) {
+      rows.push([String(c.conc), what, int(floor.throughput), int(run.throughput) + errs(run), ratio(run.throughput, floor.throughput), lat(floor), lat(run), `${us(floor)} / ${us(run)}`]);
+    }
+  }
+  return failedNote(r, "tls") + table(["Conc.", "Connection", "Floor req/s", "Registry req/s", "Ratio", "Floor p50 / p99 / max ms", "Registry p50 / p99 / max ms", "Server CPU µs/req: floor / registry"], rows);
+}
+
+function tlsMesh(r: Msg): string {
+  const rows = ((r.tls as Msg | undefined)?.mesh as Msg[] | undefined) ?? [];
+  if (!rows.length) return notRun(r, "tls");
+  return table(
+    ["Mode", "Nodes", "Greetings", "All joined after", "Full mesh after", "Greetings/s", "Failed greetings", "Complete"],
+    rows.map((x) => [
+      String(x.mode),
       int(Number(x.n)),
       int(Number(x.pairs)),
       `${int(Number(x.joinedMs))} ms`,

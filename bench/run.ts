@@ -1,6 +1,6 @@
 #!/usr/bin/env bun
 /**
- * The benchmark: `bun run bench` (full, under 3 minutes on 2 cores) or
+ * The benchmark: `bun run bench` (full, about 5 minutes on 2 cores) or
  * `bun bench/run.ts --quick` (CI smoke, under 30 s, thresholds not asserted).
  * Every measured party runs in its own process: the registry
  * (registry-proc.ts), the floor (floor.ts), the load generator (loadgen.ts),
@@ -15,7 +15,7 @@ import { mkdirSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { UsageError, intArg } from "../cli.ts";
-import { Proc, ROOT, children, exec, killAll, killAllOnExit, runScript, spawnBun, waitUntil, withDeadline } from "../harness.ts";
+import { Proc, ROOT, children, exec, killAll, killAllOnExit, runScript, spawnBun, testCerts, waitUntil, withDeadline } from "../harness.ts";
 import { DEFAULTS } from "../protocol.ts";
 import { dist, wallMs, type Msg } from "./lib.ts";
 import { NoiseMeter, machineInfo } from "./machine.ts";
@@ -39,9 +39,13 @@ const SIZES = {
     freezeHeartbeatMs: 300,
     recoveryNodes: 20,
     recoveryTrials: 1,
+    tlsConcs: [1, 16],
+    tlsResume: false,
+    tlsMesh: 20,
+    tlsMeshTimeoutMs: 20_000,
   },
   full: {
-    budgetMs: 240_000,
+    budgetMs: 420_000,
     counts: [0, 1_000, 10_000],
     concs: [1, 16, 256],
     warmupMs: 300,
@@ -56,11 +60,15 @@ const SIZES = {
     freezeHeartbeatMs: DEFAULTS.heartbeatMs,
     recoveryNodes: 100,
     recoveryTrials: 3,
+    tlsConcs: [1, 16, 256],
+    tlsResume: true,
+    tlsMesh: 200,
+    tlsMeshTimeoutMs: 120_000,
   },
 };
 
-type Phase = "registration" | "sessions" | "mesh" | "departure" | "recovery";
-const PHASES: Phase[] = ["registration", "sessions", "mesh", "departure", "recovery"];
+type Phase = "registration" | "sessions" | "mesh" | "departure" | "recovery" | "tls";
+const PHASES: Phase[] = ["registration", "sessions", "mesh", "departure", "recovery", "tls"];
 
 // Set once from the command line, before any phase runs.
 let QUICK = false;
@@ -95,7 +103,7 @@ async function main(out: string | undefined, only: string[] | undefined): Promis
   results.fdLimit = await fdLimit();
   log(`bench ${QUICK ? "(quick) " : ""}on ${(results.machine as Msg).cpu} x${(results.machine as Msg).cores}, fd limit ${results.fdLimit}`);
 
-  const phases: Record<Phase, () => Promise<Msg>> = { registration, sessions, mesh, departure, recovery };
+  const phases: Record<Phase, () => Promise<Msg>> = { registration, sessions, mesh, departure, recovery, tls };
   for (const phase of PHASES) {
     if (only && !only.includes(phase)) continue;
     if (overBudget) {
@@ -377,6 +385,68 @@ async function recovery(): Promise<Msg> {
   return { nodes: n, trials, reconnectMaxMs: DEFAULTS.reconnectMaxMs, reconnectBaseMs: DEFAULTS.reconnectBaseMs };
 }
 
+/**
+ * 7: TLS. Registration round trips on a fresh connection each, probe off, at
+ * no registered nodes: plain registry and floor, TLS registry and a bare TLS
+ * floor (Bun.listen's own `tls`) with full handshakes, and with resumed
+ * sessions; then mesh formation in mutual TLS next to plain TCP.
+ */
+async function tls(): Promise<Msg> {
+  await using certs = await testCerts(Array.from({ length: CFG.tlsMesh }, (_, i) => `node-${i}`));
+  const { cert, key } = certs.mesh.registry!;
+  // Thousands of registrations a second from one address: its line rate limit would answer them instead.
+  const regOpts = { heartbeatMs: 60_000, maxConnsPerAddress: 0, probe: false, rateAddressLines: 0 };
+  const [plain, secure, floor, tlsFloor, lg] = await Promise.all([
+    startRegistryProc("registry(plain)", regOpts),
+    startRegistryProc("registry(tls)", { ...regOpts, tls: { cert, key } }),
+    startReady("floor", "bench/floor.ts", [], "listening"),
+    startReady("floor(tls)", "bench/floor.ts", [cert, key], "listening"),
+    startReady("loadgen", "bench/loadgen.ts", [], "ready"),
+  ]);
+  await lg.child.request({ cmd: "listeners", count: Math.max(...CFG.tlsConcs) }, 20_000);
+  const ca = await Bun.file(certs.mesh.ca).text();
+  const handshake = (resume: boolean) => ({ ca, serverName: "localhost", resume });
+  const none = (tag: string, port: number) => new Fleet(tag, port, false, 1);
+  const floorPort = (f: typeof floor) => Number(f.ready.port);
+  const cells: Msg[] = [];
+  results.tls = { cells };
+  for (const c of CFG.tlsConcs) {
+    const cell: Msg = { conc: c };
+    cell.plain = await registryCell(plain, none("p", plain.port), lg.child, c, `tp${c}-`);
+    const bytes = Number((cell.plain as Msg).replyBytes);
+    cell.floor = await floorCell(floor.child, floorPort(floor), lg.child, c, bytes, false, `tf${c}-`);
+    cell.tls = await registryCell(secure, none("t", secure.port), lg.child, c, `tt${c}-`, handshake(false));
+    cell.tlsFloor = await floorCell(tlsFloor.child, floorPort(tlsFloor), lg.child, c, bytes, false, `tx${c}-`, handshake(false));
+    if (CFG.tlsResume) {
+      cell.resumed = await registryCell(secure, none("r", secure.port), lg.child, c, `tr${c}-`, handshake(true));
+      cell.resumedFloor = await floorCell(tlsFloor.child, floorPort(tlsFloor), lg.child, c, bytes, false, `ty${c}-`, handshake(true));
+    }
+    cells.push(cell);
+    log(tlsCellLine(cell));
+  }
+  await closeAllChildren(1_000);
+  const meshRows: Msg[] = [];
+  (results.tls as Msg).mesh = meshRows;
+  for (const mode of ["plain", "mutual TLS"] as const) {
+    const reg = await startRegistryProc(`registry(mesh, ${mode})`, { maxConnsPerAddress: 0, ...(mode === "plain" ? {} : { tls: { cert, key, meshCa: certs.mesh.ca } }) });
+    const nodes = await startReady("nodes", "bench/nodes-proc.ts", [], "ready");
+    const cmd = { cmd: "mesh", n: CFG.tlsMesh, registryPort: reg.port, timeoutMs: CFG.tlsMeshTimeoutMs, ...(mode === "plain" ? {} : { certs: certs.mesh.dir }) };
+    const r = await nodes.child.request(cmd, CFG.tlsMeshTimeoutMs + 60_000);
+    meshRows.push({ mode, ...r });
+    log(`mesh ${CFG.tlsMesh} ${mode}: ${r.complete ? "complete" : "INCOMPLETE"} in ${fmt(Number(r.meshMs))} ms (${fmt(Number(r.greetingsPerSec))} greetings/s, ${String(r.failed)} failed)`);
+    await closeAllChildren(1_000);
+  }
+  return { cells, mesh: meshRows };
+}
+
+function tlsCellLine(cell: Msg): string {
+  const f = (m: Msg | undefined) => (m ? `${fmt(Number(m.throughput))}/s${Number(m.errors) ? ` ERR ${String(m.errors)}` : ""}` : "-");
+  const x = (a: Msg | undefined, b: Msg | undefined) => (a && b ? `${(Number(a.throughput) / Number(b.throughput)).toFixed(2)}x` : "-");
+  const t = cell.tls as Msg;
+  const tf = cell.tlsFloor as Msg;
+  return `tls c=${String(cell.conc)}: plain ${f(cell.plain as Msg)} (floor ${f(cell.floor as Msg)}) | TLS ${f(t)} (TLS floor ${f(tf)}, ${x(t, tf)}) | resumed ${f(cell.resumed as Msg | undefined)} (floor ${f(cell.resumedFloor as Msg | undefined)}, ${x(cell.resumed as Msg | undefined, cell.resumedFloor as Msg | undefined)})`;
+}
+
 // --- children ----------------------------------------------------------------
 
 /** A child speaking JSON lines (bench/lib.ts serveCommands): requests carry an id, replies echo it; other lines are events. */
@@ -509,10 +579,10 @@ class Fleet {
   }
 }
 
-async function registryCell(reg: RegistryProc, fleet: Fleet, lg: Child, c: number, prefix: string): Promise<Msg> {
+async function registryCell(reg: RegistryProc, fleet: Fleet, lg: Child, c: number, prefix: string, tls?: Msg): Promise<Msg> {
   const before = await reg.child.request({ cmd: "stats" }, 10_000);
   const pushBefore = await fleet.pushBytes();
-  const r = await lg.request(cellCmd(reg.port, c, prefix), cellTimeout(fleet.children.length ? 10_000 : 0));
+  const r = await lg.request(cellCmd(reg.port, c, prefix, tls), cellTimeout(fleet.children.length ? 10_000 : 0));
   const after = await reg.child.request({ cmd: "stats" }, 10_000);
   const changes = Number(after.seq) - Number(before.seq);
   // With sessions listening: how long until every one of them has every change of this cell.
@@ -531,16 +601,16 @@ async function registryCell(reg: RegistryProc, fleet: Fleet, lg: Child, c: numbe
   };
 }
 
-async function floorCell(floor: Child, port: number, lg: Child, c: number, bytes: number, dial: boolean, prefix: string): Promise<Msg> {
+async function floorCell(floor: Child, port: number, lg: Child, c: number, bytes: number, dial: boolean, prefix: string, tls?: Msg): Promise<Msg> {
   await floor.request({ cmd: "reply", bytes: Math.round(bytes || 200), dial }, 5_000);
   const before = await floor.request({ cmd: "stats" }, 10_000);
-  const r = await lg.request(cellCmd(port, c, prefix), cellTimeout(0));
+  const r = await lg.request(cellCmd(port, c, prefix, tls), cellTimeout(0));
   const after = await floor.request({ cmd: "stats" }, 10_000);
   return { ...r, serverCpuUsPerReq: ((Number(after.cpuMs) - Number(before.cpuMs)) * 1000) / Math.max(1, Number(r.completedTotal)) };
 }
 
-function cellCmd(port: number, conc: number, prefix: string): Msg {
-  return { cmd: "run", port, conc, warmupMs: CFG.warmupMs, durationMs: CFG.durationMs, prefix };
+function cellCmd(port: number, conc: number, prefix: string, tls?: Msg): Msg {
+  return { cmd: "run", port, conc, warmupMs: CFG.warmupMs, durationMs: CFG.durationMs, prefix, ...(tls ? { tls } : {}) };
 }
 
 function cellTimeout(registered: number): number {
@@ -618,7 +688,7 @@ if (import.meta.main) {
       concs: option("Concurrencies of the registration sweep, e.g. 1,16"),
       profile: option("Directory for Bun CPU profiles of the registries, written when they exit"),
       compare: option("Other registry.ts versions measured in the same registration cells (probe off), comma-separated"),
-      "budget-ms": option("The run's time limit, ms (default 240000; 60000 with --quick)"),
+      "budget-ms": option("The run's time limit, ms (default 420000; 60000 with --quick)"),
     },
     async (args) => {
       QUICK = Boolean(args.quick);
