@@ -11,7 +11,7 @@
  */
 import { defineCommand, runMain, type ArgsDef } from "citty";
 import { Admission, type Holding } from "./admission.ts";
-import { UsageError, createPrinter, readSettings, runCli, stopOnSignals } from "./cli.ts";
+import { UsageError, createPrinter, portsRecorder, readSettings, renderHelp, runCli, stopOnSignals, type Level } from "./cli.ts";
 import { BucketMap, ByteBudget, ConnectionCaps, TokenBucket, type CapTicket, type Rate } from "./limits.ts";
 import { SessionDeadlines, systemClock, type Clock, type Expiry, type Watched } from "./liveness.ts";
 import { MemoryMembership, addressOf, peerOf, type Change, type Member, type Membership } from "./membership.ts";
@@ -61,6 +61,8 @@ export interface RegistryOptions {
   rateAddressProbes?: number;
   /** Wrong tokens per minute from one source address before its registrations are refused for a while (0 = no limit). */
   authFailuresPerMinute?: number;
+  /** `list` requests per second from one source address (0 = no limit). */
+  rateAddressLists?: number;
   /** Shared secret nodes must present in `register`. */
   token?: string;
   /** Let nodes advertise a host other than the one they connect from. */
@@ -78,7 +80,7 @@ export interface RegistryOptions {
 export type RegistryEvent =
   | { event: "listening"; host: string; port: number; boot: string }
   | { event: "node-registered"; id: string; host: string; port: number; name?: string; source: string; nodes: number; seq: number }
-  | { event: "node-left"; id: string; host: string; port: number; reason: LeaveReason; nodes: number; seq: number }
+  | { event: "node-left"; id: string; host: string; port: number; name?: string; reason: LeaveReason; nodes: number; seq: number }
   | { event: "pair-greeted"; a: string; b: string }
   | { event: "mesh-complete"; nodes: number; pairs: number; ms: number }
   /** A connection was refused and closed, or cut over a limit; `detail` (never sent to the client) says more. */
@@ -205,6 +207,7 @@ function settingsOf(options: RegistryOptions) {
     rateSessionSyncs: options.rateSessionSyncs ?? DEFAULTS.rateSessionSyncs,
     rateAddressProbes: options.rateAddressProbes ?? DEFAULTS.rateAddressProbes,
     authFailuresPerMinute: options.authFailuresPerMinute ?? DEFAULTS.authFailuresPerMinute,
+    rateAddressLists: options.rateAddressLists ?? DEFAULTS.rateAddressLists,
     token: options.token || undefined,
     allowAdvertise: options.allowAdvertise ?? false,
   };
@@ -252,6 +255,7 @@ class Sessions {
   private readonly caps: ConnectionCaps;
   private readonly budget: ByteBudget;
   private readonly addressLines: BucketMap;
+  private readonly addressLists: BucketMap;
   private readonly deadlines: SessionDeadlines<Session>;
   private readonly fanout: FanOut;
   private readonly snapshots: SnapshotCache;
@@ -270,6 +274,7 @@ class Sessions {
     this.caps = new ConnectionCaps(s.maxConnsPerAddress, s.maxConns);
     this.budget = new ByteBudget(s.maxQueueTotalBytes);
     this.addressLines = new BucketMap(perSecond(s.rateAddressLines), () => clock.now());
+    this.addressLists = new BucketMap(perSecond(s.rateAddressLists), () => clock.now());
     this.fanout = new FanOut(this.conns);
     this.snapshots = new SnapshotCache(membership);
     this.deadlines = new SessionDeadlines(clock, s, () => this.states(), (session, why) => this.expire(session, why));
@@ -328,6 +333,7 @@ class Sessions {
     for (const c of this.conns) yield c.state;
     // Rate-limit state of quiet addresses is forgotten on the same beat.
     this.addressLines.sweep();
+    this.addressLists.sweep();
     this.admission.sweep();
   }
 
@@ -391,7 +397,23 @@ class Sessions {
         if (s.phase !== "registered" || !s.member) return this.reject(conn, "unexpected-message", "receipt before register");
         this.membership.receipt(s.member, msg.ids);
         return;
+      case "list":
+        if (s.phase !== "new") return this.answerError(conn, "unexpected-message", "list is a connection's first and only request");
+        return this.list(conn, msg);
     }
+  }
+
+  /** Answers a read-only `list` with the snapshot every `sync` gets, and closes. */
+  private list(conn: Conn<Session>, msg: Extract<ToRegistry, { type: "list" }>): void {
+    const source = conn.remoteAddress;
+    if (msg.v !== PROTOCOL_VERSION) return this.reject(conn, "unsupported-version", `protocol version ${msg.v} is not supported; this registry speaks ${PROTOCOL_VERSION}`);
+    const refused = this.admission.authorize(msg.token, source);
+    if (refused) return this.reject(conn, refused.code, refused.message);
+    if (!this.addressLists.take(source)) return this.reject(conn, "rate-limited", `too many list requests from ${source}; retry in a few seconds`);
+    conn.state.phase = "closing";
+    conn.state.lastSeen = this.deadlines.clock.now();
+    conn.send(this.snapshots.line());
+    conn.end();
   }
 
   /**
@@ -513,7 +535,7 @@ class Sessions {
         this.fanout.push(`{"type":"left","seq":${c.seq},"id":${JSON.stringify(m.id)},"reason":"${c.reason}"}\n`);
         if (c.reason === "replaced") this.evict(m, `another node registered ${addressOf(m)}`);
         this.counters.leaves[c.reason]++;
-        this.emit({ event: "node-left", id: m.id, host: m.host, port: m.port, reason: c.reason, nodes: this.membership.size, seq: c.seq });
+        this.emit({ event: "node-left", id: m.id, host: m.host, port: m.port, name: m.name, reason: c.reason, nodes: this.membership.size, seq: c.seq });
         return;
       }
       case "greeted":
@@ -694,55 +716,88 @@ function round(ms: number): number {
 // --- command line ------------------------------------------------------------
 
 function describe(e: RegistryEvent): string {
+  const who = (id: string, name: string | undefined) => `${id}${name ? ` (${name})` : ""}`;
   switch (e.event) {
     case "listening":
       return `registry listening on ${formatAddress(e.host, e.port)} (boot ${e.boot})`;
     case "node-registered":
-      return `node ${e.id}${e.name ? ` (${e.name})` : ""} joined at ${formatAddress(e.host, e.port)}, ${e.nodes} registered`;
+      return `node ${who(e.id, e.name)} joined at ${formatAddress(e.host, e.port)}, ${e.nodes} registered`;
     case "node-left":
-      return `node ${e.id} left (${e.reason}), ${e.nodes} registered`;
+      return `node ${who(e.id, e.name)} left (${e.reason}), ${e.nodes} registered`;
+    case "pair-greeted":
+      return `${e.a} and ${e.b} have greeted each other`;
+    case "mesh-complete":
+      return `mesh complete: ${e.nodes} nodes, ${e.pairs} pairs, ${e.ms} ms after the last join`;
     case "error":
-      return `${e.remote} ${e.code}: ${e.message}`;
+      return `${e.remote} ${e.code}: ${e.message}${e.detail ? ` (${e.detail})` : ""}`;
     case "http-listening":
       return `status page on ${e.url}`;
     case "stopped":
       return "registry stopped";
-    default: {
-      const { event, ...rest } = e;
-      return `${event} ${JSON.stringify(rest)}`;
-    }
   }
 }
 
-function level(e: RegistryEvent): "warn" | "success" | "info" {
+function level(e: RegistryEvent): Level {
+  if (e.event === "pair-greeted") return "debug";
   return e.event === "error" ? "warn" : e.event === "listening" ? "success" : "info";
+}
+
+/** How long the mesh must stay complete before the readable log says so: a fleet joining one by one would otherwise log it after every join. */
+const MESH_QUIET_MS = 1_000;
+
+/** The readable log's one line per settled mesh: a `mesh-complete` is held until no node has joined or left for a second. */
+function settledMesh(print: (e: RegistryEvent) => void): (e: RegistryEvent) => void {
+  let held: Timer | undefined;
+  return (e) => {
+    if (e.event === "mesh-complete") {
+      clearTimeout(held);
+      held = setTimeout(() => print(e), MESH_QUIET_MS);
+      held.unref();
+      return;
+    }
+    if (e.event === "node-registered" || e.event === "node-left") clearTimeout(held);
+    print(e);
+  };
 }
 
 const flags = {
   host: { type: "positional", required: false, description: "Address to listen on; `localhost` = 127.0.0.1 and ::1 [env REGISTRY_HOST, default ::]" },
   port: { type: "positional", required: false, description: `TCP port [env REGISTRY_PORT, default ${DEFAULTS.registryPort}]` },
   json: { type: "boolean", description: "One JSON event per line on stdout [env LOG_JSON=1]" },
-  token: { type: "string", description: "Shared secret nodes must present [env REGISTRY_TOKEN]" },
-  heartbeat: { type: "string", description: `Heartbeat interval in ms, announced to nodes [env REGISTRY_HEARTBEAT_MS, default ${DEFAULTS.heartbeatMs}]` },
-  "heartbeat-misses": { type: "string", description: `Missed beats before eviction [env REGISTRY_HEARTBEAT_MISSES, default ${DEFAULTS.heartbeatMisses}]` },
+  token: { type: "string", valueHint: "secret", description: "Shared secret nodes must present [env REGISTRY_TOKEN]" },
+  heartbeat: { type: "string", valueHint: "ms", description: `Heartbeat interval in ms, announced to nodes [env REGISTRY_HEARTBEAT_MS, default ${DEFAULTS.heartbeatMs}]` },
+  "heartbeat-misses": { type: "string", valueHint: "n", description: `Missed beats before eviction [env REGISTRY_HEARTBEAT_MISSES, default ${DEFAULTS.heartbeatMisses}]` },
   probe: { type: "boolean", description: "Dial each node back before listing it; --no-probe to skip [env REGISTRY_PROBE=0 to skip]" },
-  "probe-timeout": { type: "string", description: `Probe deadline in ms [env REGISTRY_PROBE_TIMEOUT_MS, default ${DEFAULTS.probeTimeoutMs}]` },
+  "probe-timeout": { type: "string", valueHint: "ms", description: `Probe deadline in ms [env REGISTRY_PROBE_TIMEOUT_MS, default ${DEFAULTS.probeTimeoutMs}]` },
   "allow-advertise": { type: "boolean", description: "Accept advertised hosts other than the connection's source [env REGISTRY_ALLOW_ADVERTISE=1]" },
-  "register-timeout": { type: "string", description: `Deadline for a new connection to register, ms [env REGISTRY_REGISTER_TIMEOUT_MS, default ${DEFAULTS.registerTimeoutMs}]` },
-  "max-line": { type: "string", description: `Longest accepted line in bytes [env REGISTRY_MAX_LINE, default ${DEFAULTS.maxLineBytes}]` },
-  "max-nodes": { type: "string", description: `Most nodes listed at once [env REGISTRY_MAX_NODES, default ${DEFAULTS.maxNodes}]` },
-  "max-conns-per-ip": { type: "string", description: `Open connections per source address, 0 = no cap [env REGISTRY_MAX_CONNS_PER_IP, default ${DEFAULTS.maxConnsPerAddress}]` },
-  "max-conns": { type: "string", description: `Open connections in all, 0 = no cap [env REGISTRY_MAX_CONNS, default ${DEFAULTS.maxConns}]` },
-  "max-queue": { type: "string", description: `Unsent bytes per connection before it is dropped as a slow consumer [env REGISTRY_MAX_QUEUE_BYTES, default ${DEFAULTS.maxQueueBytes}]` },
-  "max-queue-total": { type: "string", description: `Unsent bytes all connections together may hold; over it the largest backlogs are dropped, 0 = no budget [env REGISTRY_MAX_QUEUE_TOTAL_BYTES, default ${DEFAULTS.maxQueueTotalBytes}]` },
-  "rate-session": { type: "string", description: `Lines per second one session may send, bursts of 10 s worth, 0 = no limit [env REGISTRY_RATE_SESSION, default ${DEFAULTS.rateSessionLines}]` },
-  "rate-address": { type: "string", description: `Lines per second all sessions of one source address may send, 0 = no limit [env REGISTRY_RATE_ADDRESS, default ${DEFAULTS.rateAddressLines}]` },
-  "rate-sync": { type: "string", description: `sync requests per second per session, 0 = no limit [env REGISTRY_RATE_SYNC, default ${DEFAULTS.rateSessionSyncs}]` },
-  "rate-probe": { type: "string", description: `Probes per second for registrations from one source address, 0 = no limit [env REGISTRY_RATE_PROBE, default ${DEFAULTS.rateAddressProbes}]` },
-  "auth-failures": { type: "string", description: `Wrong tokens per minute from one source address before its registrations are refused for a while, 0 = no limit [env REGISTRY_AUTH_FAILURES, default ${DEFAULTS.authFailuresPerMinute}]` },
-  http: { type: "string", description: "Serve the status API and live page on this port [env REGISTRY_HTTP_PORT]" },
-  "http-host": { type: "string", description: "Address for the status page [env REGISTRY_HTTP_HOST, default: same as host]" },
+  "register-timeout": { type: "string", valueHint: "ms", description: `Deadline for a new connection to register, ms [env REGISTRY_REGISTER_TIMEOUT_MS, default ${DEFAULTS.registerTimeoutMs}]` },
+  "max-line": { type: "string", valueHint: "bytes", description: `Longest accepted line in bytes [env REGISTRY_MAX_LINE, default ${DEFAULTS.maxLineBytes}]` },
+  "max-nodes": { type: "string", valueHint: "n", description: `Most nodes listed at once [env REGISTRY_MAX_NODES, default ${DEFAULTS.maxNodes}]` },
+  "max-conns-per-ip": { type: "string", valueHint: "n", description: `Open connections per source address, 0 = no cap [env REGISTRY_MAX_CONNS_PER_IP, default ${DEFAULTS.maxConnsPerAddress}]` },
+  "max-conns": { type: "string", valueHint: "n", description: `Open connections in all, 0 = no cap [env REGISTRY_MAX_CONNS, default ${DEFAULTS.maxConns}]` },
+  "max-queue": { type: "string", valueHint: "bytes", description: `Unsent bytes per connection before it is dropped as a slow consumer [env REGISTRY_MAX_QUEUE_BYTES, default ${DEFAULTS.maxQueueBytes}]` },
+  "max-queue-total": { type: "string", valueHint: "bytes", description: `Unsent bytes all connections together may hold; over it the largest backlogs are dropped, 0 = no budget [env REGISTRY_MAX_QUEUE_TOTAL_BYTES, default ${DEFAULTS.maxQueueTotalBytes}]` },
+  "rate-session": { type: "string", valueHint: "per s", description: `Lines per second one session may send, bursts of 10 s worth, 0 = no limit [env REGISTRY_RATE_SESSION, default ${DEFAULTS.rateSessionLines}]` },
+  "rate-address": { type: "string", valueHint: "per s", description: `Lines per second all sessions of one source address may send, 0 = no limit [env REGISTRY_RATE_ADDRESS, default ${DEFAULTS.rateAddressLines}]` },
+  "rate-sync": { type: "string", valueHint: "per s", description: `sync requests per second per session, 0 = no limit [env REGISTRY_RATE_SYNC, default ${DEFAULTS.rateSessionSyncs}]` },
+  "rate-probe": { type: "string", valueHint: "per s", description: `Probes per second for registrations from one source address, 0 = no limit [env REGISTRY_RATE_PROBE, default ${DEFAULTS.rateAddressProbes}]` },
+  "rate-list": { type: "string", valueHint: "per s", description: `list requests per second from one source address, 0 = no limit [env REGISTRY_RATE_LIST, default ${DEFAULTS.rateAddressLists}]` },
+  "auth-failures": { type: "string", valueHint: "per min", description: `Wrong tokens per minute from one source address before its registrations are refused for a while, 0 = no limit [env REGISTRY_AUTH_FAILURES, default ${DEFAULTS.authFailuresPerMinute}]` },
+  http: { type: "string", valueHint: "port", description: "Serve the status API and live page on this port [env REGISTRY_HTTP_PORT]" },
+  "http-host": { type: "string", valueHint: "address", description: "Address for the status page [env REGISTRY_HTTP_HOST, default: same as host]" },
+  "ports-file": { type: "string", valueHint: "file", description: "Append what it listens on to this file, one JSON line each (the Docker HEALTHCHECK reads it) [env PORTS_FILE]" },
 } satisfies ArgsDef;
+
+const help = {
+  usage: ["bun registry.ts [host] [port] [options]"],
+  description: "Contact registry: lists the running peer nodes and tells each about the others (docs/PROTOCOL.md).",
+  required: [],
+  examples: [
+    "bun registry.ts localhost 8080                 # this machine only (127.0.0.1 and ::1)",
+    "bun registry.ts 0.0.0.0 8080 --http 8081       # all IPv4 interfaces, status page on 8081",
+    "REGISTRY_TOKEN=$(openssl rand -hex 16) bun registry.ts :: 8080",
+  ],
+};
 
 export const command = defineCommand({
   meta: { name: "registry", version: "0.1.0", description: "Contact registry: lists running peer nodes and tells them about each other." },
@@ -756,7 +811,14 @@ export const command = defineCommand({
       const httpText = flag("http", "REGISTRY_HTTP_PORT");
       const httpPort = httpText === undefined ? undefined : parsePort(httpText);
       if (httpText !== undefined && httpPort === undefined) throw new UsageError(`--http must be a port number, got "${httpText}"`);
-      const print = createPrinter("registry", on("json", "LOG_JSON"), describe, level);
+      const json = on("json", "LOG_JSON");
+      const record = portsRecorder(flag("ports-file", "PORTS_FILE"), "registry");
+      const printer = createPrinter("registry", json, describe, level);
+      const show = json ? printer : settledMesh(printer);
+      const print = (e: RegistryEvent) => {
+        record(e);
+        show(e);
+      };
       const registry = await startRegistry({
         host: flag("host", "REGISTRY_HOST") ?? "::",
         port,
@@ -778,6 +840,7 @@ export const command = defineCommand({
         rateSessionSyncs: num("rate-sync", "REGISTRY_RATE_SYNC"),
         rateAddressProbes: num("rate-probe", "REGISTRY_RATE_PROBE"),
         authFailuresPerMinute: num("auth-failures", "REGISTRY_AUTH_FAILURES"),
+        rateAddressLists: num("rate-list", "REGISTRY_RATE_LIST"),
         onEvent: print,
       });
       let status: { stop(): Promise<void> } | undefined;
@@ -795,4 +858,4 @@ export const command = defineCommand({
   },
 });
 
-if (import.meta.main) await runMain(command);
+if (import.meta.main) await runMain(command, { showUsage: async () => void process.stdout.write(renderHelp(help, flags)) });
