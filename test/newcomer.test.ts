@@ -7,17 +7,11 @@
  */
 import { afterEach, describe, expect, test } from "bun:test";
 import { startNode, type PeerNode } from "../client.ts";
-import { ROOT, closedPort, exec, spawnNode, spawnRegistry, spawnScript, waitUntil, withDeadline, type Proc } from "../harness.ts";
+import { Fixtures, ROOT, closedPort, exec, spawnNode, spawnRegistry, spawnScript, waitUntil, withDeadline, type Proc } from "../harness.ts";
 
-const cleanups: (() => unknown)[] = [];
-afterEach(async () => {
-  for (const fn of cleanups.splice(0).reverse()) await Promise.resolve().then(fn).catch(() => {});
-});
+const f = new Fixtures();
+afterEach(() => f.cleanup());
 
-function track<T extends AsyncDisposable>(x: T): T {
-  cleanups.push(() => x[Symbol.asyncDispose]());
-  return x;
-}
 
 /** The readable lines a process printed (stdout and stderr), as the harness keeps them. */
 function lines(p: Proc): string[] {
@@ -26,7 +20,7 @@ function lines(p: Proc): string[] {
 
 /** A process in readable mode (no --json): its lines land in `stderr`, stdout ones prefixed. */
 function readable(script: string, args: string[], env: Record<string, string> = {}): Proc {
-  return track(spawnScript(script, args, { env: { NO_COLOR: "1", ...env } }));
+  return f.track(spawnScript(script, args, { env: { NO_COLOR: "1", ...env } }));
 }
 
 describe("the registry's readable log", () => {
@@ -36,7 +30,7 @@ describe("the registry's readable log", () => {
     const port = Number(/listening on 127\.0\.0\.1:(\d+)/.exec(lines(reg).join("\n"))![1]);
     const nodes: PeerNode[] = [];
     for (let i = 0; i < 20; i++) nodes.push(await startNode({ registryHost: "127.0.0.1", registryPort: port, listenHost: "127.0.0.1", name: `n${i}` }));
-    cleanups.push(() => Promise.all(nodes.map((n) => n.stop())));
+    f.defer(() => Promise.all(nodes.map((n) => n.stop())));
     await waitUntil(() => lines(reg).some((l) => l.includes("mesh complete: 20 nodes, 190 pairs")), 20_000, "the settled mesh line");
     const out = lines(reg);
     expect(out.filter((l) => / joined at /.test(l)).length).toBe(20);
@@ -65,7 +59,7 @@ describe("a node that cannot reach its registry", () => {
   });
 
   test("a refusal is printed once, not again as the lost session and the exit", async () => {
-    const reg = track(await spawnRegistry(["--token", "right"]));
+    const reg = f.track(await spawnRegistry(["--token", "right"]));
     const node = readable("client.ts", ["127.0.0.1", String(reg.port), "--token", "wrong"]);
     expect(await withDeadline(node.exited(), 15_000, "the refused node to exit")).toBe(1);
     expect(lines(node).filter((l) => l.includes("wrong token")).length).toBe(1);
@@ -74,18 +68,18 @@ describe("a node that cannot reach its registry", () => {
 
 describe("a registry restart", () => {
   test("a peer present before and after is not reported as left and joined again", async () => {
-    const first = track(await spawnRegistry());
+    const first = f.track(await spawnRegistry());
     const port = first.port;
     const a = readable("client.ts", ["127.0.0.1", String(port), "--listen", "127.0.0.1", "--reconnect-max", "300"]);
     await waitUntil(() => lines(a).some((l) => l.includes("registered as")), 15_000, "a to register");
-    const b = track(await spawnNode(port, ["--listen", "127.0.0.1", "--reconnect-max", "300"]));
+    const b = f.track(await spawnNode(port, ["--listen", "127.0.0.1", "--reconnect-max", "300"]));
     await waitUntil(() => lines(a).some((l) => l.includes(`greeting from ${b.id}`)), 15_000, "b's greeting at a");
 
     const before = lines(a).length;
     // b sleeps through the restart, so a is back first and sees a list without b: b is missing for a while.
     b.signal("SIGSTOP");
     await first.kill("SIGKILL");
-    const second = track(spawnScript("registry.ts", ["127.0.0.1", String(port), "--json"]));
+    const second = f.track(spawnScript("registry.ts", ["127.0.0.1", String(port), "--json"]));
     await second.log.waitFor("listening", 15_000, "the registry back on its port");
     await second.log.waitFor("node-registered", 15_000, "a back");
     await waitUntil(() => lines(a).filter((l) => l.includes("registered as")).length === 2, 15_000, "a registered again");
@@ -123,9 +117,9 @@ describe("the command line", () => {
   });
 
   test("`list` prints the registry's nodes without registering; its JSON equals what /peers lists", async () => {
-    const reg = track(await spawnRegistry(["--http", "0", "--http-host", "127.0.0.1"]));
+    const reg = f.track(await spawnRegistry(["--http", "0", "--http-host", "127.0.0.1"]));
     const nodes = await Promise.all([0, 1, 2].map((i) => spawnNode(reg.port, ["--listen", "127.0.0.1", "--name", `list-${i}`])));
-    nodes.forEach(track);
+    nodes.forEach((n) => f.track(n));
     const url = String((await reg.log.waitFor("http-listening", 10_000)).url);
     const list = (...extra: string[]) => exec([process.execPath, "client.ts", "list", "127.0.0.1", String(reg.port), ...extra], 15_000, undefined, ROOT);
     const json = await list("--json");
