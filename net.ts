@@ -399,44 +399,6 @@ export interface Listening<S> {
 /** Plain TCP. */
 export const tcp: Transport = { listen: listenAll, dial };
 
-/**
- * Serves HTTP the way listenAll listens: `::` falls back to 0.0.0.0 on hosts
- * without IPv6, and a busy port is said plainly.
- */
-export function serveHttp(
-  host: string,
-  port: number,
-  fetch: (req: Request, srv: Bun.Server<undefined>) => Response,
-  error: (e: Error) => Response,
-): Bun.Server<undefined> {
-  const h = normalizeHost(host);
-  const serve = (hostname: string) => {
-    try {
-      return Bun.serve({
-        hostname,
-        port,
-        fetch,
-        error,
-      });
-    } catch (e) {
-      const code = (e as { code?: string }).code;
-      if (code !== "EADDRINUSE") throw e;
-      throw Object.assign(new Error(`HTTP port ${port} is already in use`, { cause: e }), { code });
-    }
-  };
-  if (h === "localhost") return serve("127.0.0.1");
-  if (h === "::") {
-    try {
-      return serve("::");
-    } catch (e) {
-      // No IPv6 on this host: all IPv4 interfaces instead.
-      if ((e as { code?: string }).code === "EADDRINUSE") throw e;
-      return serve("0.0.0.0");
-    }
-  }
-  return serve(h);
-}
-
 // --- HTTP behind a connection gate ---------------------------------------------
 
 /**

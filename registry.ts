@@ -12,7 +12,7 @@
 import { defineCommand, runMain, type ArgsDef } from "citty";
 import { Admission } from "./admission.ts";
 import { UsageError, createPrinter, readSettings, runCli, stopOnSignals } from "./cli.ts";
-import { ConnectionCaps, type CapTicket } from "./limits.ts";
+import { ConnectionCaps, HTTP_LIMITS, type CapTicket } from "./limits.ts";
 import { SessionDeadlines, systemClock, type Clock, type Expiry, type Watched } from "./liveness.ts";
 import { MemoryMembership, addressOf, peerOf, type Change, type Member, type Membership } from "./membership.ts";
 import { formatAddress, lineHandlers, parsePort, tcp, type Conn, type Transport } from "./net.ts";
@@ -583,7 +583,13 @@ const flags = {
   "max-conns": { type: "string", description: `Open connections in all, 0 = no cap [env REGISTRY_MAX_CONNS, default ${DEFAULTS.maxConns}]` },
   "max-queue": { type: "string", description: `Unsent bytes per connection before it is dropped as a slow consumer [env REGISTRY_MAX_QUEUE_BYTES, default ${DEFAULTS.maxQueueBytes}]` },
   http: { type: "string", description: "Serve the status API and live page on this port [env REGISTRY_HTTP_PORT]" },
-  "http-host": { type: "string", description: "Address for the status page [env REGISTRY_HTTP_HOST, default: same as host]" },
+  "http-host": { type: "string", description: "Address for the status page; `localhost` = 127.0.0.1 and ::1 [env REGISTRY_HTTP_HOST, default: same as host]" },
+  "http-max-conns": { type: "string", description: `Open status-server connections in all, 0 = no cap [env REGISTRY_HTTP_MAX_CONNS, default ${HTTP_LIMITS.maxConns}]` },
+  "http-max-conns-per-ip": { type: "string", description: `Open status-server connections per source address, 0 = no cap [env REGISTRY_HTTP_MAX_CONNS_PER_IP, default ${HTTP_LIMITS.maxConnsPerAddress}]` },
+  "http-max-streams": { type: "string", description: `Open /events streams [env REGISTRY_HTTP_MAX_STREAMS, default ${HTTP_LIMITS.maxStreams}]` },
+  "http-stream-budget": { type: "string", description: `Unsent bytes across all /events streams; past it the streams furthest behind are dropped [env REGISTRY_HTTP_STREAM_BUDGET_BYTES, default ${HTTP_LIMITS.streamBudgetBytes}]` },
+  "http-request-timeout": { type: "string", description: `A request's head must arrive within this many ms of connecting [env REGISTRY_HTTP_REQUEST_TIMEOUT_MS, default ${HTTP_LIMITS.requestTimeoutMs}]` },
+  "http-idle-timeout": { type: "string", description: `Status-server connections that move no byte this many ms are closed [env REGISTRY_HTTP_IDLE_TIMEOUT_MS, default ${HTTP_LIMITS.idleTimeoutMs}]` },
 } satisfies ArgsDef;
 
 export const command = defineCommand({
@@ -619,7 +625,16 @@ export const command = defineCommand({
       let status: { stop(): Promise<void> } | undefined;
       if (httpPort !== undefined) {
         const { startStatusServer } = await import("./status.ts");
-        const server = startStatusServer(registry, { port: httpPort, host: flag("http-host", "REGISTRY_HTTP_HOST") ?? registry.host });
+        const server = startStatusServer(registry, {
+          port: httpPort,
+          host: flag("http-host", "REGISTRY_HTTP_HOST") ?? registry.host,
+          maxConns: num("http-max-conns", "REGISTRY_HTTP_MAX_CONNS"),
+          maxConnsPerAddress: num("http-max-conns-per-ip", "REGISTRY_HTTP_MAX_CONNS_PER_IP"),
+          maxStreams: num("http-max-streams", "REGISTRY_HTTP_MAX_STREAMS", 1),
+          streamBudgetBytes: num("http-stream-budget", "REGISTRY_HTTP_STREAM_BUDGET_BYTES", 1024),
+          requestTimeoutMs: num("http-request-timeout", "REGISTRY_HTTP_REQUEST_TIMEOUT_MS", 1, MAX_TIMER_MS),
+          idleTimeoutMs: num("http-idle-timeout", "REGISTRY_HTTP_IDLE_TIMEOUT_MS", 1, MAX_TIMER_MS),
+        });
         status = server;
         print({ event: "http-listening", url: server.url });
       }
