@@ -12,10 +12,10 @@
 import { defineCommand, runMain, type ArgsDef } from "citty";
 import { Admission } from "./admission.ts";
 import { UsageError, createPrinter, readSettings, runCli, stopOnSignals } from "./cli.ts";
-import { ConnectionCaps, HTTP_LIMITS, type CapTicket } from "./limits.ts";
+import { ConnectionCaps, HTTP_LIMITS, fitCapsToFdLimit, readFdUsage, type CapTicket } from "./limits.ts";
 import { SessionDeadlines, systemClock, type Clock, type Expiry, type Watched } from "./liveness.ts";
 import { MemoryMembership, addressOf, peerOf, type Change, type Member, type Membership } from "./membership.ts";
-import { formatAddress, lineHandlers, parsePort, tcp, type Conn, type Transport } from "./net.ts";
+import { GATE_FDS_PER_CONN, GATE_MAX_REFUSING, formatAddress, lineHandlers, parsePort, tcp, type Conn, type Transport } from "./net.ts";
 import {
   DEFAULTS,
   MAX_TIMER_MS,
@@ -541,7 +541,13 @@ function round(ms: number): number {
 
 // --- command line ------------------------------------------------------------
 
-function describe(e: RegistryEvent): string {
+/** What the command line prints besides the registry's own events. */
+type CliEvent =
+  | RegistryEvent
+  /** The connection caps needed more file descriptors than the process may open, and were lowered. */
+  | { event: "fd-limit"; limit: number; reserved: number; lowered: { flag: string; from: number; to: number }[] };
+
+function describe(e: CliEvent): string {
   switch (e.event) {
     case "listening":
       return `registry listening on ${formatAddress(e.host, e.port)} (boot ${e.boot})`;
@@ -553,6 +559,10 @@ function describe(e: RegistryEvent): string {
       return `${e.remote} ${e.code}: ${e.message}`;
     case "http-listening":
       return `status page on ${e.url}`;
+    case "fd-limit": {
+      const lowered = e.lowered.map((l) => `--${l.flag} ${l.from === 0 ? "0 (no cap)" : l.from} -> ${l.to}`).join(", ");
+      return `file-descriptor limit ${e.limit} is too low for the connection caps (${e.reserved} kept for files and outgoing sockets): lowered ${lowered}; raise it with \`ulimit -n\` (Docker: --ulimit nofile=N)`;
+    }
     case "stopped":
       return "registry stopped";
     default: {
@@ -562,8 +572,27 @@ function describe(e: RegistryEvent): string {
   }
 }
 
-function level(e: RegistryEvent): "warn" | "success" | "info" {
-  return e.event === "error" ? "warn" : e.event === "listening" ? "success" : "info";
+function level(e: CliEvent): "warn" | "success" | "info" {
+  return e.event === "error" || e.event === "fd-limit" ? "warn" : e.event === "listening" ? "success" : "info";
+}
+
+/**
+ * Fits the connection caps into the process's file-descriptor limit, so a
+ * flood meets a cap before the process runs out of descriptors (EMFILE would
+ * refuse everyone, and fail the probes). Lowers them, and says so once, when
+ * they do not fit.
+ */
+function fitToFdLimit<C extends { maxConns: number; httpMaxConns?: number }>(caps: C, print: (e: CliEvent) => void): C {
+  const fds = readFdUsage();
+  if (!fds) return caps;
+  const http = caps.httpMaxConns;
+  const demands = [{ cap: caps.maxConns, fdsEach: 1 }, ...(http === undefined ? [] : [{ cap: http, fdsEach: GATE_FDS_PER_CONN }])];
+  const fit = fitCapsToFdLimit(fds.limit, fds.open, demands, http === undefined ? 0 : GATE_MAX_REFUSING);
+  if (!fit.lowered) return caps;
+  const lowered = [{ flag: "max-conns", from: caps.maxConns, to: fit.caps[0]! }];
+  if (http !== undefined) lowered.push({ flag: "http-max-conns", from: http, to: fit.caps[1]! });
+  print({ event: "fd-limit", limit: fds.limit, reserved: fit.reserved, lowered });
+  return { ...caps, maxConns: fit.caps[0]!, ...(http === undefined ? {} : { httpMaxConns: fit.caps[1]! }) };
 }
 
 const flags = {
@@ -605,6 +634,13 @@ export const command = defineCommand({
       const httpPort = httpText === undefined ? undefined : parsePort(httpText);
       if (httpText !== undefined && httpPort === undefined) throw new UsageError(`--http must be a port number, got "${httpText}"`);
       const print = createPrinter("registry", on("json", "LOG_JSON"), describe, level);
+      const caps = fitToFdLimit(
+        {
+          maxConns: num("max-conns", "REGISTRY_MAX_CONNS") ?? DEFAULTS.maxConns,
+          httpMaxConns: httpPort === undefined ? undefined : (num("http-max-conns", "REGISTRY_HTTP_MAX_CONNS") ?? HTTP_LIMITS.maxConns),
+        },
+        print,
+      );
       const registry = await startRegistry({
         host: flag("host", "REGISTRY_HOST") ?? "::",
         port,
@@ -618,7 +654,7 @@ export const command = defineCommand({
         maxLineBytes: num("max-line", "REGISTRY_MAX_LINE", 64),
         maxNodes: num("max-nodes", "REGISTRY_MAX_NODES", 1),
         maxConnsPerAddress: num("max-conns-per-ip", "REGISTRY_MAX_CONNS_PER_IP"),
-        maxConns: num("max-conns", "REGISTRY_MAX_CONNS"),
+        maxConns: caps.maxConns,
         maxQueueBytes: num("max-queue", "REGISTRY_MAX_QUEUE_BYTES", 1024),
         onEvent: print,
       });
@@ -628,7 +664,7 @@ export const command = defineCommand({
         const server = startStatusServer(registry, {
           port: httpPort,
           host: flag("http-host", "REGISTRY_HTTP_HOST") ?? registry.host,
-          maxConns: num("http-max-conns", "REGISTRY_HTTP_MAX_CONNS"),
+          maxConns: caps.httpMaxConns,
           maxConnsPerAddress: num("http-max-conns-per-ip", "REGISTRY_HTTP_MAX_CONNS_PER_IP"),
           maxStreams: num("http-max-streams", "REGISTRY_HTTP_MAX_STREAMS", 1),
           streamBudgetBytes: num("http-stream-budget", "REGISTRY_HTTP_STREAM_BUDGET_BYTES", 1024),

@@ -1,9 +1,17 @@
 /**
  * Fitting connection caps into the file-descriptor limit (limits.ts): the
- * pure computation, and reading the limit the way the registry does.
+ * pure computation, reading the limit the way the registry does, and the
+ * registry started under a small limit (prlimit), whose lowered caps hold.
  */
-import { describe, expect, test } from "bun:test";
+import { afterEach, describe, expect, test } from "bun:test";
 import { fdMargin, fitCapsToFdLimit, parseFdLimit, readFdUsage } from "../limits.ts";
+import { RawClient, disposeAll, spawnScript } from "./helpers.ts";
+
+let fixtures: AsyncDisposable[] = [];
+afterEach(async () => {
+  await disposeAll(fixtures.reverse());
+  fixtures = [];
+});
 
 describe("fitCapsToFdLimit", () => {
   test("caps that fit are kept as asked", () => {
@@ -89,4 +97,39 @@ describe("reading the limit", () => {
     expect(usage!.open).toBeGreaterThan(2);
     expect(usage!.open).toBeLessThan(usage!.limit);
   });
+});
+
+describe("the registry under a small limit", () => {
+  test("caps that need more descriptors than the process has are lowered, with one warning, and hold", async () => {
+    const registry = spawnScript("registry.ts", ["127.0.0.1", "0", "--json", "--http", "0", "--http-host", "127.0.0.1"], {}, "registry", [
+      "prlimit",
+      "--nofile=1024:1024",
+      "--",
+    ]);
+    fixtures.push(registry);
+    const warned = await registry.log.waitFor("fd-limit", 15_000, "the fd-limit warning");
+    const url = String((await registry.log.waitFor("http-listening", 15_000)).url);
+    expect(warned.limit).toBe(1024);
+    const lowered = warned.lowered as { flag: string; from: number; to: number }[];
+    expect(lowered.map((l) => [l.flag, l.from])).toEqual([
+      ["max-conns", 60_000],
+      ["http-max-conns", 256],
+    ]);
+    const httpCap = lowered[1]!.to;
+    expect(httpCap).toBeGreaterThan(0);
+    expect(lowered[0]!.to + 3 * httpCap).toBeLessThanOrEqual(1024 - Number(warned.reserved));
+    expect(registry.log.named("fd-limit")).toHaveLength(1);
+
+    // The lowered HTTP cap is the one enforced: that many idle connections, then a 503.
+    const port = Number(new URL(url).port);
+    const connect = async () => {
+      const c = await RawClient.connect(port);
+      fixtures.push(c);
+      return c;
+    };
+    const held = await Promise.all(Array.from({ length: httpCap }, connect));
+    expect(held.every((c) => !c.closed)).toBe(true);
+    const over = await connect();
+    await over.waitFor((m) => String(m.line).startsWith("HTTP/1.1 503 "), 5_000, "a 503 past the lowered cap");
+  }, 30_000);
 });
