@@ -634,14 +634,8 @@ export const command = defineCommand({
       const httpPort = httpText === undefined ? undefined : parsePort(httpText);
       if (httpText !== undefined && httpPort === undefined) throw new UsageError(`--http must be a port number, got "${httpText}"`);
       const print = createPrinter("registry", on("json", "LOG_JSON"), describe, level);
-      const caps = fitToFdLimit(
-        {
-          maxConns: num("max-conns", "REGISTRY_MAX_CONNS") ?? DEFAULTS.maxConns,
-          httpMaxConns: httpPort === undefined ? undefined : (num("http-max-conns", "REGISTRY_HTTP_MAX_CONNS") ?? HTTP_LIMITS.maxConns),
-        },
-        print,
-      );
-      const registry = await startRegistry({
+      // Every setting is read, and a bad one refused, before anything listens.
+      const options = {
         host: flag("host", "REGISTRY_HOST") ?? "::",
         port,
         token: flag("token", "REGISTRY_TOKEN"),
@@ -654,23 +648,26 @@ export const command = defineCommand({
         maxLineBytes: num("max-line", "REGISTRY_MAX_LINE", 64),
         maxNodes: num("max-nodes", "REGISTRY_MAX_NODES", 1),
         maxConnsPerAddress: num("max-conns-per-ip", "REGISTRY_MAX_CONNS_PER_IP"),
-        maxConns: caps.maxConns,
+        maxConns: num("max-conns", "REGISTRY_MAX_CONNS") ?? DEFAULTS.maxConns,
         maxQueueBytes: num("max-queue", "REGISTRY_MAX_QUEUE_BYTES", 1024),
         onEvent: print,
-      });
+      } satisfies RegistryOptions;
+      const http = httpPort === undefined ? undefined : {
+        port: httpPort,
+        host: flag("http-host", "REGISTRY_HTTP_HOST"),
+        maxConns: num("http-max-conns", "REGISTRY_HTTP_MAX_CONNS") ?? HTTP_LIMITS.maxConns,
+        maxConnsPerAddress: num("http-max-conns-per-ip", "REGISTRY_HTTP_MAX_CONNS_PER_IP"),
+        maxStreams: num("http-max-streams", "REGISTRY_HTTP_MAX_STREAMS", 1),
+        streamBudgetBytes: num("http-stream-budget", "REGISTRY_HTTP_STREAM_BUDGET_BYTES", 1024),
+        requestTimeoutMs: num("http-request-timeout", "REGISTRY_HTTP_REQUEST_TIMEOUT_MS", 1, MAX_TIMER_MS),
+        idleTimeoutMs: num("http-idle-timeout", "REGISTRY_HTTP_IDLE_TIMEOUT_MS", 1, MAX_TIMER_MS),
+      };
+      const caps = fitToFdLimit({ maxConns: options.maxConns, httpMaxConns: http?.maxConns }, print);
+      const registry = await startRegistry({ ...options, maxConns: caps.maxConns });
       let status: { stop(): Promise<void> } | undefined;
-      if (httpPort !== undefined) {
+      if (http) {
         const { startStatusServer } = await import("./status.ts");
-        const server = startStatusServer(registry, {
-          port: httpPort,
-          host: flag("http-host", "REGISTRY_HTTP_HOST") ?? registry.host,
-          maxConns: caps.httpMaxConns,
-          maxConnsPerAddress: num("http-max-conns-per-ip", "REGISTRY_HTTP_MAX_CONNS_PER_IP"),
-          maxStreams: num("http-max-streams", "REGISTRY_HTTP_MAX_STREAMS", 1),
-          streamBudgetBytes: num("http-stream-budget", "REGISTRY_HTTP_STREAM_BUDGET_BYTES", 1024),
-          requestTimeoutMs: num("http-request-timeout", "REGISTRY_HTTP_REQUEST_TIMEOUT_MS", 1, MAX_TIMER_MS),
-          idleTimeoutMs: num("http-idle-timeout", "REGISTRY_HTTP_IDLE_TIMEOUT_MS", 1, MAX_TIMER_MS),
-        });
+        const server = startStatusServer(registry, { ...http, host: http.host ?? registry.host, maxConns: caps.httpMaxConns });
         status = server;
         print({ event: "http-listening", url: server.url });
       }

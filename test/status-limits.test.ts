@@ -9,7 +9,7 @@
 import { afterEach, describe, expect, test } from "bun:test";
 import { startRegistry, type Registry, type RegistryOptions } from "../registry.ts";
 import { startStatusServer, type StatusServer, type StatusServerOptions } from "../status.ts";
-import { EventLog, RawClient, disposeAll, waitUntil, withDeadline, type WireMessage } from "./helpers.ts";
+import { EventLog, RawClient, disposeAll, spawnScript, waitUntil, withDeadline, type WireMessage } from "./helpers.ts";
 
 const T = 30_000;
 let fixtures: (AsyncDisposable | undefined)[] = [];
@@ -169,6 +169,16 @@ describe("caches", () => {
     expect(peers.count).toBe(21);
     expect(peers.peers.map((p: { id: string }) => p.id)).toContain("newcomer");
     expect((await requestJson(server.port, "127.0.0.1", "/stats")).nodes).toBe(21);
+  }, T);
+});
+
+describe("command line", () => {
+  test("a bad status-server setting is refused before anything listens", async () => {
+    const p = spawnScript("registry.ts", ["127.0.0.1", "0", "--json", "--http", "0", "--http-stream-budget", "12"]);
+    fixtures.push(p);
+    expect(await withDeadline(p.exited(), 15_000, "the registry to exit")).toBe(2);
+    expect(p.stderr.join("\n")).toContain('--http-stream-budget must be an integer >= 1024, got "12"');
+    expect(p.log.named("listening")).toEqual([]);
   }, T);
 });
 
