@@ -300,7 +300,8 @@ class RegistrySession {
       const all = this.receipts;
       this.receipts = [];
       const conn = this.conn;
-      if (!this.registered || !conn) return;
+      // Nothing after `leave`: a stopping node's receipts would reach a registry that already let it go.
+      if (!this.registered || !conn || this.stopped) return;
       for (let i = 0; i < all.length; i += RECEIPT_CHUNK) conn.send({ type: "receipt", ids: all.slice(i, i + RECEIPT_CHUNK) });
     });
   }

@@ -12,10 +12,10 @@
 import { defineCommand, runMain, type ArgsDef } from "citty";
 import { Admission, type Holding } from "./admission.ts";
 import { UsageError, createPrinter, portsRecorder, readSettings, renderHelp, runCli, stopOnSignals, type Level } from "./cli.ts";
-import { BucketMap, ByteBudget, ConnectionCaps, TokenBucket, type CapTicket, type Rate } from "./limits.ts";
+import { BucketMap, ByteBudget, ConnectionCaps, HTTP_LIMITS, TokenBucket, fitCapsToFdLimit, readFdUsage, type CapTicket, type Rate } from "./limits.ts";
 import { SessionDeadlines, systemClock, type Clock, type Expiry, type Watched } from "./liveness.ts";
 import { MemoryMembership, addressOf, peerOf, type Change, type Member, type Membership } from "./membership.ts";
-import { formatAddress, lineHandlers, parsePort, tcp, type Conn, type Transport } from "./net.ts";
+import { GATE_FDS_PER_CONN, GATE_MAX_REFUSING, formatAddress, lineHandlers, parsePort, tcp, type Conn, type Transport } from "./net.ts";
 import {
   DEFAULTS,
   MAX_TIMER_MS,
@@ -386,7 +386,10 @@ class Sessions {
         conn.send(PONG_LINE);
         return;
       case "leave":
+        // Said goodbye: whatever follows on this connection is not read.
         s.leaveReason = "leave";
+        s.phase = "closing";
+        s.lastSeen = this.deadlines.clock.now();
         this.unlist(s, "leave");
         conn.end();
         return;
@@ -715,7 +718,13 @@ function round(ms: number): number {
 
 // --- command line ------------------------------------------------------------
 
-function describe(e: RegistryEvent): string {
+/** What the command line prints besides the registry's own events. */
+type CliEvent =
+  | RegistryEvent
+  /** The connection caps needed more file descriptors than the process may open, and were lowered. */
+  | { event: "fd-limit"; limit: number; reserved: number; lowered: { flag: string; from: number; to: number }[] };
+
+function describe(e: CliEvent): string {
   const who = (id: string, name: string | undefined) => `${id}${name ? ` (${name})` : ""}`;
   switch (e.event) {
     case "listening":
@@ -732,21 +741,44 @@ function describe(e: RegistryEvent): string {
       return `${e.remote} ${e.code}: ${e.message}${e.detail ? ` (${e.detail})` : ""}`;
     case "http-listening":
       return `status page on ${e.url}`;
+    case "fd-limit": {
+      const lowered = e.lowered.map((l) => `--${l.flag} ${l.from === 0 ? "0 (no cap)" : l.from} -> ${l.to}`).join(", ");
+      return `file-descriptor limit ${e.limit} is too low for the connection caps (${e.reserved} kept for files and outgoing sockets): lowered ${lowered}; raise it with \`ulimit -n\` (Docker: --ulimit nofile=N)`;
+    }
     case "stopped":
       return "registry stopped";
   }
 }
 
-function level(e: RegistryEvent): Level {
+function level(e: CliEvent): Level {
   if (e.event === "pair-greeted") return "debug";
-  return e.event === "error" ? "warn" : e.event === "listening" ? "success" : "info";
+  return e.event === "error" || e.event === "fd-limit" ? "warn" : e.event === "listening" ? "success" : "info";
+}
+
+/**
+ * Fits the connection caps into the process's file-descriptor limit, so a
+ * flood meets a cap before the process runs out of descriptors (EMFILE would
+ * refuse everyone, and fail the probes). Lowers them, and says so once, when
+ * they do not fit.
+ */
+function fitToFdLimit<C extends { maxConns: number; httpMaxConns?: number }>(caps: C, print: (e: CliEvent) => void): C {
+  const fds = readFdUsage();
+  if (!fds) return caps;
+  const http = caps.httpMaxConns;
+  const demands = [{ cap: caps.maxConns, fdsEach: 1 }, ...(http === undefined ? [] : [{ cap: http, fdsEach: GATE_FDS_PER_CONN }])];
+  const fit = fitCapsToFdLimit(fds.limit, fds.open, demands, http === undefined ? 0 : GATE_MAX_REFUSING);
+  if (!fit.lowered) return caps;
+  const lowered = [{ flag: "max-conns", from: caps.maxConns, to: fit.caps[0]! }];
+  if (http !== undefined) lowered.push({ flag: "http-max-conns", from: http, to: fit.caps[1]! });
+  print({ event: "fd-limit", limit: fds.limit, reserved: fit.reserved, lowered });
+  return { ...caps, maxConns: fit.caps[0]!, ...(http === undefined ? {} : { httpMaxConns: fit.caps[1]! }) };
 }
 
 /** How long the mesh must stay complete before the readable log says so: a fleet joining one by one would otherwise log it after every join. */
 const MESH_QUIET_MS = 1_000;
 
 /** The readable log's one line per settled mesh: a `mesh-complete` is held until no node has joined or left for a second. */
-function settledMesh(print: (e: RegistryEvent) => void): (e: RegistryEvent) => void {
+function settledMesh(print: (e: CliEvent) => void): (e: CliEvent) => void {
   let held: Timer | undefined;
   return (e) => {
     if (e.event === "mesh-complete") {
@@ -784,7 +816,13 @@ const flags = {
   "rate-list": { type: "string", valueHint: "per s", description: `list requests per second from one source address, 0 = no limit [env REGISTRY_RATE_LIST, default ${DEFAULTS.rateAddressLists}]` },
   "auth-failures": { type: "string", valueHint: "per min", description: `Wrong tokens per minute from one source address before its registrations are refused for a while, 0 = no limit [env REGISTRY_AUTH_FAILURES, default ${DEFAULTS.authFailuresPerMinute}]` },
   http: { type: "string", valueHint: "port", description: "Serve the status API and live page on this port [env REGISTRY_HTTP_PORT]" },
-  "http-host": { type: "string", valueHint: "address", description: "Address for the status page [env REGISTRY_HTTP_HOST, default: same as host]" },
+  "http-host": { type: "string", valueHint: "address", description: "Address for the status page; `localhost` = 127.0.0.1 and ::1 [env REGISTRY_HTTP_HOST, default: same as host]" },
+  "http-max-conns": { type: "string", valueHint: "n", description: `Open status-server connections in all, 0 = no cap [env REGISTRY_HTTP_MAX_CONNS, default ${HTTP_LIMITS.maxConns}]` },
+  "http-max-conns-per-ip": { type: "string", valueHint: "n", description: `Open status-server connections per source address, 0 = no cap [env REGISTRY_HTTP_MAX_CONNS_PER_IP, default ${HTTP_LIMITS.maxConnsPerAddress}]` },
+  "http-max-streams": { type: "string", valueHint: "n", description: `Open /events streams [env REGISTRY_HTTP_MAX_STREAMS, default ${HTTP_LIMITS.maxStreams}]` },
+  "http-stream-budget": { type: "string", valueHint: "bytes", description: `Unsent bytes across all /events streams; past it the streams furthest behind are dropped [env REGISTRY_HTTP_STREAM_BUDGET_BYTES, default ${HTTP_LIMITS.streamBudgetBytes}]` },
+  "http-request-timeout": { type: "string", valueHint: "ms", description: `A request's head must arrive within this many ms of connecting [env REGISTRY_HTTP_REQUEST_TIMEOUT_MS, default ${HTTP_LIMITS.requestTimeoutMs}]` },
+  "http-idle-timeout": { type: "string", valueHint: "ms", description: `Status-server connections that move no byte this many ms are closed [env REGISTRY_HTTP_IDLE_TIMEOUT_MS, default ${HTTP_LIMITS.idleTimeoutMs}]` },
   "ports-file": { type: "string", valueHint: "file", description: "Append what it listens on to this file, one JSON line each (the Docker HEALTHCHECK reads it) [env PORTS_FILE]" },
 } satisfies ArgsDef;
 
@@ -815,11 +853,12 @@ export const command = defineCommand({
       const record = portsRecorder(flag("ports-file", "PORTS_FILE"), "registry");
       const printer = createPrinter("registry", json, describe, level);
       const show = json ? printer : settledMesh(printer);
-      const print = (e: RegistryEvent) => {
+      const print = (e: CliEvent) => {
         record(e);
         show(e);
       };
-      const registry = await startRegistry({
+      // Every setting is read, and a bad one refused, before anything listens.
+      const options = {
         host: flag("host", "REGISTRY_HOST") ?? "::",
         port,
         token: flag("token", "REGISTRY_TOKEN"),
@@ -832,7 +871,7 @@ export const command = defineCommand({
         maxLineBytes: num("max-line", "REGISTRY_MAX_LINE", 64),
         maxNodes: num("max-nodes", "REGISTRY_MAX_NODES", 1),
         maxConnsPerAddress: num("max-conns-per-ip", "REGISTRY_MAX_CONNS_PER_IP"),
-        maxConns: num("max-conns", "REGISTRY_MAX_CONNS"),
+        maxConns: num("max-conns", "REGISTRY_MAX_CONNS") ?? DEFAULTS.maxConns,
         maxQueueBytes: num("max-queue", "REGISTRY_MAX_QUEUE_BYTES", 1024),
         maxQueueTotalBytes: num("max-queue-total", "REGISTRY_MAX_QUEUE_TOTAL_BYTES"),
         rateSessionLines: num("rate-session", "REGISTRY_RATE_SESSION"),
@@ -842,11 +881,23 @@ export const command = defineCommand({
         authFailuresPerMinute: num("auth-failures", "REGISTRY_AUTH_FAILURES"),
         rateAddressLists: num("rate-list", "REGISTRY_RATE_LIST"),
         onEvent: print,
-      });
+      } satisfies RegistryOptions;
+      const http = httpPort === undefined ? undefined : {
+        port: httpPort,
+        host: flag("http-host", "REGISTRY_HTTP_HOST"),
+        maxConns: num("http-max-conns", "REGISTRY_HTTP_MAX_CONNS") ?? HTTP_LIMITS.maxConns,
+        maxConnsPerAddress: num("http-max-conns-per-ip", "REGISTRY_HTTP_MAX_CONNS_PER_IP"),
+        maxStreams: num("http-max-streams", "REGISTRY_HTTP_MAX_STREAMS", 1),
+        streamBudgetBytes: num("http-stream-budget", "REGISTRY_HTTP_STREAM_BUDGET_BYTES", 1024),
+        requestTimeoutMs: num("http-request-timeout", "REGISTRY_HTTP_REQUEST_TIMEOUT_MS", 1, MAX_TIMER_MS),
+        idleTimeoutMs: num("http-idle-timeout", "REGISTRY_HTTP_IDLE_TIMEOUT_MS", 1, MAX_TIMER_MS),
+      };
+      const caps = fitToFdLimit({ maxConns: options.maxConns, httpMaxConns: http?.maxConns }, print);
+      const registry = await startRegistry({ ...options, maxConns: caps.maxConns });
       let status: { stop(): Promise<void> } | undefined;
-      if (httpPort !== undefined) {
+      if (http) {
         const { startStatusServer } = await import("./status.ts");
-        const server = startStatusServer(registry, { port: httpPort, host: flag("http-host", "REGISTRY_HTTP_HOST") ?? registry.host });
+        const server = startStatusServer(registry, { ...http, host: http.host ?? registry.host, maxConns: caps.httpMaxConns });
         status = server;
         print({ event: "http-listening", url: server.url });
       }
