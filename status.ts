@@ -70,7 +70,7 @@ export const STATUS_DEFAULTS = {
   keepAliveMs: 15_000,
   cacheMs: 250,
   rateWindowSeconds: 10,
-  matrixLimit: 64,
+  matrixLimit: 128,
   maxClientBacklogBytes: HTTP_LIMITS.streamBacklogBytes,
   /** Joins and leaves a new page gets so its log is not empty. */
   logLength: 100,
@@ -289,14 +289,20 @@ class PageFeed {
   private countsDirty = false;
   private flushScheduled = false;
   private readonly stopKeepAlive: () => void;
+  /** Each listed node's number, in join order, never reused: the page's rows and columns, the same in every tab. */
+  private readonly numbers = new Map<string, number>();
+  private nextNumber = 1;
 
   constructor(
     private readonly registry: Registry,
     private readonly o: Settings,
     private readonly version: () => number,
   ) {
-    const nodes = registry.nodes();
-    for (const n of nodes) if (n.name) this.names.set(n.id, n.name);
+    const nodes = registry.nodes().sort((a, b) => a.joinedAt - b.joinedAt);
+    for (const n of nodes) {
+      if (n.name) this.names.set(n.id, n.name);
+      this.numberOf(n.id);
+    }
     this.detailed = nodes.length <= o.matrixLimit;
     const keepAlive = setInterval(() => this.broadcast(KEEP_ALIVE), o.keepAliveMs);
     keepAlive.unref();
@@ -354,7 +360,8 @@ class PageFeed {
     switch (e.event) {
       case "node-registered": {
         const at = new Date().toISOString();
-        const node = { id: e.id, name: e.name, host: e.host, port: e.port, address: formatAddress(e.host, e.port), source: e.source, joinedAt: at };
+        const address = formatAddress(e.host, e.port);
+        const node = { id: e.id, number: this.numberOf(e.id), name: e.name, host: e.host, port: e.port, address, source: e.source, joinedAt: at };
         if (node.name) this.names.set(node.id, node.name);
         else this.names.delete(node.id);
         this.remember({ kind: "join", at, id: node.id, name: node.name, address: node.address });
@@ -364,6 +371,7 @@ class PageFeed {
       case "node-left": {
         const name = this.names.get(e.id);
         this.names.delete(e.id);
+        this.numbers.delete(e.id); // a gap in the numbering; one that comes back is a new row
         const entry: LogEntry = { kind: "leave", at: new Date().toISOString(), id: e.id, name, reason: e.reason };
         this.remember(entry);
         this.membership(e.nodes);
@@ -546,11 +554,18 @@ class PageFeed {
     c.closing = false;
   }
 
+  /** A node's number: kept while it is listed (registering again included), the next one for a newcomer. */
+  private numberOf(id: string): number {
+    let n = this.numbers.get(id);
+    if (n === undefined) this.numbers.set(id, (n = this.nextNumber++));
+    return n;
+  }
+
   private snapshot() {
     const nodes = this.registry.nodes().sort((a, b) => a.joinedAt - b.joinedAt);
     return {
       boot: this.registry.boot,
-      nodes: nodes.map(peerJson),
+      nodes: nodes.map((n) => ({ ...peerJson(n), number: this.numberOf(n.id) })),
       // The pair list grows with the square of the mesh: only below the matrix limit.
       pairs: nodes.length <= this.o.matrixLimit ? this.registry.pairs() : null,
       matrixLimit: this.o.matrixLimit,
