@@ -15,7 +15,7 @@ import { mkdirSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { UsageError, intArg } from "../cli.ts";
-import { Proc, ROOT, children, exec, killAll, killAllOnExit, runScript, spawnBun, waitUntil, withDeadline } from "../harness.ts";
+import { Proc, ROOT, children, exec, killAll, killAllOnExit, runScript, spawnBun, waitUntil, withDeadline, type AttackOptions } from "../harness.ts";
 import { DEFAULTS } from "../protocol.ts";
 import { dist, wallMs, type Msg } from "./lib.ts";
 import { NoiseMeter, machineInfo } from "./machine.ts";
@@ -39,6 +39,18 @@ const SIZES = {
     freezeHeartbeatMs: 300,
     recoveryNodes: 20,
     recoveryTrials: 1,
+    attack: {
+      held: 300,
+      heldSources: 6,
+      windowMs: 1_500,
+      honestPerSec: 20,
+      honestSources: 10,
+      syncConns: 16,
+      syncs: 190,
+      peersLoops: 2,
+      churnLoops: 2,
+      slowConsumers: 20,
+    },
   },
   full: {
     budgetMs: 240_000,
@@ -56,11 +68,23 @@ const SIZES = {
     freezeHeartbeatMs: DEFAULTS.heartbeatMs,
     recoveryNodes: 100,
     recoveryTrials: 3,
+    attack: {
+      held: 3_000,
+      heldSources: 30,
+      windowMs: 8_000,
+      honestPerSec: 20,
+      honestSources: 50,
+      syncConns: 96,
+      syncs: 190,
+      peersLoops: 4,
+      churnLoops: 8,
+      slowConsumers: 200,
+    },
   },
 };
 
-type Phase = "registration" | "sessions" | "mesh" | "departure" | "recovery";
-const PHASES: Phase[] = ["registration", "sessions", "mesh", "departure", "recovery"];
+type Phase = "registration" | "sessions" | "mesh" | "departure" | "recovery" | "attack";
+const PHASES: Phase[] = ["registration", "sessions", "mesh", "departure", "recovery", "attack"];
 
 // Set once from the command line, before any phase runs.
 let QUICK = false;
@@ -95,7 +119,7 @@ async function main(out: string | undefined, only: string[] | undefined): Promis
   results.fdLimit = await fdLimit();
   log(`bench ${QUICK ? "(quick) " : ""}on ${(results.machine as Msg).cpu} x${(results.machine as Msg).cores}, fd limit ${results.fdLimit}`);
 
-  const phases: Record<Phase, () => Promise<Msg>> = { registration, sessions, mesh, departure, recovery };
+  const phases: Record<Phase, () => Promise<Msg>> = { registration, sessions, mesh, departure, recovery, attack };
   for (const phase of PHASES) {
     if (only && !only.includes(phase)) continue;
     if (overBudget) {
@@ -377,6 +401,130 @@ async function recovery(): Promise<Msg> {
   return { nodes: n, trials, reconnectMaxMs: DEFAULTS.reconnectMaxMs, reconnectBaseMs: DEFAULTS.reconnectBaseMs };
 }
 
+/**
+ * 7: under attack. Honest registrations (probe on, a fresh connection each,
+ * from addresses of their own) next to held sessions that read and ping,
+ * with no attacker, then with each attacker in turn from an address of its
+ * own, all against one registry (status server on, defaults otherwise).
+ */
+async function attack(): Promise<Msg> {
+  const A = CFG.attack;
+  const reg = await startRegistryProc("registry(attack)", { http: true, sampleLag: true });
+  const fleet = new Fleet("a", reg.port, true, A.held, DEFAULTS.heartbeatMs, addresses("127.0.2.", A.heldSources));
+  const t = performance.now();
+  await fleet.growTo(A.held);
+  const growMs = performance.now() - t;
+  const honestOpts = { sources: addresses("127.0.1.", A.honestSources), slots: 4 };
+  const honest = await startReady("honest", "bench/honest.ts", [JSON.stringify(honestOpts)], "ready");
+  const base = await reg.child.request({ cmd: "gc" }, 10_000);
+  const rows: Msg[] = [];
+  const info = { held: A.held, heldSources: A.heldSources, honestSources: A.honestSources, growMs, budget: Number(base.maxUnsentBytes), baseRss: Number(base.rss), rows };
+  results.attack = info;
+  log(`attack: ${A.held} held sessions registered in ${fmt(growMs)} ms, registry RSS ${mb(Number(base.rss))} MB after GC`);
+  for (const sc of scenarios(reg.port, Number(reg.ready.httpPort))) {
+    const row = await attackWindow(reg, fleet, honest.child, sc);
+    rows.push(row);
+    log(attackLine(row));
+  }
+  return info;
+}
+
+interface Scenario {
+  name: string;
+  opts?: AttackOptions;
+}
+
+/** No attacker, then each attacker of issue 11, each from an address of its own. */
+function scenarios(port: number, httpPort: number): Scenario[] {
+  const A = CFG.attack;
+  return [
+    { name: "none" },
+    { name: "sync-spam", opts: { kind: "sync-spam", port, from: "127.0.0.2", width: A.syncConns, syncs: A.syncs } },
+    { name: "ping-flood", opts: { kind: "ping-flood", port, from: "127.0.0.3", width: 1 } },
+    { name: "peers-flood", opts: { kind: "peers-flood", port: httpPort, from: "127.0.0.4", width: A.peersLoops } },
+    { name: "churn", opts: { kind: "churn", port, from: "127.0.0.5", width: A.churnLoops } },
+    { name: "slow-consumers", opts: { kind: "slow-consumers", port, from: "127.0.0.6", width: A.slowConsumers } },
+  ];
+}
+
+/** One measured window: the attacker in place, honest registrations for windowMs, then what the registry and the held sessions went through. */
+async function attackWindow(reg: RegistryProc, fleet: Fleet, honest: Child, sc: Scenario): Promise<Msg> {
+  const A = CFG.attack;
+  const atk = sc.opts ? spawnChild(`attacker ${sc.name}`, "bench/attacker.ts", [JSON.stringify(sc.opts)]) : undefined;
+  try {
+    if (atk) await atk.log.waitFor("attacking", 30_000, `the ${sc.name} attacker in place`);
+    const stats = () => atk?.request({ cmd: "stats" }, 10_000);
+    const [before, held0, atk0] = await Promise.all([reg.child.request({ cmd: "window" }, 10_000), fleet.sessions(), stats()]);
+    const run = { cmd: "run", port: reg.port, ratePerSec: A.honestPerSec, durationMs: A.windowMs, prefix: `h-${sc.name}-`, timeoutMs: 10_000 };
+    const h = await honest.request(run, A.windowMs + 30_000);
+    const [after, atk1] = await Promise.all([reg.child.request({ cmd: "window" }, 10_000), stats()]);
+    // The held sessions, still under attack, get every change of the window.
+    const d = await fleet.delivered(Number(after.seq), QUICK ? 5_000 : 15_000);
+    const held1 = await fleet.sessions();
+    const ms = Number(after.t) - Number(before.t);
+    return {
+      name: sc.name,
+      attacker: sc.opts,
+      attack: atk0 && atk1 ? { ...delta(atk0, atk1), windowMs: ms } : undefined,
+      attackTotal: atk1,
+      honest: h,
+      heldEvicted: held1.closed - held0.closed,
+      heldRegistered: held1.registered,
+      deliveryLagMs: d.ms,
+      delivered: d.reached,
+      lagMaxMs: after.lagMaxMs,
+      lagP99Ms: after.lagP99Ms,
+      stalledMs: Number(after.stalledMs) - Number(before.stalledMs),
+      rssPeak: after.rssPeak,
+      unsentPeak: after.unsentPeak,
+      cpuPct: ((Number(after.cpuMs) - Number(before.cpuMs)) / ms) * 100,
+      rejected: delta(before.rejected as Msg, after.rejected as Msg),
+      leaves: delta(before.leaves as Msg, after.leaves as Msg),
+      windowMs: ms,
+    };
+  } finally {
+    await atk?.close();
+    // The next window starts clean: the attacker's sessions gone, their backlog freed.
+    await waitUntil(
+      async () => {
+        const s = await reg.child.request({ cmd: "stats" }, 10_000);
+        return Number(s.nodes) === A.held && Number(s.unsentBytes) < 1e6;
+      },
+      30_000,
+      `the registry to settle after ${sc.name}`,
+      100,
+    );
+  }
+}
+
+function attackLine(r: Msg): string {
+  const h = r.honest as Msg;
+  const l = h.latencyMs as Msg;
+  const refused = Number(h.attempts) - Number(h.registered);
+  const a = r.attack as Msg | undefined;
+  const did = a ? ` | attacker: ${fmt(Number(a.lines) / (Number(a.windowMs) / 1000))} lines/s, ${fmt(Number(a.responses))} responses, codes ${JSON.stringify(a.codes)}` : "";
+  return (
+    `attack ${String(r.name)}: honest p50 ${fmt(Number(l.p50))} p99 ${fmt(Number(l.p99))} max ${fmt(Number(l.max))} ms (${String(h.registered)}/${String(h.attempts)}` +
+    `${refused ? `, REFUSED ${JSON.stringify(h.refused)}` : ""}), held evicted ${String(r.heldEvicted)}, stall ${fmt(Number(r.lagMaxMs))} ms, ` +
+    `RSS ${mb(Number(r.rssPeak))} MB, unsent ${mb(Number(r.unsentPeak))} MB, CPU ${fmt(Number(r.cpuPct))}%${did}`
+  );
+}
+
+/** `prefix` + 1..n: loopback addresses (all of 127/8 is loopback on Linux). */
+function addresses(prefix: string, n: number): string[] {
+  return Array.from({ length: n }, (_, i) => `${prefix}${i + 1}`);
+}
+
+/** b - a for every number in b, nested objects too (counters taken before and after a window). */
+function delta(a: Msg | undefined, b: Msg): Msg {
+  const out: Msg = {};
+  for (const [k, v] of Object.entries(b)) {
+    if (typeof v === "number") out[k] = v - Number(a?.[k] ?? 0);
+    else if (v && typeof v === "object") out[k] = delta(a?.[k] as Msg | undefined, v as Msg);
+  }
+  return out;
+}
+
 // --- children ----------------------------------------------------------------
 
 /** A child speaking JSON lines (bench/lib.ts serveCommands): requests carry an id, replies echo it; other lines are events. */
@@ -473,6 +621,8 @@ class Fleet {
     readonly probe: boolean,
     readonly perHolder: number,
     readonly pingMs = 0,
+    /** Loopback addresses the sessions connect from, spread evenly (default: 127.0.0.1 only). */
+    readonly sources?: string[],
   ) {}
 
   get children(): Child[] {
@@ -483,7 +633,7 @@ class Fleet {
     const need = Math.ceil(n / this.perHolder);
     while (this.holders.length < need) {
       const k = this.holders.length;
-      const opts = { port: this.port, prefix: `${this.tag}${k}-`, portBase: 1024 + k * this.perHolder, probe: this.probe, pingMs: this.pingMs };
+      const opts = { port: this.port, prefix: `${this.tag}${k}-`, portBase: 1024 + k * this.perHolder, probe: this.probe, pingMs: this.pingMs, sources: this.sources };
       const h = spawnChild(`holder ${this.tag}${k}`, "bench/holder.ts", [JSON.stringify(opts)]);
       await h.log.waitFor("ready", 20_000, "holder ready");
       this.holders.push(h);
@@ -493,6 +643,12 @@ class Fleet {
     );
     const errors = rs.reduce((a, r) => a + Number(r.errors), 0);
     if (errors) throw new Error(`${errors} simulated nodes failed to register: ${rs.map((r) => r.lastError).join(" ")}`);
+  }
+
+  /** Sessions registered and still open, and those closed after registering (evicted, in a fleet that never leaves). */
+  async sessions(): Promise<{ registered: number; closed: number }> {
+    const rs = await Promise.all(this.holders.map((h) => h.request({ cmd: "stats" }, 10_000)));
+    return { registered: rs.reduce((a, r) => a + Number(r.registered), 0), closed: rs.reduce((a, r) => a + Number(r.closed), 0) };
   }
 
   /** Bytes of pushes the fleet has received so far. */
