@@ -734,6 +734,7 @@ export class Attack implements AsyncDisposable {
   readonly counts: AttackCounts = { connections: 0, registered: 0, closedByRegistry: 0, lines: 0, responses: 0, bytesReceived: 0, codes: {}, failures: 0 };
   /** Resolves once every worker has made its first attempt: the attack is in place. */
   readonly ready: Promise<void>;
+  readonly kind: AttackKind;
   private stopped = false;
   private readonly stopSignal = Promise.withResolvers<void>();
   private readonly open = new Set<{ destroy(): void }>();
@@ -744,6 +745,7 @@ export class Attack implements AsyncDisposable {
   private ids = 0;
 
   constructor(private readonly o: AttackOptions) {
+    this.kind = o.kind;
     this.ready = this.allInPlace.promise;
     this.workers = Array.from({ length: o.width }, (_, i) => this.work(i));
   }
@@ -823,6 +825,7 @@ export class Attack implements AsyncDisposable {
       placed();
       const chunk = PING.repeat(5_000);
       while (!c.closed && !this.stopped && (await c.write(chunk))) this.counts.lines += 5_000;
+      await this.untilClosed(c); // a failed write comes before the close
     } finally {
       this.done(c);
     }
@@ -898,6 +901,19 @@ export class Attack implements AsyncDisposable {
     this.counts.bytesReceived += c.bytesReceived;
     c.destroy();
   }
+}
+
+/**
+ * One attacker of each kind in `widths` (all kinds by default, small
+ * widths), the first from 127.0.0.`firstHost`, the next from the address
+ * after it, and so on. The status-server flood needs `httpPort`.
+ */
+export function startAttackers(o: { port: number; httpPort?: number; token?: string; firstHost?: number; widths?: Partial<Record<AttackKind, number>> }): Attack[] {
+  const widths = o.widths ?? { "sync-spam": 16, "ping-flood": 1, "peers-flood": 2, churn: 2, "slow-consumers": 16, "token-guess": 1 };
+  let host = o.firstHost ?? 2;
+  return ATTACK_KINDS.filter((kind) => widths[kind] && (kind !== "peers-flood" || o.httpPort)).map(
+    (kind) => new Attack({ kind, port: kind === "peers-flood" ? o.httpPort! : o.port, from: `127.0.0.${host++}`, width: widths[kind]!, token: o.token }),
+  );
 }
 
 /** A keep-alive HTTP/1.1 connection from a chosen local address (fetch cannot bind one); responses need a Content-Length. */
