@@ -13,6 +13,8 @@
  * Commands on stdin: {"cmd":"stats"} -> CPU time, RSS, heap, registry stats;
  * {"cmd":"gc"} -> full GC first, then the same; {"cmd":"window"}.
  */
+import { readFileSync } from "node:fs";
+import { tcp, type Conn, type Transport } from "../net.ts";
 import type { RegistryOptions, startRegistry as Start } from "../registry.ts";
 import { cpuMs, dist, emit, selfRss, serveCommands, wallMs, type Msg } from "./lib.ts";
 
@@ -24,25 +26,43 @@ const SAMPLE_EVERY = 10;
 /**
  * The event loop's stalls as this process sees them: a timer due every
  * TICK_MS records how late it ran (a turn that took 300 ms makes it 300 ms
- * late, whatever held the loop). Every SAMPLE_EVERY ticks it also reads RSS
- * and the registry's unsent bytes, for their peaks.
+ * late, whatever held the loop). The socket handlers' time since the last
+ * tick is added up by source (see timedTransport), so the worst stall comes
+ * with what ran in it, and with what the kernel's scheduler says of the
+ * event loop's thread meanwhile (/proc/thread-self/schedstat, in ns): how
+ * long it ran (handlers, timers such as the fan-out, GC) and how long it was
+ * runnable but waiting for a core; the rest it was blocked or idle. Every SAMPLE_EVERY ticks it also reads RSS and
+ * the registry's unsent bytes, for their peaks.
  */
 class LoopSampler {
+  /** Handler time since the last tick, ms, by source ("127.0.0.2", "127.0.2.x"). */
+  readonly handlerMs = new Map<string, number>();
   private last = performance.now();
   private lateMs: number[] = [];
+  private worst: Stall = { lateMs: 0, ranMs: 0, queuedMs: 0, handlerMs: {} };
+  private lastSched = schedStat();
+  private windowSched = schedStat();
   private rssPeak = 0;
   private unsentPeak = 0;
   private ticks = 0;
 
-  constructor(private readonly unsentBytes: () => number) {
+  /** The registry's unsent bytes; set once it runs. */
+  unsentBytes: () => number = () => 0;
+
+  constructor() {
     setInterval(() => this.tick(), TICK_MS).unref();
   }
 
   window(): Msg {
     this.sample();
     const late = dist(this.lateMs);
-    const w = { lagMaxMs: late.max, lagP99Ms: late.p99, lagSamples: late.n, rssPeak: this.rssPeak, unsentPeak: this.unsentPeak };
+    const sched = schedStat();
+    // Over the whole window: how long the event loop's thread ran, and how long it was ready to run but had no core.
+    const thread = { ranMs: Math.round(sched.ranMs - this.windowSched.ranMs), queuedMs: Math.round(sched.queuedMs - this.windowSched.queuedMs) };
+    this.windowSched = sched;
+    const w = { lagMaxMs: late.max, lagP99Ms: late.p99, lagSamples: late.n, worstStall: this.worst, thread, rssPeak: this.rssPeak, unsentPeak: this.unsentPeak };
     this.lateMs = [];
+    this.worst = { lateMs: 0, ranMs: 0, queuedMs: 0, handlerMs: {} };
     this.rssPeak = 0;
     this.unsentPeak = 0;
     return w;
@@ -50,7 +70,17 @@ class LoopSampler {
 
   private tick(): void {
     const t = performance.now();
-    this.lateMs.push(Math.max(0, t - this.last - TICK_MS));
+    const late = Math.max(0, t - this.last - TICK_MS);
+    const sched = schedStat();
+    this.lateMs.push(late);
+    if (late > this.worst.lateMs) {
+      const handlerMs = Object.fromEntries([...this.handlerMs].map(([k, v]) => [k, Math.round(v * 10) / 10]));
+      const ranMs = Math.round((sched.ranMs - this.lastSched.ranMs) * 10) / 10;
+      const queuedMs = Math.round((sched.queuedMs - this.lastSched.queuedMs) * 10) / 10;
+      this.worst = { lateMs: late, ranMs, queuedMs, handlerMs };
+    }
+    this.lastSched = sched;
+    this.handlerMs.clear();
     this.last = t;
     if (++this.ticks % SAMPLE_EVERY === 0) this.sample();
   }
@@ -59,6 +89,49 @@ class LoopSampler {
     this.rssPeak = Math.max(this.rssPeak, selfRss());
     this.unsentPeak = Math.max(this.unsentPeak, this.unsentBytes());
   }
+}
+
+interface Stall {
+  lateMs: number;
+  ranMs: number;
+  queuedMs: number;
+  handlerMs: Record<string, number>;
+}
+
+/** This thread's time on a core and waiting for one, ms (zeros off Linux). */
+function schedStat(): { ranMs: number; queuedMs: number } {
+  try {
+    const [ran, queued] = readFileSync("/proc/thread-self/schedstat", "utf8").split(" ").map(Number);
+    return { ranMs: ran! / 1e6, queuedMs: queued! / 1e6 };
+  } catch {
+    return { ranMs: 0, queuedMs: 0 };
+  }
+}
+
+/** Plain TCP whose listeners' handlers are timed, adding each call's time to `into` under its source. */
+function timedTransport(into: Map<string, number>): Transport {
+  const source = (addr: string) => (addr.startsWith("127.0.0.") ? addr : addr.replace(/\.\d+$/, ".x"));
+  return {
+    ...tcp,
+    listen: (host, port, handlers) => {
+      const timed = { ...handlers };
+      for (const name of ["open", "data", "drain", "close"] as const) {
+        const fn = handlers[name] as ((socket: Bun.Socket<Conn<unknown>>, ...rest: unknown[]) => void) | undefined;
+        if (!fn) continue;
+        (timed as Record<string, unknown>)[name] = (socket: Bun.Socket<Conn<unknown>>, ...rest: unknown[]) => {
+          const t = performance.now();
+          // Read before the call: Bun clears the remote address once a socket closed.
+          const from = source(socket.data?.remoteAddress ?? socket.remoteAddress ?? "?");
+          try {
+            fn(socket, ...rest);
+          } finally {
+            into.set(from, (into.get(from) ?? 0) + performance.now() - t);
+          }
+        };
+      }
+      return tcp.listen(host, port, timed as typeof handlers);
+    },
+  };
 }
 
 // BENCH_REGISTRY=/path/to/registry.ts measures another version (before/after comparisons).
@@ -71,9 +144,11 @@ delete opts.events;
 delete opts.http;
 delete opts.sampleLag;
 
+const sampler = sampleLag ? new LoopSampler() : undefined;
 const registry = await startRegistry({
   port: 0,
   ...opts,
+  ...(sampler ? { transport: timedTransport(sampler.handlerMs) } : {}),
   host: "127.0.0.1",
   onEvent: wanted.size
     ? (e) => {
@@ -81,9 +156,9 @@ const registry = await startRegistry({
       }
     : undefined,
 });
+if (sampler) sampler.unsentBytes = () => registry.stats().unsentBytes;
 // Loaded only when asked for, so that the other phases measure the registry alone.
 const status = http ? (await import("../status.ts")).startStatusServer(registry, { port: 0, host: "127.0.0.1" }) : undefined;
-const sampler = sampleLag ? new LoopSampler(() => registry.stats().unsentBytes) : undefined;
 
 emit({ event: "listening", port: registry.port, httpPort: status?.port, pid: process.pid, t: wallMs() });
 

@@ -44,7 +44,7 @@ export async function writeReport(results: Msg, paths: { md: string; svg: string
     recovery: recoveryTable(results),
     reply: replySection(results),
     attack: attackSection(results),
-    attackHeld: int(Number(((results.config as Msg).attack as Msg | undefined)?.held ?? 0)),
+    attackHeld: int(Number(((attackRun(results).config as Msg).attack as Msg | undefined)?.held ?? 0)),
     attackHonest: attackHonest(results),
     attackNoise: attackNoise(results),
     command: String(results.command),
@@ -400,7 +400,7 @@ function attackSection(r: Msg): string {
     failedNote(r, "attack") + setup,
     "",
     table(
-      ["Attacker", "What it did in the window", "Honest registered", "Honest p50 / p99 / max ms", "p99 vs none", "Held evicted", "Longest stall ms", "RSS peak", "Unsent peak", "Registry CPU", "Targets"],
+      ["Attacker", "What it did in the window", "Honest registered", "Honest p50 / p99 / max ms", "p99 vs none", "Held evicted", "Longest stall ms (ran / waited for a core)", "Registry thread in the window: ran / waited for a core", "RSS peak", "Unsent peak", "Targets"],
       rows.map((x) => {
         const v = attackVerdict(a, none, x);
         const h = x.honest as Msg;
@@ -411,10 +411,10 @@ function attackSection(r: Msg): string {
           lat({ latencyMs: h.latencyMs } as Run),
           x === none ? "" : ratio(v.p99, v.baseP99),
           String(Number(x.heldEvicted) + (Number(a.held) - Number(x.heldRegistered))),
-          `${ms(Number(x.lagMaxMs))}${Number(x.stalledMs) ? ` (${int(Number(x.stalledMs))} left out of deadlines)` : ""}`,
+          stallCell(x),
+          threadCell(x),
           `${mbs(v.rss)} MB`,
           `${mbs(Number(x.unsentPeak))} MB`,
-          `${Number(x.cpuPct).toFixed(0)}%`,
           mark(v.met),
         ];
       }),
@@ -429,24 +429,47 @@ function attackSection(r: Msg): string {
   ].join("\n");
 }
 
+/** The run the attack phase came from: this one, or one merged in later (--merge). */
+function attackRun(r: Msg): Msg {
+  const m = r.merged as Msg | undefined;
+  return m && (m.phases as string[]).includes("attack") ? m : r;
+}
+
 function attackHonest(r: Msg): string {
-  const c = (r.config as Msg).attack as Msg | undefined;
+  const c = (attackRun(r).config as Msg).attack as Msg | undefined;
   return c ? `${String(c.honestPerSec)} registrations a second for ${secs(Number(c.windowMs))} s per window, from ${String(c.honestSources)} addresses` : "";
 }
 
 /** How busy the machine was during this phase: the attackers share it with the registry, and so may other work. */
 function attackNoise(r: Msg): string {
-  const n = r.noise as Msg | undefined;
+  const run = attackRun(r);
+  const n = run.noise as Msg | undefined;
   const p = ((n?.phases as Msg[] | undefined) ?? []).find((x) => x.phase === "attack");
-  const cores = Number((r.machine as Msg).cores);
+  const cores = Number((run.machine as Msg).cores);
   const shared =
     "The attackers, the held sessions and the honest nodes run on the same machine as the registry, so part of an attacker's effect is the CPU it takes " +
     "from the registry, as it would be from an attacker on the same host; on a real network it would be on another.";
   if (!p) return shared;
   const other = Number(p.otherCores);
-  const load = `While this phase ran, the benchmark's own processes kept ${Number(p.ourCores).toFixed(2)} of the ${cores} cores busy and other processes ${other.toFixed(2)}.`;
+  const own = run === r ? "" : `This phase was measured in a run of its own, ${String(run.date)} (\`${String(run.command)}\`); the other sections come from the run above. `;
+  const load = `${own}While this phase ran, the benchmark's own processes kept ${Number(p.ourCores).toFixed(2)} of the ${cores} cores busy and other processes ${other.toFixed(2)}.`;
   const noisy = other > 0.25 ? ` **The machine was shared with other work during this phase:** the latencies and stalls above include it; compare them with a run on a quiet machine.` : "";
   return `${shared} ${load}${noisy}`;
+}
+
+/** The longest stall, split by what the scheduler says the loop's thread did meanwhile, and what the registry's sweep left out of deadlines. */
+function stallCell(x: Msg): string {
+  const w = x.worstStall as Msg | undefined;
+  const split = w ? ` (${ms(Number(w.ranMs))} / ${ms(Number(w.queuedMs))})` : "";
+  const left = Number(x.stalledMs) ? `; ${int(Number(x.stalledMs))} ms left out of deadlines` : "";
+  return `${ms(Number(x.lagMaxMs))}${split}${left}`;
+}
+
+function threadCell(x: Msg): string {
+  const t = x.thread as Msg | undefined;
+  if (!t) return "";
+  const secsOf = (v: unknown) => (Number(v) / 1000).toFixed(2);
+  return `${secsOf(t.ranMs)} s / ${secsOf(t.queuedMs)} s of ${secsOf(x.windowMs)} s`;
 }
 
 /** What one attacker did in its window, in its own terms. */

@@ -1,15 +1,18 @@
 #!/usr/bin/env bun
 /**
- * The benchmark: `bun run bench` (full, under 3 minutes on 2 cores) or
+ * The benchmark: `bun run bench` (full, about 4 minutes on 2 cores) or
  * `bun bench/run.ts --quick` (CI smoke, under 30 s, thresholds not asserted).
  * Every measured party runs in its own process: the registry
  * (registry-proc.ts), the floor (floor.ts), the load generator (loadgen.ts),
- * the simulated registered nodes (holder.ts) and in-process node fleets
- * (nodes-proc.ts). Loopback only. Writes results.json, BENCHMARKS.md and
+ * the simulated registered nodes (holder.ts), in-process node fleets
+ * (nodes-proc.ts), and for the attack phase honest nodes (honest.ts) and
+ * each attacker (attacker.ts). Loopback only. Writes results.json, BENCHMARKS.md and
  * sweep.svg (full run: bench/results.json, ./BENCHMARKS.md, bench/sweep.svg;
  * quick run: a temp directory unless --out is given).
  * `--help` lists the flags: a narrower sweep for profiling one cell, CPU
- * profiles, other registry versions measured in the same cells, the budget.
+ * profiles, other registry versions measured in the same cells, the budget,
+ * some of the attackers only, one phase measured again into the results
+ * already there (--merge).
  */
 import { mkdirSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -53,7 +56,7 @@ const SIZES = {
     },
   },
   full: {
-    budgetMs: 240_000,
+    budgetMs: 360_000,
     counts: [0, 1_000, 10_000],
     concs: [1, 16, 256],
     warmupMs: 300,
@@ -91,6 +94,10 @@ let QUICK = false;
 let CFG: (typeof SIZES)["quick"] = SIZES.full;
 let PROFILE: string | undefined;
 let COMPARE: string[] = [];
+/** Keep the other phases' results from the results.json already there. */
+let MERGE = false;
+/** Attackers of the "attack" phase to run (after the window with none); all by default. */
+let ATTACKERS: string[] | undefined;
 
 const results: Msg = {};
 let failed = false;
@@ -156,10 +163,22 @@ async function main(out: string | undefined, only: string[] | undefined): Promis
         svgRef: "bench/sweep.svg",
       };
   mkdirSync(paths.dir, { recursive: true });
-  await Bun.write(paths.json, JSON.stringify(results, null, 2) + "\n");
-  await writeReport(results, paths);
+  const written = MERGE ? await mergedInto(paths.json, only ?? PHASES) : results;
+  await Bun.write(paths.json, JSON.stringify(written, null, 2) + "\n");
+  await writeReport(written, paths);
   log(`wrote ${paths.json}, ${paths.md}, ${paths.svg} in ${(results.totalMs as number / 1000).toFixed(1)} s total`);
   return failed ? 1 : 0;
+}
+
+/**
+ * --merge: the phases of this run replace theirs in the results.json already
+ * there, the rest stays; `merged` says which phases came from this run, with
+ * its date, command, machine, configuration and noise, for the report.
+ */
+async function mergedInto(json: string, phases: string[]): Promise<Msg> {
+  const old = JSON.parse(await Bun.file(json).text()) as Msg;
+  const run = { phases, date: results.date, command: `bun bench/run.ts --only ${phases.join(",")} --merge`, machine: results.machine, config: results.config, noise: results.noise, totalMs: results.totalMs };
+  return { ...old, ...Object.fromEntries(phases.map((p) => [p, results[p]])), merged: run };
 }
 
 // --- phases ------------------------------------------------------------------
@@ -437,14 +456,14 @@ interface Scenario {
 /** No attacker, then each attacker of issue 11, each from an address of its own. */
 function scenarios(port: number, httpPort: number): Scenario[] {
   const A = CFG.attack;
-  return [
-    { name: "none" },
+  const all: Scenario[] = [
     { name: "sync-spam", opts: { kind: "sync-spam", port, from: "127.0.0.2", width: A.syncConns, syncs: A.syncs } },
     { name: "ping-flood", opts: { kind: "ping-flood", port, from: "127.0.0.3", width: 1 } },
     { name: "peers-flood", opts: { kind: "peers-flood", port: httpPort, from: "127.0.0.4", width: A.peersLoops } },
     { name: "churn", opts: { kind: "churn", port, from: "127.0.0.5", width: A.churnLoops } },
     { name: "slow-consumers", opts: { kind: "slow-consumers", port, from: "127.0.0.6", width: A.slowConsumers } },
   ];
+  return [{ name: "none" }, ...all.filter((x) => !ATTACKERS || ATTACKERS.includes(x.name))];
 }
 
 /** One measured window: the attacker in place, honest registrations for windowMs, then what the registry and the held sessions went through. */
@@ -474,6 +493,8 @@ async function attackWindow(reg: RegistryProc, fleet: Fleet, honest: Child, sc: 
       delivered: d.reached,
       lagMaxMs: after.lagMaxMs,
       lagP99Ms: after.lagP99Ms,
+      worstStall: after.worstStall,
+      thread: after.thread,
       stalledMs: Number(after.stalledMs) - Number(before.stalledMs),
       rssPeak: after.rssPeak,
       unsentPeak: after.unsentPeak,
@@ -506,8 +527,13 @@ function attackLine(r: Msg): string {
   return (
     `attack ${String(r.name)}: honest p50 ${fmt(Number(l.p50))} p99 ${fmt(Number(l.p99))} max ${fmt(Number(l.max))} ms (${String(h.registered)}/${String(h.attempts)}` +
     `${refused ? `, REFUSED ${JSON.stringify(h.refused)}` : ""}), held evicted ${String(r.heldEvicted)}, stall ${fmt(Number(r.lagMaxMs))} ms, ` +
+    `(${stallText(r.worstStall as Msg | undefined)}), ` +
     `RSS ${mb(Number(r.rssPeak))} MB, unsent ${mb(Number(r.unsentPeak))} MB, CPU ${fmt(Number(r.cpuPct))}%${did}`
   );
+}
+
+function stallText(w: Msg | undefined): string {
+  return w ? `ran ${fmt(Number(w.ranMs))} ms, waited for a core ${fmt(Number(w.queuedMs))} ms, handlers ${JSON.stringify(w.handlerMs)}` : "";
 }
 
 /** `prefix` + 1..n: loopback addresses (all of 127/8 is loopback on Linux). */
@@ -774,7 +800,9 @@ if (import.meta.main) {
       concs: option("Concurrencies of the registration sweep, e.g. 1,16"),
       profile: option("Directory for Bun CPU profiles of the registries, written when they exit"),
       compare: option("Other registry.ts versions measured in the same registration cells (probe off), comma-separated"),
-      "budget-ms": option("The run's time limit, ms (default 240000; 60000 with --quick)"),
+      "budget-ms": option("The run's time limit, ms (default 360000; 60000 with --quick)"),
+      merge: { type: "boolean", description: "Keep the other phases' results of the results.json already there (with --only)" },
+      attackers: option("Attackers of the attack phase, comma-separated (default all): sync-spam, ping-flood, peers-flood, churn, slow-consumers"),
     },
     async (args) => {
       QUICK = Boolean(args.quick);
@@ -789,6 +817,9 @@ if (import.meta.main) {
       for (const phase of only ?? []) if (!PHASES.includes(phase as Phase)) throw new UsageError(`--only: no phase "${phase}" (phases: ${PHASES.join(", ")})`);
       PROFILE = args.profile;
       COMPARE = args.compare?.split(",").filter(Boolean) ?? [];
+      ATTACKERS = args.attackers?.split(",").filter(Boolean);
+      MERGE = Boolean(args.merge);
+      if (MERGE && !only) throw new UsageError("--merge needs --only: the phases to measure again");
       return main(args.out ?? (QUICK ? join(tmpdir(), "contact-registry-bench-quick") : undefined), only);
     },
   );
