@@ -86,6 +86,9 @@ const SIZES = {
   },
 };
 
+/** Source addresses the sessions phase spreads its held nodes over. */
+const SESSION_SOURCES = 50;
+
 type Phase = "registration" | "sessions" | "mesh" | "departure" | "recovery" | "attack";
 const PHASES: Phase[] = ["registration", "sessions", "mesh", "departure", "recovery", "attack"];
 
@@ -189,7 +192,8 @@ async function registration(): Promise<Msg> {
   const perHolder = Math.max(100, Math.min(5_000, Math.floor((fd - 300) / 2)));
   const counts = CFG.counts.filter((n) => n + 600 <= fd);
   const skipped = CFG.counts.filter((n) => !counts.includes(n));
-  const regOpts = { heartbeatMs: 60_000, maxConnsPerAddress: 0 };
+  // Every registration here comes from 127.0.0.1 (one load generator, one host): per-address caps and rates off.
+  const regOpts = { heartbeatMs: 60_000, maxConnsPerAddress: 0, rateAddressProbes: 0, rateAddressLines: 0 };
   const [off, on, floor, lg] = await Promise.all([
     startRegistryProc("registry(probe off)", { ...regOpts, probe: false }),
     startRegistryProc("registry(probe on)", { ...regOpts, probe: true }),
@@ -246,7 +250,8 @@ async function sessions(): Promise<Msg> {
     startRegistryProc("registry(sessions)", { maxConnsPerAddress: 0 }),
     startReady("floor", "bench/floor.ts", [], "listening"),
   ]);
-  const fleet = new Fleet("s", reg.port, true, perHolder, hb);
+  // Nodes on many hosts, as per-address limits expect them: 10,000 from one address would be refused by its probe rate.
+  const fleet = new Fleet("s", reg.port, true, perHolder, hb, addresses("127.0.3.", SESSION_SOURCES));
   const floorFleet = new Fleet("fl", Number(floor.ready.port), false, perHolder, hb);
   const base = await reg.child.request({ cmd: "gc" }, 10_000);
   const floorBase = await floor.child.request({ cmd: "stats" }, 10_000);
