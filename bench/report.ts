@@ -477,9 +477,11 @@ function attackVolume(x: Msg): string {
   const a = x.attack as Msg | undefined;
   if (!a) return "–";
   const perSec = (n: unknown) => int(Number(n) / (Number(a.windowMs) / 1000));
-  if (x.name === "peers-flood") return `${perSec(a.responses)} GET /peers answered/s on ${String((x.attacker as Msg).width)} connections`;
+  const cpu = `; the attacker's process used ${((Number(a.cpuMs) / Number(a.windowMs)) * 100).toFixed(0)}% of a core`;
+  if (x.name === "peers-flood") return `${perSec(a.responses)} GET /peers answered/s on ${String((x.attacker as Msg).width)} connections${cpu}`;
   const total = x.attackTotal as Msg;
-  return `${perSec(a.lines)} lines/s written; ${int(Number(total.connections))} connections opened, ${int(Number(total.registered))} registered, ${int(Number(total.closedByRegistry))} closed by the registry (since it started)`;
+  const conns = `${int(Number(total.connections))} connections opened, ${int(Number(total.registered))} registered, ${int(Number(total.closedByRegistry))} closed by the registry (since it started)`;
+  return `${perSec(a.lines)} lines/s written; ${conns}${cpu}`;
 }
 
 function codes(c: Msg | undefined): string {
