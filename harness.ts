@@ -853,13 +853,15 @@ export class Attack implements AsyncDisposable {
     this.counts.connections++;
     try {
       await http.connected;
+      let counted = 0;
       while (!this.stopped && (await http.get("/peers"))) {
         this.counts.responses++;
+        this.counts.bytesReceived += http.bytesReceived - counted;
+        counted = http.bytesReceived;
         placed();
       }
       if (http.closed && !this.stopped) this.counts.closedByRegistry++;
     } finally {
-      this.counts.bytesReceived += http.bytesReceived;
       this.open.delete(http);
       http.destroy();
     }
