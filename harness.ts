@@ -455,8 +455,9 @@ export function greetingsOf(nodes: { id: string; log: EventLog }[]): { greeted: 
 /**
  * A raw NDJSON TCP client for precise and hostile tests: writes exactly the
  * bytes it is given, splits what it receives on 0x0A itself, and lets a test
- * wait for a message under a deadline. On node:net, because Bun.connect cannot
- * choose the local address: binding 127.0.0.2, 127.0.0.3, ... makes
+ * wait for a message under a deadline. On node:net, whose `localAddress` is
+ * documented (Bun.connect takes one too, but only outside its types: see
+ * bench/lib.ts fromAddress): binding 127.0.0.2, 127.0.0.3, ... makes
  * connections a server counts as coming from different hosts. With
  * `collect: false` it only counts bytes (bulk clients that must keep reading
  * but whose traffic is not under test).
