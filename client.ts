@@ -11,7 +11,22 @@
  * heartbeat and the backoff.
  */
 import { defineCommand, runMain, type ArgsDef } from "citty";
-import { UsageError, createPrinter, describeCommon, isWarning, readSettings, reloadOnHangup, runCli, stopOnSignals, tlsFromFlags, type CommonEvent } from "./cli.ts";
+import {
+  UsageError,
+  createLog,
+  createPrinter,
+  describeCommon,
+  isWarning,
+  portsRecorder,
+  readSettings,
+  reloadOnHangup,
+  renderHelp,
+  runCli,
+  stopOnSignals,
+  tlsFromFlags,
+  type CommonEvent,
+  type Level,
+} from "./cli.ts";
 import { Greeter, Listener, Met, type GreetingEvent, type Identity } from "./greetings.ts";
 import { Backoff, Heartbeat, systemClock, type Clock } from "./liveness.ts";
 import {
@@ -59,6 +74,8 @@ export interface NodeOptions {
   onEvent?: (e: NodeEvent) => void;
   /** Resolve startNode only after the first registration (default true). */
   waitForRegistration?: boolean;
+  /** Stop, failing, if not registered within this time of starting (default: keep trying). */
+  giveUpAfterMs?: number;
   /** Where sockets are opened (default plain TCP; `tls(...)` for TLS to the registry, and with a mesh CA mutual TLS everywhere). */
   transport?: Transport;
   /** Drives the heartbeat (default: the system's monotonic clock). */
@@ -102,6 +119,11 @@ export interface PeerNode {
   /** Stops without saying goodbye (tests of crash handling). */
   kill(): void;
   [Symbol.asyncDispose](): Promise<void>;
+}
+
+/** The node was not registered within `giveUpAfterMs`. */
+export class GaveUpError extends Error {
+  override name = "GaveUpError";
 }
 
 /** A registration refused for a reason retrying will not fix. */
@@ -206,6 +228,7 @@ function settingsOf(options: NodeOptions) {
     inboundTimeoutMs: options.inboundTimeoutMs ?? DEFAULTS.inboundTimeoutMs,
     maxInboundConns: options.maxInboundConns ?? DEFAULTS.maxInboundConns,
     maxInboundPerAddress: options.maxInboundPerAddress ?? DEFAULTS.maxInboundPerAddress,
+    giveUpAfterMs: options.giveUpAfterMs,
   };
 }
 
@@ -262,6 +285,8 @@ class RegistrySession {
   private reconnectTimer: Timer | undefined;
   private receipts: string[] = [];
   private receiptScheduled = false;
+  private giveUp: Timer | undefined;
+  private lastFailure = "";
 
   constructor(
     private readonly s: Settings,
@@ -276,7 +301,7 @@ class RegistrySession {
     /** A peer was added to the view, or updated. */
     private readonly onListed: (peer: Peer) => void,
     private readonly emit: (e: SessionEvent) => void,
-    private readonly onFatal: (error: RegistrationError) => void,
+    private readonly onFatal: (error: Error) => void,
   ) {
     this.first.promise.catch(() => {});
     this.backoff = new Backoff(s.reconnectBaseMs, s.reconnectMaxMs);
@@ -294,7 +319,14 @@ class RegistrySession {
   }
 
   start(): void {
+    const ms = this.s.giveUpAfterMs;
+    if (ms !== undefined) this.giveUp = setTimeout(() => this.gaveUp(ms), Math.min(ms, MAX_TIMER_MS));
     void this.connect();
+  }
+
+  private gaveUp(ms: number): void {
+    if (this.everRegistered || this.stopped) return;
+    this.stopWith(new GaveUpError(`not registered within ${ms}ms${this.lastFailure ? `; last: ${this.lastFailure}` : ""}`));
   }
 
   /** The address this node is listed under (what `hello` carries). */
@@ -313,7 +345,8 @@ class RegistrySession {
       const all = this.receipts;
       this.receipts = [];
       const conn = this.conn;
-      if (!this.registered || !conn) return;
+      // Nothing after `leave`: a stopping node's receipts would reach a registry that already let it go.
+      if (!this.registered || !conn || this.stopped) return;
       for (let i = 0; i < all.length; i += RECEIPT_CHUNK) conn.send({ type: "receipt", ids: all.slice(i, i + RECEIPT_CHUNK) });
     });
   }
@@ -324,6 +357,7 @@ class RegistrySession {
     this.stopped = true;
     this.heartbeat?.stop();
     clearTimeout(this.reconnectTimer);
+    clearTimeout(this.giveUp);
     const conn = this.conn;
     if (conn && !conn.closed) {
       if (sayGoodbye && this.registered) {
@@ -347,13 +381,13 @@ class RegistrySession {
       conn = await this.transport.dial(this.s.registryHost, this.s.registryPort, this.handlers, this.s.connectTimeoutMs);
     } catch (e) {
       if (this.stopped) return;
-      const reason = (e as Error).message;
-      this.emit({ event: "disconnected", reason, registered: false });
+      this.lastFailure = (e as Error).message;
+      this.emit({ event: "disconnected", reason: this.lastFailure, registered: false });
       // A registry that answers with a certificate this node refuses, or without TLS, is a configuration to fix.
       const code = (e as { code?: string }).code;
       if (v.is(ErrorCode, code)) {
-        this.emit({ event: "error", code, message: reason });
-        if (!this.everRegistered && FATAL.has(code)) return this.giveUp(new RegistrationError(code, reason));
+        this.emit({ event: "error", code, message: this.lastFailure });
+        if (!this.everRegistered && FATAL.has(code)) return this.stopWith(new RegistrationError(code, this.lastFailure));
       }
       return this.scheduleReconnect();
     }
@@ -416,6 +450,7 @@ class RegistrySession {
     const again = this.everRegistered;
     const newBoot = this.boot !== undefined && this.boot !== m.boot;
     this.registered = this.everRegistered = true;
+    clearTimeout(this.giveUp);
     this.backoff.reset();
     this.self = m.self;
     this.boot = m.boot;
@@ -465,15 +500,17 @@ class RegistrySession {
     this.registered = false;
     if (this.stopped) return;
     const limit = conn.limitHit ? `${conn.limitHit.code}: ${conn.limitHit.message}` : undefined;
-    this.emit({ event: "disconnected", reason: limit ?? conn.state.lastError ?? "connection closed", registered: was });
+    this.lastFailure = limit ?? conn.state.lastError ?? "connection closed";
+    this.emit({ event: "disconnected", reason: this.lastFailure, registered: was });
     const fatal = conn.state.fatal;
     if (!fatal) return this.scheduleReconnect();
-    this.giveUp(fatal);
+    this.stopWith(fatal);
   }
 
-  private giveUp(fatal: RegistrationError): void {
-    this.first.reject(fatal);
-    this.onFatal(fatal);
+  /** Ends the session for a reason retrying cannot fix (a final refusal, or the time to give up). */
+  private stopWith(error: Error): void {
+    this.first.reject(error);
+    this.onFatal(error);
   }
 
   /** True if a push is the next one; on a gap, asks for a fresh snapshot instead of drifting. */
@@ -547,36 +584,112 @@ function describe(e: NodeEvent): string {
   }
 }
 
-function level(e: NodeEvent): "warn" | "success" | "info" {
+function level(e: NodeEvent): Level {
   if (e.event === "error" || e.event === "greet-failed" || isWarning(e)) return "warn";
   return e.event === "listening" || e.event === "registered" ? "success" : "info";
+}
+
+/** Failed attempts to reach the registry between two reminders in the readable log. */
+const REMIND_EVERY = 10;
+
+/** How long a peer missing after a registry restart may take to be back before the readable log calls it gone. */
+const RESTART_GRACE_MS = 10_000;
+
+/**
+ * The readable log of a node (JSON output keeps every event). While the
+ * registry cannot be reached it says so once, naming the address and the
+ * likely cause, then reminds every REMIND_EVERY attempts; a refusal is printed
+ * once, not again as the lost session and the exit; a peer absent from the
+ * list only while the registry restarts is not reported as left and back.
+ */
+class ReadableLog {
+  private readonly log = createLog("node");
+  private failing = 0;
+  /** The last registry error printed: the disconnection and the exit that follow it say nothing new. */
+  lastError = "";
+  private readonly held = new Map<string, Timer>();
+
+  constructor(private readonly registry: string) {}
+
+  readonly print = (e: NodeEvent): void => {
+    switch (e.event) {
+      case "registered":
+        this.failing = 0;
+        break;
+      case "error":
+        this.lastError = `${e.code}: ${e.message}`;
+        break;
+      case "disconnected":
+        return this.disconnected(e.reason, e.registered);
+      case "reconnecting":
+        if (this.failing > 1 && e.attempt % REMIND_EVERY === 0) this.log("info", `still trying to reach the registry at ${this.registry} (attempt ${e.attempt})`);
+        return;
+      case "peer-left":
+        if (e.reason !== "restart" && e.reason !== "sync") break;
+        return void this.held.set(
+          e.peer,
+          setTimeout(() => {
+            this.held.delete(e.peer);
+            this.log("info", describe(e));
+          }, RESTART_GRACE_MS).unref(),
+        );
+      case "peer-joined": {
+        const timer = this.held.get(e.peer);
+        if (!timer) break;
+        clearTimeout(timer);
+        this.held.delete(e.peer);
+        return; // it was only away while the list was rebuilt
+      }
+    }
+    this.log(level(e), describe(e));
+  };
+
+  private disconnected(reason: string, registered: boolean): void {
+    if (reason === this.lastError) return;
+    if (registered) {
+      this.failing = 1;
+      return this.log("warn", `registry session lost: ${reason}; reconnecting`);
+    }
+    if (this.failing++ > 0) return;
+    this.log("warn", `cannot reach the registry at ${this.registry}: ${reason}${hint(reason)}; retrying`);
+  }
+}
+
+/** The likely cause of a failure to reach the registry, for people. */
+function hint(reason: string): string {
+  if (/ECONNREFUSED/.test(reason)) return " (is a registry running there?)";
+  if (/ENOTFOUND|cannot resolve/.test(reason)) return " (is the name right?)";
+  if (/ETIMEDOUT|timeout/.test(reason)) return " (is it reachable from here? a firewall?)";
+  return "";
 }
 
 const flags = {
   "registry-host": { type: "positional", required: false, description: "Registry host [env REGISTRY_HOST]" },
   "registry-port": { type: "positional", required: false, description: "Registry port [env REGISTRY_PORT]" },
   json: { type: "boolean", description: "One JSON event per line on stdout [env LOG_JSON=1]" },
-  listen: { type: "string", description: "Address to listen on for greetings [env NODE_LISTEN, default ::, all interfaces]" },
-  port: { type: "string", description: "Port to listen on [env NODE_PORT, default 0: the OS picks]" },
-  advertise: { type: "string", description: "host[:port] to register instead of the address the registry sees [env NODE_ADVERTISE]" },
-  name: { type: "string", description: "Human-readable name shown to peers [env NODE_NAME]" },
-  id: { type: "string", description: "Stable node id [env NODE_ID, default random]" },
-  token: { type: "string", description: "Shared secret the registry requires [env REGISTRY_TOKEN]" },
-  "greet-timeout": { type: "string", description: `Per-greeting deadline in ms [env NODE_GREET_TIMEOUT_MS, default ${DEFAULTS.greetTimeoutMs}]` },
-  "greet-concurrency": { type: "string", description: `Greetings in flight at once [env NODE_GREET_CONCURRENCY, default ${DEFAULTS.greetConcurrency}]` },
-  "greet-retries": { type: "string", description: `Extra attempts per greeting [env NODE_GREET_RETRIES, default ${DEFAULTS.greetRetries}]` },
-  "reconnect-max": { type: "string", description: `Cap of the reconnect backoff in ms [env NODE_RECONNECT_MAX_MS, default ${DEFAULTS.reconnectMaxMs}]` },
-  "register-timeout": { type: "string", description: `Deadline for the registry's answer to register, ms [env NODE_REGISTER_TIMEOUT_MS, default ${2 * DEFAULTS.registerTimeoutMs}]` },
-  "max-reply": { type: "string", description: `Longest line accepted from the registry, bytes [env NODE_MAX_REPLY_BYTES, default ${DEFAULTS.maxReplyBytes}]` },
-  "max-line": { type: "string", description: `Longest line the greeting listener accepts, bytes [env NODE_MAX_LINE, default ${DEFAULTS.maxLineBytes}]` },
-  "inbound-timeout": { type: "string", description: `Lifetime of an inbound greeting connection, ms [env NODE_INBOUND_TIMEOUT_MS, default ${DEFAULTS.inboundTimeoutMs}]` },
-  "max-inbound": { type: "string", description: `Open inbound greeting connections at most [env NODE_MAX_INBOUND, default ${DEFAULTS.maxInboundConns}]` },
-  "max-inbound-per-ip": { type: "string", description: `Open inbound greeting connections from one source address [env NODE_MAX_INBOUND_PER_IP, default ${DEFAULTS.maxInboundPerAddress}]` },
+  listen: { type: "string", valueHint: "address", description: "Address to listen on for greetings [env NODE_LISTEN, default ::, all interfaces]" },
+  port: { type: "string", valueHint: "port", description: "Port to listen on [env NODE_PORT, default 0: the OS picks]" },
+  advertise: { type: "string", valueHint: "host[:port]", description: "host[:port] to register instead of the address the registry sees [env NODE_ADVERTISE]" },
+  name: { type: "string", valueHint: "text", description: "Human-readable name shown to peers [env NODE_NAME]" },
+  id: { type: "string", valueHint: "id", description: "Stable node id [env NODE_ID, default random]" },
+  token: { type: "string", valueHint: "secret", description: "Shared secret the registry requires [env REGISTRY_TOKEN]" },
+  "greet-timeout": { type: "string", valueHint: "ms", description: `Per-greeting deadline in ms [env NODE_GREET_TIMEOUT_MS, default ${DEFAULTS.greetTimeoutMs}]` },
+  "greet-concurrency": { type: "string", valueHint: "n", description: `Greetings in flight at once [env NODE_GREET_CONCURRENCY, default ${DEFAULTS.greetConcurrency}]` },
+  "greet-retries": { type: "string", valueHint: "n", description: `Extra attempts per greeting [env NODE_GREET_RETRIES, default ${DEFAULTS.greetRetries}]` },
+  "reconnect-max": { type: "string", valueHint: "ms", description: `Cap of the reconnect backoff in ms [env NODE_RECONNECT_MAX_MS, default ${DEFAULTS.reconnectMaxMs}]` },
+  "register-timeout": { type: "string", valueHint: "ms", description: `Deadline for the registry's answer to register, ms [env NODE_REGISTER_TIMEOUT_MS, default ${2 * DEFAULTS.registerTimeoutMs}]` },
+  "max-reply": { type: "string", valueHint: "bytes", description: `Longest line accepted from the registry, bytes [env NODE_MAX_REPLY_BYTES, default ${DEFAULTS.maxReplyBytes}]` },
+  "max-line": { type: "string", valueHint: "bytes", description: `Longest line the greeting listener accepts, bytes [env NODE_MAX_LINE, default ${DEFAULTS.maxLineBytes}]` },
+  "inbound-timeout": { type: "string", valueHint: "ms", description: `Lifetime of an inbound greeting connection, ms [env NODE_INBOUND_TIMEOUT_MS, default ${DEFAULTS.inboundTimeoutMs}]` },
+  "max-inbound": { type: "string", valueHint: "n", description: `Open inbound greeting connections at most [env NODE_MAX_INBOUND, default ${DEFAULTS.maxInboundConns}]` },
+  "give-up-after": { type: "string", valueHint: "ms", description: "Exit 1 if not registered within this time of starting [env NODE_GIVE_UP_AFTER_MS, default: keep trying]" },
+  "ports-file": { type: "string", valueHint: "file", description: "Append what it listens on to this file, one JSON line (the Docker HEALTHCHECK reads it) [env PORTS_FILE]" },
+  "max-inbound-per-ip": { type: "string", valueHint: "n", description: `Open inbound greeting connections from one source address [env NODE_MAX_INBOUND_PER_IP, default ${DEFAULTS.maxInboundPerAddress}]` },
   tls: { type: "boolean", description: "Connect to the registry with TLS, trusting the system's CAs [env NODE_TLS=1]" },
-  "tls-ca": { type: "string", description: "CA certificate (PEM) the registry's certificate, and with --tls-cert every node's, must be signed by; implies --tls [env NODE_TLS_CA]" },
-  "tls-server-name": { type: "string", description: "Name the registry's certificate must carry, when connecting by address or another name [env NODE_TLS_SERVER_NAME, default the registry host]" },
-  "tls-cert": { type: "string", description: "This node's certificate (PEM): mutual TLS with the registry and every node; the node's id is the one it names [env NODE_TLS_CERT]" },
-  "tls-key": { type: "string", description: "The key of --tls-cert (PEM) [env NODE_TLS_KEY]" },
+  "tls-ca": { type: "string", valueHint: "file", description: "CA certificate (PEM) the registry's certificate, and with --tls-cert every node's, must be signed by; implies --tls [env NODE_TLS_CA]" },
+  "tls-server-name": { type: "string", valueHint: "name", description: "Name the registry's certificate must carry, when connecting by address or another name [env NODE_TLS_SERVER_NAME, default the registry host]" },
+  "tls-cert": { type: "string", valueHint: "file", description: "This node's certificate (PEM): mutual TLS with the registry and every node; the node's id is the one it names [env NODE_TLS_CERT]" },
+  "tls-key": { type: "string", valueHint: "file", description: "The key of --tls-cert (PEM) [env NODE_TLS_KEY]" },
 } satisfies ArgsDef;
 
 /**
@@ -608,18 +721,50 @@ function nodeTransport(
   return transport;
 }
 
+type TlsKey = "tls-ca" | "tls-server-name" | "tls-cert" | "tls-key";
+
+/** The TLS settings of the command line (a node's, and `list`'s), flag first, then variable. */
+function tlsFlags(flag: (key: TlsKey, env: string) => string | undefined, on: (key: "tls", env: string) => boolean) {
+  return {
+    tls: on("tls", "NODE_TLS"),
+    ca: flag("tls-ca", "NODE_TLS_CA"),
+    serverName: flag("tls-server-name", "NODE_TLS_SERVER_NAME"),
+    cert: flag("tls-cert", "NODE_TLS_CERT"),
+    key: flag("tls-key", "NODE_TLS_KEY"),
+  };
+}
+
+const help = {
+  usage: ["bun client.ts <registry-host> <registry-port> [options]", "bun client.ts list <registry-host> <registry-port> [--json] [--token <secret>] [--tls | --tls-ca <file> ...]"],
+  description: "Peer node: listens on a port the OS picks, registers with the registry, greets every other node and answers their greetings.",
+  required: ["registry-host", "registry-port"],
+  more: "Commands:\n  list   print the registry's nodes (without registering), then exit; --json for JSON",
+  examples: [
+    "bun client.ts localhost 8080",
+    "bun client.ts registry.example 8080 --name edge-1 --json",
+    "bun client.ts 10.0.0.1 8080 --advertise 203.0.113.7:7001     # behind NAT: the address others must use",
+    "bun client.ts list localhost 8080",
+  ],
+};
+
+/** The registry's address from the two positionals (or their variables), or a usage error. */
+function registryArg(flag: (key: "registry-host" | "registry-port", env: string) => string | undefined, command = "bun client.ts") {
+  const host = flag("registry-host", "REGISTRY_HOST");
+  const portText = flag("registry-port", "REGISTRY_PORT");
+  if (!host) throw new UsageError(`missing the registry address: ${command} <registry-host> <registry-port>`);
+  if (portText === undefined) throw new UsageError(`missing the registry port: ${command} <registry-host> <registry-port>`);
+  const port = parsePort(portText, false);
+  if (port === undefined) throw new UsageError(`registry port must be a number from 1 to 65535, got "${portText}"`);
+  return { host, port };
+}
+
 export const command = defineCommand({
-  meta: { name: "client", version: "0.1.0", description: "Peer node: registers with a contact registry and greets the other nodes." },
+  meta: { name: "client", version: "0.1.0", description: help.description },
   args: flags,
   async run({ args, rawArgs }) {
     await runCli(async () => {
       const { text: flag, int: num, on } = readSettings(args, rawArgs, flags);
-      const registryHost = flag("registry-host", "REGISTRY_HOST");
-      const portText = flag("registry-port", "REGISTRY_PORT");
-      if (!registryHost) throw new UsageError("missing the registry address: bun client.ts <registry-host> <registry-port>");
-      if (portText === undefined) throw new UsageError("missing the registry port: bun client.ts <registry-host> <registry-port>");
-      const registryPort = parsePort(portText, false);
-      if (registryPort === undefined) throw new UsageError(`registry port must be a number from 1 to 65535, got "${portText}"`);
+      const registry = registryArg(flag);
       const listenPortText = flag("port", "NODE_PORT");
       const port = listenPortText === undefined ? 0 : parsePort(listenPortText);
       if (port === undefined) throw new UsageError(`--port must be a number from 0 to 65535, got "${listenPortText}"`);
@@ -631,23 +776,20 @@ export const command = defineCommand({
           throw new UsageError(`--advertise: ${(e as Error).message}`);
         }
       }
-      const print = createPrinter("node", on("json", "LOG_JSON"), describe, level);
+      const json = on("json", "LOG_JSON");
+      const readable = json ? undefined : new ReadableLog(formatAddress(registry.host, registry.port));
+      const show = readable?.print ?? createPrinter("node", true, describe, level);
+      const record = portsRecorder(flag("ports-file", "PORTS_FILE"), "node");
+      const print = (e: NodeEvent) => {
+        record(e);
+        show(e);
+      };
       const inboundTimeoutMs = num("inbound-timeout", "NODE_INBOUND_TIMEOUT_MS", 1, MAX_TIMER_MS);
       const id = flag("id", "NODE_ID");
-      const transport = nodeTransport(
-        {
-          tls: on("tls", "NODE_TLS"),
-          ca: flag("tls-ca", "NODE_TLS_CA"),
-          serverName: flag("tls-server-name", "NODE_TLS_SERVER_NAME"),
-          cert: flag("tls-cert", "NODE_TLS_CERT"),
-          key: flag("tls-key", "NODE_TLS_KEY"),
-        },
-        id,
-        Math.min(DEFAULTS.handshakeTimeoutMs, inboundTimeoutMs ?? DEFAULTS.inboundTimeoutMs),
-      );
+      const transport = nodeTransport(tlsFlags(flag, on), id, Math.min(DEFAULTS.handshakeTimeoutMs, inboundTimeoutMs ?? DEFAULTS.inboundTimeoutMs));
       const node = await startNode({
-        registryHost,
-        registryPort,
+        registryHost: registry.host,
+        registryPort: registry.port,
         listenHost: flag("listen", "NODE_LISTEN"),
         port,
         advertise,
@@ -664,6 +806,7 @@ export const command = defineCommand({
         maxInboundPerAddress: num("max-inbound-per-ip", "NODE_MAX_INBOUND_PER_IP", 1),
         registerTimeoutMs: num("register-timeout", "NODE_REGISTER_TIMEOUT_MS", 1, MAX_TIMER_MS),
         maxReplyBytes: num("max-reply", "NODE_MAX_REPLY_BYTES", 1024),
+        giveUpAfterMs: num("give-up-after", "NODE_GIVE_UP_AFTER_MS", 1),
         transport,
         onEvent: print,
         // Signals must stop the node even while its registry is still out of reach;
@@ -674,9 +817,92 @@ export const command = defineCommand({
       if (transport) reloadOnHangup(() => print(transport.reload()));
       // Lets a harness (scripts/chaos.ts) read this node's view without replaying its whole history.
       process.on("SIGUSR1", () => print({ event: "view", registered: node.registered, peers: node.peers().map((p) => p.id) }));
-      await node.done;
+      await node.done.catch((e: unknown) => {
+        // Already said, as the registry's error: exit 1 without saying it again.
+        if (readable && e instanceof RegistrationError && e.message === readable.lastError) process.exit(1);
+        throw e;
+      });
     });
   },
 });
 
-if (import.meta.main) await runMain(command);
+const listFlags = {
+  "registry-host": flags["registry-host"],
+  "registry-port": flags["registry-port"],
+  json: { type: "boolean", description: "The list as one JSON object on stdout [env LOG_JSON=1]" },
+  token: flags.token,
+  tls: flags.tls,
+  "tls-ca": flags["tls-ca"],
+  "tls-server-name": flags["tls-server-name"],
+  "tls-cert": flags["tls-cert"],
+  "tls-key": flags["tls-key"],
+} satisfies ArgsDef;
+
+/** `bun client.ts list HOST PORT`: the registry's nodes, read with the protocol's `list` request. */
+export const listCommand = defineCommand({
+  meta: { name: "list", version: "0.1.0", description: "Print the registry's nodes without registering, then exit." },
+  args: listFlags,
+  async run({ args, rawArgs }) {
+    await runCli(async () => {
+      const { text: flag, on } = readSettings(args, rawArgs, listFlags);
+      const registry = registryArg(flag, "bun client.ts list");
+      const transport = nodeTransport(tlsFlags(flag, on), undefined, DEFAULTS.handshakeTimeoutMs);
+      const list = await listNodes(registry.host, registry.port, { token: flag("token", "REGISTRY_TOKEN"), transport });
+      if (on("json", "LOG_JSON")) return void process.stdout.write(JSON.stringify({ ...list, count: list.peers.length }) + "\n");
+      process.stdout.write(table(["id", "name", "address"], list.peers.map((p) => [p.id, p.name ?? "", formatAddress(p.host, p.port)])));
+      process.stdout.write(`${list.peers.length} node${list.peers.length === 1 ? "" : "s"} (boot ${list.boot}, seq ${list.seq})\n`);
+    });
+  },
+});
+
+/** The registry's list, through its `list` request; rejects with the registry's error or a connection failure. */
+export async function listNodes(
+  host: string,
+  port: number,
+  o: { token?: string; timeoutMs?: number; transport?: Transport } = {},
+): Promise<{ boot: string; seq: number; peers: Peer[] }> {
+  const timeoutMs = o.timeoutMs ?? 5_000;
+  const answer = Promise.withResolvers<{ boot: string; seq: number; peers: Peer[] }>();
+  const handlers = lineHandlers<undefined>({
+    maxLineBytes: DEFAULTS.maxReplyBytes,
+    state: () => undefined,
+    line(_conn, line) {
+      const r = decode(FromRegistry, line);
+      if (!r.ok) return answer.reject(new Error(`from registry: ${r.message}`));
+      if (r.msg.type === "snapshot") return answer.resolve({ boot: r.msg.boot, seq: r.msg.seq, peers: r.msg.peers });
+      if (r.msg.type === "error") return answer.reject(new RegistrationError(r.msg.code, r.msg.message));
+      answer.reject(new Error(`unexpected answer from the registry: ${r.msg.type}`));
+    },
+    close: () => answer.reject(new Error("the registry closed the connection without an answer")),
+  });
+  // Settled by the deadline or a close before (or without) being awaited: a TLS dial can outlast the deadline.
+  answer.promise.catch(() => {});
+  const timer = setTimeout(() => answer.reject(new Error(`no answer from ${formatAddress(host, port)} within ${timeoutMs}ms`)), timeoutMs);
+  let conn: Conn<undefined>;
+  try {
+    conn = await (o.transport ?? tcp).dial(host, port, handlers, timeoutMs);
+  } catch (e) {
+    clearTimeout(timer);
+    throw e;
+  }
+  try {
+    conn.send({ type: "list", v: PROTOCOL_VERSION, ...(o.token ? { token: o.token } : {}) });
+    return await answer.promise;
+  } finally {
+    clearTimeout(timer);
+    conn.destroy();
+  }
+}
+
+/** Columns padded to their widest cell. */
+function table(head: string[], rows: string[][]): string {
+  const widths = head.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
+  return [head, ...rows].map((r) => r.map((cell, i) => cell.padEnd(widths[i]!)).join("  ").trimEnd() + "\n").join("");
+}
+
+if (import.meta.main) {
+  const [first, ...rest] = process.argv.slice(2);
+  const showUsage = async () => void process.stdout.write(renderHelp(help, flags));
+  if (first === "list") await runMain(listCommand, { rawArgs: rest, showUsage });
+  else await runMain(command, { showUsage });
+}
