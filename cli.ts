@@ -27,9 +27,9 @@ export function describeCommon(e: CommonEvent): string {
     case "warning":
       return `warning: ${e.message}`;
     case "tls-reloaded":
-      return `certificates reloaded${e.subject ? ` (${e.subject}` : ""}${e.notAfter ? `, valid until ${e.notAfter})` : e.subject ? ")" : ""}; new connections use them`;
+      return `${e.scope ? `${e.scope} ` : ""}certificates reloaded${e.subject ? ` (${e.subject}` : ""}${e.notAfter ? `, valid until ${e.notAfter})` : e.subject ? ")" : ""}; new connections use them`;
     case "tls-reload-failed":
-      return `certificates not reloaded, the previous ones stay in use: ${e.message}`;
+      return `${e.scope ? `${e.scope} ` : ""}certificates not reloaded, the previous ones stay in use: ${e.message}`;
   }
 }
 

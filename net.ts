@@ -505,7 +505,7 @@ export interface Transport {
    * probe); without it the other end is the registry.
    */
   dial<S>(host: string, port: number, handlers: Bun.SocketHandler<Conn<S>>, timeoutMs: number, node?: string): Promise<Conn<S>>;
-  /** Whether the registry port (and with it the token in `register`) is encrypted. */
+  /** Whether it speaks TLS: on its listeners (given a certificate), and always to the registry it dials, the token in `register` included. */
   readonly encrypted: boolean;
   /** What this side's own certificate proves (a node's id comes from it), if it has one. */
   readonly identity?: PeerIdentity;
@@ -608,7 +608,9 @@ export class TlsConfigError extends Error {
 }
 
 /** How a reload of the certificate files went: what the programs print on SIGHUP. */
-export type TlsEvent = { event: "tls-reloaded"; subject?: string; notAfter?: string } | { event: "tls-reload-failed"; message: string };
+export type TlsEvent =
+  | { event: "tls-reloaded"; subject?: string; notAfter?: string; /** Whose files, when a program has more than one set (the registry's status server). */ scope?: string }
+  | { event: "tls-reload-failed"; message: string; scope?: string };
 
 export interface TlsTransport extends Transport {
   /**
@@ -1192,7 +1194,7 @@ class Gate {
     if (this.refusing.size >= GATE_MAX_REFUSING) return conn.destroy();
     conn.state.refusedAt = performance.now();
     this.refusing.add(conn);
-    // A TLS transport will have to send this after its handshake instead (a write in `open` can be lost there).
+    // Behind a TLS transport this waits in Conn's queue until the handshake is done (a write in `open` is lost there).
     conn.send(BUSY);
     if (!conn.pendingBytes) conn.socket.shutdown();
   }

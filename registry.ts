@@ -864,6 +864,12 @@ const flags = {
     valueHint: "file",
     description: "CA certificate (PEM) of the mesh: nodes must present a certificate it signed, for their id; the probe is mutual TLS too [env REGISTRY_TLS_CLIENT_CA]",
   },
+  "http-tls-cert": {
+    type: "string",
+    valueHint: "file",
+    description: "Certificate (PEM) for HTTPS on the status server [env REGISTRY_HTTP_TLS_CERT, default: --tls-cert, so a TLS registry serves HTTPS]",
+  },
+  "http-tls-key": { type: "string", valueHint: "file", description: "The key of --http-tls-cert (PEM) [env REGISTRY_HTTP_TLS_KEY, default: --tls-key]" },
   "ports-file": { type: "string", valueHint: "file", description: "Append what it listens on to this file, one JSON line each (the Docker HEALTHCHECK reads it) [env PORTS_FILE]" },
 } satisfies ArgsDef;
 
@@ -874,6 +880,19 @@ function registryTransport(f: { cert?: string; key?: string; clientCa?: string }
     return undefined;
   }
   return tlsFromFlags({ cert: f.cert, key: f.key, meshCa: f.clientCa, handshakeTimeoutMs });
+}
+
+/**
+ * HTTPS for the status server: its own certificate, or the registry's. A
+ * browser has no mesh certificate, so this is TLS without client
+ * certificates even when the registry port is mutual TLS.
+ */
+function statusTransport(f: { cert?: string; key?: string }, registry: { cert?: string; key?: string }, http: boolean): TlsTransport | undefined {
+  if (!http && (f.cert !== undefined || f.key !== undefined)) throw new UsageError("--http-tls-cert and --http-tls-key need --http: they are the status server's");
+  const cert = f.cert ?? registry.cert;
+  const key = f.key ?? registry.key;
+  if (!http || (cert === undefined && key === undefined)) return undefined;
+  return tlsFromFlags({ cert, key });
 }
 
 const help = {
@@ -909,9 +928,12 @@ export const command = defineCommand({
       };
       // Every setting is read, and a bad one refused, before anything listens.
       const registerTimeoutMs = num("register-timeout", "REGISTRY_REGISTER_TIMEOUT_MS", 1, MAX_TIMER_MS);
-      const transport = registryTransport(
-        { cert: flag("tls-cert", "REGISTRY_TLS_CERT"), key: flag("tls-key", "REGISTRY_TLS_KEY"), clientCa: flag("tls-client-ca", "REGISTRY_TLS_CLIENT_CA") },
-        Math.min(DEFAULTS.handshakeTimeoutMs, registerTimeoutMs ?? DEFAULTS.registerTimeoutMs),
+      const tlsFiles = { cert: flag("tls-cert", "REGISTRY_TLS_CERT"), key: flag("tls-key", "REGISTRY_TLS_KEY"), clientCa: flag("tls-client-ca", "REGISTRY_TLS_CLIENT_CA") };
+      const transport = registryTransport(tlsFiles, Math.min(DEFAULTS.handshakeTimeoutMs, registerTimeoutMs ?? DEFAULTS.registerTimeoutMs));
+      const httpTransport = statusTransport(
+        { cert: flag("http-tls-cert", "REGISTRY_HTTP_TLS_CERT"), key: flag("http-tls-key", "REGISTRY_HTTP_TLS_KEY") },
+        tlsFiles,
+        httpPort !== undefined,
       );
       const options = {
         host: flag("host", "REGISTRY_HOST") ?? "::",
@@ -953,7 +975,7 @@ export const command = defineCommand({
       let status: { stop(): Promise<void> } | undefined;
       if (http) {
         const { startStatusServer } = await import("./status.ts");
-        const server = startStatusServer(registry, { ...http, host: http.host ?? registry.host, maxConns: caps.httpMaxConns });
+        const server = startStatusServer(registry, { ...http, host: http.host ?? registry.host, maxConns: caps.httpMaxConns, transport: httpTransport });
         status = server;
         print({ event: "http-listening", url: server.url });
       }
@@ -961,7 +983,12 @@ export const command = defineCommand({
         await registry.stop(); // open status pages get their `stopped` event before the server goes
         await status?.stop();
       });
-      if (transport) reloadOnHangup(() => print(transport.reload()));
+      if (transport || httpTransport) {
+        reloadOnHangup(() => {
+          if (transport) print(transport.reload());
+          if (httpTransport) print({ ...httpTransport.reload(), scope: "status server" });
+        });
+      }
     });
   },
 });

@@ -141,7 +141,7 @@ export function startStatusServer(registry: Registry, options: StatusServerOptio
 
   let stopped: Promise<void> | undefined;
   return {
-    url: `http://${formatAddress(urlHost, g.port)}/`,
+    url: `${o.transport.encrypted ? "https" : "http"}://${formatAddress(urlHost, g.port)}/`,
     port: g.port,
     clients: () => feed.size,
     connections: () => g.stats().open,

@@ -262,6 +262,42 @@ describe("rotation on SIGHUP", () => {
   );
 });
 
+describe("HTTPS for the status server", () => {
+  test(
+    "a TLS registry serves its status page over HTTPS with its own certificate, to browsers without one; SIGHUP reloads it too",
+    async () => {
+      const dir = join(certs.dir, `https-${Date.now()}`);
+      const live = await liveFiles(dir);
+      const registry = await spawnRegistry(["--tls-cert", live.registry.cert, "--tls-key", live.registry.key, "--tls-client-ca", certs.mesh.ca, "--http", "0"]);
+      fixtures.push(registry);
+      const url = String((await registry.log.waitFor("http-listening", WAIT)).url);
+      expect(url).toMatch(/^https:\/\/127\.0\.0\.1:\d+\/$/);
+      const ca = await Bun.file(certs.mesh.ca).text();
+      const healthz = await fetch(`${url}healthz`, { tls: { ca } });
+      expect([healthz.status, ((await healthz.json()) as { status: string }).status]).toEqual([200, "ok"]);
+      await expect(fetch(url.replace("https:", "http:") + "healthz")).rejects.toThrow();
+      const port = Number(new URL(url).port);
+      const before = await servedSerial(port, "localhost");
+
+      const renewed = await renew(dir);
+      registry.signal("SIGHUP");
+      const reloads = await registry.log.waitForCount("tls-reloaded", 2, WAIT, "both certificate sets to reload");
+      expect(reloads.map((e) => e.scope ?? "registry").sort()).toEqual(["registry", "status server"]);
+      expect(await servedSerial(port, "localhost")).toBe(renewed.registry);
+      expect(renewed.registry).not.toBe(before);
+      expect((await fetch(`${url}healthz`, { tls: { ca } })).status).toBe(200);
+    },
+    T,
+  );
+
+  test("--http-tls-cert without --http is a usage error", async () => {
+    const p = spawnScript("registry.ts", ["127.0.0.1", "0", "--http-tls-cert", certs.mesh.registry!.cert], { label: "registry" });
+    fixtures.push(p);
+    expect(await withDeadline(p.exited(), WAIT, "the registry to exit")).toBe(2);
+    expect(p.stderr.join("\n")).toContain("usage error: --http-tls-cert and --http-tls-key need --http");
+  });
+});
+
 // --- internal ----------------------------------------------------------------
 
 /** Every pair of `nodes` met exactly once, both ends agree, and nobody reported an error, a failed greeting or a warning. */
