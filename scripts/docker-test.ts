@@ -389,6 +389,16 @@ class Run extends CheckRun {
         const named = followed.map((p) => String(p.log.named("listening")[0]?.id)).sort();
         if (named.join() !== ids.join()) throw new Error(`the nodes took the ids ${named.join(", ")}`);
       });
+      await this.check("compose.tls.yaml: the HEALTHCHECK speaks TLS with the role's own certificate: registry and node healthy", async () => {
+        const registry = (await this.composeContainers(project, "registry"))[0]!;
+        const out: string[] = [];
+        for (const c of [registry, nodes[0]!]) {
+          const r = await this.exec(["exec", c, "bun", "/app/scripts/healthcheck.ts"], 30_000);
+          if (r.code !== 0) throw new Error(`${c}: exit ${r.code}: ${tail(r.stdout + r.stderr, 3)}`);
+          out.push(r.stdout.trim());
+        }
+        return out.join("; ");
+      });
       await this.check("compose.tls.yaml: a container without a certificate of the mesh is refused at the handshake", async () => {
         const registry = (await this.composeContainers(project, "registry"))[0]!;
         const net = (await this.execOk(["inspect", "-f", "{{range $k, $v := .NetworkSettings.Networks}}{{$k}} {{end}}", registry])).trim().split(" ")[0]!;

@@ -16,6 +16,12 @@
  * - registry with a status server: GET /healthz must answer 200;
  * - registry without: a connection that says `leave` must be closed by it;
  * - node: its listener must answer a `probe` for the node's own id with `probe-ok`.
+ *
+ * With TLS (the role's certificate given by environment variable, as
+ * compose.tls.yaml does) the check speaks TLS too and presents that
+ * certificate, which a mutual-TLS port accepts. It asks this container's own
+ * process on loopback, so it does not check the other end's certificate: whether
+ * it answers is the question, not who it is.
  */
 import { readFileSync } from "node:fs";
 import * as v from "valibot";
@@ -43,11 +49,12 @@ export async function check(portsFile = process.env.PORTS_FILE): Promise<Result>
   const listening = records.findLast((r): r is Listening => r.event === "listening");
   if (!listening) return { ok: false, text: portsFile ? `no listening record in ${portsFile} yet` : "PORTS_FILE is not set: nothing says where the role listens" };
   const http = records.findLast((r) => r.event === "http-listening");
+  const tls = ownCertificate(listening.role);
   if (listening.role === "registry") {
-    return http ? getHealthz(http.url) : closesOnLeave(loopback(listening.host), listening.port);
+    return http ? getHealthz(http.url) : closesOnLeave(loopback(listening.host), listening.port, tls);
   }
   if (!listening.id) return { ok: false, text: `node record in ${portsFile} has no id` };
-  return answersProbe(loopback(listening.host), listening.port, listening.id);
+  return answersProbe(loopback(listening.host), listening.port, listening.id, tls);
 }
 
 // --- internal ----------------------------------------------------------------
@@ -70,6 +77,15 @@ function readRecords(file: string): PortsRecord[] {
   });
 }
 
+type KeyPair = { cert: string; key: string };
+
+/** The role's own certificate and key, when it runs TLS; a node's listener speaks TLS only with one. */
+function ownCertificate(role: "registry" | "node"): KeyPair | undefined {
+  const env = (name: string) => process.env[name] || undefined;
+  const [cert, key] = role === "registry" ? [env("REGISTRY_TLS_CERT"), env("REGISTRY_TLS_KEY")] : [env("NODE_TLS_CERT"), env("NODE_TLS_KEY")];
+  return cert && key ? { cert, key } : undefined;
+}
+
 /** A bind address as a place to connect to from inside the container. */
 function loopback(host: string): string {
   return host === "::" || host === "0.0.0.0" || host === "" ? "localhost" : host;
@@ -78,7 +94,8 @@ function loopback(host: string): string {
 async function getHealthz(url: string): Promise<Result> {
   const target = new URL("healthz", url).href;
   try {
-    const res = await fetch(target, { signal: AbortSignal.timeout(TIMEOUT_MS) });
+    // Over HTTPS the certificate is the registry's own, for names that need not include this loopback address.
+    const res = await fetch(target, { signal: AbortSignal.timeout(TIMEOUT_MS), tls: { rejectUnauthorized: false } });
     await res.body?.cancel();
     return { ok: res.ok, text: `registry: /healthz ${res.status} (${target})` };
   } catch (e) {
@@ -87,14 +104,14 @@ async function getHealthz(url: string): Promise<Result> {
 }
 
 /** A registry closes a connection that says `leave` before registering, and logs nothing for it. */
-async function closesOnLeave(host: string, port: number): Promise<Result> {
+async function closesOnLeave(host: string, port: number, tls: KeyPair | undefined): Promise<Result> {
   const closed = Promise.withResolvers<void>();
-  const r = await exchange(host, port, '{"type":"leave"}\n', { line: () => {}, close: () => closed.resolve() }, closed.promise);
+  const r = await exchange(host, port, tls, '{"type":"leave"}\n', { line: () => {}, close: () => closed.resolve() }, closed.promise);
   return { ok: r.ok, text: `registry on port ${port}: ${r.ok ? "closed the connection after leave" : r.text}` };
 }
 
 /** A node's listener answers a probe for its own id with probe-ok and the nonce. */
-async function answersProbe(host: string, port: number, id: string): Promise<Result> {
+async function answersProbe(host: string, port: number, id: string, tls: KeyPair | undefined): Promise<Result> {
   const nonce = randomId();
   const answer = Promise.withResolvers<void>();
   const onLine = (_conn: Conn<null>, line: string) => {
@@ -104,7 +121,7 @@ async function answersProbe(host: string, port: number, id: string): Promise<Res
     answer.reject(new Error(`answered ${line}`));
   };
   const probe = JSON.stringify({ type: "probe", v: PROTOCOL_VERSION, id, nonce }) + "\n";
-  const r = await exchange(host, port, probe, { line: onLine, close: () => answer.reject(new Error("closed without an answer")) }, answer.promise);
+  const r = await exchange(host, port, tls, probe, { line: onLine, close: () => answer.reject(new Error("closed without an answer")) }, answer.promise);
   return { ok: r.ok, text: `node ${id} on port ${port}: ${r.ok ? "answered probe-ok" : r.text}` };
 }
 
@@ -112,6 +129,7 @@ async function answersProbe(host: string, port: number, id: string): Promise<Res
 async function exchange(
   host: string,
   port: number,
+  tls: KeyPair | undefined,
   line: string,
   hooks: { line(conn: Conn<null>, line: string): void; close(): void },
   done: Promise<unknown>,
@@ -122,7 +140,7 @@ async function exchange(
   let conn: Conn<null> | undefined;
   try {
     const handlers = lineHandlers<null>({ state: () => null, maxLineBytes: 16 * 1024, line: hooks.line, close: hooks.close });
-    conn = await Promise.race([dial(host, port, handlers, TIMEOUT_MS), late]);
+    conn = await Promise.race([tls ? dialOwnTls(host, port, handlers, tls) : dial(host, port, handlers, TIMEOUT_MS), late]);
     conn.send(line);
     await Promise.race([done, late]);
     return { ok: true, text: "" };
@@ -132,6 +150,34 @@ async function exchange(
     clearTimeout(timer);
     conn?.destroy();
   }
+}
+
+/** A TLS connection to this container's own port, presenting `pair`; the role's handlers see it once the handshake is done. */
+async function dialOwnTls(host: string, port: number, handlers: Bun.SocketHandler<Conn<null>>, pair: KeyPair): Promise<Conn<null>> {
+  const ready = Promise.withResolvers<Conn<null>>();
+  const socket = await Bun.connect<Conn<null>>({
+    hostname: host,
+    port,
+    tls: { cert: Bun.file(pair.cert), key: Bun.file(pair.key), rejectUnauthorized: false },
+    socket: {
+      ...handlers,
+      open() {},
+      handshake(s, ok, err) {
+        // Not checking the other end, a complaint about its certificate is no failure; a broken handshake is.
+        if (!ok && !/CERT|UNABLE_TO/.test((err as { code?: string } | null)?.code ?? "")) return ready.reject(new Error(`TLS handshake failed: ${err?.message}`));
+        handlers.open?.(s);
+        ready.resolve(s.data);
+      },
+      close(s, e) {
+        ready.reject(new Error("closed during the TLS handshake"));
+        if (s.data) handlers.close?.(s, e);
+      },
+    },
+  });
+  return ready.promise.catch((e: unknown) => {
+    socket.terminate();
+    throw e;
+  });
 }
 
 if (import.meta.main) {
