@@ -49,6 +49,7 @@ export async function writeReport(results: Msg, paths: { md: string; svg: string
     attackNoise: attackNoise(results),
     tls_registration: tlsRegistration(results),
     tls_mesh: tlsMesh(results),
+    tlsNoise: phaseNoise(results, "tls", "the figures above include it, the floors' as much as the registry's"),
     command: String(results.command),
     durationNote: `${String((results.config as Msg).warmupMs)} ms of warm-up (discarded) and ${String((results.config as Msg).durationMs)} ms measured per cell`,
     date: String(results.date),
@@ -499,8 +500,13 @@ function attackSection(r: Msg): string {
 
 /** The run the attack phase came from: this one, or one merged in later (--merge). */
 function attackRun(r: Msg): Msg {
-  const m = r.merged as Msg | undefined;
-  return m && (m.phases as string[]).includes("attack") ? m : r;
+  return phaseRun(r, "attack");
+}
+
+/** The run a phase came from: the last run merged in with it (--merge; one run, not a list, in older results), else this one. */
+function phaseRun(r: Msg, phase: string): Msg {
+  const merged = (Array.isArray(r.merged) ? r.merged : r.merged ? [r.merged] : []) as Msg[];
+  return merged.findLast((m) => (m.phases as string[]).includes(phase)) ?? r;
 }
 
 function attackHonest(r: Msg): string {
@@ -510,19 +516,24 @@ function attackHonest(r: Msg): string {
 
 /** How busy the machine was during this phase: the attackers share it with the registry, and so may other work. */
 function attackNoise(r: Msg): string {
-  const run = attackRun(r);
-  const n = run.noise as Msg | undefined;
-  const p = ((n?.phases as Msg[] | undefined) ?? []).find((x) => x.phase === "attack");
-  const cores = Number((run.machine as Msg).cores);
   const shared =
     "The attackers, the held sessions and the honest nodes run on the same machine as the registry, so part of an attacker's effect is the CPU it takes " +
     "from the registry, as it would be from an attacker on the same host; on a real network it would be on another.";
-  if (!p) return shared;
+  return `${shared} ${phaseNoise(r, "attack", "the latencies and stalls above include it")}`.trim();
+}
+
+/** Which run a phase comes from when not the run above, and how busy the machine was while it ran. */
+function phaseNoise(r: Msg, phase: string, effect: string): string {
+  const run = phaseRun(r, phase);
+  const n = run.noise as Msg | undefined;
+  const p = ((n?.phases as Msg[] | undefined) ?? []).find((x) => x.phase === phase);
+  if (!p) return "";
+  const cores = Number((run.machine as Msg).cores);
   const other = Number(p.otherCores);
   const own = run === r ? "" : `This phase was measured in a run of its own, ${String(run.date)} (\`${String(run.command)}\`); the other sections come from the run above. `;
   const load = `${own}While this phase ran, the benchmark's own processes kept ${Number(p.ourCores).toFixed(2)} of the ${cores} cores busy and other processes ${other.toFixed(2)}.`;
-  const noisy = other > 0.25 ? ` **The machine was shared with other work during this phase:** the latencies and stalls above include it; compare them with a run on a quiet machine.` : "";
-  return `${shared} ${load}${noisy}`;
+  const noisy = other > 0.25 ? ` **The machine was shared with other work during this phase:** ${effect}; compare them with a run on a quiet machine.` : "";
+  return `${load}${noisy}`;
 }
 
 /** The longest stall, split by what the scheduler says the loop's thread did meanwhile, and what the registry's sweep left out of deadlines. */

@@ -183,13 +183,17 @@ async function main(out: string | undefined, only: string[] | undefined): Promis
 
 /**
  * --merge: the phases of this run replace theirs in the results.json already
- * there, the rest stays; `merged` says which phases came from this run, with
- * its date, command, machine, configuration and noise, for the report.
+ * there, the rest stays; `merged` lists the runs merged in so (the latest
+ * last), each with its phases, date, command, machine, configuration and
+ * noise, for the report. A run whose phases were all measured again drops out.
  */
 async function mergedInto(json: string, phases: string[]): Promise<Msg> {
   const old = JSON.parse(await Bun.file(json).text()) as Msg;
   const run = { phases, date: results.date, command: `bun bench/run.ts --only ${phases.join(",")} --merge`, machine: results.machine, config: results.config, noise: results.noise, totalMs: results.totalMs };
-  return { ...old, ...Object.fromEntries(phases.map((p) => [p, results[p]])), merged: run };
+  // One run, in results.json files written before the list.
+  const earlier = (Array.isArray(old.merged) ? old.merged : old.merged ? [old.merged] : []) as Msg[];
+  const kept = earlier.filter((m) => (m.phases as string[]).some((p) => !phases.includes(p)));
+  return { ...old, ...Object.fromEntries(phases.map((p) => [p, results[p]])), merged: [...kept, run] };
 }
 
 // --- phases ------------------------------------------------------------------
