@@ -381,14 +381,15 @@ class RegistrySession {
       conn = await this.transport.dial(this.s.registryHost, this.s.registryPort, this.handlers, this.s.connectTimeoutMs);
     } catch (e) {
       if (this.stopped) return;
-      this.lastFailure = (e as Error).message;
-      this.emit({ event: "disconnected", reason: this.lastFailure, registered: false });
-      // A registry that answers with a certificate this node refuses, or without TLS, is a configuration to fix.
+      const message = (e as Error).message;
+      // A registry that answers with a certificate this node refuses, or without TLS, is a configuration to fix:
+      // reported as an error, like a refusal on the wire (and, like one, not again as the lost session).
       const code = (e as { code?: string }).code;
-      if (v.is(ErrorCode, code)) {
-        this.emit({ event: "error", code, message: this.lastFailure });
-        if (!this.everRegistered && FATAL.has(code)) return this.stopWith(new RegistrationError(code, this.lastFailure));
-      }
+      const refused = v.is(ErrorCode, code);
+      if (refused) this.emit({ event: "error", code, message });
+      this.lastFailure = refused ? `${code}: ${message}` : message;
+      this.emit({ event: "disconnected", reason: this.lastFailure, registered: false });
+      if (refused && !this.everRegistered && FATAL.has(code)) return this.stopWith(new RegistrationError(code, message));
       return this.scheduleReconnect();
     }
     if (this.stopped) return conn.destroy();
