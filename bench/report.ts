@@ -369,18 +369,22 @@ function sessionsTable(r: Msg): string {
 function meshTable(r: Msg): string {
   const m = r.mesh as Msg | undefined;
   if (!m || !(m.rows as Msg[] | undefined)?.length) return notRun(r, "mesh");
-  return failedNote(r, "mesh") + table(
-    ["Nodes", "Greetings", "All joined after", "Full mesh after", "Greetings/s", "Failed greetings", "Complete"],
-    (m.rows as Msg[]).map((x) => [
-      int(Number(x.n)),
-      int(Number(x.pairs)),
-      `${int(Number(x.joinedMs))} ms`,
-      `${int(Number(x.meshMs))} ms`,
-      int(Number(x.greetingsPerSec)),
-      String(x.failed),
-      x.complete ? "yes" : "**no**",
-    ]),
-  );
+  return failedNote(r, "mesh") + table(MESH_HEAD, (m.rows as Msg[]).map(meshRow));
+}
+
+const MESH_HEAD = ["Nodes", "Greetings", "All joined after", "Full mesh after", "Greetings/s", "Failed greetings", "Complete"];
+
+/** One mesh formation (bench/nodes-proc.ts `mesh`) as a table row under MESH_HEAD. */
+function meshRow(x: Msg): string[] {
+  return [
+    int(Number(x.n)),
+    int(Number(x.pairs)),
+    `${int(Number(x.joinedMs))} ms`,
+    `${int(Number(x.meshMs))} ms`,
+    int(Number(x.greetingsPerSec)),
+    String(x.failed),
+    x.complete ? "yes" : "**no**",
+  ];
 }
 
 function tlsRegistration(r: Msg): string {
@@ -404,19 +408,7 @@ function tlsRegistration(r: Msg): string {
 function tlsMesh(r: Msg): string {
   const rows = ((r.tls as Msg | undefined)?.mesh as Msg[] | undefined) ?? [];
   if (!rows.length) return notRun(r, "tls");
-  return table(
-    ["Mode", "Nodes", "Greetings", "All joined after", "Full mesh after", "Greetings/s", "Failed greetings", "Complete"],
-    rows.map((x) => [
-      String(x.mode),
-      int(Number(x.n)),
-      int(Number(x.pairs)),
-      `${int(Number(x.joinedMs))} ms`,
-      `${int(Number(x.meshMs))} ms`,
-      int(Number(x.greetingsPerSec)),
-      String(x.failed),
-      x.complete ? "yes" : "**no**",
-    ]),
-  );
+  return table(["Mode", ...MESH_HEAD], rows.map((x) => [String(x.mode), ...meshRow(x)]));
 }
 
 function departureTable(r: Msg): string {
