@@ -7,7 +7,7 @@
 import { createHash, timingSafeEqual } from "node:crypto";
 import { BucketMap } from "./limits.ts";
 import { addressOf, type Member, type Membership } from "./membership.ts";
-import { canonicalIp, formatAddress, ipScope, lineHandlers, normalizeHost, resolveHost, type Conn, type Transport } from "./net.ts";
+import { canonicalIp, formatAddress, ipScope, lineHandlers, normalizeHost, resolveWithin, type Conn, type Transport } from "./net.ts";
 import { DEFAULTS, FromListener, PROTOCOL_VERSION, decode, randomId, type ErrorCode, type Register } from "./protocol.ts";
 
 export interface AdmissionSettings {
@@ -226,18 +226,4 @@ const probeHandlers = lineHandlers<ProbeState>({
 
 function sha256(text: string): Buffer {
   return createHash("sha256").update(text).digest();
-}
-
-/** Every address a name resolves to, within a deadline (none if it fails): the name is the client's choice, the resolver's patience is not. */
-async function resolveWithin(host: string, timeoutMs: number): Promise<string[]> {
-  let timer: Timer | undefined;
-  const late = new Promise<string[]>((resolve) => (timer = setTimeout(() => resolve([]), timeoutMs)));
-  try {
-    const found = await Promise.race([resolveHost(host), late]);
-    return found.map((a) => canonicalIp(a) ?? a);
-  } catch {
-    return [];
-  } finally {
-    clearTimeout(timer);
-  }
 }

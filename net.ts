@@ -350,6 +350,20 @@ export async function resolveHost(host: string): Promise<string[]> {
   return [...new Set(found.map((a) => normalizeHost(a.address)))];
 }
 
+/** Every address a name resolves to, within a deadline (none if it fails): a name's resolver may hang, the caller's patience must not. */
+export async function resolveWithin(host: string, timeoutMs: number): Promise<string[]> {
+  let timer: Timer | undefined;
+  const late = new Promise<string[]>((resolve) => (timer = setTimeout(() => resolve([]), timeoutMs)));
+  try {
+    const found = await Promise.race([resolveHost(host), late]);
+    return found.map((a) => canonicalIp(a) ?? a);
+  } catch {
+    return [];
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 export class DialError extends Error {
   override name = "DialError";
   constructor(
