@@ -43,12 +43,20 @@ export type StoreState = "ok" | "degraded";
 export type JoinResult = { ok: true; seq: number } | { ok: false; holder: Member };
 
 export interface Membership {
+  /**
+   * Set when the list is shared with other registries (a store): the id this
+   * registry is known by there (its lease), which every member it joins must
+   * carry as `registry`. Undefined for a list of this registry alone.
+   */
+  readonly registryId?: string;
   /** Identifies the list's history: a new one means sequence numbers started over. Sent to nodes as `boot`. */
   readonly boot: string;
   /** Sequence number of the last change applied. */
   readonly seq: number;
   readonly size: number;
   readonly state: StoreState;
+  /** Why the shared store is out of reach, while `state` is degraded. */
+  readonly lastError?: string;
   get(id: string): Member | undefined;
   /** The member listed at `host:port` (as `formatAddress` writes it). */
   at(address: string): Member | undefined;

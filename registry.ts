@@ -14,7 +14,7 @@ import { Admission, type Holding } from "./admission.ts";
 import { UsageError, createPrinter, readSettings, runCli, stopOnSignals } from "./cli.ts";
 import { BucketMap, ByteBudget, ConnectionCaps, TokenBucket, type CapTicket, type Rate } from "./limits.ts";
 import { SessionDeadlines, systemClock, type Clock, type Expiry, type Watched } from "./liveness.ts";
-import { MemoryMembership, addressOf, peerOf, type Change, type Member, type Membership } from "./membership.ts";
+import { MemoryMembership, addressOf, peerOf, type Change, type Member, type Membership, type StoreState } from "./membership.ts";
 import { formatAddress, lineHandlers, parsePort, tcp, type Conn, type Transport } from "./net.ts";
 import {
   DEFAULTS,
@@ -77,18 +77,23 @@ export interface RegistryOptions {
 
 export type RegistryEvent =
   | { event: "listening"; host: string; port: number; boot: string }
-  | { event: "node-registered"; id: string; host: string; port: number; name?: string; source: string; nodes: number; seq: number }
+  /** `registry`: the id of the registry whose session holds it (with a shared store, maybe another). */
+  | { event: "node-registered"; id: string; host: string; port: number; name?: string; source: string; registry: string; nodes: number; seq: number }
   | { event: "node-left"; id: string; host: string; port: number; reason: LeaveReason; nodes: number; seq: number }
   | { event: "pair-greeted"; a: string; b: string }
   | { event: "mesh-complete"; nodes: number; pairs: number; ms: number }
   /** A connection was refused and closed, or cut over a limit; `detail` (never sent to the client) says more. */
   | { event: "error"; code: ErrorCode; message: string; remote: string; detail?: string }
   | { event: "http-listening"; url: string }
+  /** The shared store was lost (this registry serves its own sessions alone) or is back; once per change. */
+  | { event: "store"; state: StoreState; reason?: string }
   | { event: "stopped" };
 
 export type NodeInfo = Peer & {
   /** Address the node connected from. */
   source: string;
+  /** Id of the registry whose session holds it. */
+  registry: string;
   joinedAt: number;
 };
 
@@ -116,12 +121,21 @@ export interface RegistryStats {
   authBlocked: number;
   /** Time the registry's own event loop was stalled, ms in all (left out of every deadline). */
   stalledMs: number;
+  /** This registry's id: unique per process, the `registry` of the nodes it holds. */
+  registry: string;
+  /** Registered sessions this registry holds (`nodes` counts every registry's, with a shared store). */
+  sessions: number;
+  /** The shared store's state (always "ok" without one), and why it is degraded. */
+  store: StoreState;
+  storeError?: string;
 }
 
 export interface Registry {
   readonly host: string;
   readonly port: number;
-  /** The list's history id; carried in every reply so nodes can tell a restart. */
+  /** This registry's id (unique per process); with a shared store, its lease there. */
+  readonly id: string;
+  /** The list's history id; carried in every reply so nodes can tell a restart. A shared store's changes when the store starts over. */
   readonly boot: string;
   nodes(): NodeInfo[];
   stats(): RegistryStats;
@@ -137,7 +151,7 @@ export interface Registry {
 export async function startRegistry(options: RegistryOptions = {}): Promise<Registry> {
   const s = settingsOf(options);
   const clock = options.clock ?? systemClock;
-  const membership = options.membership ?? new MemoryMembership(randomId(), () => clock.now());
+  const membership: Membership = options.membership ?? new MemoryMembership(randomId(), () => clock.now());
   const transport = options.transport ?? tcp;
   const listeners = new Set<(e: RegistryEvent) => void>();
   if (options.onEvent) listeners.add(options.onEvent);
@@ -145,16 +159,23 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
     for (const fn of listeners) fn(e);
   };
   const counters = new Counters();
-  const sessions = new Sessions(s, membership, new Admission(s, membership, transport), counters, emit, clock);
+  // A shared store knows this registry by the id its lease has; alone, any id unique to this process will do.
+  const registryId = membership.registryId ?? randomId();
+  const sessions = new Sessions(s, membership, new Admission(s, membership, transport), counters, emit, clock, registryId);
   const { listeners: servers, port } = transport.listen(s.host, s.port, sessions.handlers);
   emit({ event: "listening", host: s.host, port, boot: membership.boot });
+  if (membership.state === "degraded") emit({ event: "store", state: "degraded", reason: membership.lastError });
 
   let stopped: Promise<void> | undefined;
   const registry: Registry = {
     host: s.host,
     port,
-    boot: membership.boot,
-    nodes: () => Array.from(membership.members(), ({ id, host, port, name, source, joinedAt }) => ({ id, host, port, name, source, joinedAt })),
+    id: registryId,
+    get boot() {
+      return membership.boot;
+    },
+    nodes: () =>
+      Array.from(membership.members(), ({ id, host, port, name, source, registry, joinedAt }) => ({ id, host, port, name, source, registry, joinedAt })),
     stats: () => counters.stats(membership, sessions.figures()),
     subscribe(fn) {
       listeners.add(fn);
@@ -164,6 +185,10 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
     stop() {
       stopped ??= (async () => {
         for (const l of servers) l.stop(false);
+        // Shared: the store first lets go of this registry (lease deleted, connections closed), so
+        // that the nodes told to go next replace their entries on another registry at once, as
+        // updates; whatever does not come back is swept by the others within a heartbeat.
+        if (membership.registryId !== undefined) await membership.close();
         await sessions.close();
         for (const l of servers) l.stop(true);
         await membership.close();
@@ -255,7 +280,6 @@ class Sessions {
   private readonly deadlines: SessionDeadlines<Session>;
   private readonly fanout: FanOut;
   private readonly snapshots: SnapshotCache;
-  private readonly registryId = randomId();
   private registrations = 0;
   private stopping = false;
 
@@ -266,6 +290,7 @@ class Sessions {
     private readonly counters: Counters,
     private readonly emit: (e: RegistryEvent) => void,
     private readonly clock: Clock,
+    private readonly registryId: string,
   ) {
     this.caps = new ConnectionCaps(s.maxConnsPerAddress, s.maxConns);
     this.budget = new ByteBudget(s.maxQueueTotalBytes);
@@ -299,8 +324,10 @@ class Sessions {
   }
 
   /** The figures of /stats that the sessions' parts keep. */
-  figures(): Pick<RegistryStats, "unsentBytes" | "maxUnsentBytes" | "authFailures" | "authBlocked" | "stalledMs"> {
+  figures(): Pick<RegistryStats, "unsentBytes" | "maxUnsentBytes" | "authFailures" | "authBlocked" | "stalledMs" | "registry" | "sessions"> {
     return {
+      registry: this.registryId,
+      sessions: this.byTicket.size,
       unsentBytes: this.budget.total,
       maxUnsentBytes: this.budget.max,
       authFailures: this.admission.tokens.failed,
@@ -505,7 +532,7 @@ class Sessions {
         if (c.replaced) this.evict(c.replaced, `node ${m.id} registered again on another connection`);
         this.counters.joins++;
         const nodes = this.membership.size;
-        this.emit({ event: "node-registered", id: m.id, host: m.host, port: m.port, name: m.name, source: m.source, nodes, seq: c.seq });
+        this.emit({ event: "node-registered", id: m.id, host: m.host, port: m.port, name: m.name, source: m.source, registry: m.registry, nodes, seq: c.seq });
         return;
       }
       case "left": {
@@ -520,15 +547,31 @@ class Sessions {
         return this.emit({ event: "pair-greeted", a: c.a, b: c.b });
       case "mesh-complete":
         return this.emit({ event: "mesh-complete", nodes: c.nodes, pairs: c.pairs, ms: c.ms });
-      case "reset": {
-        // The list was rebuilt under us: every session gets the whole of it.
-        this.fanout.flush();
-        const line = this.snapshots.line();
-        for (const conn of this.conns) if (conn.state.phase === "registered") conn.send(line);
-        return;
-      }
+      case "reset":
+        return this.onReset();
       case "store":
-        return;
+        return this.emit({ event: "store", state: c.state, ...(c.reason ? { reason: c.reason } : {}) });
+    }
+  }
+
+  /**
+   * The list was rebuilt under us (a shared store came back, perhaps empty: a
+   * new boot): every session gets the whole of it, unsolicited. A session
+   * whose registration did not survive lost its id or address to another
+   * registration written back first, a live process elsewhere: it is ended
+   * as `replaced`, as on one registry.
+   */
+  private onReset(): void {
+    this.fanout.flush();
+    const line = this.snapshots.line();
+    for (const conn of [...this.conns]) {
+      const member = conn.state.member;
+      if (conn.state.phase !== "registered") continue;
+      if (member && this.membership.get(member.id)?.ticket !== member.ticket) {
+        this.evict(member, `node ${member.id} or its address ${addressOf(member)} was registered elsewhere while the store was out of reach`);
+        continue;
+      }
+      conn.send(line);
     }
   }
 
@@ -682,6 +725,8 @@ class Counters {
       startedAt: this.startedAt,
       meshCompleteMs: mesh.completeMs === null ? null : round(mesh.completeMs),
       coalescedSyncs: this.coalescedSyncs,
+      store: m.state,
+      ...(m.lastError ? { storeError: m.lastError } : {}),
       ...parts,
     };
   }
@@ -705,6 +750,10 @@ function describe(e: RegistryEvent): string {
       return `${e.remote} ${e.code}: ${e.message}`;
     case "http-listening":
       return `status page on ${e.url}`;
+    case "store":
+      return e.state === "degraded"
+        ? `store out of reach (${e.reason ?? "unknown"}): serving this registry's own nodes alone, retrying`
+        : "store reachable again: list reconciled, nodes resynced";
     case "stopped":
       return "registry stopped";
     default: {
@@ -715,7 +764,8 @@ function describe(e: RegistryEvent): string {
 }
 
 function level(e: RegistryEvent): "warn" | "success" | "info" {
-  return e.event === "error" ? "warn" : e.event === "listening" ? "success" : "info";
+  if (e.event === "error" || (e.event === "store" && e.state === "degraded")) return "warn";
+  return e.event === "listening" ? "success" : "info";
 }
 
 const flags = {
@@ -740,6 +790,11 @@ const flags = {
   "rate-sync": { type: "string", description: `sync requests per second per session, 0 = no limit [env REGISTRY_RATE_SYNC, default ${DEFAULTS.rateSessionSyncs}]` },
   "rate-probe": { type: "string", description: `Probes per second for registrations from one source address, 0 = no limit [env REGISTRY_RATE_PROBE, default ${DEFAULTS.rateAddressProbes}]` },
   "auth-failures": { type: "string", description: `Wrong tokens per minute from one source address before its registrations are refused for a while, 0 = no limit [env REGISTRY_AUTH_FAILURES, default ${DEFAULTS.authFailuresPerMinute}]` },
+  store: {
+    type: "string",
+    description:
+      "Share the list with other registries: redis://[user:password@]host:port[/db] or rediss:// (TLS), Redis >= 7 or Valkey >= 7.2; `memory` keeps it in this process [env REGISTRY_STORE, default memory; a password not in the URL: env REGISTRY_STORE_PASSWORD]",
+  },
   http: { type: "string", description: "Serve the status API and live page on this port [env REGISTRY_HTTP_PORT]" },
   "http-host": { type: "string", description: "Address for the status page [env REGISTRY_HTTP_HOST, default: same as host]" },
 } satisfies ArgsDef;
@@ -757,7 +812,9 @@ export const command = defineCommand({
       const httpPort = httpText === undefined ? undefined : parsePort(httpText);
       if (httpText !== undefined && httpPort === undefined) throw new UsageError(`--http must be a port number, got "${httpText}"`);
       const print = createPrinter("registry", on("json", "LOG_JSON"), describe, level);
+      const membership = await openMembership(flag("store", "REGISTRY_STORE"));
       const registry = await startRegistry({
+        membership,
         host: flag("host", "REGISTRY_HOST") ?? "::",
         port,
         token: flag("token", "REGISTRY_TOKEN"),
@@ -794,5 +851,24 @@ export const command = defineCommand({
     });
   },
 });
+
+/**
+ * The list `--store` names: undefined for `memory` (this process alone), else
+ * one shared through Redis or Valkey under an id unique to this process. A
+ * store out of reach at start is no error: the registry serves degraded and
+ * keeps trying.
+ */
+async function openMembership(store: string | undefined): Promise<Membership | undefined> {
+  if (store === undefined || store === "memory") return undefined;
+  const { openStore, storeUrl, StoreConfigError } = await import("./redis.ts");
+  const password = process.env.REGISTRY_STORE_PASSWORD || undefined;
+  try {
+    storeUrl(store, password);
+  } catch (e) {
+    if (e instanceof StoreConfigError) throw new UsageError(`--store: ${e.message}`);
+    throw e;
+  }
+  return openStore(store, { registryId: randomId(), password });
+}
 
 if (import.meta.main) await runMain(command);

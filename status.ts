@@ -93,10 +93,13 @@ export function startStatusServer(registry: Registry, options: StatusServerOptio
         return new Response(metricsText(figures()), {
           headers: { "Content-Type": "text/plain; version=0.0.4; charset=utf-8", "Cache-Control": "no-store" },
         });
-      case "/healthz":
-        return feed.running
-          ? json({ status: "ok", boot: registry.boot, nodes: registry.stats().nodes })
-          : json({ status: "stopped", boot: registry.boot }, 503);
+      case "/healthz": {
+        if (!feed.running) return json({ status: "stopped", boot: registry.boot }, 503);
+        // Degraded (the shared store out of reach) is still healthy: this registry serves its own
+        // nodes, and restarting it would only throw their sessions away.
+        const s = registry.stats();
+        return json({ status: s.store === "ok" ? "ok" : "degraded", boot: registry.boot, registry: s.registry, nodes: s.nodes, sessions: s.sessions });
+      }
       default:
         return json({ error: `no such endpoint: ${path}`, endpoints: ENDPOINTS }, 404);
     }
@@ -214,7 +217,7 @@ class PageFeed {
     switch (e.event) {
       case "node-registered": {
         const at = new Date().toISOString();
-        const node = { id: e.id, name: e.name, host: e.host, port: e.port, address: formatAddress(e.host, e.port), source: e.source, joinedAt: at };
+        const node = { id: e.id, name: e.name, host: e.host, port: e.port, address: formatAddress(e.host, e.port), source: e.source, registry: e.registry, joinedAt: at };
         if (node.name) this.names.set(node.id, node.name);
         else this.names.delete(node.id);
         this.remember({ kind: "join", at, id: node.id, name: node.name, address: node.address });
@@ -420,6 +423,10 @@ function statsJson({ s, boot, rate, window, clients }: Figures) {
       timeToFullMeshMs: s.meshCompleteMs,
     },
     seq: s.seq,
+    registry: s.registry,
+    sessions: s.sessions,
+    store: s.store,
+    ...(s.storeError ? { storeError: s.storeError } : {}),
     statusClients: clients,
     unsentBytes: s.unsentBytes,
     maxUnsentBytes: s.maxUnsentBytes,
@@ -441,7 +448,9 @@ function metricsText({ s, boot, rate, window, clients }: Figures): string {
   const p = "contact_registry";
   one(`${p}_info`, "gauge", "Always 1; the boot label changes on every registry start.", 1, { boot });
   one(`${p}_start_time_seconds`, "gauge", "Unix time the registry started.", s.startedAt / 1000);
-  one(`${p}_nodes`, "gauge", "Nodes registered now.", s.nodes);
+  one(`${p}_nodes`, "gauge", "Nodes registered now (with a shared store: on every registry).", s.nodes);
+  one(`${p}_sessions`, "gauge", "Registered sessions this registry holds.", s.sessions, { registry: s.registry });
+  one(`${p}_store_degraded`, "gauge", "1 while the shared store is out of reach and this registry serves its own nodes alone, else 0.", s.store === "ok" ? 0 : 1);
   one(`${p}_joins_total`, "counter", "Registrations accepted since start.", s.joins);
   family(
     `${p}_leaves_total`,
@@ -530,6 +539,7 @@ function peerJson(n: NodeInfo) {
     host: n.host,
     port: n.port,
     source: n.source,
+    registry: n.registry,
     joinedAt: new Date(n.joinedAt).toISOString(),
   };
 }
