@@ -119,3 +119,15 @@ export function stopOnSignals(stop: () => Promise<void>): void {
   process.once("SIGTERM", shutdown);
   process.once("SIGINT", shutdown);
 }
+
+/** Every value of a flag given more than once (`--f a --f=b`): citty keeps only the last. */
+export function repeatedFlag(rawArgs: string[], name: string): string[] {
+  const out: string[] = [];
+  for (let i = 0; i < rawArgs.length; i++) {
+    const arg = rawArgs[i]!;
+    if (arg === "--") break;
+    if (arg === `--${name}` && i + 1 < rawArgs.length) out.push(rawArgs[++i]!);
+    else if (arg.startsWith(`--${name}=`)) out.push(arg.slice(name.length + 3));
+  }
+  return out;
+}

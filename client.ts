@@ -11,15 +11,21 @@
  * heartbeat and the backoff.
  */
 import { defineCommand, runMain, type ArgsDef } from "citty";
-import { UsageError, createPrinter, readSettings, runCli, stopOnSignals } from "./cli.ts";
+import { UsageError, createPrinter, readSettings, repeatedFlag, runCli, stopOnSignals } from "./cli.ts";
 import { Greeter, Listener, Met, type GreetingEvent, type Identity } from "./greetings.ts";
 import { Backoff, Heartbeat, systemClock, type Clock } from "./liveness.ts";
-import { formatAddress, lineHandlers, parseHostPort, parsePort, tcp, type Conn, type Transport } from "./net.ts";
+import { formatAddress, lineHandlers, parseHostPort, parsePort, resolveWithin, tcp, type Conn, type Transport } from "./net.ts";
 import { DEFAULTS, FromRegistry, MAX_TIMER_MS, PROTOCOL_VERSION, decode, randomId, type ErrorCode, type Peer } from "./protocol.ts";
 
 export interface NodeOptions {
   registryHost: string;
   registryPort: number;
+  /**
+   * More registries sharing one list (a store): the node registers with one
+   * of them, picked at random, and fails over to the next when its session is
+   * lost. A name that resolves to several addresses counts as several.
+   */
+  registries?: { host: string; port: number }[];
   /** Address to listen on for greetings; `::` (all, falling back to 0.0.0.0) by default. */
   listenHost?: string;
   /** Listening port; 0 (default) lets the OS pick. */
@@ -63,7 +69,8 @@ export type NodeEvent =
 
 /** What the registry session reports. */
 export type SessionEvent =
-  | { event: "registered"; peers: number; boot: string; address: string; again: boolean }
+  /** `registry`: the address of the registry that took the registration. */
+  | { event: "registered"; peers: number; boot: string; address: string; again: boolean; registry: string }
   | { event: "peer-joined"; peer: string; address: string; name?: string }
   | { event: "peer-left"; peer: string; reason: string }
   | { event: "disconnected"; reason: string; registered: boolean }
@@ -170,8 +177,7 @@ type Settings = ReturnType<typeof settingsOf>;
 
 function settingsOf(options: NodeOptions) {
   return {
-    registryHost: options.registryHost,
-    registryPort: options.registryPort,
+    registries: [{ host: options.registryHost, port: options.registryPort }, ...(options.registries ?? [])],
     listenHost: options.listenHost ?? "::",
     port: options.port ?? 0,
     advertise: options.advertise ? parseHostPort(options.advertise) : {},
@@ -204,6 +210,8 @@ const RECEIPT_CHUNK = 200;
 interface SessionState {
   /** False once a newer session replaced this one or the node stopped. */
   current: boolean;
+  /** The registry's address, as dialed. */
+  registry: string;
   lastError?: string;
   fatal?: RegistrationError;
   onClose?: () => void;
@@ -230,6 +238,8 @@ class RegistrySession {
   private reconnectTimer: Timer | undefined;
   private receipts: string[] = [];
   private receiptScheduled = false;
+  /** The registry address dialed last: the next attempt starts after it (failover); none yet, at random. */
+  private lastDialed: string | undefined;
 
   constructor(
     private readonly s: Settings,
@@ -250,7 +260,7 @@ class RegistrySession {
     this.backoff = new Backoff(s.reconnectBaseMs, s.reconnectMaxMs);
     this.handlers = lineHandlers<SessionState>({
       maxLineBytes: s.maxReplyBytes,
-      state: () => ({ current: false }),
+      state: () => ({ current: false, registry: "" }),
       line: (conn, line) => this.onLine(conn, line),
       close: (conn) => this.onClose(conn),
     });
@@ -312,7 +322,7 @@ class RegistrySession {
     if (this.stopped) return;
     let conn: Conn<SessionState>;
     try {
-      conn = await this.transport.dial(this.s.registryHost, this.s.registryPort, this.handlers, this.s.connectTimeoutMs);
+      conn = await this.dialNext();
     } catch (e) {
       if (this.stopped) return;
       this.emit({ event: "disconnected", reason: (e as Error).message, registered: false });
@@ -320,6 +330,7 @@ class RegistrySession {
     }
     if (this.stopped) return conn.destroy();
     conn.state.current = true;
+    conn.state.registry = this.lastDialed!;
     this.conn = conn;
     const { advertise, token } = this.s;
     const { id, name } = this.me;
@@ -341,6 +352,37 @@ class RegistrySession {
     }, this.s.registerTimeoutMs).unref();
   }
 
+  /**
+   * Dials the registries in turn, starting after the one dialed last (at
+   * random the first time, to spread nodes over them), until one answers.
+   * Names are resolved on every attempt: every address counts as a registry.
+   */
+  private async dialNext(): Promise<Conn<SessionState>> {
+    const all = await this.addresses();
+    const last = this.lastDialed === undefined ? -1 : all.findIndex((a) => formatAddress(a.host, a.port) === this.lastDialed);
+    const first = last >= 0 ? last + 1 : this.lastDialed === undefined ? Math.floor(Math.random() * all.length) : 0;
+    let error: unknown;
+    for (let k = 0; k < all.length && !this.stopped; k++) {
+      const a = all[(first + k) % all.length]!;
+      this.lastDialed = formatAddress(a.host, a.port);
+      try {
+        return await this.transport.dial(a.host, a.port, this.handlers, this.s.connectTimeoutMs);
+      } catch (e) {
+        error = e;
+      }
+    }
+    throw error ?? new Error("stopped");
+  }
+
+  /** Every address of every registry given, in the order given, each once; names that do not resolve are left out. */
+  private async addresses(): Promise<{ host: string; port: number }[]> {
+    const resolved = await Promise.all(this.s.registries.map(async (r) => (await resolveWithin(r.host, this.s.connectTimeoutMs)).map((host) => ({ host, port: r.port }))));
+    const seen = new Set<string>();
+    const out = resolved.flat().filter((a) => !seen.has(formatAddress(a.host, a.port)) && seen.add(formatAddress(a.host, a.port)));
+    if (!out.length) throw new Error(`cannot resolve ${this.s.registries.map((r) => r.host).join(", ")}`);
+    return out;
+  }
+
   private onLine(conn: Conn<SessionState>, line: string): void {
     if (!conn.state.current) return;
     this.heartbeat?.heard();
@@ -360,12 +402,18 @@ class RegistrySession {
         if (!this.acceptSeq(conn, m.seq)) return;
         if (this.view.delete(m.id)) this.emit({ event: "peer-left", peer: m.id, reason: m.reason });
         return;
-      case "snapshot":
-        if (m.boot !== this.boot) return conn.destroy(); // a registry we did not register with: start over
+      case "snapshot": {
+        if (!this.registered) return;
+        // Also unsolicited: registries sharing a store send one when the list was rebuilt; a new
+        // boot there means the store started over, numbering with it, while this session lives on.
+        const restarted = m.boot !== this.boot;
+        this.boot = m.boot;
         this.seq = m.seq;
         this.syncing = false;
-        this.applySnapshot(m.peers, "sync");
+        this.applySnapshot(m.peers, restarted ? "restart" : "sync");
+        if (restarted) this.receipt(this.met.list());
         return;
+      }
       case "pong":
         return;
       case "error":
@@ -395,7 +443,7 @@ class RegistrySession {
         conn.destroy();
       },
     );
-    this.emit({ event: "registered", peers: m.peers.length, boot: m.boot, address: formatAddress(m.self.host, m.self.port), again });
+    this.emit({ event: "registered", peers: m.peers.length, boot: m.boot, address: formatAddress(m.self.host, m.self.port), again, registry: conn.state.registry });
     this.first.resolve();
     this.greet(m.peers);
     this.receipt(this.met.list());
@@ -476,7 +524,7 @@ function describe(e: NodeEvent): string {
     case "listening":
       return `node ${who(e.id, e.name)} listening on port ${e.port}`;
     case "registered":
-      return `registered as ${e.address}${e.again ? " again" : ""}; given ${e.peers} peer${e.peers === 1 ? "" : "s"}`;
+      return `registered as ${e.address}${e.again ? " again" : ""} with registry ${e.registry}; given ${e.peers} peer${e.peers === 1 ? "" : "s"}`;
     case "greeted":
       return `greeted ${who(e.peer, e.name)} at ${e.address}`;
     case "greeting":
@@ -510,6 +558,10 @@ function level(e: NodeEvent): "warn" | "success" | "info" {
 const flags = {
   "registry-host": { type: "positional", required: false, description: "Registry host [env REGISTRY_HOST]" },
   "registry-port": { type: "positional", required: false, description: "Registry port [env REGISTRY_PORT]" },
+  registry: {
+    type: "string",
+    description: "Another registry sharing the list, host:port; repeat it for more. The node picks one at random and fails over to the next [env REGISTRY_ADDRS=h1:p1,h2:p2]",
+  },
   json: { type: "boolean", description: "One JSON event per line on stdout [env LOG_JSON=1]" },
   listen: { type: "string", description: "Address to listen on for greetings [env NODE_LISTEN, default ::, all interfaces]" },
   port: { type: "string", description: "Port to listen on [env NODE_PORT, default 0: the OS picks]" },
@@ -529,18 +581,45 @@ const flags = {
   "max-inbound-per-ip": { type: "string", description: `Open inbound greeting connections from one source address [env NODE_MAX_INBOUND_PER_IP, default ${DEFAULTS.maxInboundPerAddress}]` },
 } satisfies ArgsDef;
 
+/**
+ * The registries a node is given: the positional host and port (or
+ * REGISTRY_HOST and REGISTRY_PORT), then every --registry (or else
+ * REGISTRY_ADDRS). At least one; the positional pair may be left out when
+ * the others are given.
+ */
+function registriesFrom(flag: (key: keyof typeof flags, env: string) => string | undefined, rawArgs: string[]): { host: string; port: number }[] {
+  const out: { host: string; port: number }[] = [];
+  const host = flag("registry-host", "REGISTRY_HOST");
+  const portText = flag("registry-port", "REGISTRY_PORT");
+  const more = repeatedFlag(rawArgs, "registry");
+  const extra = more.length ? more : (process.env.REGISTRY_ADDRS ?? "").split(",").filter((x) => x.trim());
+  if (host || portText !== undefined || !extra.length) {
+    if (!host) throw new UsageError("missing the registry address: bun client.ts <registry-host> <registry-port> (or --registry host:port)");
+    if (portText === undefined) throw new UsageError("missing the registry port: bun client.ts <registry-host> <registry-port>");
+    const port = parsePort(portText, false);
+    if (port === undefined) throw new UsageError(`registry port must be a number from 1 to 65535, got "${portText}"`);
+    out.push({ host, port });
+  }
+  for (const text of extra) {
+    let a: { host?: string; port?: number };
+    try {
+      a = parseHostPort(text);
+    } catch (e) {
+      throw new UsageError(`--registry: ${(e as Error).message}`);
+    }
+    if (!a.host || a.port === undefined) throw new UsageError(`--registry must be host:port, got "${text}"`);
+    out.push({ host: a.host, port: a.port });
+  }
+  return out;
+}
+
 export const command = defineCommand({
   meta: { name: "client", version: "0.1.0", description: "Peer node: registers with a contact registry and greets the other nodes." },
   args: flags,
   async run({ args, rawArgs }) {
     await runCli(async () => {
       const { text: flag, int: num, on } = readSettings(args, rawArgs, flags);
-      const registryHost = flag("registry-host", "REGISTRY_HOST");
-      const portText = flag("registry-port", "REGISTRY_PORT");
-      if (!registryHost) throw new UsageError("missing the registry address: bun client.ts <registry-host> <registry-port>");
-      if (portText === undefined) throw new UsageError("missing the registry port: bun client.ts <registry-host> <registry-port>");
-      const registryPort = parsePort(portText, false);
-      if (registryPort === undefined) throw new UsageError(`registry port must be a number from 1 to 65535, got "${portText}"`);
+      const [first, ...registries] = registriesFrom(flag, rawArgs);
       const listenPortText = flag("port", "NODE_PORT");
       const port = listenPortText === undefined ? 0 : parsePort(listenPortText);
       if (port === undefined) throw new UsageError(`--port must be a number from 0 to 65535, got "${listenPortText}"`);
@@ -554,8 +633,9 @@ export const command = defineCommand({
       }
       const print = createPrinter("node", on("json", "LOG_JSON"), describe, level);
       const node = await startNode({
-        registryHost,
-        registryPort,
+        registryHost: first!.host,
+        registryPort: first!.port,
+        registries,
         listenHost: flag("listen", "NODE_LISTEN"),
         port,
         advertise,
