@@ -274,6 +274,8 @@ class Sessions {
   private readonly conns = new Set<Conn<Session>>();
   /** Local sessions by the ticket of the registration they hold. */
   private readonly byTicket = new Map<string, Conn<Session>>();
+  /** Local sessions by the ticket of the registration they are joining with, until the join settles. */
+  private readonly joining = new Map<string, Conn<Session>>();
   private readonly caps: ConnectionCaps;
   private readonly budget: ByteBudget;
   private readonly addressLines: BucketMap;
@@ -468,12 +470,16 @@ class Sessions {
       // handler has run, so listing it now would leave an entry nobody removes.
       if (conn.closed) return;
       if (this.stopping) return this.reject(conn, "shutting-down", "registry is shutting down");
-      const joined = await this.membership.join(member, replaces);
+      this.joining.set(member.ticket, conn);
+      const joined = await this.membership.join(member, replaces).finally(() => this.joining.delete(member.ticket));
       if (joined.ok) break;
       if (attempt === 3) return this.reject(conn, "id-in-use", `node ${joined.holder.id} at ${addressOf(joined.holder)} registered at the same moment`);
     }
-    if (conn.closed) return void this.membership.leave(member, "closed");
-    this.listed(conn, member);
+    // Usually answered already, when the list announced the join (onChange); not when a reload overtook it.
+    if (conn.state.member?.ticket !== member.ticket) {
+      if (conn.closed) return void this.membership.leave(member, "closed");
+      this.listed(conn, member);
+    }
     this.counters.registered(performance.now() - started);
   }
 
@@ -528,6 +534,11 @@ class Sessions {
     switch (c.kind) {
       case "joined": {
         const m = c.member;
+        // Answered right as its join is applied: the reply's peers and seq are the list exactly at
+        // that seq. With a shared list, later joins (other registries') may follow at once; a reply
+        // built after them would list them too, and they would list this node: both would greet.
+        const joining = this.joining.get(m.ticket);
+        if (joining && !joining.closed) this.listed(joining, m);
         this.fanout.push(`{"type":"joined","seq":${c.seq},"peer":${JSON.stringify(peerOf(m))}}\n`);
         if (c.replaced) this.evict(c.replaced, `node ${m.id} registered again on another connection`);
         this.counters.joins++;
