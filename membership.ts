@@ -78,10 +78,12 @@ export interface Membership {
   mesh(): MeshState;
   subscribe(fn: (change: Change) => void): () => void;
   /**
-   * Whether registry `registry` is still connected to the shared store: false
-   * soon after it died (its connections close at once on kill -9), long before
-   * its lease runs out, so its entries may be replaced. The memory list knows
-   * only this registry, and says true.
+   * Whether registry `registry` is still connected to the shared store and
+   * renewing its lease on time: false soon after it died (its connections
+   * close at once on kill -9), or once it missed a renewal by half a beat
+   * (frozen, stalled, cut off), long before its lease runs out, so its
+   * entries may be replaced. The memory list knows only this registry, and
+   * says true.
    */
   isConnected(registry: string): Promise<boolean>;
   close(): Promise<void>;

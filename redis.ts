@@ -236,8 +236,15 @@ export class RedisMembership implements Membership {
     // Without the store nothing is known: the caller must not take the holder for dead.
     if (registry === this.registryId || !link || this.current !== "ok") return true;
     try {
-      const r = await deadline(link.cmd.send("PUBSUB", ["NUMSUB", this.key(`alive:${registry}`)]), this.o.opTimeoutMs, "PUBSUB NUMSUB");
-      return Number((r as unknown[])[1]) > 0;
+      const [subs, ttl] = await deadline(
+        Promise.all([link.cmd.send("PUBSUB", ["NUMSUB", this.key(`alive:${registry}`)]), link.cmd.send("PTTL", [this.key(`lease:${registry}`)])]),
+        this.o.opTimeoutMs,
+        "PUBSUB NUMSUB",
+      );
+      // Connected is not enough: a frozen or cut-off registry keeps its connections but stops
+      // renewing its lease. One that missed a renewal by half a beat is silent, as a session is
+      // that missed a beat, and so are the sessions it holds.
+      return Number((subs as unknown[])[1]) > 0 && Number(ttl) > this.o.leaseMs - 1.5 * this.o.heartbeatMs;
     } catch (e) {
       this.lose(link, e);
       return true;

@@ -500,7 +500,8 @@ class Sessions {
   /**
    * Whether a listed registration's session is gone, silent (it missed a
    * beat) or live. Another registry's registration is gone when that
-   * registry is, else taken for live.
+   * registry is gone or silent (it missed a lease renewal): nobody can tell
+   * its sessions' beats then. Else it is taken for live.
    */
   private holding(m: Member): Holding | Promise<Holding> {
     const conn = this.byTicket.get(m.ticket);
