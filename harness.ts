@@ -886,7 +886,8 @@ export class RedisServer {
     if (this.running) throw new Error(`redis-server on ${this.port} is still running`);
     this.output = [];
     const proc = Bun.spawn(
-      [...this.prefix, "redis-server", "--port", String(this.port), "--bind", this.host, "--save", "", "--appendonly", "no", "--loglevel", "notice"],
+      // Protected mode would refuse every client but loopback ones (a namespace host's registries).
+      [...this.prefix, "redis-server", "--port", String(this.port), "--bind", this.host, "--protected-mode", "no", "--save", "", "--appendonly", "no", "--loglevel", "notice"],
       { stdin: "ignore", stdout: "pipe", stderr: "pipe" },
     );
     this.proc = proc;
