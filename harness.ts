@@ -865,6 +865,11 @@ export class RedisServer {
     return this.proc !== undefined && this.proc.exitCode === null && this.proc.signalCode === null;
   }
 
+  /** The server process's pid while it runs (for its CPU time and RSS). */
+  get pid(): number | undefined {
+    return this.running ? this.proc!.pid : undefined;
+  }
+
   /** Starts a server on a free port (a few tries: the port is free when picked, not necessarily when bound). */
   static async start(o: { host?: string; prefix?: string[] } = {}): Promise<RedisServer> {
     let lastError: unknown;

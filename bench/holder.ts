@@ -4,7 +4,10 @@
  * JSON) and, if asked, pings at the node's interval. With `probe`, each node
  * has its own listener that answers the registry's dial-back probe; without,
  * nodes register distinct ports from `portBase` (below the ephemeral range, so
- * they never collide with a real listener).
+ * they never collide with a real listener). With `failover` (ports of more
+ * registries sharing the list), a session that closes after registering does
+ * what a node does (client.ts): after a jittered wait of up to the backoff's
+ * first step it dials the next registry and registers again under its id.
  *
  * `bun bench/holder.ts '{"port":P,"prefix":"h0-","portBase":1024,"probe":false,"pingMs":0}'`
  * Commands: {"cmd":"grow","to":N,"conc":C} -> time to register up to N nodes;
@@ -19,10 +22,13 @@ interface Opts {
   portBase: number;
   probe: boolean;
   pingMs: number;
+  failover?: number[];
 }
 
 interface Session {
   i: number;
+  /** Index into the registries (o.port, then o.failover) this session dials. */
+  at: number;
   registered: boolean;
   closed: boolean;
   lastSeq: number;
@@ -37,6 +43,10 @@ const sessions: Session[] = [];
 const sockets: (Bun.Socket<Session> | undefined)[] = [];
 const listenerPorts: number[] = [];
 let closedAfterRegistration = 0;
+/** Sessions registered again after their registry closed them, and when the last one was (wall clock). */
+let failedOver = 0;
+let lastFailoverAt = 0;
+const registries = [o.port, ...(o.failover ?? [])];
 /** Bytes received after registration: the membership fan-out this fleet was sent. */
 let pushBytes = 0;
 let lastError = "";
@@ -67,6 +77,10 @@ const handlers: Bun.SocketHandler<Session> = {
       n.got += nl + 1;
       n.registered = true;
       n.done?.(true);
+      if (n.at > 0) {
+        failedOver++;
+        lastFailoverAt = wallMs();
+      }
       chunk = chunk.subarray(nl + 1);
       if (!chunk.byteLength) return;
     }
@@ -77,6 +91,7 @@ const handlers: Bun.SocketHandler<Session> = {
     n.closed = true;
     if (n.registered) closedAfterRegistration++;
     else n.done?.(false);
+    if (n.registered && registries.length > 1) setTimeout(() => reconnect(n), Math.random() * 100);
   },
   error(s) {
     s.terminate();
@@ -127,7 +142,7 @@ async function grow(to: number, conc: number): Promise<Record<string, unknown>> 
     while (nextIndex < to) {
       const i = nextIndex++;
       if (o.probe) openListener(i);
-      const n: Session = { i, registered: false, closed: false, lastSeq: 0, got: 0, tail: null };
+      const n: Session = { i, at: 0, registered: false, closed: false, lastSeq: 0, got: 0, tail: null };
       sessions[i] = n;
       const ok = await new Promise<boolean>((resolve) => {
         n.done = resolve;
@@ -148,7 +163,21 @@ async function grow(to: number, conc: number): Promise<Record<string, unknown>> 
   return { ms: performance.now() - started, ...stats(), errors, replyBytes: bytes, lastError };
 }
 
-function stats(): { sessions: number; registered: number; minSeq: number; maxSeq: number; closed: number; pushBytes: number } {
+/** A node's failover: the next registry, the same id and port; its view starts over from the reply. */
+function reconnect(old: Session): void {
+  const n: Session = { i: old.i, at: (old.at + 1) % registries.length, registered: false, closed: false, lastSeq: 0, got: 0, tail: null };
+  sessions[n.i] = n;
+  n.done = (ok) => {
+    n.done = undefined;
+    if (!ok) setTimeout(() => reconnect(n), Math.random() * 100);
+  };
+  Bun.connect<Session>({ hostname: HOST, port: registries[n.at]!, socket: handlers, data: n }).then(
+    (s) => (sockets[n.i] = s),
+    () => setTimeout(() => reconnect(n), Math.random() * 100),
+  );
+}
+
+function stats(): { sessions: number; registered: number; minSeq: number; maxSeq: number; closed: number; pushBytes: number; failedOver: number; lastFailoverAt: number } {
   let registered = 0;
   let minSeq = Infinity;
   let maxSeq = 0;
@@ -158,7 +187,7 @@ function stats(): { sessions: number; registered: number; minSeq: number; maxSeq
     if (n.lastSeq < minSeq) minSeq = n.lastSeq;
     if (n.lastSeq > maxSeq) maxSeq = n.lastSeq;
   }
-  return { sessions: sessions.length, registered, minSeq: registered ? minSeq : 0, maxSeq, closed: closedAfterRegistration, pushBytes };
+  return { sessions: sessions.length, registered, minSeq: registered ? minSeq : 0, maxSeq, closed: closedAfterRegistration, pushBytes, failedOver, lastFailoverAt };
 }
 
 function openListener(i: number): void {

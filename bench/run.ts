@@ -1,11 +1,13 @@
 #!/usr/bin/env bun
 /**
- * The benchmark: `bun run bench` (full, under 3 minutes on 2 cores) or
+ * The benchmark: `bun run bench` (full, about 5 minutes on 2 cores) or
  * `bun bench/run.ts --quick` (CI smoke, under 30 s, thresholds not asserted).
  * Every measured party runs in its own process: the registry
  * (registry-proc.ts), the floor (floor.ts), the load generator (loadgen.ts),
  * the simulated registered nodes (holder.ts) and in-process node fleets
- * (nodes-proc.ts). Loopback only. Writes results.json, BENCHMARKS.md and
+ * (nodes-proc.ts); the "ha" phase (ha.ts) adds private redis-servers.
+ * Loopback only. `--only PHASE` written over earlier results replaces those
+ * phases and keeps the rest. Writes results.json, BENCHMARKS.md and
  * sweep.svg (full run: bench/results.json, ./BENCHMARKS.md, bench/sweep.svg;
  * quick run: a temp directory unless --out is given).
  * `--help` lists the flags: a narrower sweep for profiling one cell, CPU
@@ -17,14 +19,15 @@ import { join } from "node:path";
 import { UsageError, intArg } from "../cli.ts";
 import { Proc, ROOT, children, exec, killAll, killAllOnExit, runScript, spawnBun, waitUntil, withDeadline } from "../harness.ts";
 import { DEFAULTS } from "../protocol.ts";
-import { dist, wallMs, type Msg } from "./lib.ts";
+import { haPhase } from "./ha.ts";
+import { dist, fmt, mb, wallMs, type Msg } from "./lib.ts";
 import { NoiseMeter, machineInfo } from "./machine.ts";
 import { writeReport } from "./report.ts";
 
 /** Everything sized here; the full run is what BENCHMARKS.md reports. */
 const SIZES = {
   quick: {
-    budgetMs: 60_000,
+    budgetMs: 90_000,
     counts: [0, 300],
     concs: [1, 16, 256],
     warmupMs: 100,
@@ -41,7 +44,7 @@ const SIZES = {
     recoveryTrials: 1,
   },
   full: {
-    budgetMs: 240_000,
+    budgetMs: 420_000,
     counts: [0, 1_000, 10_000],
     concs: [1, 16, 256],
     warmupMs: 300,
@@ -59,8 +62,8 @@ const SIZES = {
   },
 };
 
-type Phase = "registration" | "sessions" | "mesh" | "departure" | "recovery";
-const PHASES: Phase[] = ["registration", "sessions", "mesh", "departure", "recovery"];
+type Phase = "registration" | "sessions" | "mesh" | "departure" | "recovery" | "ha";
+const PHASES: Phase[] = ["registration", "sessions", "mesh", "departure", "recovery", "ha"];
 
 // Set once from the command line, before any phase runs.
 let QUICK = false;
@@ -95,7 +98,7 @@ async function main(out: string | undefined, only: string[] | undefined): Promis
   results.fdLimit = await fdLimit();
   log(`bench ${QUICK ? "(quick) " : ""}on ${(results.machine as Msg).cpu} x${(results.machine as Msg).cores}, fd limit ${results.fdLimit}`);
 
-  const phases: Record<Phase, () => Promise<Msg>> = { registration, sessions, mesh, departure, recovery };
+  const phases: Record<Phase, () => Promise<Msg>> = { registration, sessions, mesh, departure, recovery, ha };
   for (const phase of PHASES) {
     if (only && !only.includes(phase)) continue;
     if (overBudget) {
@@ -132,10 +135,23 @@ async function main(out: string | undefined, only: string[] | undefined): Promis
         svgRef: "bench/sweep.svg",
       };
   mkdirSync(paths.dir, { recursive: true });
-  await Bun.write(paths.json, JSON.stringify(results, null, 2) + "\n");
-  await writeReport(results, paths);
+  const written = only && (await Bun.file(paths.json).exists()) ? await mergedInto(paths.json, only) : results;
+  await Bun.write(paths.json, JSON.stringify(written, null, 2) + "\n");
+  await writeReport(written, paths);
   log(`wrote ${paths.json}, ${paths.md}, ${paths.svg} in ${(results.totalMs as number / 1000).toFixed(1)} s total`);
   return failed ? 1 : 0;
+}
+
+/**
+ * A run of some phases (--only) replaces those phases in the results it is
+ * written over and keeps the rest, so BENCHMARKS.md stays whole; each phase
+ * replaced carries the date, machine and load of the run that measured it.
+ */
+async function mergedInto(path: string, only: string[]): Promise<Msg> {
+  const previous = JSON.parse(await Bun.file(path).text()) as Msg;
+  const command = `bun bench/run.ts --only ${only.join(",")}${QUICK ? " --quick" : ""}`;
+  const run = { command, date: results.date, machine: results.machine, noise: results.noise, totalMs: results.totalMs };
+  return { ...previous, ...Object.fromEntries(only.map((p) => [p, { ...(results[p] as Msg), run }])) };
 }
 
 // --- phases ------------------------------------------------------------------
@@ -343,6 +359,28 @@ async function departure(): Promise<Msg> {
   };
 }
 
+/** 7: several registries on one Redis store (bench/ha.ts); what it measures so far is kept if it fails. */
+async function ha(): Promise<Msg> {
+  const out: Msg = {};
+  results.ha = out;
+  const perHolder = Math.max(100, Math.min(5_000, Math.floor((Number(results.fdLimit) - 300) / 2)));
+  let fleets = 0;
+  return haPhase(
+    {
+      quick: QUICK,
+      concs: CFG.concs,
+      startRegistry: (label, opts) => startRegistryProc(label, opts),
+      startReady,
+      // Fleets on one shared list must not register the same addresses: each gets its own port range.
+      fleet: (tag, port, probe, pingMs = 0, failover = []) => new Fleet(tag, port, probe, perHolder, pingMs, failover, 1024 + (fleets++ % 6) * 5_000),
+      registryCell,
+      closeChildren: () => closeAllChildren(PROFILE ? 10_000 : 1_000),
+      log,
+    },
+    out,
+  );
+}
+
 /** 5: kill -9 of the registry, a new one on the same port, until every node is registered again. */
 async function recovery(): Promise<Msg> {
   let reg = await startRegistryProc("registry(recovery)", { maxConnsPerAddress: 0 });
@@ -380,7 +418,7 @@ async function recovery(): Promise<Msg> {
 // --- children ----------------------------------------------------------------
 
 /** A child speaking JSON lines (bench/lib.ts serveCommands): requests carry an id, replies echo it; other lines are events. */
-class Child extends Proc {
+export class Child extends Proc {
   private nextId = 1;
   private readonly pending = new Map<number, PromiseWithResolvers<Msg>>();
   /** The process's own pid as it reported it (differs from `pid` under a `timeout` wrapper). */
@@ -465,7 +503,7 @@ async function fdLimit(): Promise<number> {
 // --- helpers -----------------------------------------------------------------
 
 /** Simulated registered nodes on one registry, spread over holder processes (fd limit). */
-class Fleet {
+export class Fleet {
   private holders: Child[] = [];
   constructor(
     readonly tag: string,
@@ -473,6 +511,10 @@ class Fleet {
     readonly probe: boolean,
     readonly perHolder: number,
     readonly pingMs = 0,
+    /** Ports of more registries sharing the list: a session its registry closes registers with the next. */
+    readonly failover: number[] = [],
+    /** First port the simulated nodes register (without the probe): fleets on one shared list need their own. */
+    readonly portBase = 1024,
   ) {}
 
   get children(): Child[] {
@@ -483,7 +525,7 @@ class Fleet {
     const need = Math.ceil(n / this.perHolder);
     while (this.holders.length < need) {
       const k = this.holders.length;
-      const opts = { port: this.port, prefix: `${this.tag}${k}-`, portBase: 1024 + k * this.perHolder, probe: this.probe, pingMs: this.pingMs };
+      const opts = { port: this.port, prefix: `${this.tag}${k}-`, portBase: this.portBase + k * this.perHolder, probe: this.probe, pingMs: this.pingMs, failover: this.failover };
       const h = spawnChild(`holder ${this.tag}${k}`, "bench/holder.ts", [JSON.stringify(opts)]);
       await h.log.waitFor("ready", 20_000, "holder ready");
       this.holders.push(h);
@@ -547,7 +589,7 @@ function cellTimeout(registered: number): number {
   return CFG.warmupMs + CFG.durationMs + 45_000 + registered;
 }
 
-interface RegistryProc {
+export interface RegistryProc {
   child: Child;
   port: number;
   ready: Msg;
@@ -588,14 +630,6 @@ function cellLine(cell: Msg): string {
   );
 }
 
-function fmt(x: number): string {
-  return !Number.isFinite(x) ? String(x) : x >= 100 ? x.toFixed(0) : x >= 10 ? x.toFixed(1) : x.toFixed(2);
-}
-
-function mb(bytes: number): string {
-  return (bytes / 1e6).toFixed(1);
-}
-
 function log(text: string): void {
   process.stderr.write(`[bench ${new Date().toISOString().slice(11, 19)}] ${text}\n`);
 }
@@ -618,7 +652,7 @@ if (import.meta.main) {
       concs: option("Concurrencies of the registration sweep, e.g. 1,16"),
       profile: option("Directory for Bun CPU profiles of the registries, written when they exit"),
       compare: option("Other registry.ts versions measured in the same registration cells (probe off), comma-separated"),
-      "budget-ms": option("The run's time limit, ms (default 240000; 60000 with --quick)"),
+      "budget-ms": option("The run's time limit, ms (default 420000; 90000 with --quick)"),
     },
     async (args) => {
       QUICK = Boolean(args.quick);
