@@ -590,6 +590,11 @@ export class RawClient implements AsyncDisposable {
     return this.socket.localPort ?? 0;
   }
 
+  /** Local address of this connection (what the other side sees as its remote address). */
+  get localAddress(): string {
+    return (this.socket.localAddress ?? "").replace(/^::ffff:/, "");
+  }
+
   /** Half-closes: sends FIN, keeps reading. */
   end(): void {
     this.socket.end();
@@ -1027,10 +1032,16 @@ export function watchedTransport(onData?: (chunk: Uint8Array) => void) {
   return {
     transport,
     accepted,
-    /** The server's end of the connection a client opened from local port `port`, once accepted. */
-    async from(port: number, timeoutMs = 10_000): Promise<Accepted> {
+    /**
+     * The server's end of `client`'s connection, once accepted: matched by
+     * address and port (clients bound to different loopback addresses may
+     * share a port number).
+     */
+    async of(client: RawClient, timeoutMs = 10_000): Promise<Accepted> {
+      const [address, port] = [client.localAddress, client.localPort];
       let found: Accepted | undefined;
-      await waitUntil(() => (found = accepted.find((a) => a.conn.remotePort === port)) !== undefined, timeoutMs, `the connection from port ${port} to be accepted`);
+      const match = (a: Accepted) => a.conn.remoteAddress === address && a.conn.remotePort === port;
+      await waitUntil(() => (found = accepted.find(match)) !== undefined, timeoutMs, `the connection from ${address} port ${port} to be accepted`);
       return found!;
     },
   };

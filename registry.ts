@@ -225,8 +225,15 @@ const PONG_BYTES = Buffer.from(PONG_LINE);
 /** Lines handled per read of one connection before the others get a turn. */
 const MAX_LINES_PER_READ = 64;
 
-/** Lines over its rate limit in a row after which a session is closed rather than answered. */
-const MAX_STRIKES = 100;
+/**
+ * Lines over a rate limit a session may send before it is closed: they drain
+ * a bucket of 100 refilled at 10 a second, so a short burst passes and a
+ * sustained flood, at any rate above the limit, is closed within seconds.
+ */
+const STRIKES = { burst: 100, perSecond: 10 };
+
+/** A session over a limit is told so at most this often; every excess line is still counted. */
+const RATE_NOTICE_MS = 1_000;
 
 interface Session extends Watched {
   conn: Conn<Session>;
@@ -236,8 +243,10 @@ interface Session extends Watched {
   leaveReason?: LeaveReason;
   lines: TokenBucket;
   syncs: TokenBucket;
-  /** Lines refused by a rate limit since the last one allowed. */
-  strikes: number;
+  /** Lines over a rate limit: when this is empty, the session is closed. */
+  strikes: TokenBucket;
+  /** When it was last answered `rate-limited`. */
+  noticedAt: number;
   /** `sentBytes` at the end of the last snapshot queued: while the connection has not written that far, a sync waits for it. */
   snapshotEnd: number;
 }
@@ -324,7 +333,8 @@ class Sessions {
       lastSeen: now,
       lines: new TokenBucket(10 * this.s.rateSessionLines, this.s.rateSessionLines, clock),
       syncs: new TokenBucket(10 * this.s.rateSessionSyncs, this.s.rateSessionSyncs, clock),
-      strikes: 0,
+      strikes: new TokenBucket(STRIKES.burst, STRIKES.perSecond, clock),
+      noticedAt: -Infinity,
       snapshotEnd: 0,
     };
   }
@@ -347,17 +357,13 @@ class Sessions {
 
   /** Takes a line from the session's and its address's rate limits. */
   private allowLine(s: Session): boolean {
-    if (s.lines.take() && this.addressLines.take(s.conn.remoteAddress)) {
-      s.strikes = 0;
-      return true;
-    }
-    return false;
+    return s.lines.take() && this.addressLines.take(s.conn.remoteAddress);
   }
 
   private onLine(conn: Conn<Session>, line: string): void {
     const s = conn.state;
     if (s.phase === "closing") return;
-    if (!this.allowLine(s)) return this.overRate(conn, "lines");
+    if (!this.allowLine(s)) return this.overRate(conn, "lines", Math.max(s.lines.waitMs(), this.addressLines.waitMs(conn.remoteAddress)));
     s.lastSeen = this.deadlines.clock.now();
     if (line === PING_LINE && s.phase === "registered") {
       conn.send(PONG_LINE);
@@ -431,17 +437,28 @@ class Sessions {
       this.counters.coalescedSyncs++;
       return;
     }
-    if (!s.syncs.take()) return this.overRate(conn, "sync requests");
+    if (!s.syncs.take()) return this.overRate(conn, "sync requests", s.syncs.waitMs());
     conn.send(this.snapshots.line());
     s.snapshotEnd = conn.sentBytes;
   }
 
-  /** A line over a rate limit: answered `rate-limited`, and after too many in a row the session is closed. */
-  private overRate(conn: Conn<Session>, what: string): void {
+  /**
+   * A line over a rate limit. It is counted, the session is told (at most once
+   * a second), and its connection is not read again until the limit allows
+   * a line: the rest of a flood waits in the flooder's own kernel buffers and
+   * costs the registry nothing. A session that keeps at it is closed.
+   */
+  private overRate(conn: Conn<Session>, what: string, waitMs: number): void {
     const s = conn.state;
-    const message = `too many ${what} from this ${s.strikes < MAX_STRIKES ? "session; slow down" : "session: closing it"}`;
-    if (++s.strikes > MAX_STRIKES) return this.reject(conn, "rate-limited", message);
-    this.answerError(conn, "rate-limited", message);
+    if (!s.strikes.take()) return this.reject(conn, "rate-limited", `too many ${what} from this session, for too long: closing it`);
+    this.counters.reject("rate-limited");
+    const now = this.clock.now();
+    if (now - s.noticedAt >= RATE_NOTICE_MS) {
+      s.noticedAt = now;
+      conn.send({ type: "error", code: "rate-limited", message: `too many ${what} from this session; slow down` });
+    }
+    conn.hold();
+    setTimeout(() => conn.release(), Math.max(1, waitMs)).unref();
   }
 
   private async register(conn: Conn<Session>, msg: Register): Promise<void> {
