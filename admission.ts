@@ -56,7 +56,7 @@ export class Admission {
     if (msg.v !== PROTOCOL_VERSION) {
       return refuse("unsupported-version", `protocol version ${msg.v} is not supported; this registry speaks ${PROTOCOL_VERSION}`);
     }
-    const auth = this.authenticate(msg.token, source);
+    const auth = this.authorize(msg.token, source);
     if (auth) return auth;
     const host = msg.host === undefined ? source : await this.advertised(msg.host, source);
     if (typeof host !== "string") return host;
@@ -109,8 +109,8 @@ export class Admission {
     this.authFailures.sweep();
   }
 
-  /** Token check, with guesses throttled per source address. */
-  private authenticate(token: string | undefined, source: string): Refusal | undefined {
+  /** Token check, with guesses throttled per source address: undefined if `token` may pass. */
+  authorize(token: string | undefined, source: string): Refusal | undefined {
     if (!this.tokenDigest) return undefined;
     const waitMs = this.authFailures.waitMs(source);
     if (waitMs > 0) {
@@ -146,8 +146,8 @@ export class Admission {
    * Probes `id` at `host:port` on behalf of a registration from `source`.
    * Undefined if it answered; else one refusal whatever happened, so that the
    * registry cannot be used to tell closed, silent and talking ports apart.
-   * Only the registry's log learns the detail. A timeout caused by the
-   * registry's own load is `unavailable`, worth retrying.
+   * Only the registry's log learns the detail. No answer in time is
+   * `unavailable`, worth retrying; only the node's own answer is final.
    */
   private async probeFor(source: string, host: string, port: number, id: string): Promise<Refusal | undefined> {
     if (!this.probes.take(source)) {
@@ -158,25 +158,23 @@ export class Admission {
     const address = formatAddress(host, port);
     return {
       ok: false,
-      code: outcome.overloaded ? "unavailable" : "unreachable",
+      code: outcome.timedOut ? "unavailable" : "unreachable",
       message: `no node answered as ${id} at ${address}; if nodes must reach this node at another address, start it with --advertise host[:port]`,
       detail: outcome.detail,
     };
   }
 
   /**
-   * Dials a node back to check that `id` listens at `host:port`. A timeout
-   * counts as the registry's own overload when its timer fired late (the
-   * loop was too busy to read the answer), else as the node's.
+   * Dials a node back to check that `id` listens at `host:port`. Only the
+   * node's own answer (a refusal, another id, not our protocol) is final;
+   * silence may be a dropped packet, a starved node or the registry's own load.
    */
-  private async probe(host: string, port: number, id: string): Promise<{ ok: true } | { ok: false; overloaded: boolean; detail: string }> {
+  private async probe(host: string, port: number, id: string): Promise<{ ok: true } | { ok: false; timedOut: boolean; detail: string }> {
     const nonce = randomId();
     const reply = Promise.withResolvers<string | null>();
-    const started = performance.now();
-    const overloaded = () => performance.now() - started > this.s.probeTimeoutMs + Math.max(50, this.s.probeTimeoutMs / 4);
-    let late = false;
+    let timedOut = false;
     const timer = setTimeout(() => {
-      late = overloaded();
+      timedOut = true;
       reply.resolve(`no answer within ${this.s.probeTimeoutMs}ms`);
     }, this.s.probeTimeoutMs);
     let conn: Conn<ProbeState> | undefined;
@@ -185,9 +183,9 @@ export class Admission {
       conn.state = { done: reply.resolve, nonce, id };
       conn.send({ type: "probe", v: PROTOCOL_VERSION, id, nonce });
       const failure = await reply.promise;
-      return failure === null ? { ok: true } : { ok: false, overloaded: late, detail: failure };
+      return failure === null ? { ok: true } : { ok: false, timedOut, detail: failure };
     } catch (e) {
-      return { ok: false, overloaded: (e as { code?: string }).code === "ETIMEDOUT" && overloaded(), detail: (e as Error).message };
+      return { ok: false, timedOut: (e as { code?: string }).code === "ETIMEDOUT", detail: (e as Error).message };
     } finally {
       clearTimeout(timer);
       conn?.destroy(); // a reset, not a close: probing thousands of nodes leaves no sockets in TIME_WAIT

@@ -6,6 +6,10 @@
  */
 import type { ArgsDef, ParsedArgs } from "citty";
 import { createConsola } from "consola";
+import { appendFileSync } from "node:fs";
+
+/** How loud a readable line is: debug lines show only with CONSOLA_LEVEL=4 or more. */
+export type Level = "warn" | "success" | "info" | "debug";
 
 /** Anything a role emits: a name and fields. */
 export type AnyEvent = { event: string };
@@ -22,7 +26,7 @@ export function createPrinter<E extends AnyEvent>(
   tag: string,
   json: boolean,
   describe: (e: E) => string,
-  level: (e: E) => "warn" | "success" | "info",
+  level: (e: E) => Level,
 ): (e: E) => void {
   if (json) {
     return (e) => {
@@ -30,8 +34,14 @@ export function createPrinter<E extends AnyEvent>(
       process.stdout.write(JSON.stringify({ event, time: new Date().toISOString(), ...rest }) + "\n");
     };
   }
+  const log = createLog(tag);
+  return (e) => log(level(e), describe(e));
+}
+
+/** Readable lines at a level: consola's, level set by CONSOLA_LEVEL (3, info, by default); warnings go to stderr. */
+export function createLog(tag: string): (level: Level, text: string) => void {
   const log = createConsola({ level: process.env.CONSOLA_LEVEL ? Number(process.env.CONSOLA_LEVEL) : 3 }).withTag(tag);
-  return (e) => log[level(e)](describe(e));
+  return (level, text) => log[level](text);
 }
 
 /**
@@ -130,4 +140,73 @@ export function repeatedFlag(rawArgs: string[], name: string): string[] {
     else if (arg.startsWith(`--${name}=`)) out.push(arg.slice(name.length + 3));
   }
   return out;
+}
+
+/**
+ * With a ports file (the Docker image sets PORTS_FILE for its HEALTHCHECK),
+ * each `listening` and `http-listening` event is also appended to that file,
+ * one JSON line with the role added: where this process can be asked whether
+ * it is alive, the port the OS picked included.
+ */
+export function portsRecorder(file: string | undefined, role: string): (e: AnyEvent) => void {
+  if (!file) return () => {};
+  return (e) => {
+    if (e.event !== "listening" && e.event !== "http-listening") return;
+    try {
+      appendFileSync(file, JSON.stringify({ role, ...e }) + "\n");
+    } catch (err) {
+      // The role works without it; only its health check will say it cannot find it.
+      process.stderr.write(`warning: cannot write the ports file ${file}: ${(err as Error).message}\n`);
+    }
+  };
+}
+
+/** What --help says beyond the flags: the command lines users type, and examples. */
+export interface Help {
+  usage: string[];
+  description: string;
+  /** Positional arguments that must be given (by flag or environment variable). */
+  required: string[];
+  examples: string[];
+  /** Anything else worth a paragraph (subcommands, notes). */
+  more?: string;
+}
+
+/**
+ * Renders --help: the command as users type it (`bun client.ts ...`),
+ * required arguments marked, every flag with its environment variable and
+ * default (from its description), and examples. Plain text, no colour codes:
+ * it is read in terminals, logs and pipes alike.
+ */
+export function renderHelp(help: Help, args: ArgsDef): string {
+  const rows = Object.entries(args).map(([name, def]) => {
+    const positional = def.type === "positional";
+    const required = positional && help.required.includes(name);
+    const flag = positional ? (required ? `<${name}>` : `[${name}]`) : def.type === "boolean" ? `--${name}` : `--${name} <${def.valueHint ?? "value"}>`;
+    return { positional, flag, text: `${def.description ?? ""}${required ? " (required)" : ""}` };
+  });
+  const width = Math.max(...rows.map((r) => r.flag.length)) + 2;
+  const list = (positional: boolean) =>
+    rows
+      .filter((r) => r.positional === positional)
+      .map((r) => `  ${r.flag.padEnd(width)}${r.text}`)
+      .join("\n");
+  return [
+    `Usage: ${help.usage.join("\n       ")}`,
+    "",
+    help.description,
+    "",
+    "Arguments:",
+    list(true),
+    "",
+    "Options (each also read from the environment variable named in brackets; a flag wins over its variable):",
+    list(false),
+    `  ${"--help".padEnd(width)}Show this help`,
+    `  ${"--version".padEnd(width)}Show the version`,
+    ...(help.more ? ["", help.more] : []),
+    "",
+    "Examples:",
+    ...help.examples.map((e) => `  ${e}`),
+    "",
+  ].join("\n");
 }

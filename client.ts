@@ -11,7 +11,7 @@
  * heartbeat and the backoff.
  */
 import { defineCommand, runMain, type ArgsDef } from "citty";
-import { UsageError, createPrinter, readSettings, repeatedFlag, runCli, stopOnSignals } from "./cli.ts";
+import { UsageError, createLog, createPrinter, portsRecorder, readSettings, renderHelp, repeatedFlag, runCli, stopOnSignals, type Level } from "./cli.ts";
 import { Greeter, Listener, Met, type GreetingEvent, type Identity } from "./greetings.ts";
 import { Backoff, Heartbeat, systemClock, type Clock } from "./liveness.ts";
 import { formatAddress, lineHandlers, parseHostPort, parsePort, resolveWithin, tcp, type Conn, type Transport } from "./net.ts";
@@ -53,6 +53,8 @@ export interface NodeOptions {
   onEvent?: (e: NodeEvent) => void;
   /** Resolve startNode only after the first registration (default true). */
   waitForRegistration?: boolean;
+  /** Stop, failing, if not registered within this time of starting (default: keep trying). */
+  giveUpAfterMs?: number;
   /** Where sockets are opened (default plain TCP). */
   transport?: Transport;
   /** Drives the heartbeat (default: the system's monotonic clock). */
@@ -95,6 +97,11 @@ export interface PeerNode {
   /** Stops without saying goodbye (tests of crash handling). */
   kill(): void;
   [Symbol.asyncDispose](): Promise<void>;
+}
+
+/** The node was not registered within `giveUpAfterMs`. */
+export class GaveUpError extends Error {
+  override name = "GaveUpError";
 }
 
 /** A registration refused for a reason retrying will not fix. */
@@ -195,6 +202,7 @@ function settingsOf(options: NodeOptions) {
     inboundTimeoutMs: options.inboundTimeoutMs ?? DEFAULTS.inboundTimeoutMs,
     maxInboundConns: options.maxInboundConns ?? DEFAULTS.maxInboundConns,
     maxInboundPerAddress: options.maxInboundPerAddress ?? DEFAULTS.maxInboundPerAddress,
+    giveUpAfterMs: options.giveUpAfterMs,
   };
 }
 
@@ -238,6 +246,8 @@ class RegistrySession {
   private reconnectTimer: Timer | undefined;
   private receipts: string[] = [];
   private receiptScheduled = false;
+  private giveUp: Timer | undefined;
+  private lastFailure = "";
   /** The registry address dialed last: the next attempt starts after it (failover); none yet, at random. */
   private lastDialed: string | undefined;
 
@@ -254,7 +264,7 @@ class RegistrySession {
     /** A peer was added to the view, or updated. */
     private readonly onListed: (peer: Peer) => void,
     private readonly emit: (e: SessionEvent) => void,
-    private readonly onFatal: (error: RegistrationError) => void,
+    private readonly onFatal: (error: Error) => void,
   ) {
     this.first.promise.catch(() => {});
     this.backoff = new Backoff(s.reconnectBaseMs, s.reconnectMaxMs);
@@ -272,7 +282,16 @@ class RegistrySession {
   }
 
   start(): void {
+    const ms = this.s.giveUpAfterMs;
+    if (ms !== undefined) this.giveUp = setTimeout(() => this.gaveUp(ms), Math.min(ms, MAX_TIMER_MS));
     void this.connect();
+  }
+
+  private gaveUp(ms: number): void {
+    if (this.everRegistered || this.stopped) return;
+    const error = new GaveUpError(`not registered within ${ms}ms${this.lastFailure ? `; last: ${this.lastFailure}` : ""}`);
+    this.first.reject(error);
+    this.onFatal(error);
   }
 
   /** The address this node is listed under (what `hello` carries). */
@@ -291,7 +310,8 @@ class RegistrySession {
       const all = this.receipts;
       this.receipts = [];
       const conn = this.conn;
-      if (!this.registered || !conn) return;
+      // Nothing after `leave`: a stopping node's receipts would reach a registry that already let it go.
+      if (!this.registered || !conn || this.stopped) return;
       for (let i = 0; i < all.length; i += RECEIPT_CHUNK) conn.send({ type: "receipt", ids: all.slice(i, i + RECEIPT_CHUNK) });
     });
   }
@@ -302,6 +322,7 @@ class RegistrySession {
     this.stopped = true;
     this.heartbeat?.stop();
     clearTimeout(this.reconnectTimer);
+    clearTimeout(this.giveUp);
     const conn = this.conn;
     if (conn && !conn.closed) {
       if (sayGoodbye && this.registered) {
@@ -325,7 +346,8 @@ class RegistrySession {
       conn = await this.dialNext();
     } catch (e) {
       if (this.stopped) return;
-      this.emit({ event: "disconnected", reason: (e as Error).message, registered: false });
+      this.lastFailure = (e as Error).message;
+      this.emit({ event: "disconnected", reason: this.lastFailure, registered: false });
       return this.scheduleReconnect();
     }
     if (this.stopped) return conn.destroy();
@@ -425,6 +447,7 @@ class RegistrySession {
     const again = this.everRegistered;
     const newBoot = this.boot !== undefined && this.boot !== m.boot;
     this.registered = this.everRegistered = true;
+    clearTimeout(this.giveUp);
     this.backoff.reset();
     this.self = m.self;
     this.boot = m.boot;
@@ -474,7 +497,8 @@ class RegistrySession {
     this.registered = false;
     if (this.stopped) return;
     const limit = conn.limitHit ? `${conn.limitHit.code}: ${conn.limitHit.message}` : undefined;
-    this.emit({ event: "disconnected", reason: limit ?? conn.state.lastError ?? "connection closed", registered: was });
+    this.lastFailure = limit ?? conn.state.lastError ?? "connection closed";
+    this.emit({ event: "disconnected", reason: this.lastFailure, registered: was });
     const fatal = conn.state.fatal;
     if (!fatal) return this.scheduleReconnect();
     this.first.reject(fatal);
@@ -550,9 +574,84 @@ function describe(e: NodeEvent): string {
   }
 }
 
-function level(e: NodeEvent): "warn" | "success" | "info" {
+function level(e: NodeEvent): Level {
   if (e.event === "error" || e.event === "greet-failed") return "warn";
   return e.event === "listening" || e.event === "registered" ? "success" : "info";
+}
+
+/** Failed attempts to reach the registry between two reminders in the readable log. */
+const REMIND_EVERY = 10;
+
+/** How long a peer missing after a registry restart may take to be back before the readable log calls it gone. */
+const RESTART_GRACE_MS = 10_000;
+
+/**
+ * The readable log of a node (JSON output keeps every event). While the
+ * registry cannot be reached it says so once, naming the address and the
+ * likely cause, then reminds every REMIND_EVERY attempts; a refusal is printed
+ * once, not again as the lost session and the exit; a peer absent from the
+ * list only while the registry restarts is not reported as left and back.
+ */
+class ReadableLog {
+  private readonly log = createLog("node");
+  private failing = 0;
+  /** The last registry error printed: the disconnection and the exit that follow it say nothing new. */
+  lastError = "";
+  private readonly held = new Map<string, Timer>();
+
+  /** `where`: "the registry at host:port", or the registries, when several are given. */
+  constructor(private readonly where: string) {}
+
+  readonly print = (e: NodeEvent): void => {
+    switch (e.event) {
+      case "registered":
+        this.failing = 0;
+        break;
+      case "error":
+        this.lastError = `${e.code}: ${e.message}`;
+        break;
+      case "disconnected":
+        return this.disconnected(e.reason, e.registered);
+      case "reconnecting":
+        if (this.failing > 1 && e.attempt % REMIND_EVERY === 0) this.log("info", `still trying to reach ${this.where} (attempt ${e.attempt})`);
+        return;
+      case "peer-left":
+        if (e.reason !== "restart" && e.reason !== "sync") break;
+        return void this.held.set(
+          e.peer,
+          setTimeout(() => {
+            this.held.delete(e.peer);
+            this.log("info", describe(e));
+          }, RESTART_GRACE_MS).unref(),
+        );
+      case "peer-joined": {
+        const timer = this.held.get(e.peer);
+        if (!timer) break;
+        clearTimeout(timer);
+        this.held.delete(e.peer);
+        return; // it was only away while the list was rebuilt
+      }
+    }
+    this.log(level(e), describe(e));
+  };
+
+  private disconnected(reason: string, registered: boolean): void {
+    if (reason === this.lastError) return;
+    if (registered) {
+      this.failing = 1;
+      return this.log("warn", `registry session lost: ${reason}; reconnecting`);
+    }
+    if (this.failing++ > 0) return;
+    this.log("warn", `cannot reach ${this.where}: ${reason}${hint(reason)}; retrying`);
+  }
+}
+
+/** The likely cause of a failure to reach the registry, for people. */
+function hint(reason: string): string {
+  if (/ECONNREFUSED/.test(reason)) return " (is a registry running there?)";
+  if (/ENOTFOUND|cannot resolve/.test(reason)) return " (is the name right?)";
+  if (/ETIMEDOUT|timeout/.test(reason)) return " (is it reachable from here? a firewall?)";
+  return "";
 }
 
 const flags = {
@@ -563,23 +662,50 @@ const flags = {
     description: "Another registry sharing the list, host:port; repeat it for more. The node picks one at random and fails over to the next [env REGISTRY_ADDRS=h1:p1,h2:p2]",
   },
   json: { type: "boolean", description: "One JSON event per line on stdout [env LOG_JSON=1]" },
-  listen: { type: "string", description: "Address to listen on for greetings [env NODE_LISTEN, default ::, all interfaces]" },
-  port: { type: "string", description: "Port to listen on [env NODE_PORT, default 0: the OS picks]" },
-  advertise: { type: "string", description: "host[:port] to register instead of the address the registry sees [env NODE_ADVERTISE]" },
-  name: { type: "string", description: "Human-readable name shown to peers [env NODE_NAME]" },
-  id: { type: "string", description: "Stable node id [env NODE_ID, default random]" },
-  token: { type: "string", description: "Shared secret the registry requires [env REGISTRY_TOKEN]" },
-  "greet-timeout": { type: "string", description: `Per-greeting deadline in ms [env NODE_GREET_TIMEOUT_MS, default ${DEFAULTS.greetTimeoutMs}]` },
-  "greet-concurrency": { type: "string", description: `Greetings in flight at once [env NODE_GREET_CONCURRENCY, default ${DEFAULTS.greetConcurrency}]` },
-  "greet-retries": { type: "string", description: `Extra attempts per greeting [env NODE_GREET_RETRIES, default ${DEFAULTS.greetRetries}]` },
-  "reconnect-max": { type: "string", description: `Cap of the reconnect backoff in ms [env NODE_RECONNECT_MAX_MS, default ${DEFAULTS.reconnectMaxMs}]` },
-  "register-timeout": { type: "string", description: `Deadline for the registry's answer to register, ms [env NODE_REGISTER_TIMEOUT_MS, default ${2 * DEFAULTS.registerTimeoutMs}]` },
-  "max-reply": { type: "string", description: `Longest line accepted from the registry, bytes [env NODE_MAX_REPLY_BYTES, default ${DEFAULTS.maxReplyBytes}]` },
-  "max-line": { type: "string", description: `Longest line the greeting listener accepts, bytes [env NODE_MAX_LINE, default ${DEFAULTS.maxLineBytes}]` },
-  "inbound-timeout": { type: "string", description: `Lifetime of an inbound greeting connection, ms [env NODE_INBOUND_TIMEOUT_MS, default ${DEFAULTS.inboundTimeoutMs}]` },
-  "max-inbound": { type: "string", description: `Open inbound greeting connections at most [env NODE_MAX_INBOUND, default ${DEFAULTS.maxInboundConns}]` },
-  "max-inbound-per-ip": { type: "string", description: `Open inbound greeting connections from one source address [env NODE_MAX_INBOUND_PER_IP, default ${DEFAULTS.maxInboundPerAddress}]` },
+  listen: { type: "string", valueHint: "address", description: "Address to listen on for greetings [env NODE_LISTEN, default ::, all interfaces]" },
+  port: { type: "string", valueHint: "port", description: "Port to listen on [env NODE_PORT, default 0: the OS picks]" },
+  advertise: { type: "string", valueHint: "host[:port]", description: "host[:port] to register instead of the address the registry sees [env NODE_ADVERTISE]" },
+  name: { type: "string", valueHint: "text", description: "Human-readable name shown to peers [env NODE_NAME]" },
+  id: { type: "string", valueHint: "id", description: "Stable node id [env NODE_ID, default random]" },
+  token: { type: "string", valueHint: "secret", description: "Shared secret the registry requires [env REGISTRY_TOKEN]" },
+  "greet-timeout": { type: "string", valueHint: "ms", description: `Per-greeting deadline in ms [env NODE_GREET_TIMEOUT_MS, default ${DEFAULTS.greetTimeoutMs}]` },
+  "greet-concurrency": { type: "string", valueHint: "n", description: `Greetings in flight at once [env NODE_GREET_CONCURRENCY, default ${DEFAULTS.greetConcurrency}]` },
+  "greet-retries": { type: "string", valueHint: "n", description: `Extra attempts per greeting [env NODE_GREET_RETRIES, default ${DEFAULTS.greetRetries}]` },
+  "reconnect-max": { type: "string", valueHint: "ms", description: `Cap of the reconnect backoff in ms [env NODE_RECONNECT_MAX_MS, default ${DEFAULTS.reconnectMaxMs}]` },
+  "register-timeout": { type: "string", valueHint: "ms", description: `Deadline for the registry's answer to register, ms [env NODE_REGISTER_TIMEOUT_MS, default ${2 * DEFAULTS.registerTimeoutMs}]` },
+  "max-reply": { type: "string", valueHint: "bytes", description: `Longest line accepted from the registry, bytes [env NODE_MAX_REPLY_BYTES, default ${DEFAULTS.maxReplyBytes}]` },
+  "max-line": { type: "string", valueHint: "bytes", description: `Longest line the greeting listener accepts, bytes [env NODE_MAX_LINE, default ${DEFAULTS.maxLineBytes}]` },
+  "inbound-timeout": { type: "string", valueHint: "ms", description: `Lifetime of an inbound greeting connection, ms [env NODE_INBOUND_TIMEOUT_MS, default ${DEFAULTS.inboundTimeoutMs}]` },
+  "max-inbound": { type: "string", valueHint: "n", description: `Open inbound greeting connections at most [env NODE_MAX_INBOUND, default ${DEFAULTS.maxInboundConns}]` },
+  "give-up-after": { type: "string", valueHint: "ms", description: "Exit 1 if not registered within this time of starting [env NODE_GIVE_UP_AFTER_MS, default: keep trying]" },
+  "ports-file": { type: "string", valueHint: "file", description: "Append what it listens on to this file, one JSON line (the Docker HEALTHCHECK reads it) [env PORTS_FILE]" },
+  "max-inbound-per-ip": { type: "string", valueHint: "n", description: `Open inbound greeting connections from one source address [env NODE_MAX_INBOUND_PER_IP, default ${DEFAULTS.maxInboundPerAddress}]` },
 } satisfies ArgsDef;
+
+const help = {
+  usage: ["bun client.ts <registry-host> <registry-port> [--registry <host:port> ...] [options]", "bun client.ts list <registry-host> <registry-port> [--json] [--token <secret>]"],
+  description: "Peer node: listens on a port the OS picks, registers with the registry, greets every other node and answers their greetings.",
+  required: ["registry-host", "registry-port"],
+  more: "Commands:\n  list   print the registry's nodes (without registering), then exit; --json for JSON",
+  examples: [
+    "bun client.ts localhost 8080",
+    "bun client.ts registry.example 8080 --name edge-1 --json",
+    "bun client.ts 10.0.0.1 8080 --advertise 203.0.113.7:7001     # behind NAT: the address others must use",
+    "bun client.ts 10.0.0.1 8080 --registry 10.0.0.2:8080         # several registries sharing a store",
+    "bun client.ts list localhost 8080",
+  ],
+};
+
+/** The registry's address from the two positionals (or their variables), or a usage error. */
+function registryArg(flag: (key: "registry-host" | "registry-port", env: string) => string | undefined, command = "bun client.ts") {
+  const host = flag("registry-host", "REGISTRY_HOST");
+  const portText = flag("registry-port", "REGISTRY_PORT");
+  if (!host) throw new UsageError(`missing the registry address: ${command} <registry-host> <registry-port>`);
+  if (portText === undefined) throw new UsageError(`missing the registry port: ${command} <registry-host> <registry-port>`);
+  const port = parsePort(portText, false);
+  if (port === undefined) throw new UsageError(`registry port must be a number from 1 to 65535, got "${portText}"`);
+  return { host, port };
+}
 
 /**
  * The registries a node is given: the positional host and port (or
@@ -587,19 +713,11 @@ const flags = {
  * REGISTRY_ADDRS). At least one; the positional pair may be left out when
  * the others are given.
  */
-function registriesFrom(flag: (key: keyof typeof flags, env: string) => string | undefined, rawArgs: string[]): { host: string; port: number }[] {
-  const out: { host: string; port: number }[] = [];
-  const host = flag("registry-host", "REGISTRY_HOST");
-  const portText = flag("registry-port", "REGISTRY_PORT");
+function registriesFrom(flag: (key: "registry-host" | "registry-port", env: string) => string | undefined, rawArgs: string[]): { host: string; port: number }[] {
   const more = repeatedFlag(rawArgs, "registry");
   const extra = more.length ? more : (process.env.REGISTRY_ADDRS ?? "").split(",").filter((x) => x.trim());
-  if (host || portText !== undefined || !extra.length) {
-    if (!host) throw new UsageError("missing the registry address: bun client.ts <registry-host> <registry-port> (or --registry host:port)");
-    if (portText === undefined) throw new UsageError("missing the registry port: bun client.ts <registry-host> <registry-port>");
-    const port = parsePort(portText, false);
-    if (port === undefined) throw new UsageError(`registry port must be a number from 1 to 65535, got "${portText}"`);
-    out.push({ host, port });
-  }
+  const given = flag("registry-host", "REGISTRY_HOST") !== undefined || flag("registry-port", "REGISTRY_PORT") !== undefined;
+  const out = given || !extra.length ? [registryArg(flag)] : [];
   for (const text of extra) {
     let a: { host?: string; port?: number };
     try {
@@ -614,7 +732,7 @@ function registriesFrom(flag: (key: keyof typeof flags, env: string) => string |
 }
 
 export const command = defineCommand({
-  meta: { name: "client", version: "0.1.0", description: "Peer node: registers with a contact registry and greets the other nodes." },
+  meta: { name: "client", version: "0.1.0", description: help.description },
   args: flags,
   async run({ args, rawArgs }) {
     await runCli(async () => {
@@ -631,7 +749,15 @@ export const command = defineCommand({
           throw new UsageError(`--advertise: ${(e as Error).message}`);
         }
       }
-      const print = createPrinter("node", on("json", "LOG_JSON"), describe, level);
+      const json = on("json", "LOG_JSON");
+      const addresses = [first!, ...registries].map((r) => formatAddress(r.host, r.port));
+      const readable = json ? undefined : new ReadableLog(`${addresses.length > 1 ? "the registries at" : "the registry at"} ${addresses.join(", ")}`);
+      const show = readable?.print ?? createPrinter("node", true, describe, level);
+      const record = portsRecorder(flag("ports-file", "PORTS_FILE"), "node");
+      const print = (e: NodeEvent) => {
+        record(e);
+        show(e);
+      };
       const node = await startNode({
         registryHost: first!.host,
         registryPort: first!.port,
@@ -652,6 +778,7 @@ export const command = defineCommand({
         maxInboundPerAddress: num("max-inbound-per-ip", "NODE_MAX_INBOUND_PER_IP", 1),
         registerTimeoutMs: num("register-timeout", "NODE_REGISTER_TIMEOUT_MS", 1, MAX_TIMER_MS),
         maxReplyBytes: num("max-reply", "NODE_MAX_REPLY_BYTES", 1024),
+        giveUpAfterMs: num("give-up-after", "NODE_GIVE_UP_AFTER_MS", 1),
         onEvent: print,
         // Signals must stop the node even while its registry is still out of reach;
         // a refused first registration still ends the process through `done`.
@@ -660,9 +787,78 @@ export const command = defineCommand({
       stopOnSignals(() => node.stop());
       // Lets a harness (scripts/chaos.ts) read this node's view without replaying its whole history.
       process.on("SIGUSR1", () => print({ event: "view", registered: node.registered, peers: node.peers().map((p) => p.id) }));
-      await node.done;
+      await node.done.catch((e: unknown) => {
+        // Already said, as the registry's error: exit 1 without saying it again.
+        if (readable && e instanceof RegistrationError && e.message === readable.lastError) process.exit(1);
+        throw e;
+      });
     });
   },
 });
 
-if (import.meta.main) await runMain(command);
+const listFlags = {
+  "registry-host": flags["registry-host"],
+  "registry-port": flags["registry-port"],
+  json: { type: "boolean", description: "The list as one JSON object on stdout [env LOG_JSON=1]" },
+  token: flags.token,
+} satisfies ArgsDef;
+
+/** `bun client.ts list HOST PORT`: the registry's nodes, read with the protocol's `list` request. */
+export const listCommand = defineCommand({
+  meta: { name: "list", version: "0.1.0", description: "Print the registry's nodes without registering, then exit." },
+  args: listFlags,
+  async run({ args, rawArgs }) {
+    await runCli(async () => {
+      const { text: flag, on } = readSettings(args, rawArgs, listFlags);
+      const registry = registryArg(flag, "bun client.ts list");
+      const list = await listNodes(registry.host, registry.port, { token: flag("token", "REGISTRY_TOKEN") });
+      if (on("json", "LOG_JSON")) return void process.stdout.write(JSON.stringify({ ...list, count: list.peers.length }) + "\n");
+      process.stdout.write(table(["id", "name", "address"], list.peers.map((p) => [p.id, p.name ?? "", formatAddress(p.host, p.port)])));
+      process.stdout.write(`${list.peers.length} node${list.peers.length === 1 ? "" : "s"} (boot ${list.boot}, seq ${list.seq})\n`);
+    });
+  },
+});
+
+/** The registry's list, through its `list` request; rejects with the registry's error or a connection failure. */
+export async function listNodes(
+  host: string,
+  port: number,
+  o: { token?: string; timeoutMs?: number; transport?: Transport } = {},
+): Promise<{ boot: string; seq: number; peers: Peer[] }> {
+  const timeoutMs = o.timeoutMs ?? 5_000;
+  const answer = Promise.withResolvers<{ boot: string; seq: number; peers: Peer[] }>();
+  const handlers = lineHandlers<undefined>({
+    maxLineBytes: DEFAULTS.maxReplyBytes,
+    state: () => undefined,
+    line(_conn, line) {
+      const r = decode(FromRegistry, line);
+      if (!r.ok) return answer.reject(new Error(`from registry: ${r.message}`));
+      if (r.msg.type === "snapshot") return answer.resolve({ boot: r.msg.boot, seq: r.msg.seq, peers: r.msg.peers });
+      if (r.msg.type === "error") return answer.reject(new RegistrationError(r.msg.code, r.msg.message));
+      answer.reject(new Error(`unexpected answer from the registry: ${r.msg.type}`));
+    },
+    close: () => answer.reject(new Error("the registry closed the connection without an answer")),
+  });
+  const timer = setTimeout(() => answer.reject(new Error(`no answer from ${formatAddress(host, port)} within ${timeoutMs}ms`)), timeoutMs);
+  const conn = await (o.transport ?? tcp).dial(host, port, handlers, timeoutMs);
+  try {
+    conn.send({ type: "list", v: PROTOCOL_VERSION, ...(o.token ? { token: o.token } : {}) });
+    return await answer.promise;
+  } finally {
+    clearTimeout(timer);
+    conn.destroy();
+  }
+}
+
+/** Columns padded to their widest cell. */
+function table(head: string[], rows: string[][]): string {
+  const widths = head.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
+  return [head, ...rows].map((r) => r.map((cell, i) => cell.padEnd(widths[i]!)).join("  ").trimEnd() + "\n").join("");
+}
+
+if (import.meta.main) {
+  const [first, ...rest] = process.argv.slice(2);
+  const showUsage = async () => void process.stdout.write(renderHelp(help, flags));
+  if (first === "list") await runMain(listCommand, { rawArgs: rest, showUsage });
+  else await runMain(command, { showUsage });
+}

@@ -3,6 +3,7 @@
 # the rest goes to that role's script unchanged.
 #   registry [host] [port] [flags]        bun registry.ts ...
 #   client <registry-host> <port> [flags] bun client.ts ...
+#   list <registry-host> <port> [flags]   bun client.ts list ...
 #   --help | --version                    this usage | the package version
 # `exec` makes bun the container's main process, so `docker stop` (SIGTERM)
 # reaches the script's own shutdown handler: a node says `leave`, the
@@ -16,6 +17,7 @@ contact-registry image: the first argument is the role.
   registry [host] [port] [flags]        run the contact registry
                                         (default host :: falling back to 0.0.0.0, port 8080)
   client <registry-host> <port> [flags] run a peer node
+  list <registry-host> <port> [--json]  print the registry's nodes, then exit
   registry --help | client --help       every flag and environment variable of a role
   --version                             the version of contact-registry and of Bun
 
@@ -53,6 +55,10 @@ case "$role" in
     if [ -n "${PORTS_FILE:-}" ]; then rm -f "$PORTS_FILE"; fi
     exec bun "/app/$role.ts" "$@"
     ;;
+  list)
+    shift
+    exec bun /app/client.ts list "$@"
+    ;;
   -h | --help | help)
     usage
     exit 0
@@ -65,7 +71,7 @@ case "$role" in
     exit 2
     ;;
   *)
-    echo "error: unknown role \"$role\": the first argument must be \"registry\" or \"client\"" >&2
+    echo "error: unknown role \"$role\": the first argument must be \"registry\", \"client\" or \"list\"" >&2
     echo "run with --help for usage" >&2
     exit 2
     ;;

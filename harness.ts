@@ -11,10 +11,10 @@ import net from "node:net";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { checkFlags, runCli } from "./cli.ts";
-import { command as nodeCommand } from "./client.ts";
+import { command as nodeCommand, startNode, type NodeOptions, type PeerNode } from "./client.ts";
 import type { Clock } from "./liveness.ts";
 import { tcp, type Conn, type Transport } from "./net.ts";
-import { command as registryCommand } from "./registry.ts";
+import { command as registryCommand, startRegistry, type Registry, type RegistryOptions } from "./registry.ts";
 
 /** The project root: where the scripts are started from. */
 export const ROOT = import.meta.dir;
@@ -507,8 +507,9 @@ export function greetingsOf(nodes: { id: string; log: EventLog }[]): { greeted: 
 /**
  * A raw NDJSON TCP client for precise and hostile tests: writes exactly the
  * bytes it is given, splits what it receives on 0x0A itself, and lets a test
- * wait for a message under a deadline. On node:net, because Bun.connect cannot
- * choose the local address: binding 127.0.0.2, 127.0.0.3, ... makes
+ * wait for a message under a deadline. On node:net, whose `localAddress` is
+ * documented (Bun.connect takes one too, but only outside its types: see
+ * bench/lib.ts fromAddress): binding 127.0.0.2, 127.0.0.3, ... makes
  * connections a server counts as coming from different hosts. With
  * `collect: false` it only counts bytes (bulk clients that must keep reading
  * but whose traffic is not under test).
@@ -641,6 +642,11 @@ export class RawClient implements AsyncDisposable {
     return this.socket.localPort ?? 0;
   }
 
+  /** Local address of this connection (what the other side sees as its remote address). */
+  get localAddress(): string {
+    return (this.socket.localAddress ?? "").replace(/^::ffff:/, "");
+  }
+
   /** Half-closes: sends FIN, keeps reading. */
   end(): void {
     this.socket.end();
@@ -734,6 +740,299 @@ export function closedPort(): number {
   return port;
 }
 
+// --- attackers ---------------------------------------------------------------
+// Issue 11's attacks on the registry, each from a source address of its own
+// and kept up until stopped: a connection the registry closes is opened again,
+// as a determined attacker would. The flood test, the fuzzer and the
+// benchmark's "Under attack" phase all run these.
+
+/** What an attacker does over and over. */
+export type AttackKind = "sync-spam" | "ping-flood" | "peers-flood" | "churn" | "slow-consumers" | "token-guess";
+
+export const ATTACK_KINDS: readonly AttackKind[] = ["sync-spam", "ping-flood", "peers-flood", "churn", "slow-consumers", "token-guess"];
+
+export interface AttackOptions {
+  kind: AttackKind;
+  /** The registry's port; for peers-flood, its status server's. */
+  port: number;
+  /** The attacker's source address (127.0.0.x), so that per-address limits see another host. */
+  from: string;
+  /** Connections held at once (sync-spam, slow-consumers, ping-flood) or loops run at once (the others). */
+  width: number;
+  /** `sync` requests each non-reader sends at once (sync-spam; 190 in the attack that once evicted 3,099 nodes). */
+  syncs?: number;
+  /** The registry's token, for the attackers that register (token-guess sends wrong ones). */
+  token?: string;
+  /** The registry probes (default): each connection registers the port of a listener on `from` that answers it. */
+  probe?: boolean;
+}
+
+/** What an attacker did and how the registry answered. */
+export interface AttackCounts {
+  connections: number;
+  registered: number;
+  /** Connections the registry closed (the attacker itself closes none before it stops). */
+  closedByRegistry: number;
+  /** Protocol lines sent: register, sync, ping, leave. */
+  lines: number;
+  /** HTTP responses read in full (peers-flood). */
+  responses: number;
+  bytesReceived: number;
+  /** Error codes received (a non-reader reads none after it registered). */
+  codes: Record<string, number>;
+  /** Rounds that failed without an answer: connect refused or timed out, a broken HTTP response. */
+  failures: number;
+}
+
+const PING = '{"type":"ping"}\n';
+const SYNC = '{"type":"sync"}\n';
+
+/** One attacker: `width` workers, each repeating its kind's round until `stop`. */
+export class Attack implements AsyncDisposable {
+  readonly counts: AttackCounts = { connections: 0, registered: 0, closedByRegistry: 0, lines: 0, responses: 0, bytesReceived: 0, codes: {}, failures: 0 };
+  /** Resolves once every worker has made its first attempt: the attack is in place. */
+  readonly ready: Promise<void>;
+  readonly kind: AttackKind;
+  private stopped = false;
+  private readonly stopSignal = Promise.withResolvers<void>();
+  private readonly open = new Set<{ destroy(): void }>();
+  private readonly listeners: ReturnType<typeof probeResponder>[] = [];
+  private readonly workers: Promise<void>[];
+  private inPlace = 0;
+  private readonly allInPlace = Promise.withResolvers<void>();
+  private ids = 0;
+
+  constructor(private readonly o: AttackOptions) {
+    this.kind = o.kind;
+    this.ready = this.allInPlace.promise;
+    this.workers = Array.from({ length: o.width }, (_, i) => this.work(i));
+  }
+
+  async stop(): Promise<void> {
+    this.stopped = true;
+    this.stopSignal.resolve();
+    for (const c of this.open) c.destroy();
+    await Promise.allSettled(this.workers);
+    for (const l of this.listeners) l.stop();
+    this.allInPlace.resolve();
+  }
+
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.stop();
+  }
+
+  private async work(i: number): Promise<void> {
+    let placed = false;
+    const placedNow = () => {
+      if (placed) return;
+      placed = true;
+      if (++this.inPlace === this.o.width) this.allInPlace.resolve();
+    };
+    while (!this.stopped) {
+      try {
+        await this.round(i, placedNow);
+      } catch {
+        this.counts.failures++;
+        await Bun.sleep(20); // the attacker's pace after a failure, not a wait for anything
+      }
+      placedNow();
+    }
+  }
+
+  private round(i: number, placed: () => void): Promise<void> {
+    switch (this.o.kind) {
+      case "sync-spam":
+        // The burst again every second while the connection lasts, so the attack is kept up.
+        return this.nonReader(i, placed, SYNC.repeat(this.o.syncs ?? 190), 1_000);
+      case "slow-consumers":
+        // Within every rate limit: a ping and a sync a second, as a node resyncing each beat would.
+        return this.nonReader(i, placed, PING + SYNC, 1_000);
+      case "ping-flood":
+        return this.pingFlood(i, placed);
+      case "churn":
+        return this.churn(i, placed);
+      case "token-guess":
+        return this.churn(i, placed, `guess-${this.ids}`);
+      case "peers-flood":
+        return this.peers(placed);
+    }
+  }
+
+  /** Registers, stops reading, sends `burst` every `everyMs` until the registry closes the connection. */
+  private async nonReader(i: number, placed: () => void, burst: string, everyMs: number): Promise<void> {
+    const c = await this.connect();
+    try {
+      if (!(await this.register(c, i))) return;
+      c.pause();
+      const lines = burst.split("\n").length - 1;
+      while (!c.closed && !this.stopped && (await c.write(burst))) {
+        this.counts.lines += lines;
+        placed();
+        await Promise.race([c.waitClosed(everyMs).catch(() => {}), this.stopSignal.promise]);
+      }
+    } finally {
+      this.done(c);
+    }
+  }
+
+  /** Registers, then writes pings as fast as the socket takes them. */
+  private async pingFlood(i: number, placed: () => void): Promise<void> {
+    const c = await this.connect();
+    try {
+      if (!(await this.register(c, i))) return;
+      placed();
+      const chunk = PING.repeat(5_000);
+      while (!c.closed && !this.stopped && (await c.write(chunk))) this.counts.lines += 5_000;
+      await this.untilClosed(c); // a failed write comes before the close
+    } finally {
+      this.done(c);
+    }
+  }
+
+  /** Registers (with `token`, a wrong one for token-guess) and leaves at once, or takes the refusal. */
+  private async churn(i: number, placed: () => void, token = this.o.token): Promise<void> {
+    const c = await this.connect();
+    try {
+      if (await this.register(c, i, token)) {
+        await c.send({ type: "leave" });
+        this.counts.lines++;
+      }
+      placed();
+      await this.untilClosed(c);
+    } finally {
+      this.done(c);
+    }
+  }
+
+  /** GET /peers on one keep-alive connection, each response read in full before the next request. */
+  private async peers(placed: () => void): Promise<void> {
+    const http = new HttpConn(this.o.port, this.o.from);
+    this.open.add(http);
+    this.counts.connections++;
+    try {
+      await http.connected;
+      let counted = 0;
+      while (!this.stopped && (await http.get("/peers"))) {
+        this.counts.responses++;
+        this.counts.bytesReceived += http.bytesReceived - counted;
+        counted = http.bytesReceived;
+        placed();
+      }
+      if (http.closed && !this.stopped) this.counts.closedByRegistry++;
+    } finally {
+      this.open.delete(http);
+      http.destroy();
+    }
+  }
+
+  private async connect(): Promise<RawClient> {
+    const c = await RawClient.connect(this.o.port, { localAddress: this.o.from, timeoutMs: 5_000 });
+    this.counts.connections++;
+    this.open.add(c);
+    return c;
+  }
+
+  /** Registers `c`; true once listed. */
+  private async register(c: RawClient, i: number, token = this.o.token): Promise<boolean> {
+    const id = `${this.o.kind}-${this.o.from}-${i}-${++this.ids}`.slice(0, 64);
+    await c.send({ type: "register", v: 1, id, port: this.portFor(i), ...(token === undefined ? {} : { token }) });
+    this.counts.lines++;
+    const answer = await c.waitFor((m) => m.type === "registered" || m.type === "error", 15_000, "the registry's answer").catch(() => undefined);
+    if (answer?.type !== "registered") return false;
+    this.counts.registered++;
+    return true;
+  }
+
+  /** A port of ours on `from` for worker i: with the probe on, a listener that answers it for any id. */
+  private portFor(i: number): number {
+    if (this.o.probe === false) return 20_000 + i;
+    while (this.listeners.length <= i) this.listeners.push(probeResponder(this.o.from));
+    return this.listeners[i]!.port;
+  }
+
+  private async untilClosed(c: RawClient): Promise<void> {
+    await Promise.race([c.waitClosed(600_000).catch(() => {}), this.stopSignal.promise]);
+  }
+
+  private done(c: RawClient): void {
+    this.open.delete(c);
+    if (c.closed && !this.stopped) this.counts.closedByRegistry++;
+    for (const code of c.errorCodes()) this.counts.codes[code] = (this.counts.codes[code] ?? 0) + 1;
+    this.counts.bytesReceived += c.bytesReceived;
+    c.destroy();
+  }
+}
+
+/**
+ * One attacker of each kind in `widths` (all kinds by default, small
+ * widths), the first from 127.0.0.`firstHost`, the next from the address
+ * after it, and so on. The status-server flood needs `httpPort`.
+ */
+export function startAttackers(o: { port: number; httpPort?: number; token?: string; firstHost?: number; widths?: Partial<Record<AttackKind, number>> }): Attack[] {
+  const widths = o.widths ?? { "sync-spam": 16, "ping-flood": 1, "peers-flood": 2, churn: 2, "slow-consumers": 16, "token-guess": 1 };
+  let host = o.firstHost ?? 2;
+  return ATTACK_KINDS.filter((kind) => widths[kind] && (kind !== "peers-flood" || o.httpPort)).map(
+    (kind) => new Attack({ kind, port: kind === "peers-flood" ? o.httpPort! : o.port, from: `127.0.0.${host++}`, width: widths[kind]!, token: o.token }),
+  );
+}
+
+/** A keep-alive HTTP/1.1 connection from a chosen local address (fetch cannot bind one); responses need a Content-Length. */
+class HttpConn {
+  readonly connected: Promise<void>;
+  closed = false;
+  bytesReceived = 0;
+  private pending: Buffer = Buffer.alloc(0);
+  private wake: () => void = () => {};
+  private readonly socket: net.Socket;
+
+  constructor(port: number, localAddress: string) {
+    this.socket = net.connect({ host: "127.0.0.1", port, localAddress });
+    this.socket.on("data", (d: Buffer) => {
+      this.pending = this.pending.byteLength ? Buffer.concat([this.pending, d]) : d;
+      this.bytesReceived += d.byteLength;
+      this.wake();
+    });
+    this.socket.on("error", () => {}); // the close that follows ends every wait
+    this.socket.on("close", () => {
+      this.closed = true;
+      this.wake();
+    });
+    const up = new Promise<void>((resolve, reject) => {
+      this.socket.once("connect", resolve);
+      this.socket.once("close", () => reject(new Error("closed before it connected")));
+    });
+    this.connected = withDeadline(up, 5_000, `an HTTP connection to port ${port}`);
+  }
+
+  /** Sends one GET and reads its response; false once the connection closed. */
+  async get(path: string): Promise<boolean> {
+    if (this.closed) return false;
+    this.socket.write(`GET ${path} HTTP/1.1\r\nHost: registry\r\n\r\n`);
+    let body = -1;
+    let length = 0;
+    for (;;) {
+      if (body < 0) {
+        const end = this.pending.indexOf("\r\n\r\n");
+        if (end >= 0) {
+          body = end + 4;
+          length = Number(/content-length:\s*(\d+)/i.exec(this.pending.subarray(0, end).toString())?.[1] ?? Number.NaN);
+          if (!Number.isFinite(length)) throw new Error("a response without Content-Length");
+        }
+      }
+      if (body >= 0 && this.pending.byteLength >= body + length) {
+        this.pending = this.pending.subarray(body + length);
+        return true;
+      }
+      if (this.closed) return false;
+      await new Promise<void>((resolve) => (this.wake = resolve));
+    }
+  }
+
+  destroy(): void {
+    this.socket.destroy();
+  }
+}
+
 // --- randomness --------------------------------------------------------------
 
 /** mulberry32: a tiny, fast 32-bit PRNG; good enough to pick fuzz inputs and chaos actions and fully determined by its seed. */
@@ -785,10 +1084,16 @@ export function watchedTransport(onData?: (chunk: Uint8Array) => void) {
   return {
     transport,
     accepted,
-    /** The server's end of the connection a client opened from local port `port`, once accepted. */
-    async from(port: number, timeoutMs = 10_000): Promise<Accepted> {
+    /**
+     * The server's end of `client`'s connection, once accepted: matched by
+     * address and port (clients bound to different loopback addresses may
+     * share a port number).
+     */
+    async of(client: RawClient, timeoutMs = 10_000): Promise<Accepted> {
+      const [address, port] = [client.localAddress, client.localPort];
       let found: Accepted | undefined;
-      await waitUntil(() => (found = accepted.find((a) => a.conn.remotePort === port)) !== undefined, timeoutMs, `the connection from port ${port} to be accepted`);
+      const match = (a: Accepted) => a.conn.remoteAddress === address && a.conn.remotePort === port;
+      await waitUntil(() => (found = accepted.find(match)) !== undefined, timeoutMs, `the connection from ${address} port ${port} to be accepted`);
       return found!;
     },
   };
@@ -929,4 +1234,49 @@ function freePort(): number {
   const port = l.port;
   l.stop(true);
   return port;
+}
+
+// --- fixtures ------------------------------------------------------------------
+
+/**
+ * What one test starts, stopped after it even when it fails: call `cleanup`
+ * in afterEach. Registries and nodes run in process on loopback (nodes
+ * reconnect fast: 50 ms base, 200 ms cap); raw clients may bind a local
+ * address of 127/8 to count as another host.
+ */
+export class Fixtures {
+  private readonly cleanups: (() => unknown)[] = [];
+
+  /** Runs `fn` at cleanup; the last deferred runs first. */
+  defer(fn: () => unknown): void {
+    this.cleanups.push(fn);
+  }
+
+  track<T extends AsyncDisposable>(x: T): T {
+    this.defer(() => x[Symbol.asyncDispose]());
+    return x;
+  }
+
+  async registry(options: RegistryOptions = {}): Promise<{ reg: Registry; log: EventLog }> {
+    const log = new EventLog();
+    const reg = await startRegistry({ host: "127.0.0.1", port: 0, onEvent: log.push, ...options });
+    this.defer(() => reg.stop());
+    return { reg, log };
+  }
+
+  async node(registryPort: number, options: Partial<NodeOptions> = {}): Promise<PeerNode> {
+    const node = await startNode({ registryHost: "127.0.0.1", registryPort, listenHost: "127.0.0.1", reconnectBaseMs: 50, reconnectMaxMs: 200, ...options });
+    this.defer(() => node.stop());
+    return node;
+  }
+
+  async raw(port: number, localAddress?: string): Promise<RawClient> {
+    const c = await RawClient.connect(port, { localAddress });
+    this.defer(() => c.destroy());
+    return c;
+  }
+
+  async cleanup(): Promise<void> {
+    for (const fn of this.cleanups.splice(0).reverse()) await Promise.resolve().then(fn).catch(() => {});
+  }
 }

@@ -49,6 +49,7 @@ export const DEFAULTS = {
   rateAddressLines: 2_000,
   rateSessionSyncs: 1,
   rateAddressProbes: 100,
+  rateAddressLists: 10,
   /** Failed tokens per source address per minute before its registrations are refused for a while. */
   authFailuresPerMinute: 10,
 } as const;
@@ -81,7 +82,7 @@ export const ErrorCode = v.picklist([
   "unauthorized", // missing or wrong token
   "address-not-allowed", // advertised host is not the one the node connects from
   "unreachable", // the probe's port refused, or answered as someone else
-  "unavailable", // the registry could not check in time (a probe that timed out): retry later
+  "unavailable", // the probe got no answer in time (silence, loss, load on either side): retry later
   "registry-full", // max nodes reached
   "too-many-connections", // connection caps (per source address, in all)
   "registration-timeout", // no `register` in time
@@ -110,6 +111,8 @@ export const Ping = v.object({ type: v.literal("ping") });
 export const Leave = v.object({ type: v.literal("leave") });
 export const Sync = v.object({ type: v.literal("sync") });
 export const Receipt = v.object({ type: v.literal("receipt"), ids: v.pipe(v.array(Id), v.maxLength(1024)) });
+/** A read-only request: the list, as a `snapshot`, without registering. */
+export const List = v.object({ type: v.literal("list"), v: Version, token: v.optional(v.pipe(v.string(), v.maxLength(1024))) });
 
 // registry -> node
 export const Registered = v.object({
@@ -137,7 +140,7 @@ export const ProbeOk = v.object({ type: v.literal("probe-ok"), id: Id, nonce: Id
 export const ErrorMessage = v.object({ type: v.literal("error"), code: ErrorCode, message: v.string() });
 
 /** What a registry accepts on a session. */
-export const ToRegistry = v.variant("type", [Register, Ping, Leave, Sync, Receipt]);
+export const ToRegistry = v.variant("type", [Register, Ping, Leave, Sync, Receipt, List]);
 export type ToRegistry = v.InferOutput<typeof ToRegistry>;
 /** What a node accepts on its registry session. */
 export const FromRegistry = v.variant("type", [Registered, Joined, Left, Snapshot, Pong, ErrorMessage]);

@@ -11,11 +11,11 @@
  */
 import { defineCommand, runMain, type ArgsDef } from "citty";
 import { Admission, type Holding } from "./admission.ts";
-import { UsageError, createPrinter, readSettings, runCli, stopOnSignals } from "./cli.ts";
-import { BucketMap, ByteBudget, ConnectionCaps, TokenBucket, type CapTicket, type Rate } from "./limits.ts";
+import { UsageError, createPrinter, portsRecorder, readSettings, renderHelp, runCli, stopOnSignals, type Level } from "./cli.ts";
+import { BucketMap, ByteBudget, ConnectionCaps, HTTP_LIMITS, TokenBucket, fitCapsToFdLimit, readFdUsage, type CapTicket, type Rate } from "./limits.ts";
 import { SessionDeadlines, systemClock, type Clock, type Expiry, type Watched } from "./liveness.ts";
 import { MemoryMembership, addressOf, peerOf, type Change, type Member, type Membership, type StoreState } from "./membership.ts";
-import { formatAddress, lineHandlers, parsePort, tcp, type Conn, type Transport } from "./net.ts";
+import { GATE_FDS_PER_CONN, GATE_MAX_REFUSING, formatAddress, lineHandlers, parsePort, tcp, type Conn, type Transport } from "./net.ts";
 import {
   DEFAULTS,
   MAX_TIMER_MS,
@@ -61,6 +61,8 @@ export interface RegistryOptions {
   rateAddressProbes?: number;
   /** Wrong tokens per minute from one source address before its registrations are refused for a while (0 = no limit). */
   authFailuresPerMinute?: number;
+  /** `list` requests per second from one source address (0 = no limit). */
+  rateAddressLists?: number;
   /** Shared secret nodes must present in `register`. */
   token?: string;
   /** Let nodes advertise a host other than the one they connect from. */
@@ -79,7 +81,7 @@ export type RegistryEvent =
   | { event: "listening"; host: string; port: number; boot: string }
   /** `registry`: the id of the registry whose session holds it (with a shared store, maybe another). */
   | { event: "node-registered"; id: string; host: string; port: number; name?: string; source: string; registry: string; nodes: number; seq: number }
-  | { event: "node-left"; id: string; host: string; port: number; reason: LeaveReason; nodes: number; seq: number }
+  | { event: "node-left"; id: string; host: string; port: number; name?: string; reason: LeaveReason; nodes: number; seq: number }
   | { event: "pair-greeted"; a: string; b: string }
   | { event: "mesh-complete"; nodes: number; pairs: number; ms: number }
   /** A connection was refused and closed, or cut over a limit; `detail` (never sent to the client) says more. */
@@ -230,6 +232,7 @@ function settingsOf(options: RegistryOptions) {
     rateSessionSyncs: options.rateSessionSyncs ?? DEFAULTS.rateSessionSyncs,
     rateAddressProbes: options.rateAddressProbes ?? DEFAULTS.rateAddressProbes,
     authFailuresPerMinute: options.authFailuresPerMinute ?? DEFAULTS.authFailuresPerMinute,
+    rateAddressLists: options.rateAddressLists ?? DEFAULTS.rateAddressLists,
     token: options.token || undefined,
     allowAdvertise: options.allowAdvertise ?? false,
   };
@@ -247,8 +250,15 @@ const PONG_BYTES = Buffer.from(PONG_LINE);
 /** Lines handled per read of one connection before the others get a turn. */
 const MAX_LINES_PER_READ = 64;
 
-/** Lines over its rate limit in a row after which a session is closed rather than answered. */
-const MAX_STRIKES = 100;
+/**
+ * Lines over a rate limit a session may send before it is closed: they drain
+ * a bucket of 100 refilled at 10 a second, so a short burst passes and a
+ * sustained flood, at any rate above the limit, is closed within seconds.
+ */
+const STRIKES = { burst: 100, perSecond: 10 };
+
+/** A session over a limit is told so at most this often; every excess line is still counted. */
+const RATE_NOTICE_MS = 1_000;
 
 interface Session extends Watched {
   conn: Conn<Session>;
@@ -258,8 +268,10 @@ interface Session extends Watched {
   leaveReason?: LeaveReason;
   lines: TokenBucket;
   syncs: TokenBucket;
-  /** Lines refused by a rate limit since the last one allowed. */
-  strikes: number;
+  /** Lines over a rate limit: when this is empty, the session is closed. */
+  strikes: TokenBucket;
+  /** When it was last answered `rate-limited`. */
+  noticedAt: number;
   /** `sentBytes` at the end of the last snapshot queued: while the connection has not written that far, a sync waits for it. */
   snapshotEnd: number;
 }
@@ -279,6 +291,7 @@ class Sessions {
   private readonly caps: ConnectionCaps;
   private readonly budget: ByteBudget;
   private readonly addressLines: BucketMap;
+  private readonly addressLists: BucketMap;
   private readonly deadlines: SessionDeadlines<Session>;
   private readonly fanout: FanOut;
   private readonly snapshots: SnapshotCache;
@@ -297,6 +310,7 @@ class Sessions {
     this.caps = new ConnectionCaps(s.maxConnsPerAddress, s.maxConns);
     this.budget = new ByteBudget(s.maxQueueTotalBytes);
     this.addressLines = new BucketMap(perSecond(s.rateAddressLines), () => clock.now());
+    this.addressLists = new BucketMap(perSecond(s.rateAddressLists), () => clock.now());
     this.fanout = new FanOut(this.conns);
     this.snapshots = new SnapshotCache(membership);
     this.deadlines = new SessionDeadlines(clock, s, () => this.states(), (session, why) => this.expire(session, why));
@@ -348,7 +362,8 @@ class Sessions {
       lastSeen: now,
       lines: new TokenBucket(10 * this.s.rateSessionLines, this.s.rateSessionLines, clock),
       syncs: new TokenBucket(10 * this.s.rateSessionSyncs, this.s.rateSessionSyncs, clock),
-      strikes: 0,
+      strikes: new TokenBucket(STRIKES.burst, STRIKES.perSecond, clock),
+      noticedAt: -Infinity,
       snapshotEnd: 0,
     };
   }
@@ -357,6 +372,7 @@ class Sessions {
     for (const c of this.conns) yield c.state;
     // Rate-limit state of quiet addresses is forgotten on the same beat.
     this.addressLines.sweep();
+    this.addressLists.sweep();
     this.admission.sweep();
   }
 
@@ -370,17 +386,13 @@ class Sessions {
 
   /** Takes a line from the session's and its address's rate limits. */
   private allowLine(s: Session): boolean {
-    if (s.lines.take() && this.addressLines.take(s.conn.remoteAddress)) {
-      s.strikes = 0;
-      return true;
-    }
-    return false;
+    return s.lines.take() && this.addressLines.take(s.conn.remoteAddress);
   }
 
   private onLine(conn: Conn<Session>, line: string): void {
     const s = conn.state;
     if (s.phase === "closing") return;
-    if (!this.allowLine(s)) return this.overRate(conn, "lines");
+    if (!this.allowLine(s)) return this.overRate(conn, "lines", Math.max(s.lines.waitMs(), this.addressLines.waitMs(conn.remoteAddress)));
     s.lastSeen = this.deadlines.clock.now();
     if (line === PING_LINE && s.phase === "registered") {
       conn.send(PONG_LINE);
@@ -409,7 +421,10 @@ class Sessions {
         conn.send(PONG_LINE);
         return;
       case "leave":
+        // Said goodbye: whatever follows on this connection is not read.
         s.leaveReason = "leave";
+        s.phase = "closing";
+        s.lastSeen = this.deadlines.clock.now();
         this.unlist(s, "leave");
         conn.end();
         return;
@@ -420,7 +435,23 @@ class Sessions {
         if (s.phase !== "registered" || !s.member) return this.reject(conn, "unexpected-message", "receipt before register");
         this.membership.receipt(s.member, msg.ids);
         return;
+      case "list":
+        if (s.phase !== "new") return this.answerError(conn, "unexpected-message", "list is a connection's first and only request");
+        return this.list(conn, msg);
     }
+  }
+
+  /** Answers a read-only `list` with the snapshot every `sync` gets, and closes. */
+  private list(conn: Conn<Session>, msg: Extract<ToRegistry, { type: "list" }>): void {
+    const source = conn.remoteAddress;
+    if (msg.v !== PROTOCOL_VERSION) return this.reject(conn, "unsupported-version", `protocol version ${msg.v} is not supported; this registry speaks ${PROTOCOL_VERSION}`);
+    const refused = this.admission.authorize(msg.token, source);
+    if (refused) return this.reject(conn, refused.code, refused.message);
+    if (!this.addressLists.take(source)) return this.reject(conn, "rate-limited", `too many list requests from ${source}; retry in a few seconds`);
+    conn.state.phase = "closing";
+    conn.state.lastSeen = this.deadlines.clock.now();
+    conn.send(this.snapshots.line());
+    conn.end();
   }
 
   /**
@@ -435,17 +466,28 @@ class Sessions {
       this.counters.coalescedSyncs++;
       return;
     }
-    if (!s.syncs.take()) return this.overRate(conn, "sync requests");
+    if (!s.syncs.take()) return this.overRate(conn, "sync requests", s.syncs.waitMs());
     conn.send(this.snapshots.line());
     s.snapshotEnd = conn.sentBytes;
   }
 
-  /** A line over a rate limit: answered `rate-limited`, and after too many in a row the session is closed. */
-  private overRate(conn: Conn<Session>, what: string): void {
+  /**
+   * A line over a rate limit. It is counted, the session is told (at most once
+   * a second), and its connection is not read again until the limit allows
+   * a line: the rest of a flood waits in the flooder's own kernel buffers and
+   * costs the registry nothing. A session that keeps at it is closed.
+   */
+  private overRate(conn: Conn<Session>, what: string, waitMs: number): void {
     const s = conn.state;
-    const message = `too many ${what} from this ${s.strikes < MAX_STRIKES ? "session; slow down" : "session: closing it"}`;
-    if (++s.strikes > MAX_STRIKES) return this.reject(conn, "rate-limited", message);
-    this.answerError(conn, "rate-limited", message);
+    if (!s.strikes.take()) return this.reject(conn, "rate-limited", `too many ${what} from this session, for too long: closing it`);
+    this.counters.reject("rate-limited");
+    const now = this.clock.now();
+    if (now - s.noticedAt >= RATE_NOTICE_MS) {
+      s.noticedAt = now;
+      conn.send({ type: "error", code: "rate-limited", message: `too many ${what} from this session; slow down` });
+    }
+    conn.hold();
+    setTimeout(() => conn.release(), Math.max(1, waitMs)).unref();
   }
 
   private async register(conn: Conn<Session>, msg: Register): Promise<void> {
@@ -552,7 +594,7 @@ class Sessions {
         this.fanout.push(`{"type":"left","seq":${c.seq},"id":${JSON.stringify(m.id)},"reason":"${c.reason}"}\n`);
         if (c.reason === "replaced") this.evict(m, `another node registered ${addressOf(m)}`);
         this.counters.leaves[c.reason]++;
-        this.emit({ event: "node-left", id: m.id, host: m.host, port: m.port, reason: c.reason, nodes: this.membership.size, seq: c.seq });
+        this.emit({ event: "node-left", id: m.id, host: m.host, port: m.port, name: m.name, reason: c.reason, nodes: this.membership.size, seq: c.seq });
         return;
       }
       case "greeted":
@@ -750,66 +792,136 @@ function round(ms: number): number {
 
 // --- command line ------------------------------------------------------------
 
-function describe(e: RegistryEvent): string {
+/** What the command line prints besides the registry's own events. */
+type CliEvent =
+  | RegistryEvent
+  /** The connection caps needed more file descriptors than the process may open, and were lowered. */
+  | { event: "fd-limit"; limit: number; reserved: number; lowered: { flag: string; from: number; to: number }[] };
+
+function describe(e: CliEvent): string {
+  const who = (id: string, name: string | undefined) => `${id}${name ? ` (${name})` : ""}`;
   switch (e.event) {
     case "listening":
       return `registry listening on ${formatAddress(e.host, e.port)} (boot ${e.boot})`;
     case "node-registered":
-      return `node ${e.id}${e.name ? ` (${e.name})` : ""} joined at ${formatAddress(e.host, e.port)}, ${e.nodes} registered`;
+      return `node ${who(e.id, e.name)} joined at ${formatAddress(e.host, e.port)}, ${e.nodes} registered`;
     case "node-left":
-      return `node ${e.id} left (${e.reason}), ${e.nodes} registered`;
+      return `node ${who(e.id, e.name)} left (${e.reason}), ${e.nodes} registered`;
+    case "pair-greeted":
+      return `${e.a} and ${e.b} have greeted each other`;
+    case "mesh-complete":
+      return `mesh complete: ${e.nodes} nodes, ${e.pairs} pairs, ${e.ms} ms after the last join`;
     case "error":
-      return `${e.remote} ${e.code}: ${e.message}`;
+      return `${e.remote} ${e.code}: ${e.message}${e.detail ? ` (${e.detail})` : ""}`;
     case "http-listening":
       return `status page on ${e.url}`;
     case "store":
       return e.state === "degraded"
         ? `store out of reach (${e.reason ?? "unknown"}): serving this registry's own nodes alone, retrying`
         : "store reachable again: list reconciled, nodes resynced";
+    case "fd-limit": {
+      const lowered = e.lowered.map((l) => `--${l.flag} ${l.from === 0 ? "0 (no cap)" : l.from} -> ${l.to}`).join(", ");
+      return `file-descriptor limit ${e.limit} is too low for the connection caps (${e.reserved} kept for files and outgoing sockets): lowered ${lowered}; raise it with \`ulimit -n\` (Docker: --ulimit nofile=N)`;
+    }
     case "stopped":
       return "registry stopped";
-    default: {
-      const { event, ...rest } = e;
-      return `${event} ${JSON.stringify(rest)}`;
-    }
   }
 }
 
-function level(e: RegistryEvent): "warn" | "success" | "info" {
-  if (e.event === "error" || (e.event === "store" && e.state === "degraded")) return "warn";
+function level(e: CliEvent): Level {
+  if (e.event === "pair-greeted") return "debug";
+  if (e.event === "error" || e.event === "fd-limit" || (e.event === "store" && e.state === "degraded")) return "warn";
   return e.event === "listening" ? "success" : "info";
+}
+
+/**
+ * Fits the connection caps into the process's file-descriptor limit, so a
+ * flood meets a cap before the process runs out of descriptors (EMFILE would
+ * refuse everyone, and fail the probes). Lowers them, and says so once, when
+ * they do not fit.
+ */
+function fitToFdLimit<C extends { maxConns: number; httpMaxConns?: number }>(caps: C, print: (e: CliEvent) => void): C {
+  const fds = readFdUsage();
+  if (!fds) return caps;
+  const http = caps.httpMaxConns;
+  const demands = [{ cap: caps.maxConns, fdsEach: 1 }, ...(http === undefined ? [] : [{ cap: http, fdsEach: GATE_FDS_PER_CONN }])];
+  const fit = fitCapsToFdLimit(fds.limit, fds.open, demands, http === undefined ? 0 : GATE_MAX_REFUSING);
+  if (!fit.lowered) return caps;
+  const lowered = [{ flag: "max-conns", from: caps.maxConns, to: fit.caps[0]! }];
+  if (http !== undefined) lowered.push({ flag: "http-max-conns", from: http, to: fit.caps[1]! });
+  print({ event: "fd-limit", limit: fds.limit, reserved: fit.reserved, lowered });
+  return { ...caps, maxConns: fit.caps[0]!, ...(http === undefined ? {} : { httpMaxConns: fit.caps[1]! }) };
+}
+
+/** How long the mesh must stay complete before the readable log says so: a fleet joining one by one would otherwise log it after every join. */
+const MESH_QUIET_MS = 1_000;
+
+/** The readable log's one line per settled mesh: a `mesh-complete` is held until no node has joined or left for a second. */
+function settledMesh(print: (e: CliEvent) => void): (e: CliEvent) => void {
+  let held: Timer | undefined;
+  return (e) => {
+    if (e.event === "mesh-complete") {
+      clearTimeout(held);
+      held = setTimeout(() => print(e), MESH_QUIET_MS);
+      held.unref();
+      return;
+    }
+    if (e.event === "node-registered" || e.event === "node-left") clearTimeout(held);
+    print(e);
+  };
 }
 
 const flags = {
   host: { type: "positional", required: false, description: "Address to listen on; `localhost` = 127.0.0.1 and ::1 [env REGISTRY_HOST, default ::]" },
   port: { type: "positional", required: false, description: `TCP port [env REGISTRY_PORT, default ${DEFAULTS.registryPort}]` },
   json: { type: "boolean", description: "One JSON event per line on stdout [env LOG_JSON=1]" },
-  token: { type: "string", description: "Shared secret nodes must present [env REGISTRY_TOKEN]" },
-  heartbeat: { type: "string", description: `Heartbeat interval in ms, announced to nodes [env REGISTRY_HEARTBEAT_MS, default ${DEFAULTS.heartbeatMs}]` },
-  "heartbeat-misses": { type: "string", description: `Missed beats before eviction [env REGISTRY_HEARTBEAT_MISSES, default ${DEFAULTS.heartbeatMisses}]` },
+  token: { type: "string", valueHint: "secret", description: "Shared secret nodes must present [env REGISTRY_TOKEN]" },
+  heartbeat: { type: "string", valueHint: "ms", description: `Heartbeat interval in ms, announced to nodes [env REGISTRY_HEARTBEAT_MS, default ${DEFAULTS.heartbeatMs}]` },
+  "heartbeat-misses": { type: "string", valueHint: "n", description: `Missed beats before eviction [env REGISTRY_HEARTBEAT_MISSES, default ${DEFAULTS.heartbeatMisses}]` },
   probe: { type: "boolean", description: "Dial each node back before listing it; --no-probe to skip [env REGISTRY_PROBE=0 to skip]" },
-  "probe-timeout": { type: "string", description: `Probe deadline in ms [env REGISTRY_PROBE_TIMEOUT_MS, default ${DEFAULTS.probeTimeoutMs}]` },
+  "probe-timeout": { type: "string", valueHint: "ms", description: `Probe deadline in ms [env REGISTRY_PROBE_TIMEOUT_MS, default ${DEFAULTS.probeTimeoutMs}]` },
   "allow-advertise": { type: "boolean", description: "Accept advertised hosts other than the connection's source [env REGISTRY_ALLOW_ADVERTISE=1]" },
-  "register-timeout": { type: "string", description: `Deadline for a new connection to register, ms [env REGISTRY_REGISTER_TIMEOUT_MS, default ${DEFAULTS.registerTimeoutMs}]` },
-  "max-line": { type: "string", description: `Longest accepted line in bytes [env REGISTRY_MAX_LINE, default ${DEFAULTS.maxLineBytes}]` },
-  "max-nodes": { type: "string", description: `Most nodes listed at once [env REGISTRY_MAX_NODES, default ${DEFAULTS.maxNodes}]` },
-  "max-conns-per-ip": { type: "string", description: `Open connections per source address, 0 = no cap [env REGISTRY_MAX_CONNS_PER_IP, default ${DEFAULTS.maxConnsPerAddress}]` },
-  "max-conns": { type: "string", description: `Open connections in all, 0 = no cap [env REGISTRY_MAX_CONNS, default ${DEFAULTS.maxConns}]` },
-  "max-queue": { type: "string", description: `Unsent bytes per connection before it is dropped as a slow consumer [env REGISTRY_MAX_QUEUE_BYTES, default ${DEFAULTS.maxQueueBytes}]` },
-  "max-queue-total": { type: "string", description: `Unsent bytes all connections together may hold; over it the largest backlogs are dropped, 0 = no budget [env REGISTRY_MAX_QUEUE_TOTAL_BYTES, default ${DEFAULTS.maxQueueTotalBytes}]` },
-  "rate-session": { type: "string", description: `Lines per second one session may send, bursts of 10 s worth, 0 = no limit [env REGISTRY_RATE_SESSION, default ${DEFAULTS.rateSessionLines}]` },
-  "rate-address": { type: "string", description: `Lines per second all sessions of one source address may send, 0 = no limit [env REGISTRY_RATE_ADDRESS, default ${DEFAULTS.rateAddressLines}]` },
-  "rate-sync": { type: "string", description: `sync requests per second per session, 0 = no limit [env REGISTRY_RATE_SYNC, default ${DEFAULTS.rateSessionSyncs}]` },
-  "rate-probe": { type: "string", description: `Probes per second for registrations from one source address, 0 = no limit [env REGISTRY_RATE_PROBE, default ${DEFAULTS.rateAddressProbes}]` },
-  "auth-failures": { type: "string", description: `Wrong tokens per minute from one source address before its registrations are refused for a while, 0 = no limit [env REGISTRY_AUTH_FAILURES, default ${DEFAULTS.authFailuresPerMinute}]` },
+  "register-timeout": { type: "string", valueHint: "ms", description: `Deadline for a new connection to register, ms [env REGISTRY_REGISTER_TIMEOUT_MS, default ${DEFAULTS.registerTimeoutMs}]` },
+  "max-line": { type: "string", valueHint: "bytes", description: `Longest accepted line in bytes [env REGISTRY_MAX_LINE, default ${DEFAULTS.maxLineBytes}]` },
+  "max-nodes": { type: "string", valueHint: "n", description: `Most nodes listed at once [env REGISTRY_MAX_NODES, default ${DEFAULTS.maxNodes}]` },
+  "max-conns-per-ip": { type: "string", valueHint: "n", description: `Open connections per source address, 0 = no cap [env REGISTRY_MAX_CONNS_PER_IP, default ${DEFAULTS.maxConnsPerAddress}]` },
+  "max-conns": { type: "string", valueHint: "n", description: `Open connections in all, 0 = no cap [env REGISTRY_MAX_CONNS, default ${DEFAULTS.maxConns}]` },
+  "max-queue": { type: "string", valueHint: "bytes", description: `Unsent bytes per connection before it is dropped as a slow consumer [env REGISTRY_MAX_QUEUE_BYTES, default ${DEFAULTS.maxQueueBytes}]` },
+  "max-queue-total": { type: "string", valueHint: "bytes", description: `Unsent bytes all connections together may hold; over it the largest backlogs are dropped, 0 = no budget [env REGISTRY_MAX_QUEUE_TOTAL_BYTES, default ${DEFAULTS.maxQueueTotalBytes}]` },
+  "rate-session": { type: "string", valueHint: "per s", description: `Lines per second one session may send, bursts of 10 s worth, 0 = no limit [env REGISTRY_RATE_SESSION, default ${DEFAULTS.rateSessionLines}]` },
+  "rate-address": { type: "string", valueHint: "per s", description: `Lines per second all sessions of one source address may send, 0 = no limit [env REGISTRY_RATE_ADDRESS, default ${DEFAULTS.rateAddressLines}]` },
+  "rate-sync": { type: "string", valueHint: "per s", description: `sync requests per second per session, 0 = no limit [env REGISTRY_RATE_SYNC, default ${DEFAULTS.rateSessionSyncs}]` },
+  "rate-probe": { type: "string", valueHint: "per s", description: `Probes per second for registrations from one source address, 0 = no limit [env REGISTRY_RATE_PROBE, default ${DEFAULTS.rateAddressProbes}]` },
+  "rate-list": { type: "string", valueHint: "per s", description: `list requests per second from one source address, 0 = no limit [env REGISTRY_RATE_LIST, default ${DEFAULTS.rateAddressLists}]` },
+  "auth-failures": { type: "string", valueHint: "per min", description: `Wrong tokens per minute from one source address before its registrations are refused for a while, 0 = no limit [env REGISTRY_AUTH_FAILURES, default ${DEFAULTS.authFailuresPerMinute}]` },
   store: {
     type: "string",
+    valueHint: "url",
     description:
       "Share the list with other registries: redis://[user:password@]host:port[/db] or rediss:// (TLS), Redis >= 7 or Valkey >= 7.2; `memory` keeps it in this process [env REGISTRY_STORE, default memory; a password not in the URL: env REGISTRY_STORE_PASSWORD]",
   },
-  http: { type: "string", description: "Serve the status API and live page on this port [env REGISTRY_HTTP_PORT]" },
-  "http-host": { type: "string", description: "Address for the status page [env REGISTRY_HTTP_HOST, default: same as host]" },
+  http: { type: "string", valueHint: "port", description: "Serve the status API and live page on this port [env REGISTRY_HTTP_PORT]" },
+  "http-host": { type: "string", valueHint: "address", description: "Address for the status page; `localhost` = 127.0.0.1 and ::1 [env REGISTRY_HTTP_HOST, default: same as host]" },
+  "http-max-conns": { type: "string", valueHint: "n", description: `Open status-server connections in all, 0 = no cap [env REGISTRY_HTTP_MAX_CONNS, default ${HTTP_LIMITS.maxConns}]` },
+  "http-max-conns-per-ip": { type: "string", valueHint: "n", description: `Open status-server connections per source address, 0 = no cap [env REGISTRY_HTTP_MAX_CONNS_PER_IP, default ${HTTP_LIMITS.maxConnsPerAddress}]` },
+  "http-max-streams": { type: "string", valueHint: "n", description: `Open /events streams [env REGISTRY_HTTP_MAX_STREAMS, default ${HTTP_LIMITS.maxStreams}]` },
+  "http-stream-budget": { type: "string", valueHint: "bytes", description: `Unsent bytes across all /events streams; past it the streams furthest behind are dropped [env REGISTRY_HTTP_STREAM_BUDGET_BYTES, default ${HTTP_LIMITS.streamBudgetBytes}]` },
+  "http-request-timeout": { type: "string", valueHint: "ms", description: `A request's head must arrive within this many ms of connecting [env REGISTRY_HTTP_REQUEST_TIMEOUT_MS, default ${HTTP_LIMITS.requestTimeoutMs}]` },
+  "http-idle-timeout": { type: "string", valueHint: "ms", description: `Status-server connections that move no byte this many ms are closed [env REGISTRY_HTTP_IDLE_TIMEOUT_MS, default ${HTTP_LIMITS.idleTimeoutMs}]` },
+  "ports-file": { type: "string", valueHint: "file", description: "Append what it listens on to this file, one JSON line each (the Docker HEALTHCHECK reads it) [env PORTS_FILE]" },
 } satisfies ArgsDef;
+
+const help = {
+  usage: ["bun registry.ts [host] [port] [options]"],
+  description: "Contact registry: lists the running peer nodes and tells each about the others (docs/PROTOCOL.md).",
+  required: [],
+  examples: [
+    "bun registry.ts localhost 8080                 # this machine only (127.0.0.1 and ::1)",
+    "bun registry.ts 0.0.0.0 8080 --http 8081       # all IPv4 interfaces, status page on 8081",
+    "REGISTRY_TOKEN=$(openssl rand -hex 16) bun registry.ts :: 8080",
+    "bun registry.ts :: 8080 --store redis://10.0.0.5:6379   # one of several registries sharing a list",
+  ],
+};
 
 export const command = defineCommand({
   meta: { name: "registry", version: "0.1.0", description: "Contact registry: lists running peer nodes and tells them about each other." },
@@ -823,10 +935,17 @@ export const command = defineCommand({
       const httpText = flag("http", "REGISTRY_HTTP_PORT");
       const httpPort = httpText === undefined ? undefined : parsePort(httpText);
       if (httpText !== undefined && httpPort === undefined) throw new UsageError(`--http must be a port number, got "${httpText}"`);
-      const print = createPrinter("registry", on("json", "LOG_JSON"), describe, level);
-      const membership = await openMembership(flag("store", "REGISTRY_STORE"));
-      const registry = await startRegistry({
-        membership,
+      const json = on("json", "LOG_JSON");
+      const record = portsRecorder(flag("ports-file", "PORTS_FILE"), "registry");
+      const printer = createPrinter("registry", json, describe, level);
+      const show = json ? printer : settledMesh(printer);
+      const print = (e: CliEvent) => {
+        record(e);
+        show(e);
+      };
+      // Every setting is read, and a bad one refused, before anything listens.
+      const store = await storeSetting(flag("store", "REGISTRY_STORE"));
+      const options = {
         host: flag("host", "REGISTRY_HOST") ?? "::",
         port,
         token: flag("token", "REGISTRY_TOKEN"),
@@ -839,7 +958,7 @@ export const command = defineCommand({
         maxLineBytes: num("max-line", "REGISTRY_MAX_LINE", 64),
         maxNodes: num("max-nodes", "REGISTRY_MAX_NODES", 1),
         maxConnsPerAddress: num("max-conns-per-ip", "REGISTRY_MAX_CONNS_PER_IP"),
-        maxConns: num("max-conns", "REGISTRY_MAX_CONNS"),
+        maxConns: num("max-conns", "REGISTRY_MAX_CONNS") ?? DEFAULTS.maxConns,
         maxQueueBytes: num("max-queue", "REGISTRY_MAX_QUEUE_BYTES", 1024),
         maxQueueTotalBytes: num("max-queue-total", "REGISTRY_MAX_QUEUE_TOTAL_BYTES"),
         rateSessionLines: num("rate-session", "REGISTRY_RATE_SESSION"),
@@ -847,12 +966,25 @@ export const command = defineCommand({
         rateSessionSyncs: num("rate-sync", "REGISTRY_RATE_SYNC"),
         rateAddressProbes: num("rate-probe", "REGISTRY_RATE_PROBE"),
         authFailuresPerMinute: num("auth-failures", "REGISTRY_AUTH_FAILURES"),
+        rateAddressLists: num("rate-list", "REGISTRY_RATE_LIST"),
         onEvent: print,
-      });
+      } satisfies RegistryOptions;
+      const http = httpPort === undefined ? undefined : {
+        port: httpPort,
+        host: flag("http-host", "REGISTRY_HTTP_HOST"),
+        maxConns: num("http-max-conns", "REGISTRY_HTTP_MAX_CONNS") ?? HTTP_LIMITS.maxConns,
+        maxConnsPerAddress: num("http-max-conns-per-ip", "REGISTRY_HTTP_MAX_CONNS_PER_IP"),
+        maxStreams: num("http-max-streams", "REGISTRY_HTTP_MAX_STREAMS", 1),
+        streamBudgetBytes: num("http-stream-budget", "REGISTRY_HTTP_STREAM_BUDGET_BYTES", 1024),
+        requestTimeoutMs: num("http-request-timeout", "REGISTRY_HTTP_REQUEST_TIMEOUT_MS", 1, MAX_TIMER_MS),
+        idleTimeoutMs: num("http-idle-timeout", "REGISTRY_HTTP_IDLE_TIMEOUT_MS", 1, MAX_TIMER_MS),
+      };
+      const caps = fitToFdLimit({ maxConns: options.maxConns, httpMaxConns: http?.maxConns }, print);
+      const registry = await startRegistry({ ...options, maxConns: caps.maxConns, membership: await store?.open() });
       let status: { stop(): Promise<void> } | undefined;
-      if (httpPort !== undefined) {
+      if (http) {
         const { startStatusServer } = await import("./status.ts");
-        const server = startStatusServer(registry, { port: httpPort, host: flag("http-host", "REGISTRY_HTTP_HOST") ?? registry.host });
+        const server = startStatusServer(registry, { ...http, host: http.host ?? registry.host, maxConns: caps.httpMaxConns });
         status = server;
         print({ event: "http-listening", url: server.url });
       }
@@ -865,12 +997,12 @@ export const command = defineCommand({
 });
 
 /**
- * The list `--store` names: undefined for `memory` (this process alone), else
- * one shared through Redis or Valkey under an id unique to this process. A
- * store out of reach at start is no error: the registry serves degraded and
- * keeps trying.
+ * The list `--store` names: none for `memory` (this process alone), else one
+ * shared through Redis or Valkey under an id unique to this process, opened
+ * once everything else is read. A bad URL is a usage error; a store out of
+ * reach at start is not: the registry serves degraded and keeps trying.
  */
-async function openMembership(store: string | undefined): Promise<Membership | undefined> {
+async function storeSetting(store: string | undefined): Promise<{ open(): Promise<Membership> } | undefined> {
   if (store === undefined || store === "memory") return undefined;
   const { openStore, storeUrl, StoreConfigError } = await import("./redis.ts");
   const password = process.env.REGISTRY_STORE_PASSWORD || undefined;
@@ -880,7 +1012,7 @@ async function openMembership(store: string | undefined): Promise<Membership | u
     if (e instanceof StoreConfigError) throw new UsageError(`--store: ${e.message}`);
     throw e;
   }
-  return openStore(store, { registryId: randomId(), password });
+  return { open: () => openStore(store, { registryId: randomId(), password }) };
 }
 
-if (import.meta.main) await runMain(command);
+if (import.meta.main) await runMain(command, { showUsage: async () => void process.stdout.write(renderHelp(help, flags)) });

@@ -1,8 +1,11 @@
 /**
  * The registry's optional HTTP side (`--http <port>`): a JSON and Prometheus
  * status API and one live page that shows the mesh forming. Built on
- * Bun.serve; it only reads the registry through its public handle, so a slow
- * or broken browser can never disturb the registry's TCP sessions.
+ * Bun.serve behind a connection gate (net.ts serveGated); it only reads the
+ * registry through its public handle, and every client gets a bounded share:
+ * connections are capped in all and per source address, `/events` streams in
+ * number and in unsent bytes, and what a request costs the registry is built
+ * at most once per `cacheMs` however many ask.
  *
  *   GET /         the live page (status.html)
  *   GET /events   Server-Sent Events: a snapshot, then joins, leaves and greeted pairs
@@ -12,8 +15,9 @@
  *   GET /healthz  200 while the registry runs, 503 once it stopped
  */
 import { createHash } from "node:crypto";
+import { HTTP_LIMITS } from "./limits.ts";
 import type { LeaveReason } from "./protocol.ts";
-import { formatAddress, normalizeHost, serveHttp } from "./net.ts";
+import { formatAddress, normalizeHost, serveGated, tcp, type GateStats, type Transport } from "./net.ts";
 import type { NodeInfo, Registry, RegistryEvent, RegistryStats } from "./registry.ts";
 // A text import is part of the module graph: it works from any cwd, in the
 // Docker image and in a `bun build --compile` binary alike.
@@ -22,16 +26,31 @@ import pageSource from "./status.html" with { type: "text" };
 export interface StatusServerOptions {
   /** 0 lets the OS pick. */
   port?: number;
-  /** `::` (all interfaces, falling back to 0.0.0.0), an IP, or `localhost` (= 127.0.0.1). */
+  /** `::` (all interfaces, falling back to 0.0.0.0), an IP, or `localhost` (127.0.0.1 and ::1). */
   host?: string;
-  /** Comment line sent on idle event streams so proxies keep them open. */
+  /** Where the port is opened (default plain TCP; a TLS transport serves HTTPS). */
+  transport?: Transport;
+  /** Open connections in all, and per source address (0 = no cap). */
+  maxConns?: number;
+  maxConnsPerAddress?: number;
+  /** A request head must be complete this long after connecting or after its first byte. */
+  requestTimeoutMs?: number;
+  /** A connection that moves no byte either way this long is closed (event streams send keep-alives, so they stay). */
+  idleTimeoutMs?: number;
+  /** Open event streams; more get 503. */
+  maxStreams?: number;
+  /** Unsent bytes across all event streams; past it the streams furthest behind are dropped. */
+  streamBudgetBytes?: number;
+  /** Unsent bytes one event-stream client may fall behind by before it is dropped (it reconnects to a fresh snapshot). */
+  maxClientBacklogBytes?: number;
+  /** Comment line sent on idle event streams so proxies keep them open (at most half the idle timeout). */
   keepAliveMs?: number;
+  /** /peers, /stats, /metrics and the snapshot are rebuilt at most this often. */
+  cacheMs?: number;
   /** Window of the registrations-per-second figure. */
   rateWindowSeconds?: number;
   /** Largest mesh for which the event stream carries individual greeted pairs (the page's matrix). */
   matrixLimit?: number;
-  /** Unsent bytes an event-stream client may fall behind by before it is dropped (it reconnects to a fresh snapshot). */
-  maxClientBacklogBytes?: number;
 }
 
 export interface StatusServer {
@@ -40,38 +59,110 @@ export interface StatusServer {
   readonly port: number;
   /** Open event streams. */
   clients(): number;
+  /** Open HTTP connections (admitted by the gate). */
+  connections(): number;
   stop(): Promise<void>;
   [Symbol.asyncDispose](): Promise<void>;
 }
 
 export const STATUS_DEFAULTS = {
+  ...HTTP_LIMITS,
   keepAliveMs: 15_000,
+  cacheMs: 250,
   rateWindowSeconds: 10,
-  matrixLimit: 64,
-  maxClientBacklogBytes: 8 * 1024 * 1024,
+  matrixLimit: 128,
+  maxClientBacklogBytes: HTTP_LIMITS.streamBacklogBytes,
   /** Joins and leaves a new page gets so its log is not empty. */
   logLength: 100,
 } as const;
 
-/** Starts the status server for a running registry. Throws (EADDRINUSE, ...) if it cannot listen. */
-export function startStatusServer(registry: Registry, options: StatusServerOptions = {}): StatusServer {
-  const o = {
+type Settings = ReturnType<typeof settingsOf>;
+
+function settingsOf(options: StatusServerOptions) {
+  const d = STATUS_DEFAULTS;
+  const idleTimeoutMs = options.idleTimeoutMs ?? d.idleTimeoutMs;
+  const streamBudgetBytes = options.streamBudgetBytes ?? d.streamBudgetBytes;
+  return {
     port: options.port ?? 0,
     host: options.host ?? "::",
-    keepAliveMs: options.keepAliveMs ?? STATUS_DEFAULTS.keepAliveMs,
-    rateWindowSeconds: Math.max(1, Math.round(options.rateWindowSeconds ?? STATUS_DEFAULTS.rateWindowSeconds)),
-    matrixLimit: options.matrixLimit ?? STATUS_DEFAULTS.matrixLimit,
-    maxClientBacklogBytes: options.maxClientBacklogBytes ?? STATUS_DEFAULTS.maxClientBacklogBytes,
+    transport: options.transport ?? tcp,
+    maxConns: options.maxConns ?? d.maxConns,
+    maxConnsPerAddress: options.maxConnsPerAddress ?? d.maxConnsPerAddress,
+    requestTimeoutMs: options.requestTimeoutMs ?? d.requestTimeoutMs,
+    idleTimeoutMs,
+    maxStreams: options.maxStreams ?? d.maxStreams,
+    streamBudgetBytes,
+    maxClientBacklogBytes: Math.min(options.maxClientBacklogBytes ?? d.maxClientBacklogBytes, streamBudgetBytes),
+    // A keep-alive must come before the idle timeout, or quiet streams would be cut.
+    keepAliveMs: Math.min(options.keepAliveMs ?? d.keepAliveMs, idleTimeoutMs / 2),
+    cacheMs: options.cacheMs ?? d.cacheMs,
+    rateWindowSeconds: Math.max(1, Math.round(options.rateWindowSeconds ?? d.rateWindowSeconds)),
+    matrixLimit: options.matrixLimit ?? d.matrixLimit,
   };
+}
+
+/** Starts the status server for a running registry. Throws (EADDRINUSE, ...) if it cannot listen. */
+export function startStatusServer(registry: Registry, options: StatusServerOptions = {}): StatusServer {
+  const o = settingsOf(options);
   const rate = new JoinRate(o.rateWindowSeconds);
-  const feed = new PageFeed(registry, o);
+  // The caches compare these counts: any registry event may change the figures and the page's
+  // picture; only joins and leaves change the list (greetings come by the thousand while a mesh forms),
+  // and a shared store coming back (the list was rebuilt from it).
+  let changes = 0;
+  let listChanges = 0;
+  const version = () => changes;
+  const feed = new PageFeed(registry, o, version);
   const unsubscribe = registry.subscribe((e) => {
+    changes++;
+    if (e.event === "node-registered" || e.event === "node-left" || e.event === "stopped" || e.event === "store") listChanges++;
     if (e.event === "node-registered") rate.count();
     feed.onEvent(e);
   });
-  const figures = (): Figures => ({ s: registry.stats(), boot: registry.boot, rate: rate.perSecond(), window: o.rateWindowSeconds, clients: feed.size });
+  let gate: ReturnType<typeof serveGated> | undefined;
+  const figures = new Throttled<Figures>(
+    () => ({ s: registry.stats(), boot: registry.boot, rate: rate.perSecond(), window: o.rateWindowSeconds, feed: feed.stats(), gate: gate?.stats() ?? NO_GATE }),
+    version,
+    o.cacheMs,
+  );
+  const peers = new Throttled(() => {
+    const list = registry.nodes().map(peerJson);
+    return encoder.encode(jsonText({ count: list.length, peers: list }));
+  }, () => listChanges, o.cacheMs);
+  const handle = route(registry, feed, figures, peers);
+  try {
+    gate = serveGated({ ...o, fetch: handle, error: (e) => json({ error: `internal error: ${e.message}` }, 500) });
+  } catch (e) {
+    unsubscribe();
+    feed.close();
+    throw e;
+  }
+  const g = gate;
+  const bound = normalizeHost(o.host);
+  const urlHost = bound === "::" || bound === "0.0.0.0" || bound === "localhost" ? "127.0.0.1" : bound;
 
-  const handle = (req: Request, srv: Bun.Server<undefined>): Response => {
+  let stopped: Promise<void> | undefined;
+  return {
+    url: `http://${formatAddress(urlHost, g.port)}/`,
+    port: g.port,
+    clients: () => feed.size,
+    connections: () => g.stats().open,
+    stop() {
+      stopped ??= (async () => {
+        unsubscribe();
+        feed.close();
+        await g.stop();
+      })();
+      return stopped;
+    },
+    [Symbol.asyncDispose]() {
+      return this.stop();
+    },
+  };
+}
+
+/** The request handler: which endpoint answers, from which cache. */
+function route(registry: Registry, feed: PageFeed, figures: Throttled<Figures>, peers: Throttled<Uint8Array<ArrayBuffer>>) {
+  return (req: Request, srv: Bun.Server<undefined>): Response | Promise<Response> => {
     if (req.method !== "GET" && req.method !== "HEAD") {
       return json({ error: `method ${req.method} not allowed` }, 405, { Allow: "GET, HEAD" });
     }
@@ -81,75 +172,118 @@ export function startStatusServer(registry: Registry, options: StatusServerOptio
       case "/index.html":
         return new Response(PAGE, { headers: PAGE_HEADERS });
       case "/events":
-        srv.timeout(req, 0); // a quiet stream is not an idle connection
+        srv.timeout(req, 0); // a quiet stream is not an idle connection (the gate keeps the time)
         return feed.open(req);
-      case "/peers": {
-        const peers = registry.nodes().map(peerJson);
-        return json({ count: peers.length, peers });
-      }
+      case "/peers":
+        return then(peers.get(), (body) => new Response(body, { headers: JSON_HEADERS }));
       case "/stats":
-        return json(statsJson(figures()));
+        return then(figures.get(), (f) => json(statsJson(f)));
       case "/metrics":
-        return new Response(metricsText(figures()), {
-          headers: { "Content-Type": "text/plain; version=0.0.4; charset=utf-8", "Cache-Control": "no-store" },
-        });
+        return then(figures.get(), (f) => new Response(metricsText(f), { headers: METRICS_HEADERS }));
       case "/healthz": {
+        // Never waits: the running state is live, the node count at most one cache interval old.
         if (!feed.running) return json({ status: "stopped", boot: registry.boot }, 503);
         // Degraded (the shared store out of reach) is still healthy: this registry serves its own
         // nodes, and restarting it would only throw their sessions away.
-        const s = registry.stats();
+        const s = figures.latest().s;
         return json({ status: s.store === "ok" ? "ok" : "degraded", boot: registry.boot, registry: s.registry, nodes: s.nodes, sessions: s.sessions });
       }
       default:
         return json({ error: `no such endpoint: ${path}`, endpoints: ENDPOINTS }, 404);
     }
   };
+}
 
-  let server: Bun.Server<undefined>;
-  try {
-    server = serveHttp(o.host, o.port, handle, (e) => json({ error: `internal error: ${e.message}` }, 500));
-  } catch (e) {
-    unsubscribe();
-    feed.close();
-    throw e;
-  }
-  const port = server.port ?? o.port;
-  const bound = normalizeHost(server.hostname ?? o.host);
-  const urlHost = bound === "::" || bound === "0.0.0.0" ? "127.0.0.1" : bound;
-
-  let stopped: Promise<void> | undefined;
-  const status: StatusServer = {
-    url: `http://${formatAddress(urlHost, port)}/`,
-    port,
-    clients: () => feed.size,
-    stop() {
-      stopped ??= (async () => {
-        unsubscribe();
-        feed.close();
-        await server.stop(true);
-      })();
-      return stopped;
-    },
-    [Symbol.asyncDispose]() {
-      return this.stop();
-    },
-  };
-  return status;
+function then<T, R>(value: T | Promise<T>, fn: (v: T) => R): R | Promise<R> {
+  return value instanceof Promise ? value.then(fn) : fn(value);
 }
 
 // --- internal ----------------------------------------------------------------
 
-type Settings = { keepAliveMs: number; matrixLimit: number; maxClientBacklogBytes: number };
+/**
+ * A value built from the registry's state at most once per `intervalMs`.
+ * While nothing changed (`version`) and it is younger than the interval, it
+ * is served as is; if something changed sooner, callers wait for the next
+ * slot and share one build. So a loop of requests costs one build per
+ * interval, and no answer predates its request.
+ */
+class Throttled<T> {
+  private value: T | undefined;
+  private builtVersion = -1;
+  private builtAt = -Infinity;
+  private next: Promise<T> | undefined;
+
+  constructor(
+    private readonly build: () => T,
+    private readonly version: () => number,
+    private readonly intervalMs: number,
+  ) {}
+
+  get(): T | Promise<T> {
+    const now = performance.now();
+    const age = now - this.builtAt;
+    if (this.value !== undefined && this.builtVersion === this.version() && age < this.intervalMs) return this.value;
+    if (age >= this.intervalMs) return this.rebuild(now);
+    this.next ??= new Promise<T>((resolve, reject) => {
+      setTimeout(() => {
+        this.next = undefined;
+        try {
+          resolve(this.get()); // another caller may have rebuilt meanwhile
+        } catch (e) {
+          reject(e);
+        }
+      }, this.intervalMs - age);
+    });
+    return this.next;
+  }
+
+  /** Without waiting: the last value while it is younger than the interval, else a new one. */
+  latest(): T {
+    const now = performance.now();
+    if (this.value === undefined || now - this.builtAt >= this.intervalMs) return this.rebuild(now);
+    return this.value;
+  }
+
+  private rebuild(now: number): T {
+    this.builtVersion = this.version();
+    this.value = this.build();
+    this.builtAt = now;
+    return this.value;
+  }
+}
+
+/** Bytes an event stream hands the HTTP server at a time: what it holds beyond that stays here, counted. */
+const SLICE_BYTES = 64 * 1024;
+
+interface Client {
+  controller: ReadableStreamDefaultController<Uint8Array>;
+  open: boolean;
+  /** Bytes not yet handed to the HTTP server, in slices of at most SLICE_BYTES. */
+  queue: Uint8Array[];
+  queued: number;
+  /** Ended: the stream closes once its queue has been handed on. */
+  closing?: boolean;
+}
 
 /**
  * The live page's feed: Server-Sent Events to every open page. A new page
  * gets a snapshot, then the registry's events of each loop turn as one chunk,
  * followed by the counts they lead to. Below the matrix limit the stream
  * carries individual greeted pairs; crossing it either way resends the picture.
+ *
+ * Each stream hands Bun one slice at a time, when Bun asks (`pull`); the rest
+ * waits in the client's own queue, so what a page that does not read costs is
+ * counted exactly: over its backlog cap, or over the budget of all streams
+ * (furthest behind first), it is dropped and its queue freed.
  */
 class PageFeed {
   running = true;
   private readonly clients = new Set<Client>();
+  /** Clients waiting for the next snapshot build (one per cache interval). */
+  private readonly waiting = new Set<Client>();
+  private waitTimer: Timer | undefined;
+  private snap: { bytes: Uint8Array; version: number; at: number } | undefined;
+  private readonly counts = { refused: 0, dropped: 0 };
   private readonly log: LogEntry[] = [];
   /** Leave events carry only the id; the page and the log want the name too. */
   private readonly names = new Map<string, string>();
@@ -159,17 +293,22 @@ class PageFeed {
   private countsDirty = false;
   private flushScheduled = false;
   private readonly stopKeepAlive: () => void;
+  /** Each listed node's number, in join order, never reused: the page's rows and columns, the same in every tab. */
+  private readonly numbers = new Map<string, number>();
+  private nextNumber = 1;
 
   constructor(
     private readonly registry: Registry,
     private readonly o: Settings,
+    private readonly version: () => number,
   ) {
-    const nodes = registry.nodes();
-    for (const n of nodes) if (n.name) this.names.set(n.id, n.name);
+    const nodes = registry.nodes().sort((a, b) => a.joinedAt - b.joinedAt);
+    for (const n of nodes) {
+      if (n.name) this.names.set(n.id, n.name);
+      this.numberOf(n.id);
+    }
     this.detailed = nodes.length <= o.matrixLimit;
-    const keepAlive = setInterval(() => {
-      for (const c of this.clients) this.send(c, KEEP_ALIVE);
-    }, o.keepAliveMs);
+    const keepAlive = setInterval(() => this.broadcast(KEEP_ALIVE), o.keepAliveMs);
     keepAlive.unref();
     this.stopKeepAlive = () => clearInterval(keepAlive);
   }
@@ -178,32 +317,41 @@ class PageFeed {
     return this.clients.size;
   }
 
+  stats(): FeedStats {
+    let queued = 0;
+    for (const c of this.clients) queued += c.queued;
+    return { streams: this.clients.size, queued, refused: this.counts.refused, dropped: this.counts.dropped };
+  }
+
   /** A new event stream: the response for GET /events. */
   open(req: Request): Response {
-    // Earlier events must reach existing clients before the snapshot below,
-    // which already contains them, is handed to the new one.
-    this.flush();
+    if (this.running && this.clients.size + this.waiting.size >= this.o.maxStreams) {
+      this.counts.refused++;
+      return json({ error: `too many event streams (${this.o.maxStreams}); retry later` }, 503, { "Retry-After": "5" });
+    }
     let client: Client | undefined;
     const stream = new ReadableStream<Uint8Array>(
       {
         start: (controller) => {
-          client = { controller, open: true };
+          client = { controller, open: true, queue: [], queued: 0 };
           if (!this.running) {
             controller.enqueue(encoder.encode(`retry: 2000\n\n${sse("stopped", { boot: this.registry.boot })}`));
             controller.close();
             client.open = false;
             return;
           }
-          this.clients.add(client);
-          this.send(client, `retry: 2000\n\n${sse("snapshot", this.snapshot())}`);
+          this.admit(client);
+        },
+        pull: () => {
+          if (client) this.pump(client);
         },
         cancel: () => {
-          if (client) this.drop(client);
+          if (client) this.discard(client);
         },
       },
-      { highWaterMark: 64 * 1024, size: (chunk) => chunk?.byteLength ?? 0 },
+      { highWaterMark: SLICE_BYTES, size: (chunk) => chunk?.byteLength ?? 0 },
     );
-    req.signal.addEventListener("abort", () => client && this.drop(client), { once: true });
+    req.signal.addEventListener("abort", () => client && this.discard(client), { once: true });
     return new Response(stream, {
       headers: {
         "Content-Type": "text/event-stream; charset=utf-8",
@@ -212,12 +360,12 @@ class PageFeed {
       },
     });
   }
-
   onEvent(e: RegistryEvent): void {
     switch (e.event) {
       case "node-registered": {
         const at = new Date().toISOString();
-        const node = { id: e.id, name: e.name, host: e.host, port: e.port, address: formatAddress(e.host, e.port), source: e.source, registry: e.registry, joinedAt: at };
+        const address = formatAddress(e.host, e.port);
+        const node = { id: e.id, number: this.numberOf(e.id), name: e.name, host: e.host, port: e.port, address, source: e.source, registry: e.registry, joinedAt: at };
         if (node.name) this.names.set(node.id, node.name);
         else this.names.delete(node.id);
         this.remember({ kind: "join", at, id: node.id, name: node.name, address: node.address });
@@ -227,6 +375,7 @@ class PageFeed {
       case "node-left": {
         const name = this.names.get(e.id);
         this.names.delete(e.id);
+        this.numbers.delete(e.id); // a gap in the numbering; one that comes back is a new row
         const entry: LogEntry = { kind: "leave", at: new Date().toISOString(), id: e.id, name, reason: e.reason };
         this.remember(entry);
         this.membership(e.nodes);
@@ -241,20 +390,56 @@ class PageFeed {
         this.remember(entry);
         return this.queue(sse("mesh-complete", entry));
       }
-      case "stopped":
+      case "stopped": {
         this.running = false;
         this.flush();
-        for (const c of this.clients) {
-          this.send(c, sse("stopped", { boot: this.registry.boot }));
+        const last = encoder.encode(sse("stopped", { boot: this.registry.boot }));
+        for (const c of [...this.clients, ...this.waiting]) {
+          this.send(c, last);
           this.end(c);
         }
         return;
+      }
     }
   }
 
   close(): void {
     this.stopKeepAlive();
-    for (const c of this.clients) this.end(c);
+    clearTimeout(this.waitTimer);
+    for (const c of [...this.clients, ...this.waiting]) this.end(c);
+  }
+
+  /**
+   * Starts a new client with a snapshot: the cached one while nothing has
+   * changed since it was built, else a new one, built at most once per cache
+   * interval; clients that come sooner wait for it together.
+   */
+  private admit(c: Client): void {
+    const now = performance.now();
+    const snap = this.snap;
+    if (snap && snap.version === this.version() && now - snap.at < this.o.cacheMs) return this.join(c, snap.bytes);
+    if (!snap || now - snap.at >= this.o.cacheMs) return this.join(c, this.freshSnapshot());
+    this.waiting.add(c);
+    this.waitTimer ??= setTimeout(() => {
+      this.waitTimer = undefined;
+      const waiting = [...this.waiting];
+      this.waiting.clear();
+      for (const w of waiting) if (w.open) this.admit(w);
+    }, snap.at + this.o.cacheMs - now);
+  }
+
+  private join(c: Client, snapshot: Uint8Array): void {
+    this.clients.add(c);
+    this.send(c, snapshot);
+    this.trim();
+  }
+
+  /** Builds the snapshot after sending what happened before it (it contains that already) to the existing clients. */
+  private freshSnapshot(): Uint8Array {
+    this.flush();
+    const bytes = encoder.encode(`retry: 2000\n\n${sse("snapshot", this.snapshot())}`);
+    this.snap = { bytes, version: this.version(), at: performance.now() };
+    return bytes;
   }
 
   /** Crossing the matrix limit either way changes what the stream carries: resend the whole picture. */
@@ -299,43 +484,92 @@ class PageFeed {
     if (this.resnapshot) parts.push(sse("snapshot", this.snapshot()));
     else if (this.countsDirty) parts.push(sse("counts", counts(this.registry.stats())));
     this.resnapshot = this.countsDirty = false;
-    if (!parts.length) return;
-    const bytes = encoder.encode(parts.join(""));
+    if (parts.length) this.broadcast(encoder.encode(parts.join("")));
+  }
+
+  /** One buffer for every client (each holds views of it, not copies). */
+  private broadcast(bytes: Uint8Array): void {
     for (const c of this.clients) this.send(c, bytes);
+    this.trim();
   }
 
-  private send(c: Client, data: string | Uint8Array): void {
+  private send(c: Client, bytes: Uint8Array): void {
     if (!c.open) return;
-    try {
-      c.controller.enqueue(typeof data === "string" ? encoder.encode(data) : data);
-    } catch {
-      return this.drop(c);
-    }
+    for (let at = 0; at < bytes.byteLength; at += SLICE_BYTES) c.queue.push(bytes.subarray(at, at + SLICE_BYTES));
+    c.queued += bytes.byteLength;
     // A client that stopped reading would make us hold every event for it.
-    const size = c.controller.desiredSize;
-    if (size !== null && -size > this.o.maxClientBacklogBytes) this.end(c);
+    if (c.queued > this.o.maxClientBacklogBytes) return this.cut(c);
+    this.pump(c);
   }
 
+  /** Hands queued slices to Bun while its stream wants more (it asks again through `pull`). */
+  private pump(c: Client): void {
+    try {
+      while (c.queue.length && (c.controller.desiredSize ?? 0) > 0) {
+        const slice = c.queue.shift()!;
+        c.queued -= slice.byteLength;
+        c.controller.enqueue(slice);
+      }
+      if (c.closing && !c.queue.length) c.controller.close();
+    } catch {
+      this.discard(c); // the other side closed the stream
+    }
+  }
+
+  /** Keeps the unsent bytes of all streams within the budget: the streams furthest behind go first. */
+  private trim(): void {
+    let total = 0;
+    for (const c of this.clients) total += c.queued;
+    if (total <= this.o.streamBudgetBytes) return;
+    for (const c of [...this.clients].sort((a, b) => b.queued - a.queued)) {
+      if (total <= this.o.streamBudgetBytes) return;
+      total -= c.queued;
+      this.cut(c);
+    }
+  }
+
+  /** Drops a slow client: its queue is freed now; the page reconnects to a fresh snapshot once it reads again. */
+  private cut(c: Client): void {
+    this.counts.dropped++;
+    c.queue = [];
+    c.queued = 0;
+    this.end(c);
+  }
+
+  /** Closes a stream once what is queued for it has been handed on. */
   private end(c: Client): void {
     if (!c.open) return;
     this.drop(c);
-    try {
-      c.controller.close();
-    } catch {
-      // already closed by the other side
-    }
+    c.closing = true;
+    this.pump(c);
   }
 
   private drop(c: Client): void {
     c.open = false;
     this.clients.delete(c);
+    this.waiting.delete(c);
+  }
+
+  /** The client is gone: nothing more is sent, nothing kept. */
+  private discard(c: Client): void {
+    this.drop(c);
+    c.queue = [];
+    c.queued = 0;
+    c.closing = false;
+  }
+
+  /** A node's number: kept while it is listed (registering again included), the next one for a newcomer. */
+  private numberOf(id: string): number {
+    let n = this.numbers.get(id);
+    if (n === undefined) this.numbers.set(id, (n = this.nextNumber++));
+    return n;
   }
 
   private snapshot() {
     const nodes = this.registry.nodes().sort((a, b) => a.joinedAt - b.joinedAt);
     return {
       boot: this.registry.boot,
-      nodes: nodes.map(peerJson),
+      nodes: nodes.map((n) => ({ ...peerJson(n), number: this.numberOf(n.id) })),
       // The pair list grows with the square of the mesh: only below the matrix limit.
       pairs: nodes.length <= this.o.matrixLimit ? this.registry.pairs() : null,
       matrixLimit: this.o.matrixLimit,
@@ -388,9 +622,22 @@ interface Figures {
   /** Registrations per second over the last `window` seconds. */
   rate: number;
   window: number;
-  /** Open event streams. */
-  clients: number;
+  feed: FeedStats;
+  gate: GateStats;
 }
+
+interface FeedStats {
+  /** Open event streams. */
+  streams: number;
+  /** Bytes the open streams hold that the HTTP server has not taken yet (at most the stream budget). */
+  queued: number;
+  /** Event streams refused over the stream cap. */
+  refused: number;
+  /** Event streams dropped for falling behind (over their backlog cap or the budget of all streams). */
+  dropped: number;
+}
+
+const NO_GATE: GateStats = { open: 0, refused: 0, requestTimeouts: 0, idleTimeouts: 0 };
 
 function counts(s: RegistryStats) {
   return {
@@ -404,7 +651,7 @@ function counts(s: RegistryStats) {
   };
 }
 
-function statsJson({ s, boot, rate, window, clients }: Figures) {
+function statsJson({ s, boot, rate, window, feed, gate }: Figures) {
   return {
     boot,
     startedAt: new Date(s.startedAt).toISOString(),
@@ -427,17 +674,27 @@ function statsJson({ s, boot, rate, window, clients }: Figures) {
     sessions: s.sessions,
     store: s.store,
     ...(s.storeError ? { storeError: s.storeError } : {}),
-    statusClients: clients,
+    statusClients: feed.streams,
     unsentBytes: s.unsentBytes,
     maxUnsentBytes: s.maxUnsentBytes,
     coalescedSyncs: s.coalescedSyncs,
     authFailures: s.authFailures,
     authBlocked: s.authBlocked,
     stalledMs: s.stalledMs,
+    statusServer: {
+      connections: gate.open,
+      refused: gate.refused,
+      requestTimeouts: gate.requestTimeouts,
+      idleTimeouts: gate.idleTimeouts,
+      streams: feed.streams,
+      streamBytesQueued: feed.queued,
+      streamsRefused: feed.refused,
+      streamsDropped: feed.dropped,
+    },
   };
 }
 
-function metricsText({ s, boot, rate, window, clients }: Figures): string {
+function metricsText({ s, boot, rate, window, feed, gate }: Figures): string {
   const out: string[] = [];
   const family = (name: string, type: string, help: string, samples: [string, Record<string, string>, number][]) => {
     out.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);
@@ -482,7 +739,18 @@ function metricsText({ s, boot, rate, window, clients }: Figures): string {
     "Time from the last join until every pair had greeted; NaN while the mesh is incomplete.",
     s.meshCompleteMs === null ? NaN : seconds(s.meshCompleteMs),
   );
-  one(`${p}_status_clients`, "gauge", "Open event streams of the status page.", clients);
+  one(`${p}_status_clients`, "gauge", "Open event streams of the status page.", feed.streams);
+  one(`${p}_status_stream_bytes_queued`, "gauge", "Bytes the event streams hold that have not been sent yet.", feed.queued);
+  one(`${p}_status_clients_dropped_total`, "counter", "Event streams dropped for falling behind (over their backlog cap or the budget of all streams).", feed.dropped);
+  one(`${p}_http_connections`, "gauge", "Open connections to the status server.", gate.open);
+  family(`${p}_http_refused_total`, "counter", "Status-server connections refused over a connection cap, and event streams over the stream cap.", [
+    [`${p}_http_refused_total`, { what: "connection" }, gate.refused],
+    [`${p}_http_refused_total`, { what: "stream" }, feed.refused],
+  ]);
+  family(`${p}_http_timeouts_total`, "counter", "Status-server connections closed because a request head came too slowly, or nothing moved.", [
+    [`${p}_http_timeouts_total`, { kind: "request" }, gate.requestTimeouts],
+    [`${p}_http_timeouts_total`, { kind: "idle" }, gate.idleTimeouts],
+  ]);
   one(`${p}_unsent_bytes`, "gauge", "Bytes queued for connections that have not read them yet (shared buffers counted once).", s.unsentBytes);
   one(`${p}_unsent_bytes_budget`, "gauge", "The most unsent bytes all connections may hold together; 0 = no budget.", s.maxUnsentBytes);
   one(`${p}_coalesced_syncs_total`, "counter", "sync requests answered by a snapshot already on its way.", s.coalescedSyncs);
@@ -490,11 +758,6 @@ function metricsText({ s, boot, rate, window, clients }: Figures): string {
   one(`${p}_auth_blocked_total`, "counter", "Registrations refused because their address sent too many wrong tokens.", s.authBlocked);
   one(`${p}_stalled_seconds_total`, "counter", "Time the registry's own event loop was stalled, left out of every deadline.", s.stalledMs / 1000);
   return out.join("\n") + "\n";
-}
-
-interface Client {
-  controller: ReadableStreamDefaultController<Uint8Array>;
-  open: boolean;
 }
 
 type LogEntry =
@@ -544,11 +807,15 @@ function peerJson(n: NodeInfo) {
   };
 }
 
+const JSON_HEADERS = { "Content-Type": "application/json; charset=utf-8", "Cache-Control": "no-store" };
+const METRICS_HEADERS = { "Content-Type": "text/plain; version=0.0.4; charset=utf-8", "Cache-Control": "no-store" };
+
 function json(body: unknown, status = 200, headers: Record<string, string> = {}): Response {
-  return new Response(JSON.stringify(body, null, 2) + "\n", {
-    status,
-    headers: { "Content-Type": "application/json; charset=utf-8", "Cache-Control": "no-store", ...headers },
-  });
+  return new Response(jsonText(body), { status, headers: { ...JSON_HEADERS, ...headers } });
+}
+
+function jsonText(body: unknown): string {
+  return JSON.stringify(body, null, 2) + "\n";
 }
 
 function sse(event: string, data: unknown): string {

@@ -9,12 +9,16 @@
  * what a node does (client.ts): after a jittered wait of up to the backoff's
  * first step it dials the next registry and registers again under its id.
  *
+ * With `sources`, session i connects from sources[i % n] (loopback addresses
+ * such as 127.0.2.1), as nodes on that many hosts would, and its listener
+ * listens there: per-address limits then see a spread of hosts, not one.
+ *
  * `bun bench/holder.ts '{"port":P,"prefix":"h0-","portBase":1024,"probe":false,"pingMs":0}'`
  * Commands: {"cmd":"grow","to":N,"conc":C} -> time to register up to N nodes;
  * {"cmd":"stats"}; {"cmd":"waitSeq","seq":S,"timeoutMs":T} -> when every session has seen seq S.
  */
 import { probeResponder, waitUntil } from "../harness.ts";
-import { emit, serveCommands, wallMs } from "./lib.ts";
+import { emit, fromAddress, selfHostIs, serveCommands, wallMs } from "./lib.ts";
 
 interface Opts {
   port: number;
@@ -23,6 +27,7 @@ interface Opts {
   probe: boolean;
   pingMs: number;
   failover?: number[];
+  sources?: string[];
 }
 
 interface Session {
@@ -39,6 +44,7 @@ interface Session {
 
 const HOST = "127.0.0.1";
 const o = JSON.parse(process.argv[2] ?? "{}") as Opts;
+const sources = o.sources?.length ? o.sources : undefined;
 const sessions: Session[] = [];
 const sockets: (Bun.Socket<Session> | undefined)[] = [];
 const listenerPorts: number[] = [];
@@ -63,6 +69,12 @@ const handlers: Bun.SocketHandler<Session> = {
     if (!n.registered) {
       if (n.got === 0 && !chunk.subarray(0, 20).toString().startsWith('{"type":"registered"')) {
         lastError = chunk.subarray(0, Math.min(300, chunk.byteLength)).toString();
+        n.done?.(false);
+        s.end();
+        return;
+      }
+      if (n.got === 0 && sources && !selfHostIs(chunk, sourceOf(n.i))) {
+        lastError = `not registered from ${sourceOf(n.i)}: this Bun ignores localAddress`;
         n.done?.(false);
         s.end();
         return;
@@ -146,7 +158,7 @@ async function grow(to: number, conc: number): Promise<Record<string, unknown>> 
       sessions[i] = n;
       const ok = await new Promise<boolean>((resolve) => {
         n.done = resolve;
-        Bun.connect<Session>({ hostname: HOST, port: o.port, socket: handlers, data: n }).then(
+        Bun.connect<Session>({ hostname: HOST, port: o.port, socket: handlers, data: n, ...fromAddress(sourceOf(i)) }).then(
           (s) => (sockets[i] = s),
           (e: Error) => {
             lastError = `connect: ${e.message}`;
@@ -171,7 +183,7 @@ function reconnect(old: Session): void {
     n.done = undefined;
     if (!ok) setTimeout(() => reconnect(n), Math.random() * 100);
   };
-  Bun.connect<Session>({ hostname: HOST, port: registries[n.at]!, socket: handlers, data: n }).then(
+  Bun.connect<Session>({ hostname: HOST, port: registries[n.at]!, socket: handlers, data: n, ...fromAddress(sourceOf(n.i)) }).then(
     (s) => (sockets[n.i] = s),
     () => setTimeout(() => reconnect(n), Math.random() * 100),
   );
@@ -192,7 +204,11 @@ function stats(): { sessions: number; registered: number; minSeq: number; maxSeq
 
 function openListener(i: number): void {
   if (listenerPorts[i] !== undefined) return;
-  listenerPorts[i] = probeResponder(HOST).port;
+  listenerPorts[i] = probeResponder(sourceOf(i)).port;
+}
+
+function sourceOf(i: number): string {
+  return sources ? sources[i % sources.length]! : HOST;
 }
 
 /** The seq of the `registered` reply: near its start, before the peer list. */

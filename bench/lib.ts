@@ -89,3 +89,21 @@ export function selfRss(): number {
     return process.memoryUsage().rss; // no /proc: not Linux
   }
 }
+
+/**
+ * Connect options that bind the local address (a loopback alias such as
+ * 127.0.2.1), so a server counts the connection as another host's.
+ * Bun.connect takes `localAddress` although its types do not list it
+ * (verified on Bun 1.4.4); callers check the registry saw that address
+ * (selfHostIs), so a Bun that ignores it fails loudly.
+ */
+export function fromAddress(address: string | undefined): { localAddress?: string } {
+  return address && address !== "127.0.0.1" ? { localAddress: address } : {};
+}
+
+/** Whether a `registered` reply's first chunk lists the node under `host` (`self` comes before the peer list). */
+export function selfHostIs(reply: Uint8Array, host: string): boolean {
+  const text = Buffer.from(reply.buffer, reply.byteOffset, Math.min(reply.byteLength, 600)).toString();
+  const at = text.indexOf('"self":');
+  return at >= 0 && text.slice(at, at + 200).includes(`"host":"${host}"`);
+}

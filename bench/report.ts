@@ -44,6 +44,10 @@ export async function writeReport(results: Msg, paths: { md: string; svg: string
     recovery: recoveryTable(results),
     ha: haSection(results),
     reply: replySection(results),
+    attack: attackSection(results),
+    attackHeld: int(Number(((attackRun(results).config as Msg).attack as Msg | undefined)?.held ?? 0)),
+    attackHonest: attackHonest(results),
+    attackNoise: attackNoise(results),
     command: String(results.command),
     durationNote: `${String((results.config as Msg).warmupMs)} ms of warm-up (discarded) and ${String((results.config as Msg).durationMs)} ms measured per cell`,
     date: String(results.date),
@@ -63,7 +67,7 @@ interface Target {
 }
 
 function targetsTable(r: Msg): string {
-  const rows = [...registrationTargets(regCells(r)), ...sessionTargets(r), meshTarget(r), ...departureTargets(r), recoveryTarget(r), ...haTargets(r)];
+  const rows = [...registrationTargets(regCells(r)), ...sessionTargets(r), meshTarget(r), ...departureTargets(r), recoveryTarget(r), ...attackTargets(r), ...haTargets(r)];
   const mark = (m: boolean | null) => (m === null ? "–" : m ? "met" : "**missed**");
   return table(
     ["Target", "Measured", "Floor / bound", "Result"],
@@ -169,6 +173,37 @@ function recoveryTarget(r: Msg): Target {
     floor: "",
     met: Number(rec.nodes) >= 100 ? worst <= 2000 : null,
   };
+}
+
+/** Issue 11's targets, per attacker: nobody honest evicted or refused, honest p99 within 3x the no-attack window, RSS within the budget. */
+function attackTargets(r: Msg): Target[] {
+  const a = r.attack as Msg | undefined;
+  const rows = (a?.rows as Msg[] | undefined) ?? [];
+  const none = rows.find((x) => x.name === "none");
+  if (!a || !none) return [{ what: "Under attack", measured: a?.error ? `failed: ${String(a.error)}` : "not in this run", floor: "", met: null }];
+  return rows.map((x) => {
+    const v = attackVerdict(a, none, x);
+    return {
+      what: x === none ? "Under attack, no attacker: no honest node evicted or refused" : `Under attack, ${String(x.name)}: nobody honest evicted or refused, p99 <= 3x, RSS within budget`,
+      measured: `${v.refused} refused, ${v.evicted} evicted; p99 ${ms(v.p99)} ms${x === none ? "" : ` (${(v.p99 / v.baseP99).toFixed(2)}x)`}; RSS ${mbs(v.rss)} MB`,
+      floor: x === none ? "" : `p99 <= ${ms(3 * v.baseP99)} ms; RSS <= ${mbs(v.rssBound)} MB`,
+      met: v.met,
+    };
+  });
+}
+
+/** One attack window against its targets; the RSS bound is the no-attack peak plus the unsent-bytes budget. */
+function attackVerdict(a: Msg, none: Msg, x: Msg) {
+  const h = x.honest as Msg;
+  const refused = Number(h.attempts) - Number(h.registered);
+  const evicted = Number(x.heldEvicted) + (Number(a.held) - Number(x.heldRegistered));
+  const p99 = Number((h.latencyMs as Msg).p99);
+  const baseP99 = Number(((none.honest as Msg).latencyMs as Msg).p99);
+  const rss = Number(x.rssPeak);
+  const rssBound = Number(none.rssPeak) + Number(a.budget);
+  const quiet = refused === 0 && evicted === 0;
+  const met = x === none ? quiet : quiet && p99 <= 3 * baseP99 && rss <= rssBound && Number(x.unsentPeak) <= Number(a.budget);
+  return { refused, evicted, p99, baseP99, rss, rssBound, met };
 }
 
 /** Several registries: the store's cost to a registration, propagation, failover, a store restart. */
@@ -385,6 +420,110 @@ function recoveryTable(r: Msg): string {
     "",
     `${String(rec.nodes)} in-process nodes in one process; reconnect backoff with full jitter between 0 and min(${String(rec.reconnectMaxMs)}, ${String(rec.reconnectBaseMs)} x 2^attempt) ms.`,
   ].join("\n");
+}
+
+function attackSection(r: Msg): string {
+  const a = r.attack as Msg | undefined;
+  const rows = (a?.rows as Msg[] | undefined) ?? [];
+  const none = rows.find((x) => x.name === "none");
+  if (!a || !none) return notRun(r, "attack");
+  const setup =
+    `${int(Number(a.held))} held sessions (from ${String(a.heldSources)} addresses) registered in ${int(Number(a.growMs))} ms; ` +
+    `registry RSS with them, after a full GC: ${mbs(Number(a.baseRss))} MB; unsent-bytes budget ${(Number(a.budget) / 2 ** 20).toFixed(0)} MiB (the default).`;
+  const mark = (m: boolean) => (m ? "met" : "**missed**");
+  return [
+    failedNote(r, "attack") + setup,
+    "",
+    table(
+      ["Attacker", "What it did in the window", "Honest registered", "Honest p50 / p99 / max ms", "p99 vs none", "Held evicted", "Longest stall ms (ran / waited for a core)", "Registry thread in the window: ran / waited for a core", "RSS peak", "Unsent peak", "Targets"],
+      rows.map((x) => {
+        const v = attackVerdict(a, none, x);
+        const h = x.honest as Msg;
+        return [
+          String(x.name),
+          attackVolume(x),
+          `${int(Number(h.registered))} / ${int(Number(h.attempts))}${v.refused ? ` (refused: ${codes(h.refused as Msg)})` : ""}`,
+          lat({ latencyMs: h.latencyMs } as Run),
+          x === none ? "" : ratio(v.p99, v.baseP99),
+          String(Number(x.heldEvicted) + (Number(a.held) - Number(x.heldRegistered))),
+          stallCell(x),
+          threadCell(x),
+          `${mbs(v.rss)} MB`,
+          `${mbs(Number(x.unsentPeak))} MB`,
+          mark(v.met),
+        ];
+      }),
+    ),
+    "",
+    "What the registry refused or cut in each window (its /stats counters), and how long after the window every held session had every change:",
+    "",
+    table(
+      ["Attacker", "Registry refusals by code", "Held sessions had every change after"],
+      rows.map((x) => [String(x.name), codes(x.rejected as Msg) || "none", `${int(Number(x.deliveryLagMs))} ms${x.delivered ? "" : " (**not all**)"}`]),
+    ),
+  ].join("\n");
+}
+
+/** The run the attack phase came from: this one, or one merged in later (--merge). */
+function attackRun(r: Msg): Msg {
+  const m = r.merged as Msg | undefined;
+  return m && (m.phases as string[]).includes("attack") ? m : r;
+}
+
+function attackHonest(r: Msg): string {
+  const c = (attackRun(r).config as Msg).attack as Msg | undefined;
+  return c ? `${String(c.honestPerSec)} registrations a second for ${secs(Number(c.windowMs))} s per window, from ${String(c.honestSources)} addresses` : "";
+}
+
+/** How busy the machine was during this phase: the attackers share it with the registry, and so may other work. */
+function attackNoise(r: Msg): string {
+  const run = attackRun(r);
+  const n = run.noise as Msg | undefined;
+  const p = ((n?.phases as Msg[] | undefined) ?? []).find((x) => x.phase === "attack");
+  const cores = Number((run.machine as Msg).cores);
+  const shared =
+    "The attackers, the held sessions and the honest nodes run on the same machine as the registry, so part of an attacker's effect is the CPU it takes " +
+    "from the registry, as it would be from an attacker on the same host; on a real network it would be on another.";
+  if (!p) return shared;
+  const other = Number(p.otherCores);
+  const own = run === r ? "" : `This phase was measured in a run of its own, ${String(run.date)} (\`${String(run.command)}\`); the other sections come from the run above. `;
+  const load = `${own}While this phase ran, the benchmark's own processes kept ${Number(p.ourCores).toFixed(2)} of the ${cores} cores busy and other processes ${other.toFixed(2)}.`;
+  const noisy = other > 0.25 ? ` **The machine was shared with other work during this phase:** the latencies and stalls above include it; compare them with a run on a quiet machine.` : "";
+  return `${shared} ${load}${noisy}`;
+}
+
+/** The longest stall, split by what the scheduler says the loop's thread did meanwhile, and what the registry's sweep left out of deadlines. */
+function stallCell(x: Msg): string {
+  const w = x.worstStall as Msg | undefined;
+  const split = w ? ` (${ms(Number(w.ranMs))} / ${ms(Number(w.queuedMs))})` : "";
+  const left = Number(x.stalledMs) ? `; ${int(Number(x.stalledMs))} ms left out of deadlines` : "";
+  return `${ms(Number(x.lagMaxMs))}${split}${left}`;
+}
+
+function threadCell(x: Msg): string {
+  const t = x.thread as Msg | undefined;
+  if (!t) return "";
+  const secsOf = (v: unknown) => (Number(v) / 1000).toFixed(2);
+  return `${secsOf(t.ranMs)} s / ${secsOf(t.queuedMs)} s of ${secsOf(x.windowMs)} s`;
+}
+
+/** What one attacker did in its window, in its own terms. */
+function attackVolume(x: Msg): string {
+  const a = x.attack as Msg | undefined;
+  if (!a) return "–";
+  const perSec = (n: unknown) => int(Number(n) / (Number(a.windowMs) / 1000));
+  const cpu = `; the attacker's process used ${((Number(a.cpuMs) / Number(a.windowMs)) * 100).toFixed(0)}% of a core`;
+  if (x.name === "peers-flood") return `${perSec(a.responses)} GET /peers answered/s on ${String((x.attacker as Msg).width)} connections${cpu}`;
+  const total = x.attackTotal as Msg;
+  const conns = `${int(Number(total.connections))} connections opened, ${int(Number(total.registered))} registered, ${int(Number(total.closedByRegistry))} closed by the registry (since it started)`;
+  return `${perSec(a.lines)} lines/s written; ${conns}${cpu}`;
+}
+
+function codes(c: Msg | undefined): string {
+  return Object.entries(c ?? {})
+    .filter(([, n]) => Number(n) > 0)
+    .map(([k, n]) => `${k} ${int(Number(n))}`)
+    .join(", ");
 }
 
 function haSection(r: Msg): string {

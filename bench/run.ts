@@ -4,20 +4,22 @@
  * `bun bench/run.ts --quick` (CI smoke, under 30 s, thresholds not asserted).
  * Every measured party runs in its own process: the registry
  * (registry-proc.ts), the floor (floor.ts), the load generator (loadgen.ts),
- * the simulated registered nodes (holder.ts) and in-process node fleets
- * (nodes-proc.ts); the "ha" phase (ha.ts) adds private redis-servers.
- * Loopback only. `--only PHASE` written over earlier results replaces those
- * phases and keeps the rest. Writes results.json, BENCHMARKS.md and
+ * the simulated registered nodes (holder.ts), in-process node fleets
+ * (nodes-proc.ts), for the attack phase honest nodes (honest.ts) and each
+ * attacker (attacker.ts), and for the "ha" phase (ha.ts) private
+ * redis-servers. Loopback only. Writes results.json, BENCHMARKS.md and
  * sweep.svg (full run: bench/results.json, ./BENCHMARKS.md, bench/sweep.svg;
  * quick run: a temp directory unless --out is given).
  * `--help` lists the flags: a narrower sweep for profiling one cell, CPU
- * profiles, other registry versions measured in the same cells, the budget.
+ * profiles, other registry versions measured in the same cells, the budget,
+ * some of the attackers only, one phase measured again into the results
+ * already there (--merge).
  */
 import { mkdirSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { UsageError, intArg } from "../cli.ts";
-import { Proc, ROOT, children, exec, killAll, killAllOnExit, runScript, spawnBun, waitUntil, withDeadline } from "../harness.ts";
+import { Proc, ROOT, children, exec, killAll, killAllOnExit, runScript, spawnBun, waitUntil, withDeadline, type AttackOptions } from "../harness.ts";
 import { DEFAULTS } from "../protocol.ts";
 import { haPhase } from "./ha.ts";
 import { dist, fmt, mb, wallMs, type Msg } from "./lib.ts";
@@ -42,6 +44,18 @@ const SIZES = {
     freezeHeartbeatMs: 300,
     recoveryNodes: 20,
     recoveryTrials: 1,
+    attack: {
+      held: 300,
+      heldSources: 6,
+      windowMs: 1_500,
+      honestPerSec: 20,
+      honestSources: 10,
+      syncConns: 16,
+      syncs: 190,
+      peersLoops: 2,
+      churnLoops: 2,
+      slowConsumers: 20,
+    },
   },
   full: {
     budgetMs: 420_000,
@@ -59,17 +73,36 @@ const SIZES = {
     freezeHeartbeatMs: DEFAULTS.heartbeatMs,
     recoveryNodes: 100,
     recoveryTrials: 3,
+    attack: {
+      held: 3_000,
+      heldSources: 30,
+      windowMs: 8_000,
+      honestPerSec: 20,
+      honestSources: 50,
+      syncConns: 96,
+      syncs: 190,
+      peersLoops: 4,
+      churnLoops: 8,
+      slowConsumers: 200,
+    },
   },
 };
 
-type Phase = "registration" | "sessions" | "mesh" | "departure" | "recovery" | "ha";
-const PHASES: Phase[] = ["registration", "sessions", "mesh", "departure", "recovery", "ha"];
+/** Source addresses the sessions phase spreads its held nodes over. */
+const SESSION_SOURCES = 50;
+
+type Phase = "registration" | "sessions" | "mesh" | "departure" | "recovery" | "attack" | "ha";
+const PHASES: Phase[] = ["registration", "sessions", "mesh", "departure", "recovery", "attack", "ha"];
 
 // Set once from the command line, before any phase runs.
 let QUICK = false;
 let CFG: (typeof SIZES)["quick"] = SIZES.full;
 let PROFILE: string | undefined;
 let COMPARE: string[] = [];
+/** Keep the other phases' results from the results.json already there. */
+let MERGE = false;
+/** Attackers of the "attack" phase to run (after the window with none); all by default. */
+let ATTACKERS: string[] | undefined;
 
 const results: Msg = {};
 let failed = false;
@@ -98,7 +131,7 @@ async function main(out: string | undefined, only: string[] | undefined): Promis
   results.fdLimit = await fdLimit();
   log(`bench ${QUICK ? "(quick) " : ""}on ${(results.machine as Msg).cpu} x${(results.machine as Msg).cores}, fd limit ${results.fdLimit}`);
 
-  const phases: Record<Phase, () => Promise<Msg>> = { registration, sessions, mesh, departure, recovery, ha };
+  const phases: Record<Phase, () => Promise<Msg>> = { registration, sessions, mesh, departure, recovery, attack, ha };
   for (const phase of PHASES) {
     if (only && !only.includes(phase)) continue;
     if (overBudget) {
@@ -135,7 +168,7 @@ async function main(out: string | undefined, only: string[] | undefined): Promis
         svgRef: "bench/sweep.svg",
       };
   mkdirSync(paths.dir, { recursive: true });
-  const written = only && (await Bun.file(paths.json).exists()) ? await mergedInto(paths.json, only) : results;
+  const written = MERGE ? await mergedInto(paths.json, only ?? PHASES) : results;
   await Bun.write(paths.json, JSON.stringify(written, null, 2) + "\n");
   await writeReport(written, paths);
   log(`wrote ${paths.json}, ${paths.md}, ${paths.svg} in ${(results.totalMs as number / 1000).toFixed(1)} s total`);
@@ -143,15 +176,15 @@ async function main(out: string | undefined, only: string[] | undefined): Promis
 }
 
 /**
- * A run of some phases (--only) replaces those phases in the results it is
- * written over and keeps the rest, so BENCHMARKS.md stays whole; each phase
- * replaced carries the date, machine and load of the run that measured it.
+ * --merge: the phases of this run replace theirs in the results.json already
+ * there, the rest stays; `merged` says which phases came from this run, with
+ * its date, command, machine, configuration and noise, for the report.
  */
-async function mergedInto(path: string, only: string[]): Promise<Msg> {
-  const previous = JSON.parse(await Bun.file(path).text()) as Msg;
-  const command = `bun bench/run.ts --only ${only.join(",")}${QUICK ? " --quick" : ""}`;
-  const run = { command, date: results.date, machine: results.machine, noise: results.noise, totalMs: results.totalMs };
-  return { ...previous, ...Object.fromEntries(only.map((p) => [p, { ...(results[p] as Msg), run }])) };
+async function mergedInto(json: string, phases: string[]): Promise<Msg> {
+  const old = JSON.parse(await Bun.file(json).text()) as Msg;
+  const run = { phases, date: results.date, command: `bun bench/run.ts --only ${phases.join(",")} --merge`, machine: results.machine, config: results.config, noise: results.noise, totalMs: results.totalMs };
+  // Each phase keeps its own run too: `merged` names only the latest one merged in.
+  return { ...old, ...Object.fromEntries(phases.map((p) => [p, { ...(results[p] as Msg), run }])), merged: run };
 }
 
 // --- phases ------------------------------------------------------------------
@@ -162,7 +195,8 @@ async function registration(): Promise<Msg> {
   const perHolder = Math.max(100, Math.min(5_000, Math.floor((fd - 300) / 2)));
   const counts = CFG.counts.filter((n) => n + 600 <= fd);
   const skipped = CFG.counts.filter((n) => !counts.includes(n));
-  const regOpts = { heartbeatMs: 60_000, maxConnsPerAddress: 0 };
+  // Every registration here comes from 127.0.0.1 (one load generator, one host): per-address caps and rates off.
+  const regOpts = { heartbeatMs: 60_000, maxConnsPerAddress: 0, rateAddressProbes: 0, rateAddressLines: 0 };
   const [off, on, floor, lg] = await Promise.all([
     startRegistryProc("registry(probe off)", { ...regOpts, probe: false }),
     startRegistryProc("registry(probe on)", { ...regOpts, probe: true }),
@@ -219,7 +253,8 @@ async function sessions(): Promise<Msg> {
     startRegistryProc("registry(sessions)", { maxConnsPerAddress: 0 }),
     startReady("floor", "bench/floor.ts", [], "listening"),
   ]);
-  const fleet = new Fleet("s", reg.port, true, perHolder, hb);
+  // Nodes on many hosts, as per-address limits expect them: 10,000 from one address would be refused by its probe rate.
+  const fleet = new Fleet("s", reg.port, true, perHolder, hb, addresses("127.0.3.", SESSION_SOURCES));
   const floorFleet = new Fleet("fl", Number(floor.ready.port), false, perHolder, hb);
   const base = await reg.child.request({ cmd: "gc" }, 10_000);
   const floorBase = await floor.child.request({ cmd: "stats" }, 10_000);
@@ -372,7 +407,7 @@ async function ha(): Promise<Msg> {
       startRegistry: (label, opts) => startRegistryProc(label, opts),
       startReady,
       // Fleets on one shared list must not register the same addresses: each gets its own port range.
-      fleet: (tag, port, probe, pingMs = 0, failover = []) => new Fleet(tag, port, probe, perHolder, pingMs, failover, 1024 + (fleets++ % 6) * 5_000),
+      fleet: (tag, port, probe, pingMs = 0, failover = []) => new Fleet(tag, port, probe, perHolder, pingMs, undefined, failover, 1024 + (fleets++ % 6) * 5_000),
       registryCell,
       closeChildren: () => closeAllChildren(PROFILE ? 10_000 : 1_000),
       log,
@@ -413,6 +448,137 @@ async function recovery(): Promise<Msg> {
     if (Number(s.nodes) !== n) throw new Error(`registry holds ${String(s.nodes)} nodes after recovery, expected ${n}`);
   }
   return { nodes: n, trials, reconnectMaxMs: DEFAULTS.reconnectMaxMs, reconnectBaseMs: DEFAULTS.reconnectBaseMs };
+}
+
+/**
+ * 7: under attack. Honest registrations (probe on, a fresh connection each,
+ * from addresses of their own) next to held sessions that read and ping,
+ * with no attacker, then with each attacker in turn from an address of its
+ * own, all against one registry (status server on, defaults otherwise).
+ */
+async function attack(): Promise<Msg> {
+  const A = CFG.attack;
+  const reg = await startRegistryProc("registry(attack)", { http: true, sampleLag: true });
+  const fleet = new Fleet("a", reg.port, true, A.held, DEFAULTS.heartbeatMs, addresses("127.0.2.", A.heldSources));
+  const t = performance.now();
+  await fleet.growTo(A.held);
+  const growMs = performance.now() - t;
+  const honestOpts = { sources: addresses("127.0.1.", A.honestSources), slots: 4 };
+  const honest = await startReady("honest", "bench/honest.ts", [JSON.stringify(honestOpts)], "ready");
+  const base = await reg.child.request({ cmd: "gc" }, 10_000);
+  const rows: Msg[] = [];
+  const info = { held: A.held, heldSources: A.heldSources, honestSources: A.honestSources, growMs, budget: Number(base.maxUnsentBytes), baseRss: Number(base.rss), rows };
+  results.attack = info;
+  log(`attack: ${A.held} held sessions registered in ${fmt(growMs)} ms, registry RSS ${mb(Number(base.rss))} MB after GC`);
+  for (const sc of scenarios(reg.port, Number(reg.ready.httpPort))) {
+    const row = await attackWindow(reg, fleet, honest.child, sc);
+    rows.push(row);
+    log(attackLine(row));
+  }
+  return info;
+}
+
+interface Scenario {
+  name: string;
+  opts?: AttackOptions;
+}
+
+/** No attacker, then each attacker of issue 11, each from an address of its own. */
+function scenarios(port: number, httpPort: number): Scenario[] {
+  const A = CFG.attack;
+  const all: Scenario[] = [
+    { name: "sync-spam", opts: { kind: "sync-spam", port, from: "127.0.0.2", width: A.syncConns, syncs: A.syncs } },
+    { name: "ping-flood", opts: { kind: "ping-flood", port, from: "127.0.0.3", width: 1 } },
+    { name: "peers-flood", opts: { kind: "peers-flood", port: httpPort, from: "127.0.0.4", width: A.peersLoops } },
+    { name: "churn", opts: { kind: "churn", port, from: "127.0.0.5", width: A.churnLoops } },
+    { name: "slow-consumers", opts: { kind: "slow-consumers", port, from: "127.0.0.6", width: A.slowConsumers } },
+  ];
+  return [{ name: "none" }, ...all.filter((x) => !ATTACKERS || ATTACKERS.includes(x.name))];
+}
+
+/** One measured window: the attacker in place, honest registrations for windowMs, then what the registry and the held sessions went through. */
+async function attackWindow(reg: RegistryProc, fleet: Fleet, honest: Child, sc: Scenario): Promise<Msg> {
+  const A = CFG.attack;
+  const atk = sc.opts ? spawnChild(`attacker ${sc.name}`, "bench/attacker.ts", [JSON.stringify(sc.opts)]) : undefined;
+  try {
+    if (atk) await atk.log.waitFor("attacking", 30_000, `the ${sc.name} attacker in place`);
+    const stats = () => atk?.request({ cmd: "stats" }, 10_000);
+    const [before, held0, atk0] = await Promise.all([reg.child.request({ cmd: "window" }, 10_000), fleet.sessions(), stats()]);
+    const run = { cmd: "run", port: reg.port, ratePerSec: A.honestPerSec, durationMs: A.windowMs, prefix: `h-${sc.name}-`, timeoutMs: 10_000 };
+    const h = await honest.request(run, A.windowMs + 30_000);
+    const [after, atk1] = await Promise.all([reg.child.request({ cmd: "window" }, 10_000), stats()]);
+    // The held sessions, still under attack, get every change of the window.
+    const d = await fleet.delivered(Number(after.seq), QUICK ? 5_000 : 15_000);
+    const held1 = await fleet.sessions();
+    const ms = Number(after.t) - Number(before.t);
+    return {
+      name: sc.name,
+      attacker: sc.opts,
+      attack: atk0 && atk1 ? { ...delta(atk0, atk1), windowMs: ms } : undefined,
+      attackTotal: atk1,
+      honest: h,
+      heldEvicted: held1.closed - held0.closed,
+      heldRegistered: held1.registered,
+      deliveryLagMs: d.ms,
+      delivered: d.reached,
+      lagMaxMs: after.lagMaxMs,
+      lagP99Ms: after.lagP99Ms,
+      worstStall: after.worstStall,
+      thread: after.thread,
+      stalledMs: Number(after.stalledMs) - Number(before.stalledMs),
+      rssPeak: after.rssPeak,
+      unsentPeak: after.unsentPeak,
+      cpuPct: ((Number(after.cpuMs) - Number(before.cpuMs)) / ms) * 100,
+      rejected: delta(before.rejected as Msg, after.rejected as Msg),
+      leaves: delta(before.leaves as Msg, after.leaves as Msg),
+      windowMs: ms,
+    };
+  } finally {
+    await atk?.close();
+    // The next window starts clean: the attacker's sessions gone, their backlog freed.
+    await waitUntil(
+      async () => {
+        const s = await reg.child.request({ cmd: "stats" }, 10_000);
+        return Number(s.nodes) === A.held && Number(s.unsentBytes) < 1e6;
+      },
+      30_000,
+      `the registry to settle after ${sc.name}`,
+      100,
+    );
+  }
+}
+
+function attackLine(r: Msg): string {
+  const h = r.honest as Msg;
+  const l = h.latencyMs as Msg;
+  const refused = Number(h.attempts) - Number(h.registered);
+  const a = r.attack as Msg | undefined;
+  const did = a ? ` | attacker: ${fmt(Number(a.lines) / (Number(a.windowMs) / 1000))} lines/s, ${fmt(Number(a.responses))} responses, codes ${JSON.stringify(a.codes)}` : "";
+  return (
+    `attack ${String(r.name)}: honest p50 ${fmt(Number(l.p50))} p99 ${fmt(Number(l.p99))} max ${fmt(Number(l.max))} ms (${String(h.registered)}/${String(h.attempts)}` +
+    `${refused ? `, REFUSED ${JSON.stringify(h.refused)}` : ""}), held evicted ${String(r.heldEvicted)}, stall ${fmt(Number(r.lagMaxMs))} ms, ` +
+    `(${stallText(r.worstStall as Msg | undefined)}), ` +
+    `RSS ${mb(Number(r.rssPeak))} MB, unsent ${mb(Number(r.unsentPeak))} MB, CPU ${fmt(Number(r.cpuPct))}%${did}`
+  );
+}
+
+function stallText(w: Msg | undefined): string {
+  return w ? `ran ${fmt(Number(w.ranMs))} ms, waited for a core ${fmt(Number(w.queuedMs))} ms, handlers ${JSON.stringify(w.handlerMs)}` : "";
+}
+
+/** `prefix` + 1..n: loopback addresses (all of 127/8 is loopback on Linux). */
+function addresses(prefix: string, n: number): string[] {
+  return Array.from({ length: n }, (_, i) => `${prefix}${i + 1}`);
+}
+
+/** b - a for every number in b, nested objects too (counters taken before and after a window). */
+function delta(a: Msg | undefined, b: Msg): Msg {
+  const out: Msg = {};
+  for (const [k, v] of Object.entries(b)) {
+    if (typeof v === "number") out[k] = v - Number(a?.[k] ?? 0);
+    else if (v && typeof v === "object") out[k] = delta(a?.[k] as Msg | undefined, v as Msg);
+  }
+  return out;
 }
 
 // --- children ----------------------------------------------------------------
@@ -511,6 +677,8 @@ export class Fleet {
     readonly probe: boolean,
     readonly perHolder: number,
     readonly pingMs = 0,
+    /** Loopback addresses the sessions connect from, spread evenly (default: 127.0.0.1 only). */
+    readonly sources?: string[],
     /** Ports of more registries sharing the list: a session its registry closes registers with the next. */
     readonly failover: number[] = [],
     /** First port the simulated nodes register (without the probe): fleets on one shared list need their own. */
@@ -525,7 +693,7 @@ export class Fleet {
     const need = Math.ceil(n / this.perHolder);
     while (this.holders.length < need) {
       const k = this.holders.length;
-      const opts = { port: this.port, prefix: `${this.tag}${k}-`, portBase: this.portBase + k * this.perHolder, probe: this.probe, pingMs: this.pingMs, failover: this.failover };
+      const opts = { port: this.port, prefix: `${this.tag}${k}-`, portBase: this.portBase + k * this.perHolder, probe: this.probe, pingMs: this.pingMs, sources: this.sources, failover: this.failover };
       const h = spawnChild(`holder ${this.tag}${k}`, "bench/holder.ts", [JSON.stringify(opts)]);
       await h.log.waitFor("ready", 20_000, "holder ready");
       this.holders.push(h);
@@ -535,6 +703,12 @@ export class Fleet {
     );
     const errors = rs.reduce((a, r) => a + Number(r.errors), 0);
     if (errors) throw new Error(`${errors} simulated nodes failed to register: ${rs.map((r) => r.lastError).join(" ")}`);
+  }
+
+  /** Sessions registered and still open, and those closed after registering (evicted, in a fleet that never leaves). */
+  async sessions(): Promise<{ registered: number; closed: number }> {
+    const rs = await Promise.all(this.holders.map((h) => h.request({ cmd: "stats" }, 10_000)));
+    return { registered: rs.reduce((a, r) => a + Number(r.registered), 0), closed: rs.reduce((a, r) => a + Number(r.closed), 0) };
   }
 
   /** Bytes of pushes the fleet has received so far. */
@@ -653,6 +827,8 @@ if (import.meta.main) {
       profile: option("Directory for Bun CPU profiles of the registries, written when they exit"),
       compare: option("Other registry.ts versions measured in the same registration cells (probe off), comma-separated"),
       "budget-ms": option("The run's time limit, ms (default 420000; 90000 with --quick)"),
+      merge: { type: "boolean", description: "Keep the other phases' results of the results.json already there (with --only)" },
+      attackers: option("Attackers of the attack phase, comma-separated (default all): sync-spam, ping-flood, peers-flood, churn, slow-consumers"),
     },
     async (args) => {
       QUICK = Boolean(args.quick);
@@ -667,6 +843,9 @@ if (import.meta.main) {
       for (const phase of only ?? []) if (!PHASES.includes(phase as Phase)) throw new UsageError(`--only: no phase "${phase}" (phases: ${PHASES.join(", ")})`);
       PROFILE = args.profile;
       COMPARE = args.compare?.split(",").filter(Boolean) ?? [];
+      ATTACKERS = args.attackers?.split(",").filter(Boolean);
+      MERGE = Boolean(args.merge);
+      if (MERGE && !only) throw new UsageError("--merge needs --only: the phases to measure again");
       return main(args.out ?? (QUICK ? join(tmpdir(), "contact-registry-bench-quick") : undefined), only);
     },
   );

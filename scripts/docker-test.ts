@@ -172,10 +172,10 @@ class Run extends CheckRun {
     ]);
     const { version: packageVersion } = (await Bun.file(join(ROOT, "package.json")).json()) as { version: string };
     await this.check("`registry --help` prints the registry's usage, exit 0", async () => {
-      if (reg.code !== 0 || !/USAGE\s+registry/.test(reg.stdout)) throw new Error(`exit ${reg.code}: ${tail(reg.stdout + reg.stderr, 5)}`);
+      if (reg.code !== 0 || !/^Usage: bun registry.ts/.test(reg.stdout)) throw new Error(`exit ${reg.code}: ${tail(reg.stdout + reg.stderr, 5)}`);
     });
     await this.check("`client --help` prints the node's usage, exit 0", async () => {
-      if (cli.code !== 0 || !/USAGE\s+client/.test(cli.stdout)) throw new Error(`exit ${cli.code}: ${tail(cli.stdout + cli.stderr, 5)}`);
+      if (cli.code !== 0 || !/^Usage: bun client.ts/.test(cli.stdout)) throw new Error(`exit ${cli.code}: ${tail(cli.stdout + cli.stderr, 5)}`);
     });
     await this.check("an unknown role says so, exit 2", async () => {
       if (bad.code !== 2 || !bad.stderr.includes('unknown role "nonsense"')) throw new Error(`exit ${bad.code}: ${tail(bad.stdout + bad.stderr, 5)}`);

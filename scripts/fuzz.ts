@@ -5,9 +5,14 @@
  * process sends them thousands of random and mutated frames (truncated JSON,
  * huge numbers, deep nesting, wrong types, binary garbage, very long lines,
  * valid messages in the wrong order), split at random points across writes,
- * over many connections, while real nodes register and greet each other. At
- * the end neither server may have crashed, their memory must have stayed
- * bounded, and every real node must have registered and met the others.
+ * over many connections, while real nodes register and greet each other.
+ * Meanwhile issue 11's attackers (harness.ts `Attack`: sync spam from
+ * non-readers, a ping flood, a /peers flood, churn, slow consumers, token
+ * guesses) run against the same registry, each from an address of its own.
+ * At the end neither server may have crashed, their memory and the
+ * registry's unsent bytes must have stayed within bounds, every real node
+ * must have registered and met the others without losing its session, and
+ * every attacker must have been answered by the limit meant for it.
  *
  *   bun scripts/fuzz.ts --iterations 20000 --seed 42
  *
@@ -17,8 +22,9 @@
  */
 import * as v from "valibot";
 import { startNode, type PeerNode } from "../client.ts";
-import { intArg } from "../cli.ts";
+import { UsageError, intArg } from "../cli.ts";
 import {
+  ATTACK_KINDS,
   RawClient,
   closedPort,
   killAllOnExit,
@@ -28,8 +34,12 @@ import {
   runScript,
   spawnNode,
   spawnRegistry,
+  startAttackers,
   waitUntil,
   withDeadline,
+  type Attack,
+  type AttackCounts,
+  type AttackKind,
   type JsonEvent,
   type Proc,
 } from "../harness.ts";
@@ -45,6 +55,8 @@ interface FuzzOptions {
   realNodes: number;
   /** Allowed growth of either server's resident memory over its idle baseline, MiB. */
   maxRssGrowthMiB: number;
+  /** Attackers run during the fuzz (none: frames only). */
+  attackers: AttackKind[];
   /** Progress and summary lines. */
   log: (line: string) => void;
 }
@@ -65,8 +77,16 @@ interface FuzzResult {
   fuzzRegistrations: number;
   rssMiB: { registry: RssFigures; node: RssFigures };
   realNodes: { started: number; registered: number };
+  /** What each attacker did and was answered, and the registry's unsent bytes (peak of /stats, and its budget). */
+  attacks: Partial<Record<AttackKind, AttackCounts>>;
+  unsentBytes: { peak: number; budget: number };
   ms: number;
 }
+
+/** The registry's token: fuzz registrations and real nodes carry it, the token guesser does not. */
+const TOKEN = "fuzz-token";
+/** The registry's unsent-bytes budget, small so that the non-readers meet it. */
+const BUDGET_BYTES = 16 * 1024 * 1024;
 
 interface RssFigures {
   baseline: number;
@@ -99,6 +119,7 @@ class FuzzRun {
   private readonly rss = new RssSampler();
   private registry: (Proc & { port: number }) | undefined;
   private node: (Proc & { id: string; port: number }) | undefined;
+  private attacks: Attackers | undefined;
 
   constructor(private readonly o: FuzzOptions) {
     this.rand = mulberry32(o.seed);
@@ -110,17 +131,24 @@ class FuzzRun {
     o.log(`fuzz: seed ${o.seed}, ${o.iterations} frames, ${o.concurrency} connections at once`);
     try {
       // A short registration deadline so half-sent frames are also cut by the registry, not only by us.
-      const registry = (this.registry = await spawnRegistry(["--register-timeout", "1000"]));
-      const node = (this.node = await spawnNode(registry.port, ["--listen", "127.0.0.1"]));
+      const args = ["--register-timeout", "1000", "--max-queue-total", String(BUDGET_BYTES), "--http", "0"];
+      const registry = (this.registry = await spawnRegistry(args, { REGISTRY_TOKEN: TOKEN }));
+      const node = (this.node = await spawnNode(registry.port, ["--listen", "127.0.0.1"], { REGISTRY_TOKEN: TOKEN }));
       const probed = this.responder.port;
-      this.gen.targets = { nodeId: node.id, registerPorts: [probed, probed, probed, node.port, registry.port, closedPort()] };
+      this.gen.targets = { nodeId: node.id, registerPorts: [probed, probed, probed, node.port, registry.port, closedPort()], token: TOKEN };
+      const http = String((await registry.log.waitFor("http-listening", 10_000, "the status server")).url);
+      this.attacks = new Attackers(o.attackers, registry.port, http);
       this.rss.watch("registry", registry.pid);
       this.rss.watch("node", node.pid);
+      await this.attacks.start();
       await this.fuzz();
+      await this.attacks.stop();
       await this.check(registry, node);
+      this.problems.push(...this.attacks.problems());
     } catch (e) {
       this.problems.push(`fuzz run failed: ${(e as Error).message}`);
     } finally {
+      await this.attacks?.stop();
       await Promise.allSettled(this.real.nodes.map((n) => n.stop()));
       this.rss.stop();
       this.responder.stop();
@@ -137,6 +165,8 @@ class FuzzRun {
       fuzzRegistrations: this.responder.probes(),
       rssMiB: this.rss.figures() as FuzzResult["rssMiB"],
       realNodes: { started: this.real.starts.length, registered: this.real.registered },
+      attacks: this.attacks?.counts() ?? {},
+      unsentBytes: this.attacks?.unsent ?? { peak: 0, budget: 0 },
       ms: Math.round(performance.now() - this.started),
     };
   }
@@ -196,6 +226,7 @@ class FuzzRun {
       registryPort: this.registry!.port,
       listenHost: "127.0.0.1",
       name: `real-${n}`,
+      token: TOKEN,
       waitForRegistration: false,
       onEvent: (e) => {
         this.real.events.push({ ...e, node: n });
@@ -265,13 +296,15 @@ interface Targets {
   nodeId: string;
   /** Ports a fuzz `register` may name: the probe responder (so some succeed) and ports that fail the probe. */
   registerPorts: number[];
+  /** The registry's token, put into every register it would accept: wrong tokens from our address would get it blocked for the real nodes too. */
+  token: string;
 }
 
 const enc = new TextEncoder();
 
 /** Builds frames from a PRNG; every choice goes through `rand`, so a seed fixes the output. */
 class FrameGenerator {
-  targets: Targets = { nodeId: "x", registerPorts: [1] };
+  targets: Targets = { nodeId: "x", registerPorts: [1], token: "" };
   private readonly kinds: [string, number, (t: Target) => Uint8Array][] = [
     ["valid", 18, (t) => this.line(this.valid(t))],
     ["wrong-type", 14, (t) => this.line(this.wrongType(t))],
@@ -396,7 +429,8 @@ class FrameGenerator {
           port: this.pick(this.targets.registerPorts),
           ...(this.rand() < 0.2 ? { name: this.text().slice(0, 60) } : {}),
           ...(this.rand() < 0.2 ? { host: this.pick(["127.0.0.1", "127.0.0.2", "::1", "0.0.0.0", "127.0.0.9"]) } : {}),
-          ...(this.rand() < 0.1 ? { token: this.text() } : {}),
+          // The right token: a wrong one from our address would get the real nodes, who share it, refused (guesses come from the token-guess attacker).
+          ...(this.targets.token ? { token: this.targets.token } : this.rand() < 0.1 ? { token: this.text() } : {}),
         };
       case 2:
         return { type: "ping" };
@@ -545,7 +579,7 @@ class FrameGenerator {
       if (!r.success) return line;
       changed = true;
       const host = r.output.host === undefined || /^[\d.:]+$/.test(r.output.host) ? r.output.host : "127.0.0.1";
-      return JSON.stringify({ ...r.output, host, port: this.pick(this.targets.registerPorts) });
+      return JSON.stringify({ ...r.output, host, port: this.pick(this.targets.registerPorts), token: this.targets.token });
     });
     return changed ? enc.encode(lines.join("\n")) : frame;
   }
@@ -573,6 +607,75 @@ async function playConnection(port: number, plan: ConnPlan, lingerMs: number): P
   }
   const codes = conn.errorCodes();
   return codes.length ? codes : [conn.messages.length ? "(answered)" : "(silent)"];
+}
+
+/**
+ * The attackers run during the fuzz, each from an address of its own
+ * (127.0.0.2, .3, ...; the fuzz frames and the real nodes come from
+ * 127.0.0.1), and a watch on the registry's unsent bytes (its /stats).
+ */
+class Attackers {
+  readonly unsent = { peak: 0, budget: 0 };
+  private attacks: Attack[] = [];
+  private watch: Timer | undefined;
+  private stopped: Promise<void> | undefined;
+
+  constructor(
+    private readonly kinds: AttackKind[],
+    private readonly port: number,
+    private readonly statusUrl: string,
+  ) {}
+
+  async start(): Promise<void> {
+    const widths = { "sync-spam": 8, "ping-flood": 1, "peers-flood": 1, churn: 1, "slow-consumers": 8, "token-guess": 1 };
+    const chosen = Object.fromEntries(this.kinds.map((k) => [k, widths[k]]));
+    this.attacks = startAttackers({ port: this.port, httpPort: Number(new URL(this.statusUrl).port), token: TOKEN, widths: chosen });
+    this.watch = setInterval(() => void this.sample(), 100);
+    await withDeadline(Promise.all(this.attacks.map((a) => a.ready)), 20_000, "the attackers to be in place");
+  }
+
+  stop(): Promise<void> {
+    this.stopped ??= (async () => {
+      clearInterval(this.watch);
+      await this.sample();
+      await Promise.all(this.attacks.map((a) => a.stop()));
+    })();
+    return this.stopped;
+  }
+
+  counts(): Partial<Record<AttackKind, AttackCounts>> {
+    return Object.fromEntries(this.attacks.map((a) => [a.kind, a.counts]));
+  }
+
+  /** Each attacker met the limit meant for it, and the unsent bytes stayed within the budget. */
+  problems(): string[] {
+    const out: string[] = [];
+    for (const a of this.attacks) {
+      const c = a.counts;
+      const limited = (c.codes["rate-limited"] ?? 0) > 0;
+      const answered: Record<AttackKind, boolean> = {
+        "sync-spam": c.registered > 0,
+        "ping-flood": limited,
+        "peers-flood": c.responses > 0,
+        churn: c.registered > 0,
+        "slow-consumers": c.registered > 0,
+        "token-guess": limited && c.registered === 0,
+      };
+      if (!answered[a.kind]) out.push(`the ${a.kind} attacker was not answered as expected: ${JSON.stringify(c)}`);
+    }
+    if (this.unsent.peak > this.unsent.budget) out.push(`the registry held ${this.unsent.peak} unsent bytes, over its budget of ${this.unsent.budget}`);
+    return out;
+  }
+
+  private async sample(): Promise<void> {
+    try {
+      const s = (await (await fetch(`${this.statusUrl}stats`)).json()) as { unsentBytes: number; maxUnsentBytes: number };
+      this.unsent.peak = Math.max(this.unsent.peak, s.unsentBytes);
+      this.unsent.budget = s.maxUnsentBytes;
+    } catch {
+      // the registry is gone or busy; check() reports a dead registry
+    }
+  }
 }
 
 class RssSampler {
@@ -606,6 +709,14 @@ class RssSampler {
   }
 }
 
+function attackersArg(text: string): AttackKind[] {
+  if (text === "all") return [...ATTACK_KINDS];
+  if (text === "none") return [];
+  const kinds = text.split(",").filter(Boolean);
+  for (const k of kinds) if (!ATTACK_KINDS.includes(k as AttackKind)) throw new UsageError(`--attackers: no attacker "${k}" (${ATTACK_KINDS.join(", ")}, all or none)`);
+  return kinds as AttackKind[];
+}
+
 function summary(r: FuzzResult): string {
   const fmt = (o: Record<string, number>) =>
     Object.entries(o)
@@ -621,6 +732,8 @@ function summary(r: FuzzResult): string {
     `  fuzz registrations that passed the probe: ${r.fuzzRegistrations}`,
     `  real nodes: ${r.realNodes.registered}/${r.realNodes.started} registered`,
     `  rss:        registry ${mem(r.rssMiB.registry)}, node ${mem(r.rssMiB.node)}`,
+    `  unsent:     peak ${r.unsentBytes.peak} of a budget of ${r.unsentBytes.budget} bytes`,
+    ...Object.entries(r.attacks).map(([k, c]) => `  ${`${k}:`.padEnd(16)}${c.connections} connections, ${c.registered} registered, ${c.lines} lines, ${c.responses} responses; answered ${fmt(c.codes) || "nothing"}`),
     r.ok ? "fuzz: OK" : `fuzz: FAILED\n${r.problems.map((p) => `  - ${p}`).join("\n")}`,
   ].join("\n");
 }
@@ -635,6 +748,7 @@ if (import.meta.main) {
       concurrency: { type: "string", description: "Connections open at once", default: "32" },
       nodes: { type: "string", description: "Real nodes that register during the run", default: "5" },
       "max-rss-growth": { type: "string", description: "Allowed memory growth of each server, MiB", default: "128" },
+      attackers: { type: "string", description: `Attackers run meanwhile, comma-separated, or none [${ATTACK_KINDS.join(", ")}]`, default: "all" },
       json: { type: "boolean", description: "End with the result as one JSON line" },
     },
     async (args) => {
@@ -644,6 +758,7 @@ if (import.meta.main) {
         concurrency: intArg("concurrency", args.concurrency, 1),
         realNodes: intArg("nodes", args.nodes),
         maxRssGrowthMiB: intArg("max-rss-growth", args["max-rss-growth"], 1),
+        attackers: attackersArg(args.attackers),
         log: (line) => process.stdout.write(`${line}\n`),
       });
       if (args.json) process.stdout.write(JSON.stringify({ event: "fuzz-result", ...result }) + "\n");

@@ -41,7 +41,7 @@ export interface Result {
 export async function check(portsFile = process.env.PORTS_FILE): Promise<Result> {
   const records = portsFile ? readRecords(portsFile) : [];
   const listening = records.findLast((r): r is Listening => r.event === "listening");
-  if (!listening) return interim(portsFile);
+  if (!listening) return { ok: false, text: portsFile ? `no listening record in ${portsFile} yet` : "PORTS_FILE is not set: nothing says where the role listens" };
   const http = records.findLast((r) => r.event === "http-listening");
   if (listening.role === "registry") {
     return http ? getHealthz(http.url) : closesOnLeave(loopback(listening.host), listening.port);
@@ -68,13 +68,6 @@ function readRecords(file: string): PortsRecord[] {
       return [];
     }
   });
-}
-
-/** Until the scripts write the ports file: the previous /proc-based check. */
-async function interim(portsFile: string | undefined): Promise<Result> {
-  const { check: fromProc } = await import("./healthcheck-proc.ts");
-  const r = await fromProc();
-  return { ok: r.ok, text: `${r.text} (no listening record${portsFile ? ` in ${portsFile}` : ": PORTS_FILE is not set"})` };
 }
 
 /** A bind address as a place to connect to from inside the container. */

@@ -5,11 +5,16 @@
  * real nodes from 127.0.0.1, so the test also shows that one address
  * exhausting its cap does not starve another. Afterwards every socket the
  * flood cost the registry is closed again (counted in /proc/PID/fd).
+ *
+ * Then issue 11's attackers (harness.ts `Attack`), all at once, each from an
+ * address of its own, against a registry with a token, a short heartbeat and
+ * a small unsent-bytes budget, while real nodes register: nobody honest is
+ * refused or evicted, the budget holds, the registry runs on.
  */
 import { afterEach, expect, test } from "bun:test";
 import { readdirSync, readlinkSync } from "node:fs";
 import { startNode, type PeerNode } from "../client.ts";
-import { EventLog, RawClient, spawnRegistry, waitUntil } from "../harness.ts";
+import { EventLog, RawClient, rssBytes, spawnRegistry, startAttackers, waitUntil, type AttackKind } from "../harness.ts";
 
 const CAP = 20;
 const PER_ADDRESS = 3 * CAP;
@@ -101,6 +106,77 @@ test("idle, half-sent, trickling and half-closed floods are capped per address a
   expect(answers.every((m) => m.code === "unexpected-message")).toBe(true);
   expect(registry.proc.exitCode).toBeNull();
 }, 60_000);
+
+const TOKEN = "flood-test-token";
+const HEARTBEAT_MS = 500;
+const BUDGET = 4 * 1024 * 1024;
+
+test("sync spam from non-readers, a ping flood, a /peers flood, churn, slow consumers and token guesses, all at once: real nodes registered before and during it are neither refused nor evicted; unsent bytes stay within the budget; the registry runs on", async () => {
+  const args = ["--heartbeat", String(HEARTBEAT_MS), "--max-queue-total", String(BUDGET), "--http", "0"];
+  const registry = await spawnRegistry(args, { REGISTRY_TOKEN: TOKEN });
+  cleanups.push(() => registry[Symbol.asyncDispose]());
+  const statsUrl = String((await registry.log.waitFor("http-listening", 10_000)).url) + "stats";
+  const stats = async () => (await (await fetch(statsUrl)).json()) as Record<string, any>; // /stats as documented in PROTOCOL.md
+  const baseRss = rssBytes(registry.pid)!;
+
+  const before = await realNodes(registry.port, 3);
+  const attacks = startAttackers({ port: registry.port, httpPort: Number(new URL(statsUrl).port), token: TOKEN });
+  for (const a of attacks) cleanups.push(() => a.stop());
+  await Promise.all(attacks.map((a) => a.ready));
+
+  // The budget and memory are watched all along, not only at the end.
+  let peak = { unsent: 0, max: 0, rss: 0 };
+  const watching = setInterval(async () => {
+    const s = await stats().catch(() => undefined);
+    if (s) peak = { unsent: Math.max(peak.unsent, s.unsentBytes), max: s.maxUnsentBytes, rss: Math.max(peak.rss, rssBytes(registry.pid) ?? 0) };
+  }, 50);
+  cleanups.push(() => clearInterval(watching));
+
+  const during = await realNodes(registry.port, 3);
+  const all = [...before, ...during];
+  const ids = all.map((n) => n.node.id);
+  await waitUntil(() => all.every((n) => ids.every((id) => id === n.node.id || n.node.met().includes(id))), 20_000, "the real nodes to meet each other");
+  // Each attacker has been answered by the mechanism meant for it, some of them more than once.
+  const by = (kind: AttackKind) => attacks.find((a) => a.kind === kind)!.counts;
+  await waitUntil(
+    () =>
+      (by("token-guess").codes["rate-limited"] ?? 0) > 0 &&
+      (by("ping-flood").codes["rate-limited"] ?? 0) > 0 &&
+      by("churn").registered >= 10 &&
+      by("sync-spam").lines >= 2 * 16 * 190 &&
+      by("peers-flood").responses >= 10 &&
+      by("slow-consumers").lines >= 2 * 2 * 16,
+    40_000,
+    `every attacker to be answered: ${JSON.stringify(attacks.map((a) => [a.kind, a.counts]))}`,
+    20,
+  );
+  const s = await stats();
+  clearInterval(watching);
+  await Promise.all(attacks.map((a) => a.stop()));
+
+  for (const n of all) expect({ id: n.node.id, registered: n.node.registered, trouble: n.log.events.filter((e) => e.event === "error" || e.event === "disconnected") }).toEqual({ id: n.node.id, registered: true, trouble: [] });
+  expect(registry.log.named("node-left").filter((e) => ids.includes(String(e.id)))).toEqual([]);
+  expect(registry.proc.exitCode).toBeNull();
+  expect(peak.max).toBe(BUDGET);
+  expect(peak.unsent).toBeLessThanOrEqual(BUDGET);
+  // Memory: what the registry holds for the attackers beyond the budget is bounded too (sessions, buffers being written).
+  expect(peak.rss - baseRss).toBeLessThan(BUDGET + 96 * 1024 * 1024);
+  expect(s.authBlocked).toBeGreaterThan(0);
+  expect(s.rejected["rate-limited"]).toBeGreaterThan(0);
+}, 60_000);
+
+/** `n` real nodes (in this process, from 127.0.0.1), each registered and logging its events. */
+async function realNodes(registryPort: number, n: number): Promise<{ node: PeerNode; log: EventLog }[]> {
+  return Promise.all(
+    Array.from({ length: n }, async () => {
+      const log = new EventLog();
+      const node = await startNode({ registryHost: "127.0.0.1", registryPort, listenHost: "127.0.0.1", token: TOKEN, onEvent: log.push, waitForRegistration: false });
+      cleanups.push(() => node.stop());
+      await log.waitFor("registered", 20_000, "a real node to register under attack");
+      return { node, log };
+    }),
+  );
+}
 
 // --- internal ----------------------------------------------------------------
 

@@ -181,7 +181,8 @@ describe.skipIf(redisUnavailable !== null)("several registries on one store (pro
     await s.kill();
     for (const r of regs) {
       await r.log.waitFor((e) => e.event === "store" && e.state === "degraded", WAIT_MS, `${r.id} to report the store lost`);
-      // Still healthy: it serves its own nodes.
+      // Still healthy (200): it serves its own nodes. /healthz may answer from figures a cache interval old.
+      await waitUntil(async () => (await statusJson(r.http, "/healthz")).status === "degraded", WAIT_MS, `${r.id}'s /healthz to say degraded`, 50);
       expect(await statusJson(r.http, "/healthz")).toMatchObject({ status: "degraded", nodes: 6 });
     }
     // Registering goes on meanwhile, on the registry the node is given.
@@ -192,6 +193,7 @@ describe.skipIf(redisUnavailable !== null)("several registries on one store (pro
     await s.restart();
     for (const r of regs) await r.log.waitFor((e) => e.event === "store" && e.state === "ok", WAIT_MS, `${r.id} to report the store back`);
     await agree(regs, [...all, late], WAIT_MS, "every list and view to be whole again");
+    await waitUntil(async () => (await Promise.all(regs.map((r) => statusJson(r.http, "/stats")))).every((x) => x.store === "ok"), WAIT_MS, "/stats to say ok", 50);
     const stats = await Promise.all(regs.map((r) => statusJson(r.http, "/stats")));
     expect(stats.map((x) => [x.store, x.nodes])).toEqual([
       ["ok", 7],
@@ -239,7 +241,7 @@ describe.skipIf(redisUnavailable !== null)("several registries on one store (pro
     const s = await store();
     await s.kill();
     const [r] = await registries(s.url, 1);
-    expect(await statusJson(r!.http, "/healthz")).toMatchObject({ status: "degraded" });
+    await waitUntil(async () => (await statusJson(r!.http, "/healthz")).status === "degraded", WAIT_MS, "/healthz to say degraded", 50);
     const node = await spawnNode(r!.port);
     fixtures.push(node);
     await s.restart();

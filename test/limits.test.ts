@@ -8,15 +8,13 @@
  * host are bound to 127.0.0.2, 127.0.0.3, ... (all of 127/8 is loopback).
  */
 import { afterEach, describe, expect, test } from "bun:test";
-import { RegistrationError, startNode, type NodeOptions, type PeerNode } from "../client.ts";
+import { RegistrationError, startNode } from "../client.ts";
 import { BucketMap, ByteBudget, TokenBucket } from "../limits.ts";
-import { startRegistry, type Registry, type RegistryOptions } from "../registry.ts";
-import { EventLog, RawClient, closedPort, spawnNode, spawnRegistry, spawnScript, waitUntil, watchedTransport, withDeadline, type Proc, type WireMessage } from "../harness.ts";
+import type { Registry } from "../registry.ts";
+import { EventLog, Fixtures, RawClient, closedPort, spawnNode, spawnRegistry, spawnScript, waitUntil, watchedTransport, withDeadline, type Proc, type WireMessage } from "../harness.ts";
 
-const cleanups: (() => unknown)[] = [];
-afterEach(async () => {
-  for (const fn of cleanups.splice(0).reverse()) await Promise.resolve().then(fn).catch(() => {});
-});
+const f = new Fixtures();
+afterEach(() => f.cleanup());
 
 describe("budgets, without sockets", () => {
   const holder = (pendingBytes: number, log: string[], name: string) => ({ pendingBytes, dropSlow: (why: string) => void log.push(`${name}: ${why}`) });
@@ -78,10 +76,10 @@ describe("budgets, without sockets", () => {
 
 describe("registry limits", () => {
   test("a line over --max-line is answered line-too-long and closed; the boundary length is read; a real node registers meanwhile", async () => {
-    const { reg, log } = await registry({ maxLineBytes: 1024 });
-    const unfinished = await raw(reg.port);
+    const { reg, log } = await f.registry({ maxLineBytes: 1024 });
+    const unfinished = await f.raw(reg.port);
     await unfinished.write("x".repeat(2000));
-    const finished = await raw(reg.port);
+    const finished = await f.raw(reg.port);
     await finished.write(`{"type":"register","pad":"${"y".repeat(1100)}"}\n`);
     for (const c of [unfinished, finished]) {
       const err = await c.waitFor((m) => m.type === "error", 5_000, "line-too-long");
@@ -90,12 +88,12 @@ describe("registry limits", () => {
       await c.waitClosed(5_000);
     }
     // Exactly at the limit: read and judged on its content (a ping before register).
-    const exact = await raw(reg.port);
+    const exact = await f.raw(reg.port);
     const ping = `{"type":"ping","pad":"`;
     await exact.write(ping + "z".repeat(1024 - ping.length - 2) + '"}\n');
     expect((await exact.waitFor((m) => m.type === "error", 5_000, "reply to a 1024-byte line")).code).toBe("unexpected-message");
 
-    const node = await realNode(reg.port);
+    const node = await f.node(reg.port);
     expect(node.registered).toBe(true);
     // The registry reports the overflow like every other refusal.
     await log.waitFor((e) => e.event === "error" && e.code === "line-too-long", 5_000, "line-too-long event");
@@ -103,10 +101,10 @@ describe("registry limits", () => {
   });
 
   test("--max-nodes: a node past the limit gets registry-full, keeps retrying, and gets in once a slot frees", async () => {
-    const { reg } = await registry({ maxNodes: 2 });
-    const a = await realNode(reg.port);
-    const b = await realNode(reg.port);
-    const over = await raw(reg.port);
+    const { reg } = await f.registry({ maxNodes: 2 });
+    const a = await f.node(reg.port);
+    const b = await f.node(reg.port);
+    const over = await f.raw(reg.port);
     await over.write(JSON.stringify({ type: "register", v: 1, id: "one-too-many", port: 1 }) + "\n");
     const err = await over.waitFor((m) => m.type === "error", 5_000, "registry-full");
     expect(err.code).toBe("registry-full");
@@ -114,7 +112,7 @@ describe("registry limits", () => {
     await over.waitClosed(5_000);
 
     const waitingLog = new EventLog();
-    const waiting = await realNode(reg.port, { onEvent: waitingLog.push, waitForRegistration: false });
+    const waiting = await f.node(reg.port, { onEvent: waitingLog.push, waitForRegistration: false });
     await waitingLog.waitFor((e) => e.event === "error" && e.code === "registry-full", 10_000, "registry-full for the third node");
     expect(waiting.registered).toBe(false);
     expect(a.registered && b.registered).toBe(true);
@@ -124,11 +122,11 @@ describe("registry limits", () => {
   });
 
   test("--register-timeout: silent, half-line and byte-trickling connections are all cut at the deadline (trickling does not extend it)", async () => {
-    const { reg, log } = await registry({ registerTimeoutMs: 300 });
-    const silent = await raw(reg.port);
-    const partial = await raw(reg.port);
+    const { reg, log } = await f.registry({ registerTimeoutMs: 300 });
+    const silent = await f.raw(reg.port);
+    const partial = await f.raw(reg.port);
     await partial.write('{"type":"register","v":1,"id":"slow');
-    const trickle = await raw(reg.port);
+    const trickle = await f.raw(reg.port);
     // One byte at a time for as long as the connection lives; an idle timer reset by traffic would never fire.
     const body = JSON.stringify({ type: "register", v: 1, id: "trickle", port: 1, name: "t".repeat(60) });
     void (async () => {
@@ -137,7 +135,7 @@ describe("registry limits", () => {
         await Bun.sleep(20);
       }
     })();
-    const node = await realNode(reg.port);
+    const node = await f.node(reg.port);
     for (const c of [silent, partial, trickle]) {
       const err = await c.waitFor((m) => m.type === "error", 10_000, "registration-timeout");
       expect(err.code).toBe("registration-timeout");
@@ -150,9 +148,9 @@ describe("registry limits", () => {
 
   test("--max-conns-per-ip: the connection past the cap gets too-many-connections; other addresses, and the same one after closes, still get in", async () => {
     // A registration deadline far past the test: the held connections must stay open until it destroys them.
-    const { reg, log } = await registry({ maxConnsPerAddress: 3, probe: false, registerTimeoutMs: 60_000 });
-    const held = await Promise.all([1, 2, 3].map(() => raw(reg.port, "127.0.0.2")));
-    const over = await raw(reg.port, "127.0.0.2");
+    const { reg, log } = await f.registry({ maxConnsPerAddress: 3, probe: false, registerTimeoutMs: 60_000 });
+    const held = await Promise.all([1, 2, 3].map(() => f.raw(reg.port, "127.0.0.2")));
+    const over = await f.raw(reg.port, "127.0.0.2");
     const err = await over.waitFor((m) => m.type === "error", 5_000, "too-many-connections");
     expect(err.code).toBe("too-many-connections");
     expect(String(err.message)).toContain("more than 3 connections from 127.0.0.2");
@@ -160,10 +158,10 @@ describe("registry limits", () => {
     await log.waitFor((e) => e.event === "error" && e.code === "too-many-connections" && String(e.remote).startsWith("127.0.0.2:"), 5_000);
 
     // Another source address is not affected, and neither is a real node.
-    const other = await raw(reg.port, "127.0.0.3");
+    const other = await f.raw(reg.port, "127.0.0.3");
     await other.write(JSON.stringify({ type: "register", v: 1, id: "from-3", port: 4000 }) + "\n");
     expect((await other.waitFor((m) => m.type === "registered" || m.type === "error", 5_000, "register from 127.0.0.3")).type).toBe("registered");
-    const node = await realNode(reg.port);
+    const node = await f.node(reg.port);
     expect(node.registered).toBe(true);
 
     // The three held connections were admitted, not refused.
@@ -173,7 +171,7 @@ describe("registry limits", () => {
     await waitUntil(() => log.named("error").length >= 1 && held.every((c) => c.closed), 5_000, "held connections closed");
     let admitted: RawClient | undefined;
     await waitUntil(async () => {
-      const c = await raw(reg.port, "127.0.0.2");
+      const c = await f.raw(reg.port, "127.0.0.2");
       await c.write('{"type":"sync"}\n');
       const m = await c.waitFor((m) => m.type === "error", 5_000, "reply from the registry");
       if (m.code === "unexpected-message") admitted = c;
@@ -184,14 +182,14 @@ describe("registry limits", () => {
 
   test("a registered node that stops reading is dropped once its unsent backlog passes the queue cap; others carry on", async () => {
     const watched = watchedTransport();
-    const { reg, log } = await registry({ probe: false, heartbeatMs: 60_000, maxQueueBytes: 64 * 1024, rateSessionSyncs: 0, transport: watched.transport });
+    const { reg, log } = await f.registry({ probe: false, heartbeatMs: 60_000, maxQueueBytes: 64 * 1024, rateSessionSyncs: 0, transport: watched.transport });
     // A list whose snapshot is larger than the cap: ~400 peers of ~200 bytes.
     await registerFillers(reg, 400);
-    const slow = await raw(reg.port);
+    const slow = await f.raw(reg.port);
     await slow.send({ type: "register", v: 1, id: "slow-reader", port: 30_000 });
     await slow.waitFor("registered", 5_000);
     slow.pause();
-    const end = await watched.from(slow.localPort);
+    const end = await watched.of(slow);
     // Snapshots until the kernel's buffers are full and the registry holds bytes itself (a sync
     // waits for the last snapshot while that is queued); then every join and leave it is pushed
     // queues behind it, until the backlog passes the cap.
@@ -203,7 +201,7 @@ describe("registry limits", () => {
         sent += 16;
         await waitUntil(() => end.read >= sent || end.conn.closed, 10_000, "the registry to read the sync");
       } else {
-        const c = await raw(reg.port);
+        const c = await f.raw(reg.port);
         await c.send({ type: "register", v: 1, id: `churn-${churn++}-`.padEnd(64, "c"), port: 40_000 + (churn % 20_000), name: "m".repeat(64) });
         await c.waitFor("registered", 5_000);
         c.destroy();
@@ -215,7 +213,7 @@ describe("registry limits", () => {
     const why = log.named("error").find((e) => e.code === "slow-consumer")!;
     expect(String(why.message)).toContain("over 65536 bytes unsent: the peer does not read");
     expect(reg.stats().rejected["slow-consumer"]).toBe(1);
-    const node = await realNode(reg.port);
+    const node = await f.node(reg.port);
     expect(node.registered).toBe(true);
     expect(reg.nodes().some((n) => n.id === "slow-reader")).toBe(false);
   }, 60_000);
@@ -226,7 +224,7 @@ describe("token", () => {
   const TOKEN = `Secret${crypto.randomUUID().replace(/-/g, "")}`;
 
   test("missing or wrong token: unauthorized and closed; the right one registers; the token appears in no event", async () => {
-    const { reg, log } = await registry({ token: TOKEN });
+    const { reg, log } = await f.registry({ token: TOKEN });
     const nodeLog = new EventLog();
     for (const [token, message] of [
       [undefined, "this registry requires a token"],
@@ -234,17 +232,17 @@ describe("token", () => {
       [TOKEN.slice(0, -1), "wrong token"],
       ["x".repeat(1024), "wrong token"],
     ] as const) {
-      const e = await realNode(reg.port, { token, onEvent: nodeLog.push }).catch((e: unknown) => e);
+      const e = await f.node(reg.port, { token, onEvent: nodeLog.push }).catch((e: unknown) => e);
       expect(e).toBeInstanceOf(RegistrationError);
       expect((e as RegistrationError).code).toBe("unauthorized");
       expect((e as Error).message).toContain(message);
     }
-    const rawWrong = await raw(reg.port);
+    const rawWrong = await f.raw(reg.port);
     await rawWrong.write(JSON.stringify({ type: "register", v: 1, id: "w", port: 1, token: "nope" }) + "\n");
     expect((await rawWrong.waitFor((m) => m.type === "error", 5_000, "unauthorized")).code).toBe("unauthorized");
     await rawWrong.waitClosed(5_000);
 
-    const good = await realNode(reg.port, { token: TOKEN, onEvent: nodeLog.push });
+    const good = await f.node(reg.port, { token: TOKEN, onEvent: nodeLog.push });
     expect(good.registered).toBe(true);
 
     // The right token inside lines the registry refuses for other reasons: the refusal must not quote it.
@@ -257,7 +255,7 @@ describe("token", () => {
       TOKEN,
     ];
     for (const line of carriers) {
-      const c = await raw(reg.port);
+      const c = await f.raw(reg.port);
       await c.write(line + "\n");
       await c.waitFor((m) => m.type === "error", 5_000, `refusal of ${line.slice(0, 40)}`);
     }
@@ -269,13 +267,13 @@ describe("token", () => {
 
   test("processes: REGISTRY_TOKEN from the environment on both sides; a wrong --token exits 1 with unauthorized; no output shows the token", async () => {
     const registryProc = await spawnRegistry([], { REGISTRY_TOKEN: TOKEN });
-    cleanups.push(() => registryProc[Symbol.asyncDispose]());
+    f.defer(() => registryProc[Symbol.asyncDispose]());
     const good = await spawnNode(registryProc.port, [], { REGISTRY_TOKEN: TOKEN });
-    cleanups.push(() => good[Symbol.asyncDispose]());
+    f.defer(() => good[Symbol.asyncDispose]());
     await registryProc.log.waitFor((e) => e.event === "node-registered" && e.id === good.id, 10_000);
 
     const bad = spawnScript("client.ts", ["127.0.0.1", String(registryProc.port), "--json", "--token", "not-the-token"]);
-    cleanups.push(() => bad[Symbol.asyncDispose]());
+    f.defer(() => bad[Symbol.asyncDispose]());
     expect(await withDeadline(bad.exited(), 15_000, "node with a wrong token to exit")).toBe(1);
     expect(bad.log.named("error").map((e) => e.code)).toContain("unauthorized");
     expect(bad.stderr.join("\n")).toContain("unauthorized");
@@ -288,40 +286,40 @@ describe("token", () => {
 
 describe("advertised addresses", () => {
   test("advertising another host is refused by default with address-not-allowed; --allow-advertise accepts it; 0.0.0.0 never", async () => {
-    const strict = await registry({});
-    const e = await realNode(strict.reg.port, { listenHost: "127.0.0.5", advertise: "127.0.0.5" }).catch((e: unknown) => e);
+    const strict = await f.registry({});
+    const e = await f.node(strict.reg.port, { listenHost: "127.0.0.5", advertise: "127.0.0.5" }).catch((e: unknown) => e);
     expect(e).toBeInstanceOf(RegistrationError);
     expect((e as RegistrationError).code).toBe("address-not-allowed");
     expect((e as Error).message).toContain("127.0.0.5");
     expect((e as Error).message).toContain("--allow-advertise");
     // Naming the host it really connects from is no spoof.
-    const honest = await realNode(strict.reg.port, { advertise: "127.0.0.1" });
+    const honest = await f.node(strict.reg.port, { advertise: "127.0.0.1" });
     expect(strict.reg.nodes().map((n) => n.host)).toEqual(["127.0.0.1"]);
     expect(honest.registered).toBe(true);
 
-    const open = await registry({ allowAdvertise: true });
-    const moved = await realNode(open.reg.port, { listenHost: "127.0.0.5", advertise: "127.0.0.5" });
+    const open = await f.registry({ allowAdvertise: true });
+    const moved = await f.node(open.reg.port, { listenHost: "127.0.0.5", advertise: "127.0.0.5" });
     const listed = open.reg.nodes().find((n) => n.id === moved.id);
     expect(listed).toMatchObject({ host: "127.0.0.5", source: "127.0.0.1" });
-    const unspecified = await realNode(open.reg.port, { listenHost: "127.0.0.6", advertise: "0.0.0.0" }).catch((e: unknown) => e);
+    const unspecified = await f.node(open.reg.port, { listenHost: "127.0.0.6", advertise: "0.0.0.0" }).catch((e: unknown) => e);
     expect((unspecified as RegistrationError).code).toBe("address-not-allowed");
   });
 });
 
 describe("a node's greeting listener", () => {
   test("line size, open connections and connection lifetime are bounded; a real greeting still gets through", async () => {
-    const { reg } = await registry({});
+    const { reg } = await f.registry({});
     const targetLog = new EventLog();
     // Lifetime 2 s: long enough that the first idle connection is still open when the third arrives on a busy machine.
-    const target = await realNode(reg.port, { maxLineBytes: 256, maxInboundConns: 2, inboundTimeoutMs: 2_000, onEvent: targetLog.push });
+    const target = await f.node(reg.port, { maxLineBytes: 256, maxInboundConns: 2, inboundTimeoutMs: 2_000, onEvent: targetLog.push });
 
-    const long = await raw(target.port);
+    const long = await f.raw(target.port);
     await long.write("h".repeat(300));
     expect((await long.waitFor((m) => m.type === "error", 5_000, "line-too-long")).code).toBe("line-too-long");
     await long.waitClosed(5_000);
 
-    const idle = [await raw(target.port), await raw(target.port)];
-    const third = await raw(target.port);
+    const idle = [await f.raw(target.port), await f.raw(target.port)];
+    const third = await f.raw(target.port);
     const err = await third.waitFor((m) => m.type === "error", 5_000, "too-many-connections");
     expect(err.code).toBe("too-many-connections");
     expect(String(err.message)).toContain("2");
@@ -335,7 +333,7 @@ describe("a node's greeting listener", () => {
     for (const c of idle) await c.waitClosed(10_000, "the inbound lifetime bound to close a held connection");
 
     const greeterLog = new EventLog();
-    const greeter = await realNode(reg.port, { onEvent: greeterLog.push });
+    const greeter = await f.node(reg.port, { onEvent: greeterLog.push });
     await greeterLog.waitFor((e) => e.event === "greeted" && e.peer === target.id, 10_000, "greeting of the bounded node");
     await targetLog.waitFor((e) => e.event === "greeting" && e.peer === greeter.id, 10_000);
   });
@@ -388,7 +386,7 @@ describe("a hostile registry", () => {
       waitForRegistration: false,
       onEvent: log.push,
     });
-    cleanups.push(() => node.stop());
+    f.defer(() => node.stop());
     await log.waitFor("registered", 15_000, "registration on the second connection");
     const codes = log.named("error").map((e) => e.code);
     expect(codes).toContain("bad-json");
@@ -418,7 +416,7 @@ describe("a hostile registry", () => {
       waitForRegistration: false,
       onEvent: log.push,
     });
-    cleanups.push(() => node.stop());
+    f.defer(() => node.stop());
     const d = await log.waitFor("disconnected", 10_000, "the node to give up on a silent registry");
     expect(String(d.reason)).toContain("no answer to register");
     await waitUntil(() => conns() >= 2, 10_000, "a second connection");
@@ -440,40 +438,17 @@ describe("a hostile registry", () => {
 
 // --- internal ----------------------------------------------------------------
 
-async function registry(options: RegistryOptions): Promise<{ reg: Registry; log: EventLog }> {
-  const log = new EventLog();
-  const reg = await startRegistry({ host: "127.0.0.1", port: 0, onEvent: log.push, ...options });
-  cleanups.push(() => reg.stop());
-  return { reg, log };
-}
 
 /** `n` raw sessions with long ids and names registered (probe off), kept open until the test ends. */
 async function registerFillers(reg: Registry, n: number): Promise<void> {
   for (let i = 0; i < n; i++) {
-    const c = await raw(reg.port);
+    const c = await f.raw(reg.port);
     await c.send({ type: "register", v: 1, id: `filler-${i}-`.padEnd(64, "f"), port: 20_000 + i, name: "n".repeat(64) });
   }
   await waitUntil(() => reg.stats().nodes >= n, 20_000, `${n} fillers registered`);
 }
 
-async function realNode(registryPort: number, options: Partial<NodeOptions> = {}): Promise<PeerNode> {
-  const node = await startNode({
-    registryHost: "127.0.0.1",
-    registryPort,
-    listenHost: "127.0.0.1",
-    reconnectBaseMs: 50,
-    reconnectMaxMs: 200,
-    ...options,
-  });
-  cleanups.push(() => node.stop());
-  return node;
-}
 
-async function raw(port: number, localAddress?: string): Promise<RawClient> {
-  const c = await RawClient.connect(port, { localAddress });
-  cleanups.push(() => c.destroy());
-  return c;
-}
 
 /** A registry impostor: connection n runs script[n] on its register (the last one repeats); keeps what nodes send. */
 async function fakeRegistry(script: ((s: RawClient) => void)[]): Promise<{ port: number; conns(): number; received(): WireMessage[] }> {
@@ -481,6 +456,6 @@ async function fakeRegistry(script: ((s: RawClient) => void)[]): Promise<{ port:
     const n = server.connections.length - 1;
     void s.waitFor("register", 60_000).then(() => script[Math.min(n, script.length - 1)]!(s), () => {});
   });
-  cleanups.push(() => server[Symbol.asyncDispose]());
+  f.defer(() => server[Symbol.asyncDispose]());
   return { port: server.port, conns: () => server.connections.length, received: () => server.connections.flatMap((c) => c.messages) };
 }

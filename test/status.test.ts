@@ -171,6 +171,26 @@ describe("GET /events", () => {
     await waitUntil(() => server.clients() === 0, 5_000, "the server to drop the closed stream");
   }, T);
 
+  test("nodes are numbered by the server in join order, the same for every page, with a gap where one left", async () => {
+    const { registry, server, nodes } = await mesh(2);
+    const first = openEvents(server);
+    await first.log.waitFor("snapshot", 5_000);
+    const third = await node(registry, "third");
+    const joined = await first.log.waitFor((e) => e.event === "join" && data(e).node.id === third.id, 5_000, "the third node's join");
+    expect(data(joined).node.number).toBe(3);
+    await nodes[0]!.stop();
+    await first.log.waitFor("leave", 5_000);
+    // A page opened now sees the same numbers, and the first node's is not given again.
+    const later = openEvents(server);
+    const snap = (await later.log.waitFor("snapshot", 5_000)).data as Snapshot;
+    const numbers = Object.fromEntries(snap.nodes.map((n) => [n.id, (n as { number?: number }).number]));
+    expect(numbers).toEqual({ [nodes[1]!.id]: 2, [third.id]: 3 });
+    const fourth = await node(registry, "fourth");
+    const joinedLater = await later.log.waitFor((e) => e.event === "join" && data(e).node.id === fourth.id, 5_000, "the fourth node's join");
+    expect(data(joinedLater).node.number).toBe(4);
+    await Promise.all([first.close(), later.close()]);
+  }, T);
+
   test("idle streams get keep-alive comments", async () => {
     const { server } = await mesh(0, { keepAliveMs: 50 });
     const stream = openEvents(server);
