@@ -683,7 +683,11 @@ const flags = {
 } satisfies ArgsDef;
 
 const help = {
-  usage: ["bun client.ts <registry-host> <registry-port> [--registry <host:port> ...] [options]", "bun client.ts list <registry-host> <registry-port> [--json] [--token <secret>]"],
+  usage: [
+    "bun client.ts <registry-host> <registry-port> [options]",
+    "bun client.ts <registry-host> <registry-port> --registry <host:port> [--registry <host:port> ...] [options]",
+    "bun client.ts list <registry-host> <registry-port> [--json] [--token <secret>]",
+  ],
   description: "Peer node: listens on a port the OS picks, registers with the registry, greets every other node and answers their greetings.",
   required: ["registry-host", "registry-port"],
   more: "Commands:\n  list   print the registry's nodes (without registering), then exit; --json for JSON",
