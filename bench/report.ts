@@ -560,7 +560,7 @@ function haRegistration(ha: Msg): string {
       (reg.cells as Msg[]).map((c) => `c=${String(c.conc)}: ${roundsText(c.rounds as Msg | undefined)}`).join("; ") +
       ".",
     "",
-    "Where the time goes: with the store, a registration's join and its leave are one script each, a round trip to the store that the reply waits for (the join) or that follows it (the leave), and the registry's log reader wakes for each entry. At concurrency 1 nothing overlaps, so the round trips and the store's script time add to every registration; with more in flight they overlap, and what is left is the registry's own CPU for sending, parsing and applying each change, and the store's.",
+    "Where the time goes: with the store, a registration's join and its leave are one script each (the 28 or so commands per registration are the scripts' own), a round trip to the store that the reply waits for (the join) or that follows it (the leave), and the registry's log reader wakes for each of the two entries as well: four exchanges with the store, each a write and a read system call, plus parsing and applying each change. That is the registry's CPU per registration roughly doubling (the CPU column), and on two cores shared by the load generator, the registry and the store, throughput follows it. At concurrency 1 nothing overlaps, so the round trips and the store's script time (its CPU column) add to every registration's latency as well. Profiling (`--profile`) showed a timer per command and a full schema check of every log entry taking half of the store client's CPU; both are gone (docs/STORE.md).",
   ].join("\n");
 }
 
