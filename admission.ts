@@ -14,7 +14,7 @@ import {
   ipScope,
   lineHandlers,
   normalizeHost,
-  resolveHost,
+  resolveWithin,
   type Conn,
   type PeerIdentity,
   type Transport,
@@ -195,7 +195,7 @@ export class Admission {
     }, this.s.probeTimeoutMs);
     let conn: Conn<ProbeState> | undefined;
     try {
-      conn = await this.transport.dial<ProbeState>(host, port, probeHandlers, this.s.probeTimeoutMs, id);
+      conn = await this.transport.dial<ProbeState>(host, port, probeHandlers, this.s.probeTimeoutMs, { node: id });
       conn.state = { done: reply.resolve, nonce, id };
       conn.send({ type: "probe", v: PROTOCOL_VERSION, id, nonce });
       const failure = await reply.promise;
@@ -240,18 +240,4 @@ const probeHandlers = lineHandlers<ProbeState>({
 
 function sha256(text: string): Buffer {
   return createHash("sha256").update(text).digest();
-}
-
-/** Every address a name resolves to, within a deadline (none if it fails): the name is the client's choice, the resolver's patience is not. */
-async function resolveWithin(host: string, timeoutMs: number): Promise<string[]> {
-  let timer: Timer | undefined;
-  const late = new Promise<string[]>((resolve) => (timer = setTimeout(() => resolve([]), timeoutMs)));
-  try {
-    const found = await Promise.race([resolveHost(host), late]);
-    return found.map((a) => canonicalIp(a) ?? a);
-  } catch {
-    return [];
-  } finally {
-    clearTimeout(timer);
-  }
 }

@@ -166,6 +166,18 @@ export function tlsFromFlags(options: TlsOptions): TlsTransport {
   }
 }
 
+/** Every value of a flag given more than once (`--f a --f=b`): citty keeps only the last. */
+export function repeatedFlag(rawArgs: string[], name: string): string[] {
+  const out: string[] = [];
+  for (let i = 0; i < rawArgs.length; i++) {
+    const arg = rawArgs[i]!;
+    if (arg === "--") break;
+    if (arg === `--${name}` && i + 1 < rawArgs.length) out.push(rawArgs[++i]!);
+    else if (arg.startsWith(`--${name}=`)) out.push(arg.slice(name.length + 3));
+  }
+  return out;
+}
+
 /**
  * With a ports file (the Docker image sets PORTS_FILE for its HEALTHCHECK),
  * each `listening` and `http-listening` event is also appended to that file,

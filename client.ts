@@ -21,6 +21,7 @@ import {
   readSettings,
   reloadOnHangup,
   renderHelp,
+  repeatedFlag,
   runCli,
   stopOnSignals,
   tlsFromFlags,
@@ -36,6 +37,7 @@ import {
   lineHandlers,
   parseHostPort,
   parsePort,
+  resolveWithin,
   tcp,
   type Conn,
   type TlsTransport,
@@ -47,6 +49,12 @@ import * as v from "valibot";
 export interface NodeOptions {
   registryHost: string;
   registryPort: number;
+  /**
+   * More registries sharing one list (a store): the node registers with one
+   * of them, picked at random, and fails over to the next when its session is
+   * lost. A name that resolves to several addresses counts as several.
+   */
+  registries?: { host: string; port: number }[];
   /** Address to listen on for greetings; `::` (all, falling back to 0.0.0.0) by default. */
   listenHost?: string;
   /** Listening port; 0 (default) lets the OS pick. */
@@ -94,7 +102,8 @@ export type NodeEvent =
 
 /** What the registry session reports. */
 export type SessionEvent =
-  | { event: "registered"; peers: number; boot: string; address: string; again: boolean }
+  /** `registry`: the address of the registry that took the registration. */
+  | { event: "registered"; peers: number; boot: string; address: string; again: boolean; registry: string }
   | { event: "peer-joined"; peer: string; address: string; name?: string }
   | { event: "peer-left"; peer: string; reason: string }
   | { event: "disconnected"; reason: string; registered: boolean }
@@ -143,8 +152,9 @@ export async function startNode(options: NodeOptions): Promise<PeerNode> {
   const transport = options.transport ?? tcp;
   const emit = options.onEvent ?? (() => {});
   const me: Identity = { id: options.id ?? transport.identity?.node ?? randomId(), name: options.name || undefined };
-  if (s.token && !transport.encrypted && !isLoopbackHost(s.registryHost)) {
-    emit({ event: "warning", message: `the token travels in clear to ${s.registryHost}: connect with TLS (--tls, or --tls-ca FILE)` });
+  const remote = s.registries.find((r) => !isLoopbackHost(r.host));
+  if (s.token && !transport.encrypted && remote) {
+    emit({ event: "warning", message: `the token travels in clear to ${remote.host}: connect with TLS (--tls, or --tls-ca FILE)` });
   }
   const view = new Map<string, Peer>();
   const listed = (id: string) => view.has(id);
@@ -209,8 +219,7 @@ type Settings = ReturnType<typeof settingsOf>;
 
 function settingsOf(options: NodeOptions) {
   return {
-    registryHost: options.registryHost,
-    registryPort: options.registryPort,
+    registries: [{ host: options.registryHost, port: options.registryPort }, ...(options.registries ?? [])],
     listenHost: options.listenHost ?? "::",
     port: options.port ?? 0,
     advertise: options.advertise ? parseHostPort(options.advertise) : {},
@@ -259,6 +268,8 @@ const RECEIPT_CHUNK = 200;
 interface SessionState {
   /** False once a newer session replaced this one or the node stopped. */
   current: boolean;
+  /** The registry's address, as dialed. */
+  registry: string;
   lastError?: string;
   fatal?: RegistrationError;
   onClose?: () => void;
@@ -287,6 +298,8 @@ class RegistrySession {
   private receiptScheduled = false;
   private giveUp: Timer | undefined;
   private lastFailure = "";
+  /** The registry address dialed last: the next attempt starts after it (failover); none yet, at random. */
+  private lastDialed: string | undefined;
 
   constructor(
     private readonly s: Settings,
@@ -307,7 +320,7 @@ class RegistrySession {
     this.backoff = new Backoff(s.reconnectBaseMs, s.reconnectMaxMs);
     this.handlers = lineHandlers<SessionState>({
       maxLineBytes: s.maxReplyBytes,
-      state: () => ({ current: false }),
+      state: () => ({ current: false, registry: "" }),
       line: (conn, line) => this.onLine(conn, line),
       close: (conn) => this.onClose(conn),
     });
@@ -378,7 +391,7 @@ class RegistrySession {
     if (this.stopped) return;
     let conn: Conn<SessionState>;
     try {
-      conn = await this.transport.dial(this.s.registryHost, this.s.registryPort, this.handlers, this.s.connectTimeoutMs);
+      conn = await this.dialNext();
     } catch (e) {
       if (this.stopped) return;
       const message = (e as Error).message;
@@ -394,6 +407,7 @@ class RegistrySession {
     }
     if (this.stopped) return conn.destroy();
     conn.state.current = true;
+    conn.state.registry = this.lastDialed!;
     this.conn = conn;
     const { advertise, token } = this.s;
     const { id, name } = this.me;
@@ -415,6 +429,40 @@ class RegistrySession {
     }, this.s.registerTimeoutMs).unref();
   }
 
+  /**
+   * Dials the registries in turn, starting after the one dialed last (at
+   * random the first time, to spread nodes over them), until one answers.
+   * Names are resolved on every attempt: every address counts as a registry.
+   */
+  private async dialNext(): Promise<Conn<SessionState>> {
+    const all = await this.addresses();
+    const last = this.lastDialed === undefined ? -1 : all.findIndex((a) => formatAddress(a.host, a.port) === this.lastDialed);
+    const first = last >= 0 ? last + 1 : this.lastDialed === undefined ? Math.floor(Math.random() * all.length) : 0;
+    let error: unknown;
+    for (let k = 0; k < all.length && !this.stopped; k++) {
+      const a = all[(first + k) % all.length]!;
+      this.lastDialed = formatAddress(a.host, a.port);
+      try {
+        // By address, but the registry's certificate is checked against the name it was given by.
+        return await this.transport.dial(a.host, a.port, this.handlers, this.s.connectTimeoutMs, { name: a.name });
+      } catch (e) {
+        error = e;
+      }
+    }
+    throw error ?? new Error("stopped");
+  }
+
+  /** Every address of every registry given, in the order given, each once, with the name it came from; names that do not resolve are left out. */
+  private async addresses(): Promise<{ host: string; port: number; name: string }[]> {
+    const resolved = await Promise.all(
+      this.s.registries.map(async (r) => (await resolveWithin(r.host, this.s.connectTimeoutMs)).map((host) => ({ host, port: r.port, name: r.host }))),
+    );
+    const seen = new Set<string>();
+    const out = resolved.flat().filter((a) => !seen.has(formatAddress(a.host, a.port)) && seen.add(formatAddress(a.host, a.port)));
+    if (!out.length) throw new Error(`cannot resolve ${this.s.registries.map((r) => r.host).join(", ")}`);
+    return out;
+  }
+
   private onLine(conn: Conn<SessionState>, line: string): void {
     if (!conn.state.current) return;
     this.heartbeat?.heard();
@@ -434,12 +482,18 @@ class RegistrySession {
         if (!this.acceptSeq(conn, m.seq)) return;
         if (this.view.delete(m.id)) this.emit({ event: "peer-left", peer: m.id, reason: m.reason });
         return;
-      case "snapshot":
-        if (m.boot !== this.boot) return conn.destroy(); // a registry we did not register with: start over
+      case "snapshot": {
+        if (!this.registered) return;
+        // Also unsolicited: registries sharing a store send one when the list was rebuilt; a new
+        // boot there means the store started over, numbering with it, while this session lives on.
+        const restarted = m.boot !== this.boot;
+        this.boot = m.boot;
         this.seq = m.seq;
         this.syncing = false;
-        this.applySnapshot(m.peers, "sync");
+        this.applySnapshot(m.peers, restarted ? "restart" : "sync");
+        if (restarted) this.receipt(this.met.list());
         return;
+      }
       case "pong":
         return;
       case "error":
@@ -470,7 +524,7 @@ class RegistrySession {
         conn.destroy();
       },
     );
-    this.emit({ event: "registered", peers: m.peers.length, boot: m.boot, address: formatAddress(m.self.host, m.self.port), again });
+    this.emit({ event: "registered", peers: m.peers.length, boot: m.boot, address: formatAddress(m.self.host, m.self.port), again, registry: conn.state.registry });
     this.first.resolve();
     this.greet(m.peers);
     this.receipt(this.met.list());
@@ -557,7 +611,7 @@ function describe(e: NodeEvent): string {
     case "listening":
       return `node ${who(e.id, e.name)} listening on port ${e.port}`;
     case "registered":
-      return `registered as ${e.address}${e.again ? " again" : ""}; given ${e.peers} peer${e.peers === 1 ? "" : "s"}`;
+      return `registered as ${e.address}${e.again ? " again" : ""} with registry ${e.registry}; given ${e.peers} peer${e.peers === 1 ? "" : "s"}`;
     case "greeted":
       return `greeted ${who(e.peer, e.name)} at ${e.address}`;
     case "greeting":
@@ -610,7 +664,8 @@ class ReadableLog {
   lastError = "";
   private readonly held = new Map<string, Timer>();
 
-  constructor(private readonly registry: string) {}
+  /** `where`: "the registry at host:port", or the registries, when several are given. */
+  constructor(private readonly where: string) {}
 
   readonly print = (e: NodeEvent): void => {
     switch (e.event) {
@@ -623,7 +678,7 @@ class ReadableLog {
       case "disconnected":
         return this.disconnected(e.reason, e.registered);
       case "reconnecting":
-        if (this.failing > 1 && e.attempt % REMIND_EVERY === 0) this.log("info", `still trying to reach the registry at ${this.registry} (attempt ${e.attempt})`);
+        if (this.failing > 1 && e.attempt % REMIND_EVERY === 0) this.log("info", `still trying to reach ${this.where} (attempt ${e.attempt})`);
         return;
       case "peer-left":
         if (e.reason !== "restart" && e.reason !== "sync") break;
@@ -652,7 +707,7 @@ class ReadableLog {
       return this.log("warn", `registry session lost: ${reason}; reconnecting`);
     }
     if (this.failing++ > 0) return;
-    this.log("warn", `cannot reach the registry at ${this.registry}: ${reason}${hint(reason)}; retrying`);
+    this.log("warn", `cannot reach ${this.where}: ${reason}${hint(reason)}; retrying`);
   }
 }
 
@@ -667,6 +722,10 @@ function hint(reason: string): string {
 const flags = {
   "registry-host": { type: "positional", required: false, description: "Registry host [env REGISTRY_HOST]" },
   "registry-port": { type: "positional", required: false, description: "Registry port [env REGISTRY_PORT]" },
+  registry: {
+    type: "string",
+    description: "Another registry sharing the list, host:port; repeat it for more. The node picks one at random and fails over to the next [env REGISTRY_ADDRS=h1:p1,h2:p2]",
+  },
   json: { type: "boolean", description: "One JSON event per line on stdout [env LOG_JSON=1]" },
   listen: { type: "string", valueHint: "address", description: "Address to listen on for greetings [env NODE_LISTEN, default ::, all interfaces]" },
   port: { type: "string", valueHint: "port", description: "Port to listen on [env NODE_PORT, default 0: the OS picks]" },
@@ -736,7 +795,11 @@ function tlsFlags(flag: (key: TlsKey, env: string) => string | undefined, on: (k
 }
 
 const help = {
-  usage: ["bun client.ts <registry-host> <registry-port> [options]", "bun client.ts list <registry-host> <registry-port> [--json] [--token <secret>] [--tls | --tls-ca <file> ...]"],
+  usage: [
+    "bun client.ts <registry-host> <registry-port> [options]",
+    "bun client.ts <registry-host> <registry-port> --registry <host:port> [--registry <host:port> ...] [options]",
+    "bun client.ts list <registry-host> <registry-port> [--json] [--token <secret>] [--tls | --tls-ca <file> ...]",
+  ],
   description: "Peer node: listens on a port the OS picks, registers with the registry, greets every other node and answers their greetings.",
   required: ["registry-host", "registry-port"],
   more: "Commands:\n  list   print the registry's nodes (without registering), then exit; --json for JSON",
@@ -744,6 +807,7 @@ const help = {
     "bun client.ts localhost 8080",
     "bun client.ts registry.example 8080 --name edge-1 --json",
     "bun client.ts 10.0.0.1 8080 --advertise 203.0.113.7:7001     # behind NAT: the address others must use",
+    "bun client.ts 10.0.0.1 8080 --registry 10.0.0.2:8080         # several registries sharing a store",
     "bun client.ts list localhost 8080",
   ],
 };
@@ -759,13 +823,37 @@ function registryArg(flag: (key: "registry-host" | "registry-port", env: string)
   return { host, port };
 }
 
+/**
+ * The registries a node is given: the positional host and port (or
+ * REGISTRY_HOST and REGISTRY_PORT), then every --registry (or else
+ * REGISTRY_ADDRS). At least one; the positional pair may be left out when
+ * the others are given.
+ */
+function registriesFrom(flag: (key: "registry-host" | "registry-port", env: string) => string | undefined, rawArgs: string[]): { host: string; port: number }[] {
+  const more = repeatedFlag(rawArgs, "registry");
+  const extra = more.length ? more : (process.env.REGISTRY_ADDRS ?? "").split(",").filter((x) => x.trim());
+  const given = flag("registry-host", "REGISTRY_HOST") !== undefined || flag("registry-port", "REGISTRY_PORT") !== undefined;
+  const out = given || !extra.length ? [registryArg(flag)] : [];
+  for (const text of extra) {
+    let a: { host?: string; port?: number };
+    try {
+      a = parseHostPort(text);
+    } catch (e) {
+      throw new UsageError(`--registry: ${(e as Error).message}`);
+    }
+    if (!a.host || a.port === undefined) throw new UsageError(`--registry must be host:port, got "${text}"`);
+    out.push({ host: a.host, port: a.port });
+  }
+  return out;
+}
+
 export const command = defineCommand({
   meta: { name: "client", version: "0.1.0", description: help.description },
   args: flags,
   async run({ args, rawArgs }) {
     await runCli(async () => {
       const { text: flag, int: num, on } = readSettings(args, rawArgs, flags);
-      const registry = registryArg(flag);
+      const [first, ...registries] = registriesFrom(flag, rawArgs);
       const listenPortText = flag("port", "NODE_PORT");
       const port = listenPortText === undefined ? 0 : parsePort(listenPortText);
       if (port === undefined) throw new UsageError(`--port must be a number from 0 to 65535, got "${listenPortText}"`);
@@ -778,7 +866,8 @@ export const command = defineCommand({
         }
       }
       const json = on("json", "LOG_JSON");
-      const readable = json ? undefined : new ReadableLog(formatAddress(registry.host, registry.port));
+      const addresses = [first!, ...registries].map((r) => formatAddress(r.host, r.port));
+      const readable = json ? undefined : new ReadableLog(`${addresses.length > 1 ? "the registries at" : "the registry at"} ${addresses.join(", ")}`);
       const show = readable?.print ?? createPrinter("node", true, describe, level);
       const record = portsRecorder(flag("ports-file", "PORTS_FILE"), "node");
       const print = (e: NodeEvent) => {
@@ -789,8 +878,9 @@ export const command = defineCommand({
       const id = flag("id", "NODE_ID");
       const transport = nodeTransport(tlsFlags(flag, on), id, Math.min(DEFAULTS.handshakeTimeoutMs, inboundTimeoutMs ?? DEFAULTS.inboundTimeoutMs));
       const node = await startNode({
-        registryHost: registry.host,
-        registryPort: registry.port,
+        registryHost: first!.host,
+        registryPort: first!.port,
+        registries,
         listenHost: flag("listen", "NODE_LISTEN"),
         port,
         advertise,

@@ -131,7 +131,7 @@ export class Greeter {
     const timer = setTimeout(() => deadline.reject(new Error(`no welcome within ${this.s.greetTimeoutMs}ms`)), this.s.greetTimeoutMs);
     let conn: Conn<GreetState> | undefined;
     try {
-      conn = await this.transport.dial(peer.host, peer.port, greetHandlers, this.s.greetTimeoutMs, peer.id);
+      conn = await this.transport.dial(peer.host, peer.port, greetHandlers, this.s.greetTimeoutMs, { node: peer.id });
       this.conns.add(conn);
       conn.state = { expect: peer.id, done: deadline };
       const { host, port } = this.listedAs();

@@ -369,6 +369,58 @@ export async function spawnNode(
   }
 }
 
+// --- several registries --------------------------------------------------------
+
+/** A registry process sharing a store, with its status server: `http` is its base URL, `id` its registry id. */
+export type StoreRegistry = Proc & { port: number; http: string; id: string };
+
+/**
+ * A registry on 127.0.0.1 sharing the list through `store` (a redis:// URL),
+ * with its status server on a free port; resolves once both listen.
+ */
+export async function spawnStoreRegistry(store: string, args: string[] = [], env: Record<string, string> = {}): Promise<StoreRegistry> {
+  const p = await spawnRegistry(["--store", store, "--http", "0", "--http-host", "127.0.0.1", ...args], env);
+  return withStatus(p);
+}
+
+/** Adds the status server's URL and the registry's id to a registry process started with --http. */
+export async function withStatus<P extends Proc>(p: P): Promise<P & { http: string; id: string }> {
+  try {
+    const e = await p.log.waitFor("http-listening", 15_000, "the status server to listen");
+    const http = String(e.url);
+    const stats = (await statusJson(http, "/stats")) as { registry: string };
+    return Object.assign(p, { http, id: stats.registry });
+  } catch (err) {
+    await p[Symbol.asyncDispose]();
+    throw err;
+  }
+}
+
+/** GET a status endpoint (`base` is the status server's URL) and parse it; rejects on a non-2xx answer or after `timeoutMs`. */
+export async function statusJson(base: string, path: string, timeoutMs = 5_000): Promise<Record<string, unknown>> {
+  const res = await fetch(new URL(path.replace(/^\//, ""), base), { signal: AbortSignal.timeout(timeoutMs) });
+  if (!res.ok) throw new Error(`GET ${path}: ${res.status} ${await res.text()}`);
+  return (await res.json()) as Record<string, unknown>;
+}
+
+/** A registry's list as its /peers has it: id -> the listed peer (with `registry`, the id of the registry holding it). */
+export async function listed(base: string): Promise<Map<string, { host: string; port: number; registry: string }>> {
+  const body = (await statusJson(base, "/peers")) as { peers: { id: string; host: string; port: number; registry: string }[] };
+  return new Map(body.peers.map((p) => [p.id, p]));
+}
+
+/**
+ * A node process's view as it prints it on SIGUSR1 (client.ts's `view`
+ * event): whether it is registered, and its peers' ids, sorted.
+ */
+export async function askView(p: Proc, timeoutMs = 5_000): Promise<{ registered: boolean; peers: string[] }> {
+  const before = p.log.named("view").length;
+  p.signal("SIGUSR1");
+  const views = await p.log.waitForCount("view", before + 1, timeoutMs, `${p.label} to print its view`);
+  const v = views[before]!;
+  return { registered: v.registered === true, peers: ((v.peers as string[]) ?? []).slice().sort() };
+}
+
 /** Disposes every fixture even if some fail; for finally blocks and afterEach. */
 export async function disposeAll(items: Iterable<AsyncDisposable | undefined>): Promise<void> {
   await Promise.allSettled(Array.from(items, (i) => i?.[Symbol.asyncDispose]()));
@@ -590,6 +642,11 @@ export class RawClient implements AsyncDisposable {
   /** Local port of this connection (what the other side sees as its remote port). */
   get localPort(): number {
     return this.socket.localPort ?? 0;
+  }
+
+  /** Local address of this connection (what the other side sees as its remote address). */
+  get localAddress(): string {
+    return (this.socket.localAddress ?? "").replace(/^::ffff:/, "");
   }
 
   /** Half-closes: sends FIN, keeps reading. */
@@ -1029,10 +1086,16 @@ export function watchedTransport(onData?: (chunk: Uint8Array) => void) {
   return {
     transport,
     accepted,
-    /** The server's end of the connection a client opened from local port `port`, once accepted. */
-    async from(port: number, timeoutMs = 10_000): Promise<Accepted> {
+    /**
+     * The server's end of `client`'s connection, once accepted: matched by
+     * address and port (clients bound to different loopback addresses may
+     * share a port number).
+     */
+    async of(client: RawClient, timeoutMs = 10_000): Promise<Accepted> {
+      const [address, port] = [client.localAddress, client.localPort];
       let found: Accepted | undefined;
-      await waitUntil(() => (found = accepted.find((a) => a.conn.remotePort === port)) !== undefined, timeoutMs, `the connection from port ${port} to be accepted`);
+      const match = (a: Accepted) => a.conn.remoteAddress === address && a.conn.remotePort === port;
+      await waitUntil(() => (found = accepted.find(match)) !== undefined, timeoutMs, `the connection from ${address} port ${port} to be accepted`);
       return found!;
     },
   };
@@ -1191,21 +1254,32 @@ export class RedisServer {
   private proc: Bun.Subprocess<"ignore", "pipe", "pipe"> | undefined;
   private output: string[] = [];
 
-  private constructor(readonly port: number) {}
+  private constructor(
+    readonly port: number,
+    /** Address it binds (a namespace host's, for tests across hosts). */
+    readonly host: string,
+    /** A command it runs under, e.g. `ip netns exec NS`. */
+    private readonly prefix: string[],
+  ) {}
 
   get url(): string {
-    return `redis://127.0.0.1:${this.port}`;
+    return `redis://${this.host.includes(":") ? `[${this.host}]` : this.host}:${this.port}`;
   }
 
   get running(): boolean {
     return this.proc !== undefined && this.proc.exitCode === null && this.proc.signalCode === null;
   }
 
+  /** The server process's pid while it runs (for its CPU time and RSS). */
+  get pid(): number | undefined {
+    return this.running ? this.proc!.pid : undefined;
+  }
+
   /** Starts a server on a free port (a few tries: the port is free when picked, not necessarily when bound). */
-  static async start(): Promise<RedisServer> {
+  static async start(o: { host?: string; prefix?: string[] } = {}): Promise<RedisServer> {
     let lastError: unknown;
     for (let i = 0; i < 5; i++) {
-      const server = new RedisServer(freePort());
+      const server = new RedisServer(freePort(), o.host ?? "127.0.0.1", o.prefix ?? []);
       try {
         await server.restart();
         return server;
@@ -1222,7 +1296,8 @@ export class RedisServer {
     if (this.running) throw new Error(`redis-server on ${this.port} is still running`);
     this.output = [];
     const proc = Bun.spawn(
-      ["redis-server", "--port", String(this.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--loglevel", "notice"],
+      // Protected mode would refuse every client but loopback ones (a namespace host's registries).
+      [...this.prefix, "redis-server", "--port", String(this.port), "--bind", this.host, "--protected-mode", "no", "--save", "", "--appendonly", "no", "--loglevel", "notice"],
       { stdin: "ignore", stdout: "pipe", stderr: "pipe" },
     );
     this.proc = proc;

@@ -43,12 +43,20 @@ export type StoreState = "ok" | "degraded";
 export type JoinResult = { ok: true; seq: number } | { ok: false; holder: Member };
 
 export interface Membership {
+  /**
+   * Set when the list is shared with other registries (a store): the id this
+   * registry is known by there (its lease), which every member it joins must
+   * carry as `registry`. Undefined for a list of this registry alone.
+   */
+  readonly registryId?: string;
   /** Identifies the list's history: a new one means sequence numbers started over. Sent to nodes as `boot`. */
   readonly boot: string;
   /** Sequence number of the last change applied. */
   readonly seq: number;
   readonly size: number;
   readonly state: StoreState;
+  /** Why the shared store is out of reach, while `state` is degraded. */
+  readonly lastError?: string;
   get(id: string): Member | undefined;
   /** The member listed at `host:port` (as `formatAddress` writes it). */
   at(address: string): Member | undefined;
@@ -70,10 +78,12 @@ export interface Membership {
   mesh(): MeshState;
   subscribe(fn: (change: Change) => void): () => void;
   /**
-   * Whether registry `registry` is still connected to the shared store: false
-   * soon after it died (its connections close at once on kill -9), long before
-   * its lease runs out, so its entries may be replaced. The memory list knows
-   * only this registry, and says true.
+   * Whether registry `registry` is still connected to the shared store and
+   * renewing its lease on time: false soon after it died (its connections
+   * close at once on kill -9), or once it missed a renewal by half a beat
+   * (frozen, stalled, cut off), long before its lease runs out, so its
+   * entries may be replaced. The memory list knows only this registry, and
+   * says true.
    */
   isConnected(registry: string): Promise<boolean>;
   close(): Promise<void>;

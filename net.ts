@@ -363,6 +363,20 @@ export async function resolveHost(host: string): Promise<string[]> {
   return [...new Set(found.map((a) => normalizeHost(a.address)))];
 }
 
+/** Every address a name resolves to, within a deadline (none if it fails): a name's resolver may hang, the caller's patience must not. */
+export async function resolveWithin(host: string, timeoutMs: number): Promise<string[]> {
+  let timer: Timer | undefined;
+  const late = new Promise<string[]>((resolve) => (timer = setTimeout(() => resolve([]), timeoutMs)));
+  try {
+    const found = await Promise.race([resolveHost(host), late]);
+    return found.map((a) => canonicalIp(a) ?? a);
+  } catch {
+    return [];
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 export class DialError extends Error {
   override name = "DialError";
   constructor(
@@ -501,15 +515,19 @@ export interface Transport {
   listen<S>(host: string, port: number, handlers: Bun.SocketHandler<Conn<S>>): Listening;
   /**
    * Connects with a deadline to each address `host` resolves to in turn (see
-   * dial). `node` is the id of the node expected to answer (a greeting, a
-   * probe); without it the other end is the registry.
+   * dial). `peer` says who is expected to answer: a node, by its id (a
+   * greeting, a probe), or else the registry, whose certificate must carry
+   * `name` (default `host`: give the name when dialing an address it resolved to).
    */
-  dial<S>(host: string, port: number, handlers: Bun.SocketHandler<Conn<S>>, timeoutMs: number, node?: string): Promise<Conn<S>>;
+  dial<S>(host: string, port: number, handlers: Bun.SocketHandler<Conn<S>>, timeoutMs: number, peer?: DialPeer): Promise<Conn<S>>;
   /** Whether it speaks TLS: on its listeners (given a certificate), and always to the registry it dials, the token in `register` included. */
   readonly encrypted: boolean;
   /** What this side's own certificate proves (a node's id comes from it), if it has one. */
   readonly identity?: PeerIdentity;
 }
+
+/** Who a dial expects at the other end: a node, by id; or the registry, by the name its certificate must carry. */
+export type DialPeer = { node: string; name?: undefined } | { name: string; node?: undefined };
 
 export interface Listening {
   listeners: { stop(closeActiveConnections?: boolean): void }[];
@@ -640,7 +658,8 @@ export function tls(options: TlsOptions): TlsTransport {
       return m.identity;
     },
     listen: (host, port, handlers) => (m.server ? listenTls(host, port, handlers, () => m, handshakeMs) : listenPlain(host, port, handlers)),
-    dial<S>(host: string, port: number, handlers: Bun.SocketHandler<Conn<S>>, timeoutMs: number, node?: string) {
+    dial<S>(host: string, port: number, handlers: Bun.SocketHandler<Conn<S>>, timeoutMs: number, peer?: DialPeer) {
+      const node = peer?.node;
       if (node !== undefined) {
         // Without a mesh CA nodes have no certificates: greetings and probes stay plain TCP.
         if (!m.meshCas.length) return dial(host, port, handlers, timeoutMs);
@@ -649,7 +668,7 @@ export function tls(options: TlsOptions): TlsTransport {
         return dialEach<S>(host, port, timeoutMs, (addr, left) => connectTls(addr, port, handlers, left, settings, (s, err) => checkNode(s, err, node, cas)));
       }
       // dialEach connects by address: the name to check is the one the registry was dialed by.
-      const settings: Bun.TLSOptions = { ...m.client, ca: m.ca, serverName: options.serverName ?? normalizeHost(host), rejectUnauthorized: false };
+      const settings: Bun.TLSOptions = { ...m.client, ca: m.ca, serverName: options.serverName ?? normalizeHost(peer?.name ?? host), rejectUnauthorized: false };
       return dialEach<S>(host, port, timeoutMs, (addr, left) => connectTls(addr, port, handlers, left, settings, checkRegistry));
     },
     reload() {

@@ -236,8 +236,13 @@ export class RedisMembership implements Membership {
     // Without the store nothing is known: the caller must not take the holder for dead.
     if (registry === this.registryId || !link || this.current !== "ok") return true;
     try {
-      const r = await deadline(link.cmd.send("PUBSUB", ["NUMSUB", this.key(`alive:${registry}`)]), this.o.opTimeoutMs, "PUBSUB NUMSUB");
-      return Number((r as unknown[])[1]) > 0;
+      const [subs, ttl] = await link.owed.track(
+        Promise.all([link.cmd.send("PUBSUB", ["NUMSUB", this.key(`alive:${registry}`)]), link.cmd.send("PTTL", [this.key(`lease:${registry}`)])]),
+      );
+      // Connected is not enough: a frozen or cut-off registry keeps its connections but stops
+      // renewing its lease. One that missed a renewal by half a beat is silent, as a session is
+      // that missed a beat, and so are the sessions it holds.
+      return Number((subs as unknown[])[1]) > 0 && Number(ttl) > this.o.leaseMs - 1.5 * this.o.heartbeatMs;
     } catch (e) {
       this.lose(link, e);
       return true;
@@ -294,7 +299,8 @@ export class RedisMembership implements Membership {
     return undefined;
   }
 
-  private async run(link: Link, script: Script, args: string[], timeoutMs = this.o.opTimeoutMs): Promise<Reply> {
+  /** Runs a script; its answer is owed within the command deadline (`long`: the reconcile's, five times that). */
+  private async run(link: Link, script: Script, args: string[], long = false): Promise<Reply> {
     const argv = [this.o.prefix, this.mirror.boot, String(this.o.logLength), ...args];
     const call = async () => {
       try {
@@ -305,7 +311,7 @@ export class RedisMembership implements Membership {
         return (await link.cmd.send("EVAL", [script.source, "0", ...argv])) as Reply;
       }
     };
-    return deadline(call(), timeoutMs, `${script.name} script`);
+    return link.owed.track(call(), long);
   }
 
   private async beat(): Promise<void> {
@@ -355,10 +361,9 @@ export class RedisMembership implements Membership {
   }
 
   private apply(id: string, json: string): boolean {
-    const r = v.safeParse(LogEntry, parseJson(json));
-    if (!r.success) return false;
+    const e = this.entryOf(parseJson(json));
+    if (!e) return false;
     this.cursor = id;
-    const e = r.output;
     if (e.kind === "greeted") for (const b of e.ids) this.mirror.apply({ kind: "greeted", a: e.a, b });
     else this.mirror.apply(e);
     const waiter = this.waiters.get(id);
@@ -367,6 +372,27 @@ export class RedisMembership implements Membership {
       waiter(true);
     }
     return true;
+  }
+
+  /**
+   * A log entry as the mirror takes it. Only a member this registry does not
+   * hold yet is checked field by field (a third of the client's CPU went to
+   * that): a leave names a registration the mirror lists, a join of its own
+   * one this registry made, and their id and ticket find the member, checked
+   * when it was listed.
+   */
+  private entryOf(raw: unknown): LogChange | undefined {
+    const k = v.safeParse(KnownEntry, raw);
+    if (k.success) {
+      const { kind, seq, member, reason } = k.output;
+      const held = kind === "left" ? this.mirror.get(member.id) : this.own.get(member.id);
+      if (held?.ticket === member.ticket) {
+        if (kind === "joined") return { kind, seq, member: held };
+        if (reason) return { kind, seq, member: held, reason };
+      }
+    }
+    const r = v.safeParse(LogEntry, raw);
+    return r.success ? r.output : undefined;
   }
 
   private applied(id: string): Promise<boolean> {
@@ -387,7 +413,7 @@ export class RedisMembership implements Membership {
       let reply: unknown;
       try {
         const args = ["BLOCK", String(this.o.heartbeatMs), "COUNT", "1000", "STREAMS", stream, this.cursor];
-        reply = await deadline(link.reader.send("XREAD", args), this.o.heartbeatMs + this.o.opTimeoutMs, "XREAD");
+        reply = await link.reading.track(link.reader.send("XREAD", args));
       } catch (e) {
         this.lose(link, e);
         return;
@@ -442,7 +468,7 @@ export class RedisMembership implements Membership {
     for (const m of own) args.push(m.id, addressOf(m), storedJson(m), m.ticket);
     for (const [a, b] of links) args.push(a, b);
     try {
-      const reply = await this.run(link, SCRIPTS.reconcile, args, this.o.opTimeoutMs * 5);
+      const reply = await this.run(link, SCRIPTS.reconcile, args, true);
       if (this.link === link) this.reload(reply);
     } catch (e) {
       this.lose(link, e);
@@ -525,7 +551,15 @@ export class RedisMembership implements Membership {
       connectionTimeout: this.o.connectTimeoutMs,
       ...(this.o.tls ? { tls: this.o.tls } : {}),
     };
-    const link: Link = { cmd: new RedisClient(this.url, options), reader: new RedisClient(this.url, options), sub: new RedisClient(this.url, options) };
+    const now = () => performance.now();
+    const link: Link = {
+      cmd: new RedisClient(this.url, options),
+      reader: new RedisClient(this.url, options),
+      sub: new RedisClient(this.url, options),
+      owed: new Owed("store command", this.o.opTimeoutMs, 5 * this.o.opTimeoutMs, now),
+      reading: new Owed("XREAD", this.o.heartbeatMs + this.o.opTimeoutMs, this.o.heartbeatMs + this.o.opTimeoutMs, now),
+      watchdog: undefined,
+    };
     try {
       await deadline(Promise.all([link.cmd.connect(), link.reader.connect(), link.sub.connect()]), this.o.connectTimeoutMs + 500, "connect");
       await deadline(link.sub.subscribe(this.key(`alive:${this.registryId}`), () => {}), this.o.opTimeoutMs, "SUBSCRIBE");
@@ -536,6 +570,12 @@ export class RedisMembership implements Membership {
       throw new Error(`cannot connect: ${errorText(e)}${hint}`, { cause: e });
     }
     for (const c of [link.cmd, link.reader, link.sub]) c.onclose = () => this.lose(link, new Error("connection closed"));
+    // One timer for every command's deadline; closing the link rejects what it still owes.
+    link.watchdog = setInterval(() => {
+      const late = link.owed.late() ?? link.reading.late();
+      if (late) this.lose(link, new Error(late));
+    }, Math.max(25, this.o.opTimeoutMs / 4));
+    link.watchdog.unref();
     return link;
   }
 
@@ -552,6 +592,47 @@ interface Link {
   cmd: RedisClient;
   reader: RedisClient;
   sub: RedisClient;
+  /** Answers owed on the command connection and on the reader's. */
+  owed: Owed;
+  reading: Owed;
+  watchdog: Timer | undefined;
+}
+
+/**
+ * Answers one connection owes. Replies come in order, so a connection that
+ * owes one and has answered nothing for longer than the deadline is stuck
+ * (a frozen store, a partition): one periodic check for all commands, where
+ * a timer per command cost a fifth of the client's CPU.
+ */
+class Owed {
+  private count = 0;
+  private longs = 0;
+  /** When the connection last answered, or began to owe. */
+  private since = 0;
+
+  constructor(
+    private readonly what: string,
+    private readonly limitMs: number,
+    private readonly longLimitMs: number,
+    private readonly now: () => number,
+  ) {}
+
+  /** `long`: the answer may take the longer limit, and so may the answers queued behind it. */
+  track<T>(answer: Promise<T>, long = false): Promise<T> {
+    if (this.count++ === 0) this.since = this.now();
+    if (long) this.longs++;
+    return answer.finally(() => {
+      this.count--;
+      if (long) this.longs--;
+      this.since = this.now();
+    });
+  }
+
+  /** Why the connection counts as stuck, or undefined. */
+  late(): string | undefined {
+    const limit = this.longs ? this.longLimitMs : this.limitMs;
+    return this.count && this.now() - this.since > limit ? `${this.what}: no answer within ${limit}ms` : undefined;
+  }
 }
 
 interface Script {
@@ -566,6 +647,16 @@ const LogEntry = v.variant("kind", [
   v.object({ kind: v.literal("left"), seq: Joined.entries.seq, member: Member, reason: LeaveReason }),
   v.object({ kind: v.literal("greeted"), a: v.string(), ids: v.array(v.string()) }),
 ]);
+
+type LogChange = v.InferOutput<typeof LogEntry>;
+
+/** Just enough of a join or leave to find a member already held (see entryOf). */
+const KnownEntry = v.object({
+  kind: v.picklist(["joined", "left"]),
+  seq: Joined.entries.seq,
+  member: v.object({ id: v.string(), ticket: v.string() }),
+  reason: v.optional(LeaveReason),
+});
 
 /**
  * Shared by every script. ARGV: 1 key prefix, 2 the epoch (boot) the caller
@@ -792,6 +883,7 @@ function parseMember(raw: unknown): Member | undefined {
 }
 
 function closeLink(link: Link): void {
+  clearInterval(link.watchdog);
   for (const c of [link.cmd, link.reader, link.sub]) {
     c.onclose = null;
     c.close();

@@ -382,7 +382,7 @@ describe("partial writes", () => {
 
     await using slow = await RawClient.connect(reg.port);
     slow.pause();
-    const registryEnd = await watched.from(slow.localPort);
+    const registryEnd = await watched.of(slow);
     // A line is answered while its bytes are being read: once the registry has read them all, the answer is written or queued.
     let sent = 0;
     const send = async (msg: object) => {

@@ -28,7 +28,7 @@ import {
 } from "./cli.ts";
 import { BucketMap, ByteBudget, ConnectionCaps, HTTP_LIMITS, TokenBucket, fitCapsToFdLimit, readFdUsage, type CapTicket, type Rate } from "./limits.ts";
 import { SessionDeadlines, systemClock, type Clock, type Expiry, type Watched } from "./liveness.ts";
-import { MemoryMembership, addressOf, peerOf, type Change, type Member, type Membership } from "./membership.ts";
+import { MemoryMembership, addressOf, peerOf, type Change, type Member, type Membership, type StoreState } from "./membership.ts";
 import {
   GATE_FDS_PER_CONN,
   GATE_MAX_REFUSING,
@@ -104,13 +104,16 @@ export interface RegistryOptions {
 
 export type RegistryEvent =
   | { event: "listening"; host: string; port: number; boot: string }
-  | { event: "node-registered"; id: string; host: string; port: number; name?: string; source: string; nodes: number; seq: number }
+  /** `registry`: the id of the registry whose session holds it (with a shared store, maybe another). */
+  | { event: "node-registered"; id: string; host: string; port: number; name?: string; source: string; registry: string; nodes: number; seq: number }
   | { event: "node-left"; id: string; host: string; port: number; name?: string; reason: LeaveReason; nodes: number; seq: number }
   | { event: "pair-greeted"; a: string; b: string }
   | { event: "mesh-complete"; nodes: number; pairs: number; ms: number }
   /** A connection was refused and closed, or cut over a limit; `detail` (never sent to the client) says more. */
   | { event: "error"; code: ErrorCode; message: string; remote: string; detail?: string }
   | { event: "http-listening"; url: string }
+  /** The shared store was lost (this registry serves its own sessions alone) or is back; once per change. */
+  | { event: "store"; state: StoreState; reason?: string }
   | { event: "stopped" }
   /** `warning` once at start (a token sent in clear on a port other hosts reach); on SIGHUP (CLI only) `tls-reloaded` or `tls-reload-failed`. */
   | CommonEvent;
@@ -118,6 +121,8 @@ export type RegistryEvent =
 export type NodeInfo = Peer & {
   /** Address the node connected from. */
   source: string;
+  /** Id of the registry whose session holds it. */
+  registry: string;
   joinedAt: number;
 };
 
@@ -145,12 +150,21 @@ export interface RegistryStats {
   authBlocked: number;
   /** Time the registry's own event loop was stalled, ms in all (left out of every deadline). */
   stalledMs: number;
+  /** This registry's id: unique per process, the `registry` of the nodes it holds. */
+  registry: string;
+  /** Registered sessions this registry holds (`nodes` counts every registry's, with a shared store). */
+  sessions: number;
+  /** The shared store's state (always "ok" without one), and why it is degraded. */
+  store: StoreState;
+  storeError?: string;
 }
 
 export interface Registry {
   readonly host: string;
   readonly port: number;
-  /** The list's history id; carried in every reply so nodes can tell a restart. */
+  /** This registry's id (unique per process); with a shared store, its lease there. */
+  readonly id: string;
+  /** The list's history id; carried in every reply so nodes can tell a restart. A shared store's changes when the store starts over. */
   readonly boot: string;
   nodes(): NodeInfo[];
   stats(): RegistryStats;
@@ -166,7 +180,7 @@ export interface Registry {
 export async function startRegistry(options: RegistryOptions = {}): Promise<Registry> {
   const s = settingsOf(options);
   const clock = options.clock ?? systemClock;
-  const membership = options.membership ?? new MemoryMembership(randomId(), () => clock.now());
+  const membership: Membership = options.membership ?? new MemoryMembership(randomId(), () => clock.now());
   const transport = options.transport ?? tcp;
   const listeners = new Set<(e: RegistryEvent) => void>();
   if (options.onEvent) listeners.add(options.onEvent);
@@ -174,9 +188,12 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
     for (const fn of listeners) fn(e);
   };
   const counters = new Counters();
-  const sessions = new Sessions(s, membership, new Admission(s, membership, transport), counters, emit, clock);
+  // A shared store knows this registry by the id its lease has; alone, any id unique to this process will do.
+  const registryId = membership.registryId ?? randomId();
+  const sessions = new Sessions(s, membership, new Admission(s, membership, transport), counters, emit, clock, registryId);
   const { listeners: servers, port } = transport.listen(s.host, s.port, sessions.handlers);
   emit({ event: "listening", host: s.host, port, boot: membership.boot });
+  if (membership.state === "degraded") emit({ event: "store", state: "degraded", reason: membership.lastError });
   if (s.token && !transport.encrypted && !isLoopbackHost(s.host)) {
     emit({ event: "warning", message: `the token travels in clear on ${s.host}, which other hosts reach: start the registry with --tls-cert and --tls-key` });
   }
@@ -185,8 +202,12 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
   const registry: Registry = {
     host: s.host,
     port,
-    boot: membership.boot,
-    nodes: () => Array.from(membership.members(), ({ id, host, port, name, source, joinedAt }) => ({ id, host, port, name, source, joinedAt })),
+    id: registryId,
+    get boot() {
+      return membership.boot;
+    },
+    nodes: () =>
+      Array.from(membership.members(), ({ id, host, port, name, source, registry, joinedAt }) => ({ id, host, port, name, source, registry, joinedAt })),
     stats: () => counters.stats(membership, sessions.figures()),
     subscribe(fn) {
       listeners.add(fn);
@@ -196,6 +217,10 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
     stop() {
       stopped ??= (async () => {
         for (const l of servers) l.stop(false);
+        // Shared: the store first lets go of this registry (lease deleted, connections closed), so
+        // that the nodes told to go next replace their entries on another registry at once, as
+        // updates; whatever does not come back is swept by the others within a heartbeat.
+        if (membership.registryId !== undefined) await membership.close();
         await sessions.close();
         for (const l of servers) l.stop(true);
         await membership.close();
@@ -255,8 +280,15 @@ const PONG_BYTES = Buffer.from(PONG_LINE);
 /** Lines handled per read of one connection before the others get a turn. */
 const MAX_LINES_PER_READ = 64;
 
-/** Lines over its rate limit in a row after which a session is closed rather than answered. */
-const MAX_STRIKES = 100;
+/**
+ * Lines over a rate limit a session may send before it is closed: they drain
+ * a bucket of 100 refilled at 10 a second, so a short burst passes and a
+ * sustained flood, at any rate above the limit, is closed within seconds.
+ */
+const STRIKES = { burst: 100, perSecond: 10 };
+
+/** A session over a limit is told so at most this often; every excess line is still counted. */
+const RATE_NOTICE_MS = 1_000;
 
 interface Session extends Watched {
   conn: Conn<Session>;
@@ -266,8 +298,10 @@ interface Session extends Watched {
   leaveReason?: LeaveReason;
   lines: TokenBucket;
   syncs: TokenBucket;
-  /** Lines refused by a rate limit since the last one allowed. */
-  strikes: number;
+  /** Lines over a rate limit: when this is empty, the session is closed. */
+  strikes: TokenBucket;
+  /** When it was last answered `rate-limited`. */
+  noticedAt: number;
   /** `sentBytes` at the end of the last snapshot queued: while the connection has not written that far, a sync waits for it. */
   snapshotEnd: number;
 }
@@ -282,6 +316,8 @@ class Sessions {
   private readonly conns = new Set<Conn<Session>>();
   /** Local sessions by the ticket of the registration they hold. */
   private readonly byTicket = new Map<string, Conn<Session>>();
+  /** Local sessions by the ticket of the registration they are joining with, until the join settles. */
+  private readonly joining = new Map<string, Conn<Session>>();
   private readonly caps: ConnectionCaps;
   private readonly budget: ByteBudget;
   private readonly addressLines: BucketMap;
@@ -289,7 +325,6 @@ class Sessions {
   private readonly deadlines: SessionDeadlines<Session>;
   private readonly fanout: FanOut;
   private readonly snapshots: SnapshotCache;
-  private readonly registryId = randomId();
   private registrations = 0;
   private stopping = false;
 
@@ -300,6 +335,7 @@ class Sessions {
     private readonly counters: Counters,
     private readonly emit: (e: RegistryEvent) => void,
     private readonly clock: Clock,
+    private readonly registryId: string,
   ) {
     this.caps = new ConnectionCaps(s.maxConnsPerAddress, s.maxConns);
     this.budget = new ByteBudget(s.maxQueueTotalBytes);
@@ -334,8 +370,10 @@ class Sessions {
   }
 
   /** The figures of /stats that the sessions' parts keep. */
-  figures(): Pick<RegistryStats, "unsentBytes" | "maxUnsentBytes" | "authFailures" | "authBlocked" | "stalledMs"> {
+  figures(): Pick<RegistryStats, "unsentBytes" | "maxUnsentBytes" | "authFailures" | "authBlocked" | "stalledMs" | "registry" | "sessions"> {
     return {
+      registry: this.registryId,
+      sessions: this.byTicket.size,
       unsentBytes: this.budget.total,
       maxUnsentBytes: this.budget.max,
       authFailures: this.admission.tokens.failed,
@@ -354,7 +392,8 @@ class Sessions {
       lastSeen: now,
       lines: new TokenBucket(10 * this.s.rateSessionLines, this.s.rateSessionLines, clock),
       syncs: new TokenBucket(10 * this.s.rateSessionSyncs, this.s.rateSessionSyncs, clock),
-      strikes: 0,
+      strikes: new TokenBucket(STRIKES.burst, STRIKES.perSecond, clock),
+      noticedAt: -Infinity,
       snapshotEnd: 0,
     };
   }
@@ -377,17 +416,13 @@ class Sessions {
 
   /** Takes a line from the session's and its address's rate limits. */
   private allowLine(s: Session): boolean {
-    if (s.lines.take() && this.addressLines.take(s.conn.remoteAddress)) {
-      s.strikes = 0;
-      return true;
-    }
-    return false;
+    return s.lines.take() && this.addressLines.take(s.conn.remoteAddress);
   }
 
   private onLine(conn: Conn<Session>, line: string): void {
     const s = conn.state;
     if (s.phase === "closing") return;
-    if (!this.allowLine(s)) return this.overRate(conn, "lines");
+    if (!this.allowLine(s)) return this.overRate(conn, "lines", Math.max(s.lines.waitMs(), this.addressLines.waitMs(conn.remoteAddress)));
     s.lastSeen = this.deadlines.clock.now();
     if (line === PING_LINE && s.phase === "registered") {
       conn.send(PONG_LINE);
@@ -461,17 +496,28 @@ class Sessions {
       this.counters.coalescedSyncs++;
       return;
     }
-    if (!s.syncs.take()) return this.overRate(conn, "sync requests");
+    if (!s.syncs.take()) return this.overRate(conn, "sync requests", s.syncs.waitMs());
     conn.send(this.snapshots.line());
     s.snapshotEnd = conn.sentBytes;
   }
 
-  /** A line over a rate limit: answered `rate-limited`, and after too many in a row the session is closed. */
-  private overRate(conn: Conn<Session>, what: string): void {
+  /**
+   * A line over a rate limit. It is counted, the session is told (at most once
+   * a second), and its connection is not read again until the limit allows
+   * a line: the rest of a flood waits in the flooder's own kernel buffers and
+   * costs the registry nothing. A session that keeps at it is closed.
+   */
+  private overRate(conn: Conn<Session>, what: string, waitMs: number): void {
     const s = conn.state;
-    const message = `too many ${what} from this ${s.strikes < MAX_STRIKES ? "session; slow down" : "session: closing it"}`;
-    if (++s.strikes > MAX_STRIKES) return this.reject(conn, "rate-limited", message);
-    this.answerError(conn, "rate-limited", message);
+    if (!s.strikes.take()) return this.reject(conn, "rate-limited", `too many ${what} from this session, for too long: closing it`);
+    this.counters.reject("rate-limited");
+    const now = this.clock.now();
+    if (now - s.noticedAt >= RATE_NOTICE_MS) {
+      s.noticedAt = now;
+      conn.send({ type: "error", code: "rate-limited", message: `too many ${what} from this session; slow down` });
+    }
+    conn.hold();
+    setTimeout(() => conn.release(), Math.max(1, waitMs)).unref();
   }
 
   private async register(conn: Conn<Session>, msg: Register): Promise<void> {
@@ -496,12 +542,16 @@ class Sessions {
       // handler has run, so listing it now would leave an entry nobody removes.
       if (conn.closed) return;
       if (this.stopping) return this.reject(conn, "shutting-down", "registry is shutting down");
-      const joined = await this.membership.join(member, replaces);
+      this.joining.set(member.ticket, conn);
+      const joined = await this.membership.join(member, replaces).finally(() => this.joining.delete(member.ticket));
       if (joined.ok) break;
       if (attempt === 3) return this.reject(conn, "id-in-use", `node ${joined.holder.id} at ${addressOf(joined.holder)} registered at the same moment`);
     }
-    if (conn.closed) return void this.membership.leave(member, "closed");
-    this.listed(conn, member);
+    // Usually answered already, when the list announced the join (onChange); not when a reload overtook it.
+    if (conn.state.member?.ticket !== member.ticket) {
+      if (conn.closed) return void this.membership.leave(member, "closed");
+      this.listed(conn, member);
+    }
     this.counters.registered(performance.now() - started);
   }
 
@@ -522,7 +572,8 @@ class Sessions {
   /**
    * Whether a listed registration's session is gone, silent (it missed a
    * beat) or live. Another registry's registration is gone when that
-   * registry is, else taken for live.
+   * registry is gone or silent (it missed a lease renewal): nobody can tell
+   * its sessions' beats then. Else it is taken for live.
    */
   private holding(m: Member): Holding | Promise<Holding> {
     const conn = this.byTicket.get(m.ticket);
@@ -556,11 +607,16 @@ class Sessions {
     switch (c.kind) {
       case "joined": {
         const m = c.member;
+        // Answered right as its join is applied: the reply's peers and seq are the list exactly at
+        // that seq. With a shared list, later joins (other registries') may follow at once; a reply
+        // built after them would list them too, and they would list this node: both would greet.
+        const joining = this.joining.get(m.ticket);
+        if (joining && !joining.closed) this.listed(joining, m);
         this.fanout.push(`{"type":"joined","seq":${c.seq},"peer":${JSON.stringify(peerOf(m))}}\n`);
         if (c.replaced) this.evict(c.replaced, `node ${m.id} registered again on another connection`);
         this.counters.joins++;
         const nodes = this.membership.size;
-        this.emit({ event: "node-registered", id: m.id, host: m.host, port: m.port, name: m.name, source: m.source, nodes, seq: c.seq });
+        this.emit({ event: "node-registered", id: m.id, host: m.host, port: m.port, name: m.name, source: m.source, registry: m.registry, nodes, seq: c.seq });
         return;
       }
       case "left": {
@@ -575,15 +631,31 @@ class Sessions {
         return this.emit({ event: "pair-greeted", a: c.a, b: c.b });
       case "mesh-complete":
         return this.emit({ event: "mesh-complete", nodes: c.nodes, pairs: c.pairs, ms: c.ms });
-      case "reset": {
-        // The list was rebuilt under us: every session gets the whole of it.
-        this.fanout.flush();
-        const line = this.snapshots.line();
-        for (const conn of this.conns) if (conn.state.phase === "registered") conn.send(line);
-        return;
-      }
+      case "reset":
+        return this.onReset();
       case "store":
-        return;
+        return this.emit({ event: "store", state: c.state, ...(c.reason ? { reason: c.reason } : {}) });
+    }
+  }
+
+  /**
+   * The list was rebuilt under us (a shared store came back, perhaps empty: a
+   * new boot): every session gets the whole of it, unsolicited. A session
+   * whose registration did not survive lost its id or address to another
+   * registration written back first, a live process elsewhere: it is ended
+   * as `replaced`, as on one registry.
+   */
+  private onReset(): void {
+    this.fanout.flush();
+    const line = this.snapshots.line();
+    for (const conn of [...this.conns]) {
+      const member = conn.state.member;
+      if (conn.state.phase !== "registered") continue;
+      if (member && this.membership.get(member.id)?.ticket !== member.ticket) {
+        this.evict(member, `node ${member.id} or its address ${addressOf(member)} was registered elsewhere while the store was out of reach`);
+        continue;
+      }
+      conn.send(line);
     }
   }
 
@@ -737,6 +809,8 @@ class Counters {
       startedAt: this.startedAt,
       meshCompleteMs: mesh.completeMs === null ? null : round(mesh.completeMs),
       coalescedSyncs: this.coalescedSyncs,
+      store: m.state,
+      ...(m.lastError ? { storeError: m.lastError } : {}),
       ...parts,
     };
   }
@@ -771,6 +845,10 @@ function describe(e: CliEvent): string {
       return `${e.remote} ${e.code}: ${e.message}${e.detail ? ` (${e.detail})` : ""}`;
     case "http-listening":
       return `status page on ${e.url}`;
+    case "store":
+      return e.state === "degraded"
+        ? `store out of reach (${e.reason ?? "unknown"}): serving this registry's own nodes alone, retrying`
+        : "store reachable again: list reconciled, nodes resynced";
     case "fd-limit": {
       const lowered = e.lowered.map((l) => `--${l.flag} ${l.from === 0 ? "0 (no cap)" : l.from} -> ${l.to}`).join(", ");
       return `file-descriptor limit ${e.limit} is too low for the connection caps (${e.reserved} kept for files and outgoing sockets): lowered ${lowered}; raise it with \`ulimit -n\` (Docker: --ulimit nofile=N)`;
@@ -786,7 +864,8 @@ function describe(e: CliEvent): string {
 
 function level(e: CliEvent): Level {
   if (e.event === "pair-greeted") return "debug";
-  return e.event === "error" || e.event === "fd-limit" || isWarning(e) ? "warn" : e.event === "listening" ? "success" : "info";
+  if (e.event === "error" || e.event === "fd-limit" || (e.event === "store" && e.state === "degraded") || isWarning(e)) return "warn";
+  return e.event === "listening" ? "success" : "info";
 }
 
 /**
@@ -849,6 +928,12 @@ const flags = {
   "rate-probe": { type: "string", valueHint: "per s", description: `Probes per second for registrations from one source address, 0 = no limit [env REGISTRY_RATE_PROBE, default ${DEFAULTS.rateAddressProbes}]` },
   "rate-list": { type: "string", valueHint: "per s", description: `list requests per second from one source address, 0 = no limit [env REGISTRY_RATE_LIST, default ${DEFAULTS.rateAddressLists}]` },
   "auth-failures": { type: "string", valueHint: "per min", description: `Wrong tokens per minute from one source address before its registrations are refused for a while, 0 = no limit [env REGISTRY_AUTH_FAILURES, default ${DEFAULTS.authFailuresPerMinute}]` },
+  store: {
+    type: "string",
+    valueHint: "url",
+    description:
+      "Share the list with other registries: redis://[user:password@]host:port[/db] or rediss:// (TLS), Redis >= 7 or Valkey >= 7.2; `memory` keeps it in this process [env REGISTRY_STORE, default memory; a password not in the URL: env REGISTRY_STORE_PASSWORD]",
+  },
   http: { type: "string", valueHint: "port", description: "Serve the status API and live page on this port [env REGISTRY_HTTP_PORT]" },
   "http-host": { type: "string", valueHint: "address", description: "Address for the status page; `localhost` = 127.0.0.1 and ::1 [env REGISTRY_HTTP_HOST, default: same as host]" },
   "http-max-conns": { type: "string", valueHint: "n", description: `Open status-server connections in all, 0 = no cap [env REGISTRY_HTTP_MAX_CONNS, default ${HTTP_LIMITS.maxConns}]` },
@@ -903,6 +988,7 @@ const help = {
     "bun registry.ts localhost 8080                 # this machine only (127.0.0.1 and ::1)",
     "bun registry.ts 0.0.0.0 8080 --http 8081       # all IPv4 interfaces, status page on 8081",
     "REGISTRY_TOKEN=$(openssl rand -hex 16) bun registry.ts :: 8080",
+    "bun registry.ts :: 8080 --store redis://10.0.0.5:6379   # one of several registries sharing a list",
   ],
 };
 
@@ -927,6 +1013,7 @@ export const command = defineCommand({
         show(e);
       };
       // Every setting is read, and a bad one refused, before anything listens.
+      const store = await storeSetting(flag("store", "REGISTRY_STORE"));
       const registerTimeoutMs = num("register-timeout", "REGISTRY_REGISTER_TIMEOUT_MS", 1, MAX_TIMER_MS);
       const tlsFiles = { cert: flag("tls-cert", "REGISTRY_TLS_CERT"), key: flag("tls-key", "REGISTRY_TLS_KEY"), clientCa: flag("tls-client-ca", "REGISTRY_TLS_CLIENT_CA") };
       const transport = registryTransport(tlsFiles, Math.min(DEFAULTS.handshakeTimeoutMs, registerTimeoutMs ?? DEFAULTS.registerTimeoutMs));
@@ -971,7 +1058,7 @@ export const command = defineCommand({
         idleTimeoutMs: num("http-idle-timeout", "REGISTRY_HTTP_IDLE_TIMEOUT_MS", 1, MAX_TIMER_MS),
       };
       const caps = fitToFdLimit({ maxConns: options.maxConns, httpMaxConns: http?.maxConns }, print);
-      const registry = await startRegistry({ ...options, maxConns: caps.maxConns });
+      const registry = await startRegistry({ ...options, maxConns: caps.maxConns, membership: await store?.open() });
       let status: { stop(): Promise<void> } | undefined;
       if (http) {
         const { startStatusServer } = await import("./status.ts");
@@ -992,5 +1079,24 @@ export const command = defineCommand({
     });
   },
 });
+
+/**
+ * The list `--store` names: none for `memory` (this process alone), else one
+ * shared through Redis or Valkey under an id unique to this process, opened
+ * once everything else is read. A bad URL is a usage error; a store out of
+ * reach at start is not: the registry serves degraded and keeps trying.
+ */
+async function storeSetting(store: string | undefined): Promise<{ open(): Promise<Membership> } | undefined> {
+  if (store === undefined || store === "memory") return undefined;
+  const { openStore, storeUrl, StoreConfigError } = await import("./redis.ts");
+  const password = process.env.REGISTRY_STORE_PASSWORD || undefined;
+  try {
+    storeUrl(store, password);
+  } catch (e) {
+    if (e instanceof StoreConfigError) throw new UsageError(`--store: ${e.message}`);
+    throw e;
+  }
+  return { open: () => openStore(store, { registryId: randomId(), password }) };
+}
 
 if (import.meta.main) await runMain(command, { showUsage: async () => void process.stdout.write(renderHelp(help, flags)) });

@@ -106,14 +106,15 @@ export function startStatusServer(registry: Registry, options: StatusServerOptio
   const o = settingsOf(options);
   const rate = new JoinRate(o.rateWindowSeconds);
   // The caches compare these counts: any registry event may change the figures and the page's
-  // picture; only joins and leaves change the list (greetings come by the thousand while a mesh forms).
+  // picture; only joins and leaves change the list (greetings come by the thousand while a mesh forms),
+  // and a shared store coming back (the list was rebuilt from it).
   let changes = 0;
   let listChanges = 0;
   const version = () => changes;
   const feed = new PageFeed(registry, o, version);
   const unsubscribe = registry.subscribe((e) => {
     changes++;
-    if (e.event === "node-registered" || e.event === "node-left" || e.event === "stopped") listChanges++;
+    if (e.event === "node-registered" || e.event === "node-left" || e.event === "stopped" || e.event === "store") listChanges++;
     if (e.event === "node-registered") rate.count();
     feed.onEvent(e);
   });
@@ -179,11 +180,14 @@ function route(registry: Registry, feed: PageFeed, figures: Throttled<Figures>, 
         return then(figures.get(), (f) => json(statsJson(f)));
       case "/metrics":
         return then(figures.get(), (f) => new Response(metricsText(f), { headers: METRICS_HEADERS }));
-      case "/healthz":
+      case "/healthz": {
         // Never waits: the running state is live, the node count at most one cache interval old.
-        return feed.running
-          ? json({ status: "ok", boot: registry.boot, nodes: figures.latest().s.nodes })
-          : json({ status: "stopped", boot: registry.boot }, 503);
+        if (!feed.running) return json({ status: "stopped", boot: registry.boot }, 503);
+        // Degraded (the shared store out of reach) is still healthy: this registry serves its own
+        // nodes, and restarting it would only throw their sessions away.
+        const s = figures.latest().s;
+        return json({ status: s.store === "ok" ? "ok" : "degraded", boot: registry.boot, registry: s.registry, nodes: s.nodes, sessions: s.sessions });
+      }
       default:
         return json({ error: `no such endpoint: ${path}`, endpoints: ENDPOINTS }, 404);
     }
@@ -361,7 +365,7 @@ class PageFeed {
       case "node-registered": {
         const at = new Date().toISOString();
         const address = formatAddress(e.host, e.port);
-        const node = { id: e.id, number: this.numberOf(e.id), name: e.name, host: e.host, port: e.port, address, source: e.source, joinedAt: at };
+        const node = { id: e.id, number: this.numberOf(e.id), name: e.name, host: e.host, port: e.port, address, source: e.source, registry: e.registry, joinedAt: at };
         if (node.name) this.names.set(node.id, node.name);
         else this.names.delete(node.id);
         this.remember({ kind: "join", at, id: node.id, name: node.name, address: node.address });
@@ -666,6 +670,10 @@ function statsJson({ s, boot, rate, window, feed, gate }: Figures) {
       timeToFullMeshMs: s.meshCompleteMs,
     },
     seq: s.seq,
+    registry: s.registry,
+    sessions: s.sessions,
+    store: s.store,
+    ...(s.storeError ? { storeError: s.storeError } : {}),
     statusClients: feed.streams,
     unsentBytes: s.unsentBytes,
     maxUnsentBytes: s.maxUnsentBytes,
@@ -697,7 +705,9 @@ function metricsText({ s, boot, rate, window, feed, gate }: Figures): string {
   const p = "contact_registry";
   one(`${p}_info`, "gauge", "Always 1; the boot label changes on every registry start.", 1, { boot });
   one(`${p}_start_time_seconds`, "gauge", "Unix time the registry started.", s.startedAt / 1000);
-  one(`${p}_nodes`, "gauge", "Nodes registered now.", s.nodes);
+  one(`${p}_nodes`, "gauge", "Nodes registered now (with a shared store: on every registry).", s.nodes);
+  one(`${p}_sessions`, "gauge", "Registered sessions this registry holds.", s.sessions, { registry: s.registry });
+  one(`${p}_store_degraded`, "gauge", "1 while the shared store is out of reach and this registry serves its own nodes alone, else 0.", s.store === "ok" ? 0 : 1);
   one(`${p}_joins_total`, "counter", "Registrations accepted since start.", s.joins);
   family(
     `${p}_leaves_total`,
@@ -792,6 +802,7 @@ function peerJson(n: NodeInfo) {
     host: n.host,
     port: n.port,
     source: n.source,
+    registry: n.registry,
     joinedAt: new Date(n.joinedAt).toISOString(),
   };
 }

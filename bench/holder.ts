@@ -4,7 +4,10 @@
  * JSON) and, if asked, pings at the node's interval. With `probe`, each node
  * has its own listener that answers the registry's dial-back probe; without,
  * nodes register distinct ports from `portBase` (below the ephemeral range, so
- * they never collide with a real listener).
+ * they never collide with a real listener). With `failover` (ports of more
+ * registries sharing the list), a session that closes after registering does
+ * what a node does (client.ts): after a jittered wait of up to the backoff's
+ * first step it dials the next registry and registers again under its id.
  *
  * With `sources`, session i connects from sources[i % n] (loopback addresses
  * such as 127.0.2.1), as nodes on that many hosts would, and its listener
@@ -23,11 +26,14 @@ interface Opts {
   portBase: number;
   probe: boolean;
   pingMs: number;
+  failover?: number[];
   sources?: string[];
 }
 
 interface Session {
   i: number;
+  /** Index into the registries (o.port, then o.failover) this session dials. */
+  at: number;
   registered: boolean;
   closed: boolean;
   lastSeq: number;
@@ -43,6 +49,10 @@ const sessions: Session[] = [];
 const sockets: (Bun.Socket<Session> | undefined)[] = [];
 const listenerPorts: number[] = [];
 let closedAfterRegistration = 0;
+/** Sessions registered again after their registry closed them, and when the last one was (wall clock). */
+let failedOver = 0;
+let lastFailoverAt = 0;
+const registries = [o.port, ...(o.failover ?? [])];
 /** Bytes received after registration: the membership fan-out this fleet was sent. */
 let pushBytes = 0;
 let lastError = "";
@@ -79,6 +89,10 @@ const handlers: Bun.SocketHandler<Session> = {
       n.got += nl + 1;
       n.registered = true;
       n.done?.(true);
+      if (n.at > 0) {
+        failedOver++;
+        lastFailoverAt = wallMs();
+      }
       chunk = chunk.subarray(nl + 1);
       if (!chunk.byteLength) return;
     }
@@ -89,6 +103,7 @@ const handlers: Bun.SocketHandler<Session> = {
     n.closed = true;
     if (n.registered) closedAfterRegistration++;
     else n.done?.(false);
+    if (n.registered && registries.length > 1) setTimeout(() => reconnect(n), Math.random() * 100);
   },
   error(s) {
     s.terminate();
@@ -139,7 +154,7 @@ async function grow(to: number, conc: number): Promise<Record<string, unknown>> 
     while (nextIndex < to) {
       const i = nextIndex++;
       if (o.probe) openListener(i);
-      const n: Session = { i, registered: false, closed: false, lastSeq: 0, got: 0, tail: null };
+      const n: Session = { i, at: 0, registered: false, closed: false, lastSeq: 0, got: 0, tail: null };
       sessions[i] = n;
       const ok = await new Promise<boolean>((resolve) => {
         n.done = resolve;
@@ -160,7 +175,21 @@ async function grow(to: number, conc: number): Promise<Record<string, unknown>> 
   return { ms: performance.now() - started, ...stats(), errors, replyBytes: bytes, lastError };
 }
 
-function stats(): { sessions: number; registered: number; minSeq: number; maxSeq: number; closed: number; pushBytes: number } {
+/** A node's failover: the next registry, the same id and port; its view starts over from the reply. */
+function reconnect(old: Session): void {
+  const n: Session = { i: old.i, at: (old.at + 1) % registries.length, registered: false, closed: false, lastSeq: 0, got: 0, tail: null };
+  sessions[n.i] = n;
+  n.done = (ok) => {
+    n.done = undefined;
+    if (!ok) setTimeout(() => reconnect(n), Math.random() * 100);
+  };
+  Bun.connect<Session>({ hostname: HOST, port: registries[n.at]!, socket: handlers, data: n, ...fromAddress(sourceOf(n.i)) }).then(
+    (s) => (sockets[n.i] = s),
+    () => setTimeout(() => reconnect(n), Math.random() * 100),
+  );
+}
+
+function stats(): { sessions: number; registered: number; minSeq: number; maxSeq: number; closed: number; pushBytes: number; failedOver: number; lastFailoverAt: number } {
   let registered = 0;
   let minSeq = Infinity;
   let maxSeq = 0;
@@ -170,7 +199,7 @@ function stats(): { sessions: number; registered: number; minSeq: number; maxSeq
     if (n.lastSeq < minSeq) minSeq = n.lastSeq;
     if (n.lastSeq > maxSeq) maxSeq = n.lastSeq;
   }
-  return { sessions: sessions.length, registered, minSeq: registered ? minSeq : 0, maxSeq, closed: closedAfterRegistration, pushBytes };
+  return { sessions: sessions.length, registered, minSeq: registered ? minSeq : 0, maxSeq, closed: closedAfterRegistration, pushBytes, failedOver, lastFailoverAt };
 }
 
 function openListener(i: number): void {

@@ -60,6 +60,16 @@ export async function serveCommands(handle: (cmd: Msg) => Promise<Msg> | Msg): P
   process.exit(0);
 }
 
+/** A figure for a log line: three significant digits or so. */
+export function fmt(x: number): string {
+  return !Number.isFinite(x) ? String(x) : x >= 100 ? x.toFixed(0) : x >= 10 ? x.toFixed(1) : x.toFixed(2);
+}
+
+/** Bytes as megabytes, one decimal. */
+export function mb(bytes: number): string {
+  return (bytes / 1e6).toFixed(1);
+}
+
 /** One JSON line on stdout. */
 export function emit(m: Msg): void {
   process.stdout.write(JSON.stringify(m) + "\n");

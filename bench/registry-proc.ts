@@ -2,7 +2,8 @@
  * A registry under test, in its own process: startRegistry on 127.0.0.1 with
  * the options given as JSON in argv[2], no event printing (the library's cost,
  * not the log's), except the events named in `events`, printed with a wall
- * clock time. Prints {"event":"listening","port":N,"pid":N} first (and
+ * clock time. With `store` (a redis:// URL) the list is shared through it, as
+ * `--store` does. Prints {"event":"listening","port":N,"pid":N} first (and
  * `httpPort` with `http: true`: the status server on 127.0.0.1 too).
  * `tls` ({cert, key, meshCa?}: files) puts its port in TLS.
  *
@@ -138,19 +139,23 @@ function timedTransport(into: Map<string, number>): Transport {
 // BENCH_REGISTRY=/path/to/registry.ts measures another version (before/after comparisons).
 const { startRegistry } = (await import(process.env.BENCH_REGISTRY || "../registry.ts")) as { startRegistry: typeof Start };
 
-const opts = JSON.parse(process.argv[2] ?? "{}") as RegistryOptions & { events?: string[]; http?: boolean; sampleLag?: boolean; tls?: TlsOptions };
+const opts = JSON.parse(process.argv[2] ?? "{}") as RegistryOptions & { events?: string[]; http?: boolean; sampleLag?: boolean; store?: string; tls?: TlsOptions };
 const wanted = new Set(opts.events ?? []);
-const { http, sampleLag } = opts;
+const { http, sampleLag, store } = opts;
 const secure = opts.tls ? tls(opts.tls) : undefined;
 delete opts.events;
 delete opts.http;
 delete opts.sampleLag;
+delete opts.store;
 delete opts.tls;
+// Loaded only when asked for: the memory registry's RSS is measured without it.
+const membership = store ? await (await import("../redis.ts")).openStore(store, { registryId: crypto.randomUUID().slice(0, 8) }) : undefined;
 
 const sampler = sampleLag ? new LoopSampler() : undefined;
 const registry = await startRegistry({
   port: 0,
   ...opts,
+  membership,
   ...(sampler ? { transport: timedTransport(sampler.handlerMs) } : secure ? { transport: secure } : {}),
   host: "127.0.0.1",
   onEvent: wanted.size
@@ -183,6 +188,8 @@ function stats(): Msg {
     rss: selfRss(),
     heapUsed: mem.heapUsed,
     nodes: s.nodes,
+    sessions: s.sessions,
+    store: s.store,
     seq: s.seq,
     registrations: s.registrations,
     rejected: s.rejected,

@@ -42,6 +42,7 @@ export async function writeReport(results: Msg, paths: { md: string; svg: string
     mesh: meshTable(results),
     departure: departureTable(results),
     recovery: recoveryTable(results),
+    ha: haSection(results),
     reply: replySection(results),
     attack: attackSection(results),
     attackHeld: int(Number(((attackRun(results).config as Msg).attack as Msg | undefined)?.held ?? 0)),
@@ -69,7 +70,7 @@ interface Target {
 }
 
 function targetsTable(r: Msg): string {
-  const rows = [...registrationTargets(regCells(r)), ...sessionTargets(r), meshTarget(r), ...departureTargets(r), recoveryTarget(r), ...attackTargets(r), ...tlsTargets(r)];
+  const rows = [...registrationTargets(regCells(r)), ...sessionTargets(r), meshTarget(r), ...departureTargets(r), recoveryTarget(r), ...attackTargets(r), ...haTargets(r), ...tlsTargets(r)];
   const mark = (m: boolean | null) => (m === null ? "–" : m ? "met" : "**missed**");
   return table(
     ["Target", "Measured", "Floor / bound", "Result"],
@@ -206,6 +207,40 @@ function attackVerdict(a: Msg, none: Msg, x: Msg) {
   const quiet = refused === 0 && evicted === 0;
   const met = x === none ? quiet : quiet && p99 <= 3 * baseP99 && rss <= rssBound && Number(x.unsentPeak) <= Number(a.budget);
   return { refused, evicted, p99, baseP99, rss, rssBound, met };
+}
+
+/** Several registries: the store's cost to a registration, propagation, failover, a store restart. */
+function haTargets(r: Msg): Target[] {
+  const ha = r.ha as Msg | undefined;
+  if (!ha || ha.skipped || ha.error) {
+    const why = ha?.skipped ? `skipped: ${String(ha.skipped)}` : ha?.error ? `failed: ${String(ha.error)}` : "not in this run";
+    return [{ what: "Several registries (Redis store)", measured: why, floor: "", met: null }];
+  }
+  const rows: Target[] = [];
+  for (const c of ((ha.registration as Msg | undefined)?.cells as Msg[] | undefined) ?? []) {
+    const [mem, red] = [c.memory as Run, c.redis as Run];
+    rows.push({
+      what: `Redis store >= 0.5x the memory list's registrations/s, concurrency ${String(c.conc)}`,
+      measured: `${int(red.throughput)}/s (${Number(c.ratio).toFixed(2)}x), p99 ${ms(red.latencyMs.p99)} ms`,
+      floor: `${int(mem.throughput)}/s, p99 ${ms(mem.latencyMs.p99)} ms`,
+      met: Number(c.ratio) >= 0.5,
+    });
+  }
+  const prop = ha.propagation as Msg | undefined;
+  if (prop && !prop.error) {
+    const [across, alone] = [(prop.across as Msg).fromReply as Msg, (prop.alone as Msg).fromReply as Msg];
+    rows.push({ what: "Join propagation registry A → a node of B: p99 < 10 ms", measured: `p99 ${ms(Number(across.p99))} ms`, floor: `one registry: p99 ${ms(Number(alone.p99))} ms`, met: Number(across.p99) < 10 });
+  }
+  const f = ha.failover as Msg | undefined;
+  if (f && !f.error) {
+    const full = Number(f.nodes) >= 1000;
+    rows.push({ what: `Failover of ${int(Number(f.nodes))} nodes after kill -9 of their registry < 3 s`, measured: `${int(Number(f.viewsWholeMs))} ms`, floor: "", met: full ? Number(f.viewsWholeMs) < 3000 : null });
+  }
+  const sr = ha.storeRestart as Msg | undefined;
+  if (sr && !sr.error) {
+    rows.push({ what: "Store restarted empty: every registry's list whole within 2 s", measured: `${int(Number(sr.wholeMs))} ms (${int(Number(sr.nodes))} nodes)`, floor: "", met: Number(sr.wholeMs) < 2000 });
+  }
+  return rows;
 }
 
 type TlsCell = Msg & { conc: number; plain: Run; floor: Run; tls: Run; tlsFloor: Run; resumed?: Run; resumedFloor?: Run };
@@ -495,8 +530,10 @@ function attackRun(r: Msg): Msg {
   return phaseRun(r, "attack");
 }
 
-/** The run a phase came from: the last run merged in with it (--merge; one run, not a list, in older results), else this one. */
+/** The run a phase came from: its own (--merge keeps it with the phase), else the last one merged in with it (older results), else this one. */
 function phaseRun(r: Msg, phase: string): Msg {
+  const own = (r[phase] as Msg | undefined)?.run as Msg | undefined;
+  if (own) return own;
   const merged = (Array.isArray(r.merged) ? r.merged : r.merged ? [r.merged] : []) as Msg[];
   return merged.findLast((m) => (m.phases as string[]).includes(phase)) ?? r;
 }
@@ -560,6 +597,102 @@ function codes(c: Msg | undefined): string {
     .filter(([, n]) => Number(n) > 0)
     .map(([k, n]) => `${k} ${int(Number(n))}`)
     .join(", ");
+}
+
+function haSection(r: Msg): string {
+  const ha = r.ha as Msg | undefined;
+  if (!ha || ha.error) return notRun(r, "ha");
+  if (ha.skipped) return `_Skipped: ${String(ha.skipped)}._`;
+  const run = ha.run as Msg | undefined;
+  const when = run
+    ? `Measured in a run of its own (\`${String(run.command)}\`, ${String(run.date)}): other processes kept ${cores(Number((run.noise as Msg | undefined)?.otherCores ?? NaN))} of the ${String((run.machine as Msg).cores)} cores busy meanwhile.`
+    : "Measured in this run.";
+  return [when, "", haRegistration(ha), "", haPropagation(ha), "", haFailover(ha), "", haScale(ha)].join("\n");
+}
+
+function haRegistration(ha: Msg): string {
+  const reg = ha.registration as Msg | undefined;
+  if (!reg || reg.error) return `Registration: ${reg?.error ? `failed: ${String(reg.error)}` : "not measured"}.`;
+  const rows = (reg.cells as Msg[]).map((c) => {
+    const [mem, red] = [c.memory as Run & Msg, c.redis as Run & Msg];
+    return [
+      String(c.conc),
+      `${int(mem.throughput)}/s, ${lat(mem)}`,
+      `${int(red.throughput)}/s, ${lat(red)}`,
+      `${Number(c.ratio).toFixed(2)}x`,
+      `${int(Number(mem.serverCpuUsPerReq))} / ${int(Number(red.serverCpuUsPerReq))} µs`,
+      `${Number(red.storeCommandsPerReg).toFixed(1)}, ${int(Number(red.storeCpuUsPerReg))} µs`,
+    ];
+  });
+  return [
+    "**Registration** (probe off, nothing else registered; the same cells as section 1: a connection, `register`, the reply, a reset close, which the registry takes as a leave):",
+    "",
+    table(["Conc.", "Memory list: registrations/s, p50 / p99 / max ms", "Redis store: the same", "Ratio", "Registry CPU per registration, memory / Redis", "Store: commands (scripts' included), CPU per registration"], rows),
+    "",
+    `Each cell ran ${String(roundsOf(reg.cells as Msg[]))} times, the two lists alternating; the table shows the median round of each. All rounds, registrations/s (memory; Redis): ` +
+      (reg.cells as Msg[]).map((c) => `c=${String(c.conc)}: ${roundsText(c.rounds as Msg | undefined)}`).join("; ") +
+      ".",
+    "",
+    "Where the time goes: with the store, a registration's join and its leave are one script each (the 28 or so commands per registration are the scripts' own), a round trip to the store that the reply waits for (the join) or that follows it (the leave), and the registry's log reader wakes for each of the two entries as well: four exchanges with the store, each a write and a read system call, plus parsing and applying each change. That is the registry's CPU per registration roughly doubling (the CPU column), and on two cores shared by the load generator, the registry and the store, throughput follows it. At concurrency 1 nothing overlaps, so the round trips and the store's script time (its CPU column) add to every registration's latency as well. Profiling (`--profile`) showed a timer per command and a full schema check of every log entry taking half of the store client's CPU; both are gone (docs/STORE.md).",
+  ].join("\n");
+}
+
+function roundsOf(cells: Msg[]): number {
+  return ((cells[0]?.rounds as Msg | undefined)?.memory as number[] | undefined)?.length ?? 1;
+}
+
+function roundsText(rounds: Msg | undefined): string {
+  if (!rounds) return "one round";
+  const list = (k: string) => ((rounds[k] as number[] | undefined) ?? []).map(int).join(", ");
+  return `${list("memory")}; ${list("redis")}`;
+}
+
+function haPropagation(ha: Msg): string {
+  const p = ha.propagation as Msg | undefined;
+  if (!p || p.error) return `Propagation: ${p?.error ? `failed: ${String(p.error)}` : "not measured"}.`;
+  const row = (name: string, d: Msg) => [name, String(d.n), ms(Number(d.p50)), ms(Number(d.p90)), ms(Number(d.p99)), ms(Number(d.max))];
+  const [across, alone] = [p.across as Msg, p.alone as Msg];
+  return [
+    `**Join propagation**: ${String(p.samples)} registrations one after another; a node registered on B (a raw session) times the \`joined\` push of each (ms):`,
+    "",
+    table(
+      ["From", "Samples", "p50", "p90", "p99", "max"],
+      [
+        row("the reply on A → push at B's node", across.fromReply as Msg),
+        row("`register` sent to A → push at B's node", across.fromRegister as Msg),
+        row("one registry: reply → push at its node", alone.fromReply as Msg),
+        row("one registry: `register` → push", alone.fromRegister as Msg),
+      ],
+    ),
+  ].join("\n");
+}
+
+function haFailover(ha: Msg): string {
+  const f = ha.failover as Msg | undefined;
+  const sr = ha.storeRestart as Msg | undefined;
+  const failover =
+    !f || f.error
+      ? `Failover: ${f?.error ? `failed: ${String(f.error)}` : "not measured"}.`
+      : `**Failover**: registry A holds ${int(Number(f.nodes))} simulated nodes (bench/holder.ts, probe on, pinging at the default interval) and B ${int(Number(f.observers))} more; A is killed with -9. Each node does what client.ts does: it sees the close, waits a jittered 0–100 ms (the backoff's first step), registers with B under its id. All were registered with B ${int(Number(f.registeredMs))} ms after the kill, and every session (moved or not) had B's last change ${int(Number(f.viewsWholeMs))} ms after it; ${int(Number(f.swept))} were swept as dead (a node not back before A's lease ran out would be).`;
+  const restart =
+    !sr || sr.error
+      ? `Store restart: ${sr?.error ? `failed: ${String(sr.error)}` : "not measured"}.`
+      : `**Store restart**: two registries with ${int(Number(sr.nodes))} nodes between them; the store is killed with -9, both report degraded, it is started again, empty (${int(Number(sr.restartMs))} ms to accept connections). Both registries listed every node again ${int(Number(sr.wholeMs))} ms after it was started.`;
+  return [failover, "", restart].join("\n");
+}
+
+function haScale(ha: Msg): string {
+  const sc = ha.scale as Msg | undefined;
+  if (!sc || sc.error) return `Scale: ${sc?.error ? `failed: ${String(sc.error)}` : "not measured"}.`;
+  const st = sc.store as Msg;
+  const rows = (sc.rows as Msg[]).map((x, i) => [String(i + 1), int(Number(x.sessions)), `${mbs(Number(x.rss))} MB`, `${mbs(Number(x.rssAfterGc))} MB`, `${Number(x.heartbeatCpuPct).toFixed(2)}%`, String(x.evicted)]);
+  return [
+    `**Scale**: 3 registries × ${int(Number(sc.perRegistry))} simulated sessions (probe off), each pinging at the default interval; registered in ${secs(Number(sc.registerMs))} s (every join pushed to every session of every registry). Then a window of ${secs(Number(sc.windowMs))} s of pings only:`,
+    "",
+    table(["Registry", "Sessions held", "RSS", "RSS after full GC", "Heartbeat CPU", "Evicted"], rows),
+    "",
+    `The store: ${mbs(Number(st.usedMemory))} MB used (${mbs(Number(st.rss))} MB RSS), ${int(Number(st.commandsPerSec))} commands/s and ${Number(st.cpuPct).toFixed(2)}% of a core during the window, while the registries answered ${int(Number(st.pingsPerSec))} pings/s: pings never reach the store (a registry renews one lease per second, and reads its log).`,
+  ].join("\n");
 }
 
 function replySection(r: Msg): string {

@@ -1,12 +1,13 @@
 #!/usr/bin/env bun
 /**
- * The benchmark: `bun run bench` (full, about 6 minutes on 2 cores) or
+ * The benchmark: `bun run bench` (full, about 7 minutes on 2 cores) or
  * `bun bench/run.ts --quick` (CI smoke, under 30 s, thresholds not asserted).
  * Every measured party runs in its own process: the registry
  * (registry-proc.ts), the floor (floor.ts), the load generator (loadgen.ts),
  * the simulated registered nodes (holder.ts), in-process node fleets
- * (nodes-proc.ts), and for the attack phase honest nodes (honest.ts) and
- * each attacker (attacker.ts). Loopback only. Writes results.json, BENCHMARKS.md and
+ * (nodes-proc.ts), for the attack phase honest nodes (honest.ts) and each
+ * attacker (attacker.ts), and for the "ha" phase (ha.ts) private
+ * redis-servers. Loopback only. Writes results.json, BENCHMARKS.md and
  * sweep.svg (full run: bench/results.json, ./BENCHMARKS.md, bench/sweep.svg;
  * quick run: a temp directory unless --out is given).
  * `--help` lists the flags: a narrower sweep for profiling one cell, CPU
@@ -20,14 +21,15 @@ import { join } from "node:path";
 import { UsageError, intArg } from "../cli.ts";
 import { Proc, ROOT, children, exec, killAll, killAllOnExit, runScript, spawnBun, testCerts, waitUntil, withDeadline, type AttackOptions } from "../harness.ts";
 import { DEFAULTS } from "../protocol.ts";
-import { dist, wallMs, type Msg } from "./lib.ts";
+import { haPhase } from "./ha.ts";
+import { dist, fmt, mb, wallMs, type Msg } from "./lib.ts";
 import { NoiseMeter, machineInfo } from "./machine.ts";
 import { writeReport } from "./report.ts";
 
 /** Everything sized here; the full run is what BENCHMARKS.md reports. */
 const SIZES = {
   quick: {
-    budgetMs: 60_000,
+    budgetMs: 90_000,
     counts: [0, 300],
     concs: [1, 16, 256],
     warmupMs: 100,
@@ -60,7 +62,7 @@ const SIZES = {
     tlsMeshTimeoutMs: 20_000,
   },
   full: {
-    budgetMs: 480_000,
+    budgetMs: 540_000,
     counts: [0, 1_000, 10_000],
     concs: [1, 16, 256],
     warmupMs: 300,
@@ -97,8 +99,8 @@ const SIZES = {
 /** Source addresses the sessions phase spreads its held nodes over. */
 const SESSION_SOURCES = 50;
 
-type Phase = "registration" | "sessions" | "mesh" | "departure" | "recovery" | "attack" | "tls";
-const PHASES: Phase[] = ["registration", "sessions", "mesh", "departure", "recovery", "attack", "tls"];
+type Phase = "registration" | "sessions" | "mesh" | "departure" | "recovery" | "attack" | "ha" | "tls";
+const PHASES: Phase[] = ["registration", "sessions", "mesh", "departure", "recovery", "attack", "ha", "tls"];
 
 // Set once from the command line, before any phase runs.
 let QUICK = false;
@@ -137,7 +139,7 @@ async function main(out: string | undefined, only: string[] | undefined): Promis
   results.fdLimit = await fdLimit();
   log(`bench ${QUICK ? "(quick) " : ""}on ${(results.machine as Msg).cpu} x${(results.machine as Msg).cores}, fd limit ${results.fdLimit}`);
 
-  const phases: Record<Phase, () => Promise<Msg>> = { registration, sessions, mesh, departure, recovery, attack, tls };
+  const phases: Record<Phase, () => Promise<Msg>> = { registration, sessions, mesh, departure, recovery, attack, ha, tls };
   for (const phase of PHASES) {
     if (only && !only.includes(phase)) continue;
     if (overBudget) {
@@ -190,10 +192,10 @@ async function main(out: string | undefined, only: string[] | undefined): Promis
 async function mergedInto(json: string, phases: string[]): Promise<Msg> {
   const old = JSON.parse(await Bun.file(json).text()) as Msg;
   const run = { phases, date: results.date, command: `bun bench/run.ts --only ${phases.join(",")} --merge`, machine: results.machine, config: results.config, noise: results.noise, totalMs: results.totalMs };
-  // One run, in results.json files written before the list.
+  // Each phase keeps its own run too; `merged` lists the runs merged in so far (the latest last), dropping one whose phases were all measured again.
   const earlier = (Array.isArray(old.merged) ? old.merged : old.merged ? [old.merged] : []) as Msg[];
   const kept = earlier.filter((m) => (m.phases as string[]).some((p) => !phases.includes(p)));
-  return { ...old, ...Object.fromEntries(phases.map((p) => [p, results[p]])), merged: [...kept, run] };
+  return { ...old, ...Object.fromEntries(phases.map((p) => [p, { ...(results[p] as Msg), run }])), merged: [...kept, run] };
 }
 
 // --- phases ------------------------------------------------------------------
@@ -401,6 +403,28 @@ async function departure(): Promise<Msg> {
       reasons: Array.from(reasons),
     },
   };
+}
+
+/** 7: several registries on one Redis store (bench/ha.ts); what it measures so far is kept if it fails. */
+async function ha(): Promise<Msg> {
+  const out: Msg = {};
+  results.ha = out;
+  const perHolder = Math.max(100, Math.min(5_000, Math.floor((Number(results.fdLimit) - 300) / 2)));
+  let fleets = 0;
+  return haPhase(
+    {
+      quick: QUICK,
+      concs: CFG.concs,
+      startRegistry: (label, opts) => startRegistryProc(label, opts),
+      startReady,
+      // Fleets on one shared list must not register the same addresses: each gets its own port range.
+      fleet: (tag, port, probe, pingMs = 0, failover = []) => new Fleet(tag, port, probe, perHolder, pingMs, undefined, failover, 1024 + (fleets++ % 6) * 5_000),
+      registryCell,
+      closeChildren: () => closeAllChildren(PROFILE ? 10_000 : 1_000),
+      log,
+    },
+    out,
+  );
 }
 
 /** 5: kill -9 of the registry, a new one on the same port, until every node is registered again. */
@@ -633,7 +657,7 @@ function tlsCellLine(cell: Msg): string {
 // --- children ----------------------------------------------------------------
 
 /** A child speaking JSON lines (bench/lib.ts serveCommands): requests carry an id, replies echo it; other lines are events. */
-class Child extends Proc {
+export class Child extends Proc {
   private nextId = 1;
   private readonly pending = new Map<number, PromiseWithResolvers<Msg>>();
   /** The process's own pid as it reported it (differs from `pid` under a `timeout` wrapper). */
@@ -718,7 +742,7 @@ async function fdLimit(): Promise<number> {
 // --- helpers -----------------------------------------------------------------
 
 /** Simulated registered nodes on one registry, spread over holder processes (fd limit). */
-class Fleet {
+export class Fleet {
   private holders: Child[] = [];
   constructor(
     readonly tag: string,
@@ -728,6 +752,10 @@ class Fleet {
     readonly pingMs = 0,
     /** Loopback addresses the sessions connect from, spread evenly (default: 127.0.0.1 only). */
     readonly sources?: string[],
+    /** Ports of more registries sharing the list: a session its registry closes registers with the next. */
+    readonly failover: number[] = [],
+    /** First port the simulated nodes register (without the probe): fleets on one shared list need their own. */
+    readonly portBase = 1024,
   ) {}
 
   get children(): Child[] {
@@ -738,7 +766,7 @@ class Fleet {
     const need = Math.ceil(n / this.perHolder);
     while (this.holders.length < need) {
       const k = this.holders.length;
-      const opts = { port: this.port, prefix: `${this.tag}${k}-`, portBase: 1024 + k * this.perHolder, probe: this.probe, pingMs: this.pingMs, sources: this.sources };
+      const opts = { port: this.port, prefix: `${this.tag}${k}-`, portBase: this.portBase + k * this.perHolder, probe: this.probe, pingMs: this.pingMs, sources: this.sources, failover: this.failover };
       const h = spawnChild(`holder ${this.tag}${k}`, "bench/holder.ts", [JSON.stringify(opts)]);
       await h.log.waitFor("ready", 20_000, "holder ready");
       this.holders.push(h);
@@ -808,7 +836,7 @@ function cellTimeout(registered: number): number {
   return CFG.warmupMs + CFG.durationMs + 45_000 + registered;
 }
 
-interface RegistryProc {
+export interface RegistryProc {
   child: Child;
   port: number;
   ready: Msg;
@@ -849,14 +877,6 @@ function cellLine(cell: Msg): string {
   );
 }
 
-function fmt(x: number): string {
-  return !Number.isFinite(x) ? String(x) : x >= 100 ? x.toFixed(0) : x >= 10 ? x.toFixed(1) : x.toFixed(2);
-}
-
-function mb(bytes: number): string {
-  return (bytes / 1e6).toFixed(1);
-}
-
 function log(text: string): void {
   process.stderr.write(`[bench ${new Date().toISOString().slice(11, 19)}] ${text}\n`);
 }
@@ -879,7 +899,7 @@ if (import.meta.main) {
       concs: option("Concurrencies of the registration sweep, e.g. 1,16"),
       profile: option("Directory for Bun CPU profiles of the registries, written when they exit"),
       compare: option("Other registry.ts versions measured in the same registration cells (probe off), comma-separated"),
-      "budget-ms": option("The run's time limit, ms (default 480000; 60000 with --quick)"),
+      "budget-ms": option("The run's time limit, ms (default 540000; 90000 with --quick)"),
       merge: { type: "boolean", description: "Keep the other phases' results of the results.json already there (with --only)" },
       attackers: option("Attackers of the attack phase, comma-separated (default all): sync-spam, ping-flood, peers-flood, churn, slow-consumers"),
     },

@@ -2,30 +2,35 @@
 /**
  * Chaos run (issue 3): a registry process and N node processes on loopback,
  * then random kill -9, SIGTERM, SIGSTOP/SIGCONT and restarts of nodes, and
- * kill -9 + restart (same port) of the registry, for a bounded time. Then it
- * stops disturbing, waits for things to settle, and checks two facts:
- *   1. the registry's list is exactly the set of live node processes
+ * kill -9 + restart (same port) of the registry, for a bounded time. With
+ * --registries 2 or more, the registries share a private redis-server, every
+ * node is given all of them, and registries are also frozen, and the store is
+ * killed (restarted empty) and frozen. Then it stops disturbing, waits for
+ * things to settle, and checks two facts:
+ *   1. every registry's list is exactly the set of live node processes
  *      (each once, at the port the process listens on), and
- *   2. every live node's own view of its peers is the registry's list minus
- *      itself.
+ *   2. every live node's own view of its peers is that list minus itself.
  * Every node is a real `client.ts` process: 50 idle Bun processes fit two
  * cores and ~2 GB (about 35 MB each, asleep between heartbeats), and only
- * processes can be frozen and killed for real. The registry's list comes from its --json events
- * (every change to it is one); a node's view is asked for with SIGUSR1, which
- * makes client.ts print a `view` event.
+ * processes can be frozen and killed for real. A registry's list comes from its
+ * /peers (each runs its status server); a node's view is asked for with
+ * SIGUSR1, which makes client.ts print a `view` event.
  *
  *   bun scripts/chaos.ts --duration 20 --nodes 50 --seed 7
+ *   bun scripts/chaos.ts --duration 30 --nodes 30 --registries 3
  *
  * Exit 0 when both facts hold, 1 otherwise, 2 on a bad command line; with
  * --json the last stdout line is the report as one JSON object (event
  * "chaos-report").
  */
 import { intArg } from "../cli.ts";
-import { killAllOnExit, mulberry32, runScript, spawnScript, withDeadline, type Proc } from "../harness.ts";
+import { RedisServer, askView, killAllOnExit, listed, mulberry32, redisUnavailable, runScript, spawnScript, withDeadline, withStatus, type Proc } from "../harness.ts";
 
 interface ChaosOptions {
   durationMs: number;
   nodes: number;
+  /** Registry processes; 2 or more share a private redis-server. */
+  registries: number;
   /** Seeds the choice of actions and victims (process timing still varies between runs). */
   seed: number;
   /** Registry heartbeat; a node is evicted after 3 missed beats. */
@@ -38,7 +43,7 @@ interface ChaosReport {
   ok: boolean;
   seed: number;
   actions: Record<Action, number>;
-  /** Live node processes at the end, and the registry's list. */
+  /** Live node processes at the end, and the registries' lists (the shortest). */
   live: number;
   listed: number;
   /** Live nodes whose view equalled the registry's list minus themselves. */
@@ -48,7 +53,7 @@ interface ChaosReport {
   problems: string[];
 }
 
-type Action = "kill" | "term" | "freeze" | "start" | "restart-same" | "registry-restart";
+type Action = "kill" | "term" | "freeze" | "start" | "restart-same" | "registry-restart" | "registry-freeze" | "store-restart" | "store-freeze";
 
 /** Runs the chaos and the final check; always kills every process it started. */
 async function runChaos(options: ChaosOptions): Promise<ChaosReport> {
@@ -67,6 +72,16 @@ const NODE_FLAGS = ["--listen", "127.0.0.1", "--reconnect-max", "500", "--greet-
 /** Most node processes being spawned at once: a Bun start costs ~0.1 s of CPU and there are two cores. */
 const SPAWN_CONCURRENCY = 6;
 const START_DEADLINE_MS = 20_000;
+
+/** A registry process; restarted on the same port, its status server on a new one. */
+interface RegistrySlot {
+  index: number;
+  proc?: Proc;
+  port: number;
+  http: string;
+  down: boolean;
+  frozen?: Timer;
+}
 
 interface Slot {
   index: number;
@@ -88,11 +103,22 @@ class ChaosRun {
   private readonly all = new Set<Proc>();
   private readonly pending = new Set<Promise<unknown>>();
   private readonly problems: string[] = [];
-  private readonly actions: Record<Action, number> = { kill: 0, term: 0, freeze: 0, start: 0, "restart-same": 0, "registry-restart": 0 };
-  private registry!: Proc;
-  private registryPort = 0;
-  private registryDown = false;
+  private readonly actions: Record<Action, number> = {
+    kill: 0,
+    term: 0,
+    freeze: 0,
+    start: 0,
+    "restart-same": 0,
+    "registry-restart": 0,
+    "registry-freeze": 0,
+    "store-restart": 0,
+    "store-freeze": 0,
+  };
+  private readonly registries: RegistrySlot[];
+  private store: RedisServer | undefined;
+  private storeBusy = false;
   private lastRegistryRestart = 0;
+  private lastStoreAction = 0;
   private spawning = 0;
   private cleaningUp = false;
   private midpoint = Infinity;
@@ -101,14 +127,25 @@ class ChaosRun {
   constructor(private readonly o: ChaosOptions) {
     this.rand = mulberry32(this.o.seed);
     this.slots = Array.from({ length: this.o.nodes }, (_, index) => ({ index }));
+    this.registries = Array.from({ length: this.o.registries }, (_, index) => ({ index, port: 0, http: "", down: false }));
+  }
+
+  private get shared(): boolean {
+    return this.registries.length > 1;
   }
 
   async execute(): Promise<ChaosReport> {
     const o = this.o;
     this.say(`seed ${o.seed}: ${o.nodes} nodes, ${o.durationMs / 1000}s of chaos, heartbeat ${o.heartbeatMs}ms x ${MISSES}`);
-    this.registry = await this.startRegistry(0);
-    this.registryPort = Number(this.registry.log.named("listening")[0]!.port);
-    this.say(`registry listening on 127.0.0.1:${this.registryPort} (pid ${this.registry.pid})`);
+    if (this.shared) {
+      if (redisUnavailable) throw new Error(`--registries ${o.registries} needs a store: ${redisUnavailable}`);
+      this.store = await RedisServer.start();
+      this.say(`store: redis-server on ${this.store.url}`);
+    }
+    for (const r of this.registries) {
+      await this.startRegistry(r);
+      this.say(`registry#${r.index} listening on 127.0.0.1:${r.port} (pid ${r.proc!.pid})`);
+    }
     await Promise.all(this.slots.map((s) => this.startNode(s, false)));
     this.say(`${this.liveSlots().length} nodes started`);
 
@@ -119,8 +156,9 @@ class ChaosRun {
       await Bun.sleep(100 + this.rand() * 400); // pacing of the disturbance, not synchronisation
     }
     const lastActionAt = performance.now();
-    this.say("chaos over: thawing frozen nodes, waiting for pending starts and restarts");
+    this.say("chaos over: thawing what is frozen, waiting for pending starts and restarts");
     for (const s of this.slots) if (s.frozen) this.thaw(s);
+    for (const r of this.registries) if (r.frozen) this.thawRegistry(r);
     while (this.pending.size) await Promise.allSettled([...this.pending]);
 
     const agreedAt = await this.awaitAgreement(lastActionAt + o.settleMs);
@@ -130,41 +168,31 @@ class ChaosRun {
     // Checked again after the stability window: agreement that did not last is a finding too.
     this.problems.push(...final.problems);
     this.say(
-      `found: ${final.live} live nodes, registry lists ${final.listed}, ${final.viewsAgreeing}/${final.live} views agree` +
+      `found: ${final.live} live nodes, ${this.shared ? "registries list" : "registry lists"} ${final.listed}, ${final.viewsAgreeing}/${final.live} views agree` +
         (settled ? `; agreed ${settledMs}ms after the last action (and still did ${this.stableWindowMs}ms later)` : "; NO agreement"),
     );
     for (const p of this.problems.slice(0, 30)) this.say(`problem: ${p}`);
     if (this.problems.length > 30) this.say(`... and ${this.problems.length - 30} more problems`);
     const ok = settled && this.problems.length === 0;
-    this.say(ok ? "OK: the registry's list and every node's view agree with the live set" : "FAILED");
+    this.say(ok ? "OK: every registry's list and every node's view agree with the live set" : "FAILED");
     return { ok, seed: o.seed, actions: { ...this.actions }, live: final.live, listed: final.listed, viewsAgreeing: final.viewsAgreeing, settledMs, problems: [...this.problems] };
   }
 
   async cleanup(): Promise<void> {
     this.cleaningUp = true;
+    this.store?.freeze(false);
     await Promise.allSettled([...this.all].map((p) => p[Symbol.asyncDispose]()));
+    await this.store?.kill();
   }
 
-  /** One random disturbance. Weights keep the population near N and the registry mostly up. */
+  /** One random disturbance. */
   private act(): void {
-    const live = this.liveSlots();
-    const empty = this.slots.filter((s) => !s.proc);
-    const canRestartRegistry = !this.registryDown && performance.now() - this.lastRegistryRestart > 4 * this.o.heartbeatMs * MISSES;
-    const weights: [Action | "idle", number][] = [
-      ["kill", live.length > 1 ? 3 : 0],
-      ["term", live.length > 1 ? 1 : 0],
-      ["freeze", live.length > 1 ? 1 : 0],
-      ["start", empty.length ? 2 + (8 * empty.length) / this.o.nodes : 0],
-      ["restart-same", empty.some((s) => s.lastId) ? 2 : 0],
-      ["registry-restart", canRestartRegistry ? 0.4 : 0],
-      ["idle", 1],
-    ];
-    // Every run restarts the registry at least once, however the dice fall.
-    const due = canRestartRegistry && this.actions["registry-restart"] === 0 && performance.now() > this.midpoint;
-    const action = due ? "registry-restart" : pick(weights, this.rand);
+    const action = this.pickAction();
     if (action === "idle") return;
+    const live = this.liveSlots();
     const awake = live.filter((s) => !s.frozen);
-    const victim = (from: Slot[]) => from[Math.floor(this.rand() * from.length)];
+    const empty = this.slots.filter((s) => !s.proc);
+    const victim = <T>(from: T[]) => from[Math.floor(this.rand() * from.length)];
     switch (action) {
       case "kill":
       case "term": {
@@ -182,7 +210,7 @@ class ChaosRun {
         const s = victim(awake);
         if (!s) return;
         this.count("freeze");
-        const ms = Math.round(this.o.heartbeatMs * MISSES * (0.3 + this.rand() * 2.7));
+        const ms = this.freezeMs();
         this.say(`SIGSTOP node#${s.index} ${s.id} for ${ms}ms`);
         s.proc!.signal("SIGSTOP");
         s.frozen = setTimeout(() => this.thaw(s), ms);
@@ -191,17 +219,64 @@ class ChaosRun {
       case "start":
       case "restart-same": {
         const same = action === "restart-same";
-        const candidates = same ? empty.filter((s) => s.lastId) : empty;
-        const s = candidates[Math.floor(this.rand() * candidates.length)]!;
+        const s = victim(same ? empty.filter((x) => x.lastId) : empty)!;
         this.count(action);
         this.track(this.startNode(s, same));
         return;
       }
       case "registry-restart":
-        this.count("registry-restart");
-        this.track(this.restartRegistry());
+      case "registry-freeze": {
+        const r = victim(this.registries.filter((x) => !x.down && !x.frozen))!;
+        this.count(action);
+        this.lastRegistryRestart = performance.now();
+        if (action === "registry-restart") this.track(this.restartRegistry(r));
+        else this.freezeRegistry(r);
+        return;
+      }
+      case "store-restart":
+      case "store-freeze":
+        this.count(action);
+        this.lastStoreAction = performance.now();
+        this.track(action === "store-restart" ? this.restartStore() : this.freezeStore());
         return;
     }
+  }
+
+  /**
+   * Weights keep the population near N, registries mostly up (one at a time
+   * disturbed, spaced by two eviction bounds) and the store mostly reachable.
+   * Every run restarts a registry at least once, and the store too when there
+   * is one, however the dice fall.
+   */
+  private pickAction(): Action | "idle" {
+    const live = this.liveSlots().length;
+    const empty = this.slots.filter((s) => !s.proc);
+    const spacing = 4 * this.o.heartbeatMs * MISSES;
+    const now = performance.now();
+    const registryQuiet = this.registries.every((r) => !r.down && !r.frozen) && now - this.lastRegistryRestart > spacing;
+    const storeQuiet = this.shared && !this.storeBusy && now - this.lastStoreAction > spacing;
+    if (registryQuiet && this.actions["registry-restart"] === 0 && now > this.midpoint) return "registry-restart";
+    if (storeQuiet && this.actions["store-restart"] === 0 && now > this.midpoint) return "store-restart";
+    return pick<Action | "idle">(
+      [
+        ["kill", live > 1 ? 3 : 0],
+        ["term", live > 1 ? 1 : 0],
+        ["freeze", live > 1 ? 1 : 0],
+        ["start", empty.length ? 2 + (8 * empty.length) / this.o.nodes : 0],
+        ["restart-same", empty.some((s) => s.lastId) ? 2 : 0],
+        ["registry-restart", registryQuiet ? 0.4 : 0],
+        ["registry-freeze", registryQuiet && this.shared ? 0.3 : 0],
+        ["store-restart", storeQuiet ? 0.2 : 0],
+        ["store-freeze", storeQuiet ? 0.2 : 0],
+        ["idle", 1],
+      ],
+      this.rand,
+    );
+  }
+
+  /** A freeze long enough to be noticed or not: 0.3 to 3 heartbeat timeouts. */
+  private freezeMs(): number {
+    return Math.round(this.o.heartbeatMs * MISSES * (0.3 + this.rand() * 2.7));
   }
 
   private count(action: Action): void {
@@ -235,7 +310,8 @@ class ChaosRun {
   }
 
   private async startNode(s: Slot, sameIdentity: boolean): Promise<void> {
-    const args = ["127.0.0.1", String(this.registryPort), "--json", ...NODE_FLAGS];
+    const [first, ...more] = this.registries;
+    const args = ["127.0.0.1", String(first!.port), ...more.flatMap((r) => ["--registry", `127.0.0.1:${r.port}`]), "--json", ...NODE_FLAGS];
     if (sameIdentity) args.push("--id", s.lastId!, "--port", String(s.lastPort));
     await this.spawnSlot();
     try {
@@ -280,34 +356,93 @@ class ChaosRun {
     this.problems.push(`node#${s.index} ${s.id ?? "(starting)"} exited by itself with code ${code}: ${proc.stderr.slice(-3).join(" | ") || "(no stderr)"}`);
   }
 
-  private async restartRegistry(): Promise<void> {
-    this.registryDown = true;
-    const old = this.registry;
-    this.say(`kill -9 registry (pid ${old.pid}, ${this.registryList().size} listed)`);
-    await old.kill("SIGKILL");
+  private async restartRegistry(r: RegistrySlot): Promise<void> {
+    r.down = true;
+    this.say(`kill -9 registry#${r.index} (pid ${r.proc!.pid})`);
+    await r.proc!.kill("SIGKILL");
     const downMs = Math.round(this.rand() * this.o.heartbeatMs * MISSES);
     await Bun.sleep(downMs); // the outage itself, not a wait for anything
-    this.registry = await this.startRegistry(this.registryPort);
+    await this.startRegistry(r);
     this.lastRegistryRestart = performance.now();
-    this.registryDown = false;
-    this.say(`registry restarted on port ${this.registryPort} after ${downMs}ms down (pid ${this.registry.pid}, boot ${this.registry.log.named("listening")[0]!.boot})`);
+    this.say(`registry#${r.index} restarted on port ${r.port} after ${downMs}ms down (pid ${r.proc!.pid}, boot ${r.proc!.log.named("listening")[0]!.boot})`);
   }
 
-  /** Starts a registry process; retries a few times if the old port is briefly held by someone else. */
-  private async startRegistry(port: number): Promise<Proc> {
-    const args = ["127.0.0.1", String(port), "--json", "--heartbeat", String(this.o.heartbeatMs), "--heartbeat-misses", String(MISSES)];
+  private freezeRegistry(r: RegistrySlot): void {
+    const ms = this.freezeMs();
+    this.say(`SIGSTOP registry#${r.index} for ${ms}ms`);
+    r.proc!.signal("SIGSTOP");
+    r.frozen = setTimeout(() => this.thawRegistry(r), ms);
+  }
+
+  private thawRegistry(r: RegistrySlot): void {
+    clearTimeout(r.frozen);
+    r.frozen = undefined;
+    this.say(`SIGCONT registry#${r.index}`);
+    r.proc?.signal("SIGCONT");
+  }
+
+  /** kill -9 of the store, restarted empty on its port: the registries reconcile into a new epoch. */
+  private async restartStore(): Promise<void> {
+    this.storeBusy = true;
+    try {
+      this.say("kill -9 store");
+      await this.store!.kill();
+      const downMs = Math.round(this.rand() * this.o.heartbeatMs * MISSES);
+      await Bun.sleep(downMs); // the outage itself
+      await this.store!.restart();
+      this.say(`store restarted empty after ${downMs}ms down`);
+    } finally {
+      this.storeBusy = false;
+      this.lastStoreAction = performance.now();
+    }
+  }
+
+  /** SIGSTOP of the store: to the registries it is a partition, found at their command deadline. */
+  private async freezeStore(): Promise<void> {
+    this.storeBusy = true;
+    const ms = this.freezeMs();
+    this.say(`SIGSTOP store for ${ms}ms`);
+    this.store!.freeze(true);
+    try {
+      await Bun.sleep(ms); // the freeze itself
+    } finally {
+      this.store!.freeze(false);
+      this.say("SIGCONT store");
+      this.storeBusy = false;
+      this.lastStoreAction = performance.now();
+    }
+  }
+
+  /** Starts a registry process (on its old port, if it had one); retries a few times if the port is briefly held by someone else. */
+  private async startRegistry(r: RegistrySlot): Promise<void> {
+    const args = [
+      "127.0.0.1",
+      String(r.port),
+      "--json",
+      "--heartbeat",
+      String(this.o.heartbeatMs),
+      "--heartbeat-misses",
+      String(MISSES),
+      "--http",
+      "0",
+      "--http-host",
+      "127.0.0.1",
+      ...(this.store ? ["--store", this.store.url] : []),
+    ];
     for (let attempt = 1; ; attempt++) {
-      const proc = spawnScript("registry.ts", args, { label: "registry" });
+      const proc = spawnScript("registry.ts", args, { label: `registry#${r.index}` });
       this.all.add(proc);
       try {
-        await proc.log.waitFor("listening", START_DEADLINE_MS, "registry to listen");
+        const l = await proc.log.waitFor("listening", START_DEADLINE_MS, "registry to listen");
+        const { http } = await withStatus(proc);
+        Object.assign(r, { proc, port: Number(l.port), http, down: false });
         void proc.exited().then((code) => {
-          if (proc === this.registry && !this.registryDown) this.problems.push(`registry died by itself with code ${code}: ${proc.stderr.slice(-3).join(" | ")}`);
+          if (proc === r.proc && !r.down && !this.cleaningUp) this.problems.push(`registry#${r.index} died by itself with code ${code}: ${proc.stderr.slice(-3).join(" | ")}`);
         });
-        return proc;
+        return;
       } catch (e) {
         if (attempt >= 10) throw e;
-        this.say(`registry restart attempt ${attempt} failed (${(e as Error).message}); retrying`);
+        this.say(`registry#${r.index} start attempt ${attempt} failed (${(e as Error).message}); retrying`);
         await Bun.sleep(200);
       }
     }
@@ -335,70 +470,40 @@ class ChaosRun {
     return null;
   }
 
-  /** Compares the live set, the registry's list and every live node's view, once. */
+  /** Compares the live set, every registry's list and every live node's view, once. */
   private async check(): Promise<{ live: number; listed: number; viewsAgreeing: number; problems: string[] }> {
-    const problems: string[] = [];
     const live = new Map<string, Slot>();
     for (const s of this.liveSlots()) live.set(s.id!, s);
-    const listed = this.registryList();
-    for (const [id, s] of live) {
-      const entry = listed.get(id);
-      if (!entry) problems.push(`registry misses live node#${s.index} ${id}`);
-      else if (entry.port !== s.port) problems.push(`registry lists ${id} at port ${entry.port}, the process listens on ${s.port}`);
-    }
-    for (const id of listed.keys()) if (!live.has(id)) problems.push(`registry lists ${id}, which is not running`);
-    const byAddress = new Map<string, string>();
-    for (const [id, e] of listed) {
-      const a = `${e.host}:${e.port}`;
-      if (byAddress.has(a)) problems.push(`address ${a} listed twice (${byAddress.get(a)}, ${id})`);
-      byAddress.set(a, id);
-    }
+    const lists = await Promise.all(this.registries.map((r) => this.registryList(r)));
+    const problems = lists.flatMap((l, i) => (typeof l === "string" ? [l] : listProblems(l, live, this.shared ? `registry#${i}` : "registry")));
+    const shortest = Math.min(...lists.map((l) => (typeof l === "string" ? 0 : l.size)));
     let viewsAgreeing = 0;
     if (!problems.length) {
-      const views = await Promise.all([...live.values()].map((s) => this.askView(s)));
-      const want = [...listed.keys()].sort();
+      const want = [...(lists[0] as Map<string, unknown>).keys()].sort();
+      const views = await Promise.all([...live.values()].map((s) => askView(s.proc!).then((v) => ({ id: s.id!, ...v }), (e: Error) => e.message)));
       for (const v of views) {
         if (typeof v === "string") {
           problems.push(v);
           continue;
         }
         const expected = want.filter((id) => id !== v.id);
-        const got = [...v.peers].sort();
-        if (v.registered && same(got, expected)) {
+        if (v.registered && same(v.peers, expected)) {
           viewsAgreeing++;
           continue;
         }
         const missing = expected.filter((id) => !v.peers.includes(id));
-        const extra = got.filter((id) => !expected.includes(id));
-        const dup = got.length !== new Set(got).size ? " (duplicates)" : "";
+        const extra = v.peers.filter((id) => !expected.includes(id));
+        const dup = v.peers.length !== new Set(v.peers).size ? " (duplicates)" : "";
         problems.push(`node ${v.id}${v.registered ? "" : " (not registered)"} view differs: missing [${missing.join(",")}], extra [${extra.join(",")}]${dup}`);
       }
     }
-    return { live: live.size, listed: listed.size, viewsAgreeing, problems };
+    return { live: live.size, listed: shortest, viewsAgreeing, problems };
   }
 
-  /** Asks a node process for its view (SIGUSR1 -> a `view` event); an error text if it does not answer. */
-  private async askView(s: Slot): Promise<{ id: string; registered: boolean; peers: string[] } | string> {
-    const proc = s.proc!;
-    const before = proc.log.named("view").length;
-    proc.signal("SIGUSR1");
-    try {
-      const views = await proc.log.waitForCount("view", before + 1, 5_000, `node#${s.index} to print its view`);
-      const v = views[before]!;
-      return { id: s.id!, registered: v.registered === true, peers: (v.peers as string[]) ?? [] };
-    } catch (e) {
-      return (e as Error).message;
-    }
-  }
-
-  /** The current registry's list, rebuilt from its events (each change to the list is one). */
-  private registryList(): Map<string, { host: string; port: number }> {
-    const list = new Map<string, { host: string; port: number }>();
-    for (const e of this.registry.log.events) {
-      if (e.event === "node-registered") list.set(String(e.id), { host: String(e.host), port: Number(e.port) });
-      else if (e.event === "node-left") list.delete(String(e.id));
-    }
-    return list;
+  /** A registry's list from its /peers, or why it could not be read. */
+  private async registryList(r: RegistrySlot): Promise<Map<string, { host: string; port: number }> | string> {
+    if (r.down || !r.proc) return `registry#${r.index} is down`;
+    return listed(r.http).catch((e: Error) => `registry#${r.index}: ${e.message}`);
   }
 
   private liveSlots(): Slot[] {
@@ -435,6 +540,24 @@ function pick<T>(weights: [T, number][], rand: () => number): T {
   return weights[weights.length - 1]![0];
 }
 
+/** What keeps one registry's list from being exactly the live nodes, each once, at their own ports. */
+function listProblems(list: Map<string, { host: string; port: number }>, live: Map<string, Slot>, who: string): string[] {
+  const problems: string[] = [];
+  for (const [id, s] of live) {
+    const entry = list.get(id);
+    if (!entry) problems.push(`${who} misses live node#${s.index} ${id}`);
+    else if (entry.port !== s.port) problems.push(`${who} lists ${id} at port ${entry.port}, the process listens on ${s.port}`);
+  }
+  for (const id of list.keys()) if (!live.has(id)) problems.push(`${who} lists ${id}, which is not running`);
+  const byAddress = new Map<string, string>();
+  for (const [id, e] of list) {
+    const a = `${e.host}:${e.port}`;
+    if (byAddress.has(a)) problems.push(`${who}: address ${a} listed twice (${byAddress.get(a)}, ${id})`);
+    byAddress.set(a, id);
+  }
+  return problems;
+}
+
 function same(a: string[], b: string[]): boolean {
   return a.length === b.length && a.every((x, i) => x === b[i]);
 }
@@ -442,10 +565,15 @@ function same(a: string[], b: string[]): boolean {
 if (import.meta.main) {
   killAllOnExit();
   await runScript(
-    { name: "chaos", description: "Kill, freeze and restart nodes and the registry at random, then check that the registry's list and every node's view agree with the live nodes." },
+    {
+      name: "chaos",
+      description:
+        "Kill, freeze and restart nodes, registries and the store at random, then check that every registry's list and every node's view agree with the live nodes.",
+    },
     {
       duration: { type: "string", description: "Seconds of chaos", default: "20" },
       nodes: { type: "string", description: "Node processes, 2 to 500 (more would only measure process start-up)", default: "50" },
+      registries: { type: "string", description: "Registry processes, 1 to 5; 2 or more share a private redis-server (needs redis-server on PATH)", default: "1" },
       seed: { type: "string", description: "Seed for the choice of actions (default: random, printed)" },
       heartbeat: { type: "string", description: "Registry heartbeat in ms (eviction after 3 misses)", default: "300" },
       settle: { type: "string", description: "Seconds allowed to reach agreement after the chaos", default: "30" },
@@ -455,13 +583,15 @@ if (import.meta.main) {
       const report = await runChaos({
         durationMs: intArg("duration", args.duration, 1) * 1000,
         nodes: intArg("nodes", args.nodes, 2, 500),
+        registries: intArg("registries", args.registries, 1, 5),
         seed: args.seed === undefined ? Math.floor(Math.random() * 2 ** 31) : intArg("seed", args.seed),
         heartbeatMs: intArg("heartbeat", args.heartbeat, 50),
         settleMs: intArg("settle", args.settle, 1) * 1000,
       });
       const a = report.actions;
       process.stdout.write(
-        `actions: ${a.kill} kill -9, ${a.term} SIGTERM, ${a.freeze} SIGSTOP, ${a.start} fresh starts, ${a["restart-same"]} restarts with the same id and port, ${a["registry-restart"]} registry kill -9 + restart\n`,
+        `actions: ${a.kill} kill -9, ${a.term} SIGTERM, ${a.freeze} SIGSTOP, ${a.start} fresh starts, ${a["restart-same"]} restarts with the same id and port, ` +
+          `${a["registry-restart"]} registry kill -9 + restart, ${a["registry-freeze"]} registry SIGSTOP, ${a["store-restart"]} store kill -9 + restart empty, ${a["store-freeze"]} store SIGSTOP\n`,
       );
       if (args.json) process.stdout.write(JSON.stringify({ event: "chaos-report", ...report }) + "\n");
       return report.ok ? 0 : 1;

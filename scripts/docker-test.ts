@@ -9,8 +9,12 @@
  * --version without a role, a registry and nodes speaking IPv6 only (when
  * the engine allows an IPv6 network), and compose.yaml with `--scale
  * client=5` and a token (when `docker compose` or `docker-compose` exists),
- * readable logs unless LOG_JSON=1, and compose.tls.yaml: a mesh in mutual TLS
- * whose certificates (made here by certs.ts) are mounted as secrets.
+ * readable logs unless LOG_JSON=1, and compose.ha.yaml (two registries on a
+ * Redis store, nodes given both: a full mesh, every registry listing every
+ * node, and the nodes of a registry killed with -9 failing over; when a
+ * `redis:7` image is present, since no test pulls one).
+ * compose.tls.yaml: a mesh in mutual TLS whose certificates (made here by
+ * certs.ts) are mounted as secrets.
  *
  * Without a usable engine (`docker info` fails, or the oven/bun base image is
  * missing) it prints one line `SKIP docker: <reason>` and exits 0; with
@@ -127,6 +131,7 @@ class Run extends CheckRun {
       await this.mesh();
       if (this.o.ipv6) await this.ipv6();
       await this.compose();
+      await this.composeHa();
       await this.composeTls();
     });
   }
@@ -347,8 +352,7 @@ class Run extends CheckRun {
     const scale = 5;
     const up = await this.check(`compose (${cmd.join(" ")}): up --scale client=${scale}`, () => this.composeUp(project, base, env, ["--scale", `client=${scale}`]));
     if (!up) return;
-    const ps = (service: string) => this.composeContainers(project, service);
-    const [registries, clients] = await Promise.all([ps("registry"), ps("client")]);
+    const [registries, clients] = await Promise.all([this.composeNames(project, "registry"), this.composeNames(project, "client")]);
     await this.check(`compose: ${scale} clients form a full mesh`, async () => {
       if (registries.length !== 1 || clients.length !== scale) throw new Error(`found ${registries.length} registry and ${clients.length} client containers`);
       await fullMesh(clients.map((c) => this.follow(c)));
@@ -436,6 +440,75 @@ class Run extends CheckRun {
   private async composeContainers(project: string, service: string): Promise<string[]> {
     const out = await this.execOk(["ps", "-a", "--filter", `label=com.docker.compose.project=${project}`, "--filter", `label=com.docker.compose.service=${service}`, "--format", "{{.Names}}"]);
     return out.split("\n").map((l) => l.trim()).filter(Boolean);
+  }
+
+  /** compose.ha.yaml: a store, two registries, 4 nodes given both; then one registry is killed with -9. */
+  private async composeHa(): Promise<void> {
+    const cmd = await composeCommand(this.docker);
+    if (!cmd) return this.skip("compose (several registries)", "neither `docker compose` nor `docker-compose` is installed");
+    if ((await this.exec(["image", "inspect", "redis:7"], 30_000)).code !== 0) {
+      return this.skip("compose (several registries)", "no redis:7 image on this engine (a test pulls nothing; docker pull redis:7, or a local stand-in)");
+    }
+    const project = `${this.tag}-ha`;
+    const base = [...cmd, "-p", project, "-f", join(ROOT, "compose.ha.yaml")];
+    const env = { ...process.env, CONTACT_REGISTRY_IMAGE: this.o.image, REGISTRY_TOKEN: crypto.randomUUID(), LOG_JSON: "1" };
+    const scale = 4;
+    if (this.stopping) throw new Abort("stopping");
+    this.composeProjects.set(project, { base, env });
+    const up = await this.check(`compose.ha.yaml: up --scale client=${scale}`, async () => {
+      const p = exec([...base, "up", "-d", "--no-build", "--scale", `client=${scale}`], 120_000, env);
+      this.creating.add(p);
+      const r = await p.finally(() => this.creating.delete(p));
+      if (r.code !== 0) throw new Error(`exited ${r.code}: ${tail(r.stderr + r.stdout, 10)}`);
+    });
+    if (!up) return;
+    const names = (service: string) => this.composeNames(project, service);
+    const [[r1], [r2], clientNames] = await Promise.all([names("registry1"), names("registry2"), names("client")]);
+    const clients = clientNames.map((c) => this.follow(c));
+    let ids: string[] = [];
+    await this.check(`compose.ha.yaml: ${scale} clients over two registries form a full mesh, and both list all`, async () => {
+      if (!r1 || !r2 || clients.length !== scale) throw new Error(`found registries ${r1}, ${r2} and ${clients.length} clients`);
+      await fullMesh(clients);
+      ids = clients.map((c) => String(c.log.named("listening")[0]!.id)).sort();
+      for (const r of [r1, r2]) await this.listsExactly(r, ids);
+    });
+    await this.check("compose.ha.yaml: kill -9 of a registry, its nodes register with the other, which lists all", async () => {
+      const ip = (await this.execOk(["inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", r1!])).trim();
+      const on = (c: Proc) => String(c.log.named("registered").at(-1)?.registry);
+      const moving = clients.filter((c) => on(c) === `${ip}:8080`);
+      const before = new Map(moving.map((c) => [c, c.log.named("registered").length]));
+      await this.execOk(["kill", "-s", "KILL", r1!]);
+      for (const c of moving) {
+        await c.log.waitFor((e) => e.event === "registered" && c.log.named("registered").length > before.get(c)!, 30_000, `${c.label} to register again`);
+        if (on(c) === `${ip}:8080`) throw new Error(`${c.label} registered with the killed registry again`);
+      }
+      await this.listsExactly(r2!, ids);
+    });
+  }
+
+  /** Containers of a compose project's service. */
+  private async composeNames(project: string, service: string): Promise<string[]> {
+    const filters = ["--filter", `label=com.docker.compose.project=${project}`, "--filter", `label=com.docker.compose.service=${service}`];
+    const out = await this.execOk(["ps", "-a", ...filters, "--format", "{{.Names}}"]);
+    return out.split("\n").map((l) => l.trim()).filter(Boolean);
+  }
+
+  /** Waits until a registry container's /peers (status server on 8081) lists exactly `ids`. */
+  private async listsExactly(container: string, ids: string[]): Promise<void> {
+    const read = 'const r = await fetch("http://127.0.0.1:8081/peers"); console.log((await r.json()).peers.map((p) => p.id).sort().join())';
+    let last = "";
+    await waitUntil(
+      async () => {
+        const r = await this.exec(["exec", container, "bun", "-e", read], 30_000);
+        last = r.code === 0 ? r.stdout.trim() : `exit ${r.code}: ${r.stderr.trim()}`;
+        return last === ids.join();
+      },
+      30_000,
+      `${container} to list the ${ids.length} nodes`,
+      500,
+    ).catch((e: Error) => {
+      throw new Error(`${e.message} (lists: ${last})`);
+    });
   }
 
   /** Starts a labelled container and follows its log; the follower parses --json lines. */

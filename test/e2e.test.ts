@@ -122,6 +122,10 @@ describe("command line", () => {
     ["client.ts", ["127.0.0.1"], "missing the registry port"],
     ["registry.ts", ["127.0.0.1", "0", "--tokn", "x"], "unknown option --tokn"],
     ["client.ts", ["127.0.0.1", "1", "--max-line", "lots"], "--max-line"],
+    ["registry.ts", ["127.0.0.1", "0", "--store", "http://127.0.0.1:6379"], "--store: store URL must start with redis:// or rediss://"],
+    ["registry.ts", ["127.0.0.1", "0", "--store", "redis://127.0.0.1:6379/zero"], "only in a database number"],
+    ["client.ts", ["--registry", "127.0.0.1"], '--registry must be host:port, got "127.0.0.1"'],
+    ["client.ts", ["127.0.0.1", "1", "--registry", "127.0.0.1:99999"], "--registry: invalid port"],
   ] as const)("%s %p exits 2 with a clear message", async (script, args, message) => {
     // Env vars fill in missing arguments, so the test must not inherit any.
     await using p = spawnScript(script, [...args], { env: { REGISTRY_HOST: "", REGISTRY_PORT: "" } });

@@ -111,7 +111,8 @@ describe("identity: nobody replaces a live node", () => {
 
 describe("memory: what a client does not read is bounded", () => {
   test("non-readers asking for snapshots get one at a time, shared; honest nodes carry on", async () => {
-    const { reg, log } = await f.registry({ probe: false, rateSessionSyncs: 0 });
+    // A long heartbeat: the non-readers here never ping, and a loaded machine must not evict them first.
+    const { reg, log } = await f.registry({ probe: false, rateSessionSyncs: 0, heartbeatMs: 60_000 });
     await fillers(reg, 300);
     const honest = await Promise.all([0, 1, 2].map(() => f.node(reg.port)));
     const readers: RawClient[] = [];
@@ -140,7 +141,8 @@ describe("memory: what a client does not read is bounded", () => {
   test("over the budget, the largest backlogs are dropped as slow consumers; nodes that read are not", async () => {
     const budget = 256 * 1024;
     const watched = watchedTransport();
-    const options = { probe: false, maxQueueTotalBytes: budget, rateSessionLines: 0, rateAddressLines: 0, rateSessionSyncs: 0 };
+    // A long heartbeat: the mutes never ping, and a loaded machine must not evict them before the budget does.
+    const options = { probe: false, maxQueueTotalBytes: budget, rateSessionLines: 0, rateAddressLines: 0, rateSessionSyncs: 0, heartbeatMs: 60_000 };
     const { reg, log } = await f.registry({ ...options, transport: watched.transport });
     await fillers(reg, 300);
     const honest = await Promise.all([0, 1, 2].map(() => f.node(reg.port)));
@@ -150,7 +152,7 @@ describe("memory: what a client does not read is bounded", () => {
       await c.send({ type: "register", v: 1, id: `mute-${i}`, port: 43_000 + i });
       await c.waitFor("registered", 5_000);
       c.pause();
-      mutes.push({ c, end: await watched.from(c.localPort), sent: 0 });
+      mutes.push({ c, end: await watched.of(c), sent: 0 });
     }
     const say = async (m: (typeof mutes)[number], text: string) => {
       await m.c.write(text);
@@ -162,13 +164,14 @@ describe("memory: what a client does not read is bounded", () => {
       m.sent = m.end.read;
       while (m.end.conn.pendingBytes === 0 && !m.end.conn.closed) await say(m, '{"type":"sync"}\n');
     }
-    // Then answers of their own (one error each), far over the budget in all.
+    // Then answers of their own (one error each, ~330 bytes: the error quotes the value, clipped), far over the budget in all.
+    const bad = JSON.stringify({ type: "receipt", ids: "A".repeat(400) }) + "\n";
     let peak = 0;
     const dropped = () => log.named("error").filter((e) => e.code === "slow-consumer").length;
     // Loopback send buffers keep growing while they can: go on until the budget has dropped all four.
     const deadline = performance.now() + 40_000;
     while (dropped() < 4 && performance.now() < deadline) {
-      for (const m of mutes) if (!m.end.conn.closed) await say(m, "x\n".repeat(20_000));
+      for (const m of mutes) if (!m.end.conn.closed) await say(m, bad.repeat(2_000));
       peak = Math.max(peak, reg.stats().unsentBytes);
     }
     const state = { dropped: dropped(), peak, pending: mutes.map((m) => (m.end.conn.closed ? "dropped" : m.end.conn.pendingBytes)) };

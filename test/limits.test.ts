@@ -189,7 +189,7 @@ describe("registry limits", () => {
     await slow.send({ type: "register", v: 1, id: "slow-reader", port: 30_000 });
     await slow.waitFor("registered", 5_000);
     slow.pause();
-    const end = await watched.from(slow.localPort);
+    const end = await watched.of(slow);
     // Snapshots until the kernel's buffers are full and the registry holds bytes itself (a sync
     // waits for the last snapshot while that is queued); then every join and leave it is pushed
     // queues behind it, until the backlog passes the cap.

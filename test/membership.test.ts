@@ -319,6 +319,26 @@ describe.skipIf(redisUnavailable !== null)("several registries on one store", ()
   });
 });
 
+describe.skipIf(redisUnavailable !== null)("a registry frozen", () => {
+  test("still connected, but not on time once it missed a lease renewal (before the lease runs out); on time again once it thaws", async () => {
+    const prefix = freshPrefix();
+    const a = await openRedis(server!.url, "A", prefix, { heartbeatMs: 100, leaseMs: 1_500 });
+    await using holder = spawnScript("test/store-holder.ts", [server!.url, prefix, "F", "2"], { label: "store-holder" });
+    await holder.log.waitFor("ready", 10_000, "the holder to list its members");
+    await waitUntil(() => a.size === 2, WAIT_MS, "A to see F's members");
+    expect(await a.isConnected("F")).toBe(true);
+    holder.signal("SIGSTOP");
+    try {
+      await waitUntil(async () => !(await a.isConnected("F")), WAIT_MS, "F to count as silent");
+      // Silent long before its lease (1.5 s) runs out: its entries are still listed.
+      expect(a.size).toBe(2);
+    } finally {
+      holder.signal("SIGCONT");
+    }
+    await waitUntil(() => a.isConnected("F"), WAIT_MS, "F to renew its lease again");
+  });
+});
+
 describe.skipIf(redisUnavailable !== null)("the log and leases", () => {
   test("a broken chain in the log (entries lost) makes every mirror reload the list and announce reset", async () => {
     const prefix = freshPrefix();

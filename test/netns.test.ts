@@ -13,11 +13,12 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { makeCerts } from "../certs.ts";
 import { formatAddress } from "../net.ts";
-import { greetingsOf, meshProblems, waitUntil, withDeadline, type Proc } from "../harness.ts";
-import { SUBNET4, SUBNET6, UNUSED4, createNetwork, netnsUnavailable, removeOwn, type Host } from "./netns.ts";
+import { RedisServer, greetingsOf, meshProblems, redisUnavailable, waitUntil, withDeadline, type Proc } from "../harness.ts";
+import { SUBNET4, SUBNET6, UNUSED4, createNetwork, inNamespace, netnsUnavailable, removeOwn, type Host } from "./netns.ts";
 
 const unavailable = await netnsUnavailable();
 if (unavailable) console.log(`SKIP netns: ${unavailable}`);
+else if (redisUnavailable) console.log(`SKIP redis: ${redisUnavailable}`);
 
 const TEST_MS = 40_000;
 const WAIT_MS = 15_000;
@@ -134,6 +135,53 @@ describe.skipIf(unavailable !== null)("across hosts (network namespaces)", () =>
     expect(strict.log.named("error").map((e) => e.code)).toEqual(["address-not-allowed"]);
   }, TEST_MS);
 });
+
+describe.skipIf(unavailable !== null || redisUnavailable !== null)("several registries across hosts (network namespaces)", () => {
+  test("registries on two hosts, the store on a third, nodes on three more: a full mesh; a registry killed, its nodes fail over across hosts", async () => {
+    await using net = await createNetwork(["s", "r1", "r2", "a", "b", "c"]);
+    const [s, r1, r2] = [net.host("s"), net.host("r1"), net.host("r2")];
+    await using store = await RedisServer.start({ host: s.ipv4, prefix: inNamespace(s.ns) });
+    const regs = [await registryOn(r1, "0.0.0.0", ["--store", store.url]), await registryOn(r2, "0.0.0.0", ["--store", store.url])];
+    const hosts = [net.host("a"), net.host("b"), net.host("c")];
+    const nodes = await Promise.all(hosts.map((h) => nodeOn(h, r1.ipv4, regs[0]!.port, ["--registry", `${r2.ipv4}:${regs[1]!.port}`])));
+    const ids = nodes.map((n) => n.id).sort();
+    const count = (event: string) => nodes.reduce((sum, n) => sum + n.log.named(event).length, 0);
+    await waitUntil(() => count("greeted") >= 3 && count("greeting") >= 3, WAIT_MS, "3 greeted and greeting events").catch((e: Error) => {
+      // A store the registries cannot reach shows only as a split mesh: say what each process last reported.
+      throw new Error(`${e.message}; ${[...regs, ...nodes].map((p) => `${p.label}: ${JSON.stringify(p.log.events.slice(-4))}`).join("; ")}`);
+    });
+    const { greeted, received } = greetingsOf(nodes);
+    expect(meshProblems(ids, greeted, received)).toEqual([]);
+    // Both registries list all three at their own hosts' addresses, wherever each registered.
+    for (const reg of regs) {
+      await waitUntil(() => [...listedBy(reg).keys()].sort().join() === ids.join(), WAIT_MS, `${reg.label} to list all three`);
+      expect([...listedBy(reg)].sort()).toEqual(nodes.map((n) => [n.id, n.host.ipv4] as [string, string]).sort());
+    }
+
+    const on = (n: NodeProc) => String(n.log.named("registered").at(-1)!.registry);
+    const moving = nodes.filter((n) => on(n) === `${r1.ipv4}:${regs[0]!.port}`);
+    const before = new Map(moving.map((n) => [n, n.log.named("registered").length]));
+    await regs[0]!.kill();
+    for (const n of moving) {
+      await n.log.waitForCount("registered", before.get(n)! + 1, WAIT_MS, `${n.host.name}'s node to register with r2`);
+      expect(on(n)).toBe(`${r2.ipv4}:${regs[1]!.port}`);
+    }
+    await waitUntil(() => [...listedBy(regs[1]!).keys()].sort().join() === ids.join(), WAIT_MS, "r2 to list all three again");
+    for (const n of nodes) expect(n.log.named("error")).toEqual([]);
+    // Nobody greeted anybody twice across the failover.
+    expect(meshProblems(ids, greetingsOf(nodes).greeted, greetingsOf(nodes).received)).toEqual([]);
+  }, TEST_MS);
+});
+
+/** A registry's list as its events tell it (every registry reports every change of a shared list): id -> host. */
+function listedBy(reg: RegistryProc): Map<string, string> {
+  const list = new Map<string, string>();
+  for (const e of reg.log.events) {
+    if (e.event === "node-registered") list.set(String(e.id), String(e.host));
+    else if (e.event === "node-left") list.delete(String(e.id));
+  }
+  return list;
+}
 
 // --- internal ----------------------------------------------------------------
 

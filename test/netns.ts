@@ -142,7 +142,12 @@ export async function createNetwork(names: string[]): Promise<TestNetwork> {
 
 /** `bun <script> ...args` inside namespace `ns`; `ip netns exec` execs, so the pid is bun's own. */
 export function spawnInNamespace(ns: string, script: string, args: string[], env: Record<string, string> = {}, label = script): Proc {
-  return spawnScript(script, args, { env, label, prefix: [ipBinary() ?? "ip", "netns", "exec", ns] });
+  return spawnScript(script, args, { env, label, prefix: inNamespace(ns) });
+}
+
+/** The command prefix that runs a program inside namespace `ns` (it execs: the pid is the program's). */
+export function inNamespace(ns: string): string[] {
+  return [ipBinary() ?? "ip", "netns", "exec", ns];
 }
 
 /** Deletes every namespace this process created (afterAll safety net). */

@@ -26,6 +26,7 @@ describe("status API", () => {
     expect(body.count).toBe(3);
     expect(sortById(body.peers)).toEqual(sortById(registry.nodes().map(expectedPeer)));
     expect(body.peers.map((p: { name: string }) => p.name).sort()).toEqual(["n0", "n1", "n2"]);
+    expect(body.peers.map((p: { registry: string }) => p.registry)).toEqual([registry.id, registry.id, registry.id]);
 
     await nodes[1]!.stop();
     await waitUntil(() => registry.nodes().length === 2, 5_000, "registry to drop the stopped node");
@@ -39,6 +40,7 @@ describe("status API", () => {
     const body = await getJson(server, "/stats");
     expect(body.boot).toBe(registry.boot);
     expect(body.nodes).toBe(3);
+    expect({ registry: body.registry, sessions: body.sessions, store: body.store }).toEqual({ registry: registry.id, sessions: 3, store: "ok" });
     expect(body.joins).toBe(s.joins);
     expect(body.leaves).toEqual({ closed: 0, timeout: 0, leave: 0, replaced: 0 });
     expect(body.mesh).toEqual({ pairsGreeted: 3, pairsExpected: 3, complete: true, timeToFullMeshMs: s.meshCompleteMs });
@@ -99,7 +101,7 @@ describe("status API", () => {
     const { registry, server } = await mesh(1);
     const ok = await get(server, "/healthz");
     expect(ok.status).toBe(200);
-    expect(await ok.json()).toEqual({ status: "ok", boot: registry.boot, nodes: 1 });
+    expect(await ok.json()).toEqual({ status: "ok", boot: registry.boot, registry: registry.id, nodes: 1, sessions: 1 });
     await registry.stop();
     const down = await get(server, "/healthz");
     expect(down.status).toBe(503);
@@ -274,6 +276,7 @@ function expectedPeer(n: ReturnType<Registry["nodes"]>[number]) {
     host: n.host,
     port: n.port,
     source: n.source,
+    registry: n.registry,
     joinedAt: new Date(n.joinedAt).toISOString(),
   };
 }

@@ -99,6 +99,26 @@ describe("TLS on the registry port", () => {
   );
 
   test(
+    "a node given the registry by name checks the certificate against that name, though it connects to the address the name resolves to",
+    async () => {
+      // A certificate for the name only: checked against the address, it would not match.
+      const named = await makeCerts(join(certs.dir, `named-${Date.now()}`), { nodes: 0, names: ["localhost"], ips: [], days: 2 });
+      const registry = await spawnRegistry(["--tls-cert", named.registry!.cert, "--tls-key", named.registry!.key]);
+      fixtures.push(registry);
+      const node = await spawnNode(registry.port, ["--tls-ca", named.ca, "--listen", "127.0.0.1"], {}, "localhost");
+      fixtures.push(node);
+      expect(node.log.named("registered").length).toBe(1);
+      const byAddress = await refusedNode(registry.port, ["--tls-ca", named.ca]);
+      expect(byAddress.error.code).toBe("bad-certificate");
+      expect(String(byAddress.error.message)).toContain("not issued for the name dialed (see --tls-server-name)");
+      const overridden = await spawnNode(registry.port, ["--tls-ca", named.ca, "--tls-server-name", "localhost", "--listen", "127.0.0.1"]);
+      fixtures.push(overridden);
+      expect(overridden.log.named("registered").length).toBe(1);
+    },
+    T,
+  );
+
+  test(
     "a plain-text node is refused with a clear message and exits 1; a node trusting another CA refuses the registry and exits 1",
     async () => {
       const registry = await spawnRegistry(certs.registryArgs(false));

@@ -57,7 +57,7 @@ async function ask(transport: Transport, port: number, o: { host?: string; node?
   const handlers = lineHandlers<object>({ maxLineBytes: 1024, state: () => ({}), line: (_, l) => reply.resolve(l), close: () => reply.resolve("(closed)") });
   let conn: Conn<object>;
   try {
-    conn = await transport.dial(o.host ?? "127.0.0.1", port, handlers, 5_000, o.node);
+    conn = await transport.dial(o.host ?? "127.0.0.1", port, handlers, 5_000, o.node === undefined ? undefined : { node: o.node });
   } catch (e) {
     return `${(e as DialError).code}: ${(e as Error).message}`;
   }
@@ -278,7 +278,7 @@ describe("loading and reloading the files", () => {
     const me = certs.nodeTransport("node-0");
     const reply = Promise.withResolvers<string>();
     const handlers = lineHandlers<object>({ maxLineBytes: 1024, state: () => ({}), line: (_, l) => reply.resolve(l) });
-    const open = await me.dial("127.0.0.1", s.port, handlers, 5_000, "node-1");
+    const open = await me.dial("127.0.0.1", s.port, handlers, 5_000, { node: "node-1" });
     cleanups.push(() => open.destroy());
 
     writeFileSync(files.key, "not a key\n");
@@ -330,7 +330,7 @@ async function reissue(c: TestCerts, id: string, dir: string): Promise<{ cert: s
 async function serialOf(port: number, me: Transport): Promise<string> {
   const serial = Promise.withResolvers<string>();
   const handlers = lineHandlers<object>({ maxLineBytes: 1024, state: () => ({}), line() {} });
-  const conn = await me.dial("127.0.0.1", port, handlers, 5_000, "node-1");
+  const conn = await me.dial("127.0.0.1", port, handlers, 5_000, { node: "node-1" });
   serial.resolve(conn.socket.getPeerCertificate().serialNumber);
   conn.destroy();
   return serial.promise;
