@@ -11,50 +11,12 @@
  */
 import { defineCommand, runMain, type ArgsDef } from "citty";
 import { Admission, type Holding } from "./admission.ts";
-import {
-  UsageError,
-  createPrinter,
-  describeCommon,
-  isWarning,
-  portsRecorder,
-  readSettings,
-  reloadOnHangup,
-  renderHelp,
-  runCli,
-  stopOnSignals,
-  tlsFromFlags,
-  type CommonEvent,
-  type Level,
-} from "./cli.ts";
+import { UsageError, createPrinter, describeCommon, isWarning, portsRecorder, readSettings, reloadOnHangup, renderHelp, runCli, stopOnSignals, tlsFromFlags, type CommonEvent, type Level } from "./cli.ts";
 import { BucketMap, ByteBudget, ConnectionCaps, HTTP_LIMITS, TokenBucket, fitCapsToFdLimit, readFdUsage, type CapTicket, type Rate } from "./limits.ts";
 import { SessionDeadlines, systemClock, type Clock, type Expiry, type Watched } from "./liveness.ts";
 import { MemoryMembership, addressOf, peerOf, type Change, type Member, type Membership, type StoreState } from "./membership.ts";
-import {
-  GATE_FDS_PER_CONN,
-  GATE_MAX_REFUSING,
-  formatAddress,
-  isLoopbackHost,
-  lineHandlers,
-  parsePort,
-  tcp,
-  type Conn,
-  type TlsTransport,
-  type Transport,
-} from "./net.ts";
-import {
-  DEFAULTS,
-  MAX_TIMER_MS,
-  PING_LINE,
-  PONG_LINE,
-  PROTOCOL_VERSION,
-  ToRegistry,
-  decode,
-  randomId,
-  type ErrorCode,
-  type LeaveReason,
-  type Peer,
-  type Register,
-} from "./protocol.ts";
+import { GATE_FDS_PER_CONN, GATE_MAX_REFUSING, formatAddress, isLoopbackHost, lineHandlers, parsePort, tcp, type Conn, type TlsTransport, type Transport } from "./net.ts";
+import { DEFAULTS, MAX_TIMER_MS, PING_LINE, PONG_LINE, PROTOCOL_VERSION, ToRegistry, decode, randomId, type ErrorCode, type LeaveReason, type Peer, type Register } from "./protocol.ts";
 
 export interface RegistryOptions {
   /** Bind address; `localhost` binds 127.0.0.1 and ::1, `::` falls back to 0.0.0.0. */
