@@ -7,7 +7,8 @@
 import { createHash, timingSafeEqual } from "node:crypto";
 import { BucketMap } from "./limits.ts";
 import { addressOf, type Member, type Membership } from "./membership.ts";
-import { canonicalIp, formatAddress, identityMismatch, ipScope, lineHandlers, normalizeHost, resolveWithin, type Conn, type PeerIdentity, type Transport } from "./net.ts";
+import { canonicalIp, formatAddress, ipScope, lineHandlers, normalizeHost, resolveWithin, type Conn, type PeerIdentity, type Transport } from "./net.ts";
+import { identityMismatch } from "./tls.ts";
 import { DEFAULTS, FromListener, PROTOCOL_VERSION, decode, randomId, type ErrorCode, type Register } from "./protocol.ts";
 
 export interface AdmissionSettings {

@@ -13,7 +13,8 @@ import { isIP } from "node:net";
 import { join } from "node:path";
 import * as v from "valibot";
 import { checkFlags, intArg, runCli, UsageError } from "./cli.ts";
-import { NODE_URI_PREFIX, normalizeHost } from "./net.ts";
+import { normalizeHost } from "./net.ts";
+import { NODE_URI_PREFIX } from "./tls.ts";
 import { Peer } from "./protocol.ts";
 
 export type CertOptions = {

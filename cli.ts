@@ -6,7 +6,7 @@
  */
 import type { ArgsDef, ParsedArgs } from "citty";
 import { createConsola } from "consola";
-import { TlsConfigError, tls, type TlsEvent, type TlsOptions, type TlsTransport } from "./net.ts";
+import { TlsConfigError, tls, type TlsEvent, type TlsOptions, type TlsTransport } from "./tls.ts";
 import { appendFileSync } from "node:fs";
 
 /** How loud a readable line is: debug lines show only with CONSOLA_LEVEL=4 or more. */

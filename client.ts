@@ -14,7 +14,8 @@ import { defineCommand, runMain, type ArgsDef } from "citty";
 import { UsageError, createLog, createPrinter, describeCommon, isWarning, portsRecorder, readSettings, reloadOnHangup, renderHelp, repeatedFlag, runCli, stopOnSignals, tlsFromFlags, type CommonEvent, type Level } from "./cli.ts";
 import { Greeter, Listener, Met, type GreetingEvent, type Identity } from "./greetings.ts";
 import { Backoff, Heartbeat, systemClock, type Clock } from "./liveness.ts";
-import { NODE_URI_PREFIX, formatAddress, isLoopbackHost, lineHandlers, parseHostPort, parsePort, resolveWithin, tcp, type Conn, type TlsTransport, type Transport } from "./net.ts";
+import { formatAddress, isLoopbackHost, lineHandlers, parseHostPort, parsePort, resolveWithin, tcp, type Conn, type Transport } from "./net.ts";
+import { NODE_URI_PREFIX, type TlsTransport } from "./tls.ts";
 import { DEFAULTS, ErrorCode, FromRegistry, MAX_TIMER_MS, PROTOCOL_VERSION, decode, randomId, type Peer } from "./protocol.ts";
 import * as v from "valibot";
 

@@ -5,7 +5,8 @@
  * retried or repeated greeting is acknowledged but counted once.
  */
 import { ConnectionCaps, type CapTicket } from "./limits.ts";
-import { formatAddress, identityMismatch, lineHandlers, type Conn, type Listening, type Transport } from "./net.ts";
+import { formatAddress, lineHandlers, type Conn, type Listening, type Transport } from "./net.ts";
+import { identityMismatch } from "./tls.ts";
 import { DEFAULTS, FromListener, PROTOCOL_VERSION, ToListener, decode, type Peer } from "./protocol.ts";
 
 export type GreetingEvent =
@@ -176,7 +177,7 @@ export class Listener {
   private readonly pending = new Map<string, { address: string; name?: string }>();
 
   constructor(
-    private readonly s: ListenerSettings,
+    s: ListenerSettings,
     transport: Transport,
     private readonly me: Identity,
     private readonly met: Met,

@@ -15,7 +15,8 @@ import { makeCerts, type CertSet } from "./certs.ts";
 import { checkFlags, runCli } from "./cli.ts";
 import { command as nodeCommand, startNode, type NodeOptions, type PeerNode } from "./client.ts";
 import type { Clock } from "./liveness.ts";
-import { tcp, tls, type Conn, type TlsTransport, type Transport } from "./net.ts";
+import { tcp, type Conn, type Transport } from "./net.ts";
+import { tls, type TlsTransport } from "./tls.ts";
 import { command as registryCommand, startRegistry, type Registry, type RegistryOptions } from "./registry.ts";
 
 /** The project root: where the scripts are started from. */

@@ -127,7 +127,7 @@ export class Heartbeat {
 
   constructor(
     clock: Clock,
-    private readonly intervalMs: number,
+    intervalMs: number,
     private readonly timeoutMs: number,
     ping: () => void,
     silent: (ms: number) => void,

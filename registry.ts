@@ -15,7 +15,9 @@ import { UsageError, createPrinter, describeCommon, isWarning, portsRecorder, re
 import { BucketMap, ByteBudget, ConnectionCaps, HTTP_LIMITS, TokenBucket, fitCapsToFdLimit, readFdUsage, type CapTicket, type Rate } from "./limits.ts";
 import { SessionDeadlines, systemClock, type Clock, type Expiry, type Watched } from "./liveness.ts";
 import { MemoryMembership, addressOf, peerOf, type Change, type Member, type Membership, type StoreState } from "./membership.ts";
-import { GATE_FDS_PER_CONN, GATE_MAX_REFUSING, formatAddress, isLoopbackHost, lineHandlers, parsePort, tcp, type Conn, type TlsTransport, type Transport } from "./net.ts";
+import { formatAddress, isLoopbackHost, lineHandlers, parsePort, tcp, type Conn, type Transport } from "./net.ts";
+import { type TlsTransport } from "./tls.ts";
+import { GATE_FDS_PER_CONN, GATE_MAX_REFUSING } from "./gate.ts";
 import { DEFAULTS, MAX_TIMER_MS, PING_LINE, PONG_LINE, PROTOCOL_VERSION, ToRegistry, decode, randomId, type ErrorCode, type LeaveReason, type Peer, type Register } from "./protocol.ts";
 
 export interface RegistryOptions {

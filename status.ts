@@ -17,7 +17,8 @@
 import { createHash } from "node:crypto";
 import { HTTP_LIMITS } from "./limits.ts";
 import type { LeaveReason } from "./protocol.ts";
-import { formatAddress, normalizeHost, serveGated, tcp, type GateStats, type Transport } from "./net.ts";
+import { formatAddress, normalizeHost, tcp, type Transport } from "./net.ts";
+import { serveGated, type GateStats } from "./gate.ts";
 import type { NodeInfo, Registry, RegistryEvent, RegistryStats } from "./registry.ts";
 // A text import is part of the module graph: it works from any cwd, in the
 // Docker image and in a `bun build --compile` binary alike.

@@ -11,7 +11,8 @@
  */
 import { join } from "node:path";
 import { startNode, type PeerNode } from "../client.ts";
-import { tls, type Transport } from "../net.ts";
+import { type Transport } from "../net.ts";
+import { tls } from "../tls.ts";
 import { emit, serveCommands, wallMs, type Msg } from "./lib.ts";
 
 const nodes: PeerNode[] = [];

@@ -16,7 +16,8 @@
  * {"cmd":"gc"} -> full GC first, then the same; {"cmd":"window"}.
  */
 import { readFileSync } from "node:fs";
-import { tcp, tls, type Conn, type TlsOptions, type Transport } from "../net.ts";
+import { tcp, type Conn, type Transport } from "../net.ts";
+import { tls, type TlsOptions } from "../tls.ts";
 import type { RegistryOptions, startRegistry as Start } from "../registry.ts";
 import { cpuMs, dist, emit, selfRss, serveCommands, wallMs, type Msg } from "./lib.ts";
 

@@ -8,7 +8,7 @@ import { mkdtempSync, readFileSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { makeCerts, type CertSet } from "../certs.ts";
-import { nodeIdOf } from "../net.ts";
+import { nodeIdOf } from "../tls.ts";
 import { spawnScript, withDeadline } from "../harness.ts";
 
 const T = 30_000;

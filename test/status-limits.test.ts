@@ -8,7 +8,7 @@
  */
 import { afterEach, describe, expect, test } from "bun:test";
 import { startRegistry, type Registry, type RegistryOptions } from "../registry.ts";
-import { startStatusServer, type StatusServer, type StatusServerOptions } from "../status.ts";
+import { startStatusServer, type StatusServerOptions } from "../status.ts";
 import { EventLog, RawClient, disposeAll, spawnScript, waitUntil, withDeadline, type WireMessage } from "../harness.ts";
 
 const T = 30_000;

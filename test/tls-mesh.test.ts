@@ -27,7 +27,8 @@ import {
   type Proc,
   type TestCerts,
 } from "../harness.ts";
-import { tcp, tls, type Transport } from "../net.ts";
+import { tcp, type Transport } from "../net.ts";
+import { tls } from "../tls.ts";
 import { startRegistry, type Registry } from "../registry.ts";
 
 const T = 60_000;

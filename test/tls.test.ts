@@ -10,7 +10,8 @@ import { copyFileSync, writeFileSync } from "node:fs";
 import net from "node:net";
 import { join } from "node:path";
 import { RawClient, testCerts, waitUntil, withDeadline, type TestCerts } from "../harness.ts";
-import { DialError, lineHandlers, tcp, tls, type Conn, type Transport } from "../net.ts";
+import { DialError, lineHandlers, tcp, type Conn, type Transport } from "../net.ts";
+import { tls } from "../tls.ts";
 
 let certs: TestCerts;
 beforeAll(async () => {
