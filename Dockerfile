@@ -31,7 +31,7 @@ ENV NODE_ENV=production \
 WORKDIR /app
 # Files stay owned by root: the `bun` user can read and run them, not change them.
 COPY --from=build /build/node_modules ./node_modules
-COPY package.json protocol.ts net.ts tls.ts gate.ts cli.ts membership.ts redis.ts admission.ts liveness.ts limits.ts greetings.ts registry.ts client.ts docker-entrypoint.sh ./
+COPY package.json protocol.ts net.ts tls.ts gate.ts cli.ts membership.ts redis.ts admission.ts liveness.ts limits.ts greetings.ts sessions.ts registry.ts registration.ts client.ts docker-entrypoint.sh ./
 # `status.*` matches status.ts alone or status.ts + status.html (a glob with
 # at least one match is fine where a missing plain name would fail the build).
 COPY status.* ./

@@ -336,12 +336,18 @@ interface Handshaking {
  * role to report when the connection closes.
  */
 function listenTls<S>(host: string, port: number, handlers: Bun.SocketHandler<Conn<S>>, material: () => TlsMaterial, handshakeMs: number): Listening {
+  return listenAll(host, port, rawSide(secureSide(handlers), material, handshakeMs));
+}
+
+function settle(h: Handshaking): void {
+  h.settled = true;
+  clearTimeout(h.timer);
+}
+
+/** The TLS side of an accepted connection: the role's handlers, reached only once the handshake (and in a mesh, the client's certificate) has passed. */
+function secureSide<S>(handlers: Bun.SocketHandler<Conn<S>>): Bun.SocketHandler<Conn<S>> {
   const sides = new WeakMap<object, Handshaking>();
-  const settle = (h: Handshaking) => {
-    h.settled = true;
-    clearTimeout(h.timer);
-  };
-  const secure: Bun.SocketHandler<Conn<S>> = {
+  return {
     open(s) {
       const h = s.data as unknown as Handshaking;
       sides.set(s, h);
@@ -384,7 +390,15 @@ function listenTls<S>(host: string, port: number, handlers: Bun.SocketHandler<Co
     },
     error: handlers.error,
   };
-  const raw: Bun.SocketHandler<Handshaking> = {
+}
+
+/**
+ * The raw side of an accepted connection: upgrades it to TLS with the current
+ * material (rotation takes effect at the next connection), keeps the
+ * handshake deadline, and answers a plain-text client in plain text.
+ */
+function rawSide<S>(secure: Bun.SocketHandler<Conn<S>>, material: () => TlsMaterial, handshakeMs: number): Bun.SocketHandler<Handshaking> {
+  return {
     open(r) {
       const m = material();
       const h: Handshaking = { conn: undefined, timer: undefined, settled: false, ready: false, first: true, mesh: m.meshCas.length > 0 };
@@ -421,6 +435,5 @@ function listenTls<S>(host: string, port: number, handlers: Bun.SocketHandler<Co
       r.terminate();
     },
   };
-  return listenAll(host, port, raw);
 }
 
