@@ -108,8 +108,14 @@ export class RedisMembership implements Membership {
   private current: StoreState = "degraded";
   /** Id of the last log entry applied to the mirror. */
   private cursor = "0-0";
-  /** Entries from a script's reply that arrived before the log entries they follow, by the id they follow. */
+  /** Entries that arrived (in a script's reply or a message) before the entries they follow, by the id they follow. */
   private readonly pending = new Map<string, { id: string; json: string }>();
+  /** The newest log entry known to be in the store; while it is ahead of `cursor`, something is missing. */
+  private known = "0-0";
+  /** Messages that came while the list was being reloaded: read against the reloaded list. */
+  private early: string[] = [];
+  private catching: Promise<void> | undefined;
+  private catchTimer: Timer | undefined;
   /** Joins and leaves waiting for their entry to reach the mirror: true once applied, false if a reload or a lost store overtook it. */
   private readonly waiters = new Map<string, (applied: boolean) => void>();
   private reconciling: Promise<void> | undefined;
@@ -253,6 +259,7 @@ export class RedisMembership implements Membership {
     if (this.closed) return;
     this.closed = true;
     clearInterval(this.heartbeat);
+    clearTimeout(this.catchTimer);
     if (this.retry) {
       clearTimeout(this.retry.timer);
       this.retry.wake();
@@ -319,7 +326,9 @@ export class RedisMembership implements Membership {
     this.beating = true;
     try {
       const reply = await this.write(SCRIPTS.heartbeat, [String(this.o.leaseMs)]);
-      if (reply) this.ingestReply(reply);
+      if (reply) this.ingestReply(reply, 2);
+      // The newest entry in the log: anything this registry missed (a message lost, entries written by something else) is read now.
+      if (reply && this.link) this.expect(this.link, String(reply[1]));
       // Our lease had run out: others may have swept our entries, which we still hold.
       if (reply?.[0] === "lost") await this.resync();
     } finally {
@@ -329,27 +338,45 @@ export class RedisMembership implements Membership {
 
   // --- reading the log -------------------------------------------------------
 
-  /** Feeds a script's log entries to the mirror; returns the last one's id. */
-  private ingestReply(reply: Reply): string | undefined {
+  /** Feeds a script's log entries (from index `from` on, as id, previous id, JSON) to the mirror; returns the last one's id. */
+  private ingestReply(reply: Reply, from = 1): string | undefined {
     let last: string | undefined;
-    for (let i = 1; i + 2 < reply.length; i += 3) {
+    for (let i = from; i + 2 < reply.length; i += 3) {
       last = String(reply[i]);
       if (!this.ingest(last, String(reply[i + 1]), String(reply[i + 2]), false)) void this.resync();
     }
     return last;
   }
 
+  /** Another registry's change, published by its script on this registry's channel: its entries, one field a line. */
+  private onMessage(link: Link, message: string): void {
+    if (this.link !== link) return;
+    if (this.reconciling) {
+      this.early.push(message);
+      return;
+    }
+    const f = message.split("\n");
+    // A line break inside an entry's JSON: not written by a registry, as unreadable as a broken entry.
+    if (f.length % 3 !== 0) return void this.resync();
+    for (let i = 0; i < f.length; i += 3) {
+      if (!this.ingest(f[i]!, f[i + 1]!, f[i + 2]!, false)) return void this.resync();
+    }
+  }
+
   /**
    * Applies one log entry if it follows the last one applied (each names the
-   * id before it). A script's reply may arrive before entries it follows are
-   * read: it waits. The reader is never ahead: what it lacks was trimmed or
-   * lost, and false means the whole list must be reloaded.
+   * id before it). Replies and messages may arrive before entries they
+   * follow: they wait, and if what they follow does not come at once, the
+   * log is read (`catchUp`). What the log itself says is complete: an entry
+   * there that does not follow means entries were trimmed or lost, and false
+   * means the whole list must be reloaded.
    */
-  private ingest(id: string, prev: string, json: string, fromReader: boolean): boolean {
+  private ingest(id: string, prev: string, json: string, fromLog: boolean): boolean {
     if (compareIds(id, this.cursor) <= 0) return true;
     if (prev !== this.cursor) {
-      if (fromReader) return false;
+      if (fromLog) return false;
       this.pending.set(prev, { id, json });
+      if (this.link) this.expect(this.link, id);
       return true;
     }
     if (!this.apply(id, json)) return false;
@@ -406,25 +433,38 @@ export class RedisMembership implements Membership {
     this.waiters.clear();
   }
 
-  /** Tails the log on the reader connection until the link is replaced. */
-  private async read(link: Link): Promise<void> {
+  /**
+   * The store has entry `id` (a reply or message named it, or a heartbeat saw
+   * it as the newest): if the mirror is still behind it a moment later (what
+   * it follows was not published to this registry, or the message was lost),
+   * the log is read from the cursor.
+   */
+  private expect(link: Link, id: string): void {
+    if (compareIds(id, this.known) > 0) this.known = id;
+    if (compareIds(this.known, this.cursor) <= 0) return;
+    // A moment: an entry that came first on one connection usually has what it follows on its way on the other.
+    this.catchTimer ??= setTimeout(() => {
+      this.catchTimer = undefined;
+      if (this.link === link && !this.reconciling && compareIds(this.known, this.cursor) > 0) this.catching ??= this.catchUp(link).finally(() => (this.catching = undefined));
+    }, CATCH_UP_DELAY_MS);
+  }
+
+  /** Reads the log from the cursor to its end (at the time of reading) into the mirror. */
+  private async catchUp(link: Link): Promise<void> {
     const stream = this.key("log");
-    while (this.link === link) {
+    for (let more = true; more; ) {
       let reply: unknown;
       try {
-        const args = ["BLOCK", String(this.o.heartbeatMs), "COUNT", "1000", "STREAMS", stream, this.cursor];
-        reply = await link.reading.track(link.reader.send("XREAD", args));
+        reply = await link.owed.track(link.cmd.send("XREAD", ["COUNT", String(READ_COUNT), "STREAMS", stream, this.cursor]));
       } catch (e) {
-        this.lose(link, e);
-        return;
+        return this.lose(link, e);
       }
-      if (this.link !== link) return;
-      for (const [id, prev, json] of streamEntries(reply, stream)) {
-        if (!this.ingest(id, prev, json, true)) {
-          await this.resync();
-          break;
-        }
+      if (this.link !== link || this.reconciling) return;
+      const entries = streamEntries(reply, stream);
+      for (const [id, prev, json] of entries) {
+        if (!this.ingest(id, prev, json, true)) return void this.resync();
       }
+      more = entries.length === READ_COUNT;
     }
   }
 
@@ -448,7 +488,13 @@ export class RedisMembership implements Membership {
 
   /** Reloads the list, writing this registry's own entries back first; one at a time, never rejects. */
   private resync(): Promise<void> {
-    this.reconciling ??= this.reconcile().finally(() => (this.reconciling = undefined));
+    this.reconciling ??= this.reconcile().finally(() => {
+      this.reconciling = undefined;
+      // Changes published while the list was reloaded: those after it follow the reloaded list.
+      const early = this.early.splice(0);
+      const link = this.link;
+      if (link) for (const message of early) this.onMessage(link, message);
+    });
     return this.reconciling;
   }
 
@@ -482,7 +528,7 @@ export class RedisMembership implements Membership {
     const pairs: [string, string][] = [];
     for (let i = 0; i + 1 < rawPairs.length; i += 2) pairs.push([rawPairs[i]!, rawPairs[i + 1]!]);
     this.pending.clear();
-    this.cursor = last;
+    this.cursor = this.known = last;
     this.storeSeq = seq;
     this.mirror.reset(boot, seq, members, pairs);
     // What the store gave to someone else while we were away is no longer ours.
@@ -496,6 +542,7 @@ export class RedisMembership implements Membership {
     this.link = undefined;
     closeLink(link);
     this.pending.clear();
+    this.early = [];
     this.settleWaiters();
     this.lastError = `store ${this.where}: ${errorText(error)}`;
     if (this.current === "ok") {
@@ -538,12 +585,10 @@ export class RedisMembership implements Membership {
     this.lastError = undefined;
     this.current = "ok";
     this.announce({ kind: "store", state: "ok" });
-    // A subscriber that throws while a change is applied must not kill the process: the list is reloaded instead.
-    this.read(link).catch((e) => this.lose(link, e));
     return true;
   }
 
-  /** Three connections: commands, the blocking log reader, and a subscription that shows this registry is alive. */
+  /** Two connections: commands, and subscriptions (one shows this registry is alive, one brings the others' changes). */
   private async connect(): Promise<Link> {
     const options: RedisOptions = {
       autoReconnect: false, // a lost connection is a lost store: reconcile, never replay a queue
@@ -554,25 +599,28 @@ export class RedisMembership implements Membership {
     const now = () => performance.now();
     const link: Link = {
       cmd: new RedisClient(this.url, options),
-      reader: new RedisClient(this.url, options),
       sub: new RedisClient(this.url, options),
       owed: new Owed("store command", this.o.opTimeoutMs, 5 * this.o.opTimeoutMs, now),
-      reading: new Owed("XREAD", this.o.heartbeatMs + this.o.opTimeoutMs, this.o.heartbeatMs + this.o.opTimeoutMs, now),
       watchdog: undefined,
     };
     try {
-      await deadline(Promise.all([link.cmd.connect(), link.reader.connect(), link.sub.connect()]), this.o.connectTimeoutMs + 500, "connect");
-      await deadline(link.sub.subscribe(this.key(`alive:${this.registryId}`), () => {}), this.o.opTimeoutMs, "SUBSCRIBE");
+      await deadline(Promise.all([link.cmd.connect(), link.sub.connect()]), this.o.connectTimeoutMs + 500, "connect");
+      // Before the list is loaded: every change after the reconcile that loads it is published to this registry.
+      const subscribed = Promise.all([
+        link.sub.subscribe(this.key(`alive:${this.registryId}`), () => {}),
+        link.sub.subscribe(this.key(`log:${this.registryId}`), (message) => this.onMessage(link, message)),
+      ]);
+      await deadline(subscribed, this.o.opTimeoutMs, "SUBSCRIBE");
     } catch (e) {
       closeLink(link);
       // Bun reports a refused password, TLS or protocol mismatch as a plain close.
       const hint = errorText(e) === "Connection closed" ? " (closed during the handshake: wrong password, TLS setting, or not Redis?)" : "";
       throw new Error(`cannot connect: ${errorText(e)}${hint}`, { cause: e });
     }
-    for (const c of [link.cmd, link.reader, link.sub]) c.onclose = () => this.lose(link, new Error("connection closed"));
+    for (const c of [link.cmd, link.sub]) c.onclose = () => this.lose(link, new Error("connection closed"));
     // One timer for every command's deadline; closing the link rejects what it still owes.
     link.watchdog = setInterval(() => {
-      const late = link.owed.late() ?? link.reading.late();
+      const late = link.owed.late();
       if (late) this.lose(link, new Error(late));
     }, Math.max(25, this.o.opTimeoutMs / 4));
     link.watchdog.unref();
@@ -588,13 +636,16 @@ export class RedisMembership implements Membership {
 
 type Reply = unknown[];
 
+/** How long an entry may wait for the one it follows before the log is read for it, ms. */
+const CATCH_UP_DELAY_MS = 2;
+/** Log entries read at once. */
+const READ_COUNT = 1000;
+
 interface Link {
   cmd: RedisClient;
-  reader: RedisClient;
   sub: RedisClient;
-  /** Answers owed on the command connection and on the reader's. */
+  /** Answers owed on the command connection. */
   owed: Owed;
-  reading: Owed;
   watchdog: Timer | undefined;
 }
 
@@ -670,6 +721,8 @@ const KnownEntry = v.object({
 const PRELUDE = `
 local P, BOOT, MAXLEN, SELF = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local out = {'ok'}
+-- Registries swept by this script: told too, in case one still lives (stalled) and must write its nodes back.
+local swept = {}
 local function key(name) return P .. name end
 local function log(id, json)
   local prev = redis.call('GET', key('last')) or '0-0'
@@ -701,6 +754,16 @@ local function list(id, address, json, replaced)
   local seq = redis.call('INCR', key('seq'))
   log(seq .. '-0', '{"kind":"joined","seq":' .. seq .. ',"member":' .. json .. (replaced and (',"replaced":' .. replaced) or '') .. '}')
 end
+-- The other registries get the entries this script wrote on their own channels (entries as id, previous id,
+-- JSON, a line each): none has to read the log for them, and none is woken by its own changes.
+local function tell()
+  if #out < 4 then return end
+  local message = table.concat(out, '\\n', 2)
+  for _, r in ipairs(redis.call('SMEMBERS', key('registries'))) do
+    if r ~= SELF then redis.call('PUBLISH', key('log:') .. r, message) end
+  end
+  for _, r in ipairs(swept) do redis.call('PUBLISH', key('log:') .. r, message) end
+end
 -- Greetings take no seq of their own (nodes never see them): they are numbered after the last change.
 local function greet(a, ids)
   log((redis.call('GET', key('seq')) or '0') .. '-*', '{"kind":"greeted","a":' .. cjson.encode(a) .. ',"ids":' .. cjson.encode(ids) .. '}')
@@ -721,6 +784,7 @@ local function sweep()
       end
       redis.call('DEL', key('owned:') .. r)
       redis.call('SREM', key('registries'), r)
+      swept[#swept + 1] = r
     end
   end
 end
@@ -747,6 +811,7 @@ if byAddress then remove(other, byAddress, 'replaced') end
 if byId then unlist(id, byId) end
 redis.call('SADD', key('registries'), SELF)
 list(id, address, json, byId)
+tell()
 return out
 `;
 
@@ -755,6 +820,7 @@ const LEAVE = `
 local raw = redis.call('HGET', key('members'), ARGV[5])
 if not raw or cjson.decode(raw).ticket ~= ARGV[6] then return {'gone'} end
 remove(ARGV[5], raw, ARGV[7])
+tell()
 return out
 `;
 
@@ -766,14 +832,17 @@ if not raw or cjson.decode(raw).ticket ~= ARGV[6] then return out end
 local added = {}
 for i = 7, #ARGV do if link(id, ARGV[i]) then added[#added + 1] = ARGV[i] end end
 if #added > 0 then greet(id, added) end
+tell()
 return out
 `;
 
-/** ARGV 5 lease ms. Renews the lease ('lost' if it had run out) and sweeps the dead. */
+/** ARGV 5 lease ms. Renews the lease ('lost' if it had run out) and sweeps the dead; the reply's second field is the newest log entry's id. */
 const HEARTBEAT = `
 local had = redis.call('SET', key('lease:') .. SELF, BOOT, 'PX', ARGV[5], 'GET')
 redis.call('SADD', key('registries'), SELF)
 sweep()
+tell()
+table.insert(out, 2, redis.call('GET', key('last')) or '0-0')
 if not had then out[1] = 'lost' end
 return out
 `;
@@ -818,6 +887,7 @@ for i = 9 + n * 4, #ARGV - 1, 2 do
   end
 end
 for a, ids in pairs(greeted) do greet(a, ids) end
+tell()
 local links = {}
 for _, id in ipairs(redis.call('HKEYS', key('members'))) do
   for _, other in ipairs(redis.call('SMEMBERS', key('links:') .. id)) do
@@ -884,7 +954,7 @@ function parseMember(raw: unknown): Member | undefined {
 
 function closeLink(link: Link): void {
   clearInterval(link.watchdog);
-  for (const c of [link.cmd, link.reader, link.sub]) {
+  for (const c of [link.cmd, link.sub]) {
     c.onclose = null;
     c.close();
   }
