@@ -922,11 +922,12 @@ function streamEntries(reply: unknown, stream: string): [string, string, string]
   });
 }
 
-/** Orders stream ids (`<seq>-<n>`) numerically. */
+/** Orders stream ids (`<seq>-<n>`) numerically (several times per entry: without splitting into arrays). */
 function compareIds(a: string, b: string): number {
-  const [am = 0, an = 0] = a.split("-").map(Number);
-  const [bm = 0, bn = 0] = b.split("-").map(Number);
-  return am - bm || an - bn;
+  if (a === b) return 0;
+  const i = a.indexOf("-");
+  const j = b.indexOf("-");
+  return Number(a.slice(0, i)) - Number(b.slice(0, j)) || Number(a.slice(i + 1)) - Number(b.slice(j + 1));
 }
 
 function seqOf(id: string): number {
