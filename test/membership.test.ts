@@ -170,6 +170,17 @@ for (const kind of kinds) {
       expect(new Set([...m.members()].map((x) => x.ticket))).toEqual(new Set([...live.values()].map((x) => x.ticket)));
     });
 
+    test("changes made at the same moment are decided one by one, in the order they were made", async () => {
+      const { m, log } = await recorded(kind.open);
+      const [a, b, c] = [member("a", 7001), member("b", 7001), member("c", 7002)];
+      await m.join(a, []);
+      // Not awaited one by one: a shared store sends them together, in one script call.
+      const results = await Promise.all([m.join(b, []), m.leave(a, "closed"), m.join(b, []), m.join(c, []), m.leave({ ...c, ticket: "another" }, "closed")]);
+      expect(results).toEqual([{ ok: false, holder: a }, true, { ok: true, seq: 3 }, { ok: true, seq: 4 }, false]);
+      expect(history(log)).toEqual([`1 joined a ${a.ticket}`, `2 left a ${a.ticket}`, `3 joined b ${b.ticket}`, `4 joined c ${c.ticket}`]);
+      expect([...m.members()]).toEqual([b, c]);
+    });
+
     test("receipts: greeted pairs, mesh completeness, and links gone with a member", async () => {
       const { m, log } = await recorded(kind.open);
       const [a, b, c, d] = [member("a", 7001), member("b", 7002), member("c", 7003), member("d", 7004)];
