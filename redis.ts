@@ -368,18 +368,14 @@ export class RedisMembership implements Membership {
   }
 
   /** Runs a script; its answer is owed within the command deadline (`long`: the reconcile's, five times that). */
-  private async run(link: Link, script: Script, args: string[], long = false): Promise<Reply> {
+  private run(link: Link, script: Script, args: string[], long = false): Promise<Reply> {
     const argv = [this.o.prefix, this.mirror.boot, String(this.o.logLength), ...args];
-    const call = async () => {
-      try {
-        return (await link.cmd.send("EVALSHA", [script.sha, "0", ...argv])) as Reply;
-      } catch (e) {
-        // A restarted store has forgotten the scripts; EVAL loads them again.
-        if (!String((e as Error).message).startsWith("NOSCRIPT")) throw e;
-        return (await link.cmd.send("EVAL", [script.source, "0", ...argv])) as Reply;
-      }
-    };
-    return link.owed.track(call(), long);
+    const answer = (link.cmd.send("EVALSHA", [script.sha, "0", ...argv]) as Promise<Reply>).catch((e: Error) => {
+      // A restarted store has forgotten the scripts; EVAL loads them again.
+      if (!String(e.message).startsWith("NOSCRIPT")) throw e;
+      return link.cmd.send("EVAL", [script.source, "0", ...argv]) as Promise<Reply>;
+    });
+    return link.owed.track(answer, long);
   }
 
   private async beat(): Promise<void> {
@@ -753,11 +749,22 @@ class Owed {
   track<T>(answer: Promise<T>, long = false): Promise<T> {
     if (this.count++ === 0) this.since = this.now();
     if (long) this.longs++;
-    return answer.finally(() => {
+    const answered = () => {
       this.count--;
       if (long) this.longs--;
       this.since = this.now();
-    });
+    };
+    // Not finally(): that takes two more turns of the microtask queue before the caller resumes, on every command.
+    return answer.then(
+      (value) => {
+        answered();
+        return value;
+      },
+      (e: unknown) => {
+        answered();
+        throw e;
+      },
+    );
   }
 
   /** Why the connection counts as stuck, or undefined. */
@@ -807,16 +814,33 @@ local swept = {}
 -- Entries of the reply that differ from the published ones (by index in out).
 local short = {}
 local function key(name) return P .. name end
+-- The seq and the newest log entry's id: read once per script, written back once (finish), as a batch takes many.
+local seq, stored, last
+local function currentSeq()
+  if not seq then
+    seq = tonumber(redis.call('GET', key('seq')) or '0')
+    stored = seq
+  end
+  return seq
+end
+local function nextSeq()
+  if seq then
+    seq = seq + 1
+  else
+    seq = redis.call('INCR', key('seq'))
+    stored = seq
+  end
+  return seq
+end
 -- mine: the caller's own change, which it knows: its reply leaves the JSON out (the log and the others get it).
 local function log(id, json, mine)
-  local prev = redis.call('GET', key('last')) or '0-0'
-  local at = redis.call('XADD', key('log'), 'MAXLEN', '~', MAXLEN, id, 'p', prev, 'c', json)
-  redis.call('SET', key('last'), at)
-  out[#out + 1] = at
+  local prev = last or redis.call('GET', key('last')) or '0-0'
+  last = redis.call('XADD', key('log'), 'MAXLEN', '~', MAXLEN, id, 'p', prev, 'c', json)
+  out[#out + 1] = last
   out[#out + 1] = prev
   out[#out + 1] = json
   if mine then short[#out] = '' end
-  return at
+  return last
 end
 -- address and registry: when the caller knows them (the registration's own), else read.
 local function unlist(id, raw, address, registry)
@@ -831,30 +855,35 @@ local function unlist(id, raw, address, registry)
 end
 local function remove(id, raw, reason, address, registry, mine)
   unlist(id, raw, address, registry)
-  local seq = redis.call('INCR', key('seq'))
-  return log(seq .. '-0', '{"kind":"left","seq":' .. seq .. ',"member":' .. raw .. ',"reason":"' .. reason .. '"}', mine)
+  local n = nextSeq()
+  return log(n .. '-0', '{"kind":"left","seq":' .. n .. ',"member":' .. raw .. ',"reason":"' .. reason .. '"}', mine)
 end
 local function list(id, address, json, replaced, mine)
   redis.call('HSET', key('members'), id, json)
   redis.call('HSET', key('where'), id, address)
   redis.call('HSET', key('addr'), address, id)
   redis.call('SADD', key('owned:') .. SELF, id)
-  local seq = redis.call('INCR', key('seq'))
-  return log(seq .. '-0', '{"kind":"joined","seq":' .. seq .. ',"member":' .. json .. (replaced and (',"replaced":' .. replaced) or '') .. '}', mine)
+  local n = nextSeq()
+  return log(n .. '-0', '{"kind":"joined","seq":' .. n .. ',"member":' .. json .. (replaced and (',"replaced":' .. replaced) or '') .. '}', mine)
 end
--- The other registries get the entries this script wrote on their own channels (entries as id, previous id,
--- JSON, a line each): none has to read the log for them, and none is woken by its own changes.
-local function tell()
-  if #out < 4 then return end
-  local message = table.concat(out, '\\n', 2)
+-- Writes the seq and the newest entry's id back. The other registries get the entries this script wrote on their own
+-- channels (entries as id, previous id, JSON, a line each): none has to read the log for them, and none is woken by its
+-- own changes.
+local function finish()
+  if seq ~= stored then redis.call('SET', key('seq'), seq) end
+  if not last then return end
+  redis.call('SET', key('last'), last)
+  local to = swept
   for _, r in ipairs(redis.call('SMEMBERS', key('registries'))) do
-    if r ~= SELF then redis.call('PUBLISH', key('log:') .. r, message) end
+    if r ~= SELF then to[#to + 1] = r end
   end
-  for _, r in ipairs(swept) do redis.call('PUBLISH', key('log:') .. r, message) end
+  if #to == 0 then return end
+  local message = table.concat(out, '\\n', 2)
+  for _, r in ipairs(to) do redis.call('PUBLISH', key('log:') .. r, message) end
 end
 -- Greetings take no seq of their own (nodes never see them): they are numbered after the last change.
 local function greet(a, ids)
-  return log((redis.call('GET', key('seq')) or '0') .. '-*', '{"kind":"greeted","a":' .. cjson.encode(a) .. ',"ids":' .. cjson.encode(ids) .. '}')
+  return log(currentSeq() .. '-*', '{"kind":"greeted","a":' .. cjson.encode(a) .. ',"ids":' .. cjson.encode(ids) .. '}')
 end
 local function link(a, b)
   if a == b or redis.call('HEXISTS', key('members'), a) == 0 or redis.call('HEXISTS', key('members'), b) == 0 then return false end
@@ -895,6 +924,7 @@ const SAME_EPOCH = `if redis.call('GET', key('boot')) ~= BOOT then return {'epoc
  * back was a fifth of its CPU).
  */
 const BATCH = `
+local present = false
 local function join(a, n)
   local id, address, json = ARGV[a], ARGV[a + 1], ARGV[a + 2]
   local function allowed(raw)
@@ -909,7 +939,11 @@ local function join(a, n)
   if byAddress and not allowed(byAddress) then return byAddress end
   if byAddress then remove(other, byAddress, 'replaced') end
   if byId then unlist(id, byId) end
-  redis.call('SADD', key('registries'), SELF)
+  -- A registry that lists a member is one the others sweep if it dies.
+  if not present then
+    redis.call('SADD', key('registries'), SELF)
+    present = true
+  end
   return list(id, address, json, byId, true)
 end
 local function leave(a)
@@ -935,7 +969,7 @@ for k = 1, tonumber(ARGV[5]) do
   else reply[k + 1] = receipt(a, n) end
   a = a + n
 end
-tell()
+finish()
 for i = 2, #out do reply[#reply + 1] = short[i] or out[i] end
 return reply
 `;
@@ -945,7 +979,7 @@ const HEARTBEAT = `
 local had = redis.call('SET', key('lease:') .. SELF, BOOT, 'PX', ARGV[5], 'GET')
 redis.call('SADD', key('registries'), SELF)
 sweep()
-tell()
+finish()
 table.insert(out, 2, redis.call('GET', key('last')) or '0-0')
 if not had then out[1] = 'lost' end
 return out
@@ -991,7 +1025,7 @@ for i = 9 + n * 4, #ARGV - 1, 2 do
   end
 end
 for a, ids in pairs(greeted) do greet(a, ids) end
-tell()
+finish()
 local links = {}
 for _, id in ipairs(redis.call('HKEYS', key('members'))) do
   for _, other in ipairs(redis.call('SMEMBERS', key('links:') .. id)) do
