@@ -11,7 +11,7 @@
  *   {"cmd":"run","port":P,"conc":C,"warmupMs":W,"durationMs":D,"prefix":"x"}
  */
 import { probeResponder } from "../harness.ts";
-import { dist, emit, serveCommands, type Msg } from "./lib.ts";
+import { cpuMs, dist, emit, serveCommands, type Msg } from "./lib.ts";
 
 /** One registration round trip: the worker that made it, when it began, what has arrived. */
 interface Req {
@@ -91,6 +91,7 @@ class Cell {
   private readonly conc: number;
   private readonly durationMs: number;
   private readonly start = performance.now();
+  private readonly startCpuMs = cpuMs();
   private readonly warmEnd: number;
   private readonly end: number;
   private readonly lat: number[] = [];
@@ -127,6 +128,8 @@ class Cell {
       errorSamples: Array.from(this.errorSamples),
       unfinished: this.running,
       wallMs: performance.now() - this.start,
+      /** This process's CPU time over the whole cell (warm-up included, as completedTotal is). */
+      cpuMs: cpuMs() - this.startCpuMs,
     };
   }
 
