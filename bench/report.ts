@@ -466,6 +466,9 @@ function attackSection(r: Msg): string {
 
 /** The run the attack phase came from: this one, or one merged in later (--merge). */
 function attackRun(r: Msg): Msg {
+  // Its own record, kept when a later --merge of another phase replaces `merged`.
+  const own = (r.attack as Msg | undefined)?.run as Msg | undefined;
+  if (own) return own;
   const m = r.merged as Msg | undefined;
   return m && (m.phases as string[]).includes("attack") ? m : r;
 }
@@ -659,7 +662,7 @@ function haScale(ha: Msg): string {
     "",
     table(["Registry", "Sessions held", "RSS", "RSS after full GC", "Heartbeat CPU", "Evicted"], rows),
     "",
-    `The store: ${mbs(Number(st.usedMemory))} MB used (${mbs(Number(st.rss))} MB RSS), ${int(Number(st.commandsPerSec))} commands/s and ${Number(st.cpuPct).toFixed(2)}% of a core during the window, while the registries answered ${int(Number(st.pingsPerSec))} pings/s: pings never reach the store (a registry renews one lease per second, and reads its log).`,
+    `The store: ${mbs(Number(st.usedMemory))} MB used (${mbs(Number(st.rss))} MB RSS), ${int(Number(st.commandsPerSec))} commands/s and ${Number(st.cpuPct).toFixed(2)}% of a core during the window, while the registries answered ${int(Number(st.pingsPerSec))} pings/s: pings never reach the store (a registry renews one lease per second; the others' changes come to it as messages).`,
   ].join("\n");
 }
 

@@ -182,7 +182,8 @@ async function main(out: string | undefined, only: string[] | undefined): Promis
  */
 async function mergedInto(json: string, phases: string[]): Promise<Msg> {
   const old = JSON.parse(await Bun.file(json).text()) as Msg;
-  const run = { phases, date: results.date, command: `bun bench/run.ts --only ${phases.join(",")} --merge`, machine: results.machine, config: results.config, noise: results.noise, totalMs: results.totalMs };
+  const compare = COMPARE.length ? ` --compare ${COMPARE.join(",")}` : "";
+  const run = { phases, date: results.date, command: `bun bench/run.ts --only ${phases.join(",")} --merge${compare}`, machine: results.machine, config: results.config, noise: results.noise, totalMs: results.totalMs };
   // Each phase keeps its own run too: `merged` names only the latest one merged in.
   return { ...old, ...Object.fromEntries(phases.map((p) => [p, { ...(results[p] as Msg), run }])), merged: run };
 }
