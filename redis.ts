@@ -510,7 +510,13 @@ export class RedisMembership implements Membership {
     // A moment: an entry that came first on one connection usually has what it follows on its way on the other.
     this.catchTimer ??= setTimeout(() => {
       this.catchTimer = undefined;
-      if (this.link === link && !this.reconciling && compareIds(this.known, this.cursor) > 0) this.catching ??= this.catchUp(link).finally(() => (this.catching = undefined));
+      if (this.catching || this.link !== link || this.reconciling || compareIds(this.known, this.cursor) <= 0) return;
+      const target = this.known;
+      this.catching = this.catchUp(link).finally(() => {
+        this.catching = undefined;
+        // Learned of more while reading (that read may have been sent before it was written): look again.
+        if (compareIds(this.known, target) > 0) this.expect(link, this.known);
+      });
     }, CATCH_UP_DELAY_MS);
   }
 

@@ -376,6 +376,37 @@ describe.skipIf(redisUnavailable !== null)("the log and leases", () => {
     expect(a.peerList()).toBe(b.peerList());
   });
 
+  test("an entry that reached the log but no registry's channel is read from the log within a beat, in order, without a reload", async () => {
+    const prefix = freshPrefix();
+    const [a, b] = [await openRedis(server!.url, "A", prefix), await openRedis(server!.url, "B", prefix)];
+    const [logA, logB] = [record(a), record(b)];
+    await a.join(member("a1", 7001, "A"), []);
+    await waitUntil(() => b.seq === 1, WAIT_MS, "B to apply seq 1");
+    // Written as a script would, but published to nobody: what a lost message looks like.
+    const x = member("x1", 7009, "X");
+    const raw = new RedisClient(server!.url);
+    try {
+      await raw.send("EVAL", [
+        "local prev = redis.call('GET', KEYS[1]) local seq = redis.call('INCR', KEYS[2]) " +
+          "local at = redis.call('XADD', KEYS[3], seq .. '-0', 'p', prev, 'c', '{\"kind\":\"joined\",\"seq\":' .. seq .. ',\"member\":' .. ARGV[1] .. '}') " +
+          "redis.call('SET', KEYS[1], at) return at",
+        "3",
+        `${prefix}last`,
+        `${prefix}seq`,
+        `${prefix}log`,
+        JSON.stringify(x),
+      ]);
+    } finally {
+      raw.close();
+    }
+    for (const log of [logA, logB]) expect(await log.waitFor((e) => e.event === "joined" && e.seq === 2, WAIT_MS, "the unpublished entry")).toMatchObject({ member: x });
+    expect([logA.named("reset"), logB.named("reset")]).toEqual([[], []]);
+    // And what follows is published again as usual.
+    await b.join(member("b1", 7002, "B"), []);
+    await logA.waitFor((e) => e.event === "joined" && e.seq === 3, WAIT_MS, "A to apply B's next join");
+    expect(a.peerList()).toBe(b.peerList());
+  });
+
   test("a registry whose lease ran out while it lives sees its nodes swept, and writes them back", async () => {
     const prefix = freshPrefix();
     // A beats less often than its lease lasts: what a stalled registry looks like to the others.
