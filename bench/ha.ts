@@ -3,8 +3,10 @@
  * private redis-server (started here, one per part, killed after it).
  *
  *   registration  round trips on a registry with the Redis store next to one
- *                 with the memory list, at each concurrency (probe off), and
- *                 where the difference goes (store commands and CPU per registration)
+ *                 with the memory list and one whose joins each wait for a
+ *                 PING (the floor of one round trip), at each concurrency
+ *                 (probe off), rounds alternating; and where the difference
+ *                 goes (CPU per registration of each party, store commands)
  *   propagation   a registration on registry A to the `joined` push at a
  *                 node of registry B, next to the same on one registry
  *   failover      kill -9 of a registry holding N simulated nodes that fail
@@ -23,12 +25,15 @@ import { RedisClient } from "bun";
 import { RawClient, RedisServer, redisUnavailable, rssBytes, waitUntil } from "../harness.ts";
 import { DEFAULTS } from "../protocol.ts";
 import { dist, fmt, mb, wallMs, type Msg } from "./lib.ts";
+import { cpuReading, otherCores } from "./machine.ts";
 import type { Child, Fleet, RegistryProc } from "./run.ts";
 
 export interface HaKit {
   quick: boolean;
   concs: number[];
-  startRegistry(label: string, opts: Msg): Promise<RegistryProc>;
+  /** Other registry.ts versions (with the redis.ts next to each) measured with the Redis store in the same registration rounds. */
+  compare: string[];
+  startRegistry(label: string, opts: Msg, env?: Record<string, string>): Promise<RegistryProc>;
   startReady(label: string, script: string, args: string[], event: string): Promise<{ child: Child; ready: Msg }>;
   fleet(tag: string, port: number, probe: boolean, pingMs?: number, failover?: number[]): Fleet;
   registryCell(reg: RegistryProc, fleet: Fleet, lg: Child, c: number, prefix: string): Promise<Msg>;
@@ -39,7 +44,7 @@ export interface HaKit {
 
 const SIZES = {
   quick: { rounds: 1, propagation: 30, failover: 200, stay: 20, restart: 100, scale: 300, cpuWindowMs: 2_000 },
-  full: { rounds: 3, propagation: 300, failover: 1_000, stay: 100, restart: 1_000, scale: 5_000, cpuWindowMs: 6_000 },
+  full: { rounds: 5, propagation: 300, failover: 1_000, stay: 100, restart: 1_000, scale: 5_000, cpuWindowMs: 6_000 },
 };
 
 type Part = "registration" | "propagation" | "failover" | "storeRestart" | "scale";
@@ -77,56 +82,107 @@ export async function haPhase(kit: HaKit, out: Msg): Promise<Msg> {
 // host each, would measure themselves.
 const FIXED = { maxConnsPerAddress: 0, rateAddressLines: 0, rateSessionLines: 0, rateAddressProbes: 0 };
 
+/** One registry measured in the registration rounds: its list, and the private redis-server behind it, if any. */
+interface Contender {
+  name: string;
+  reg: RegistryProc;
+  store?: StoreProbe;
+  runs: Msg[];
+}
+
 /**
  * Memory list vs Redis store, same cells, one registry each: what the store
- * adds to a registration. (Every other registry on the store applies each
- * change too, on its own machine: on this one it would only take CPU from
- * the registry measured.) Each cell runs `rounds` times, the two lists
- * alternating, and the median round of each counts: a burst of other work on
- * a shared machine then skews one round, not the ratio.
+ * adds to a registration. Next to them the PING floor (memory list, one
+ * round trip to a redis-server per join): what a round trip alone costs on
+ * this machine; and with --compare, other versions on the Redis store. (Every
+ * other registry on the store applies each change too, on its own machine: on
+ * this one it would only take CPU from the registry measured.) Each cell runs
+ * `rounds` times, the contenders alternating and their order reversed every
+ * other round; the ratio is the median of the rounds' own ratios (each
+ * Redis round against the memory round next to it), so that a burst of other
+ * work on a shared machine skews one round, not the ratio.
  */
 async function registration(kit: HaKit, rounds: number): Promise<Msg> {
-  await using store = await RedisServer.start();
   const opts = { ...FIXED, heartbeatMs: 60_000, probe: false };
-  const [memory, redis, lg] = await Promise.all([
-    kit.startRegistry("registry(memory)", opts),
-    kit.startRegistry("registry(redis)", { ...opts, store: store.url }),
-    kit.startReady("loadgen", "bench/loadgen.ts", [], "ready"),
-  ]);
-  const none = kit.fleet("none", memory.port, false);
-  const probe = new StoreProbe(store);
-  const cells: Msg[] = [];
+  const servers = await Promise.all([0, 1, ...kit.compare].map(() => RedisServer.start()));
   try {
-    for (const c of kit.concs) {
-      const mems: Msg[] = [];
-      const reds: Msg[] = [];
-      for (let round = 0; round < rounds; round++) {
-        mems.push(await kit.registryCell(memory, none, lg.child, c, `hm${c}r${round}-`));
-        const before = await probe.sample();
-        const red = await kit.registryCell(redis, none, lg.child, c, `hr${c}r${round}-`);
-        const after = await probe.sample();
-        const regs = Math.max(1, Number(red.completedTotal));
-        reds.push({ ...red, storeCommandsPerReg: (after.commands - before.commands) / regs, storeCpuUsPerReg: ((after.cpuMs - before.cpuMs) * 1000) / regs });
+    const [floorServer, redisServer, ...compareServers] = servers as [RedisServer, RedisServer, ...RedisServer[]];
+    const [memory, floor, redis, lg, ...others] = await Promise.all([
+      kit.startRegistry("registry(memory)", opts),
+      kit.startRegistry("registry(ping floor)", { ...opts, pingFloor: floorServer.url }),
+      kit.startRegistry("registry(redis)", { ...opts, store: redisServer.url }),
+      kit.startReady("loadgen", "bench/loadgen.ts", [], "ready"),
+      ...kit.compare.map((module, i) => kit.startRegistry(`registry(${module})`, { ...opts, store: compareServers[i]!.url }, { BENCH_REGISTRY: module })),
+    ]);
+    const contenders: Contender[] = [
+      { name: "memory", reg: memory, runs: [] },
+      { name: "pingFloor", reg: floor, store: new StoreProbe(floorServer), runs: [] },
+      { name: "redis", reg: redis, store: new StoreProbe(redisServer), runs: [] },
+      ...kit.compare.map((module, i) => ({ name: module, reg: others[i]!, store: new StoreProbe(compareServers[i]!), runs: [] })),
+    ];
+    const none = kit.fleet("none", memory.port, false);
+    const cells: Msg[] = [];
+    try {
+      for (const c of kit.concs) {
+        for (const x of contenders) x.runs = [];
+        for (let round = 0; round < rounds; round++) {
+          const order = round % 2 ? [...contenders].reverse() : contenders;
+          for (const x of order) x.runs.push(await measure(kit, x, none, lg.child, c, `h${contenders.indexOf(x)}c${c}r${round}-`));
+        }
+        const cell = summarize(c, contenders);
+        cells.push(cell);
+        kit.log(cellLine(cell));
       }
-      const [mem, red] = [median(mems), median(reds)];
-      const cell = {
-        conc: c,
-        memory: mem,
-        redis: red as Msg & { storeCommandsPerReg: number; storeCpuUsPerReg: number },
-        ratio: Number(red.throughput) / Number(mem.throughput),
-        rounds: { memory: mems.map((x) => Number(x.throughput)), redis: reds.map((x) => Number(x.throughput)) },
-      };
-      cells.push(cell);
-      kit.log(
-        `ha registration c=${c}: memory ${fmt(Number(mem.throughput))}/s p99 ${fmt(p99(mem))} ms ${fmt(Number(mem.serverCpuUsPerReq))} µs CPU | ` +
-          `redis ${fmt(Number(red.throughput))}/s p99 ${fmt(p99(red))} ms ${fmt(Number(red.serverCpuUsPerReq))} µs CPU (${cell.ratio.toFixed(2)}x; ` +
-          `store: ${cell.redis.storeCommandsPerReg.toFixed(1)} commands, ${fmt(cell.redis.storeCpuUsPerReg)} µs CPU per registration)`,
-      );
+    } finally {
+      for (const x of contenders) x.store?.close();
     }
+    return { cells, rounds };
   } finally {
-    probe.close();
+    await Promise.all(servers.map((x) => x.kill()));
   }
-  return { cells };
+}
+
+/** One cell of one contender: the registration round trips, and every party's CPU (and the store's commands) per registration. */
+async function measure(kit: HaKit, x: Contender, fleet: Fleet, lg: Child, c: number, prefix: string): Promise<Msg> {
+  const before = await x.store?.sample();
+  const machineBefore = cpuReading();
+  const run = await kit.registryCell(x.reg, fleet, lg, c, prefix);
+  const machineAfter = cpuReading();
+  const after = await x.store?.sample();
+  const regs = Math.max(1, Number(run.completedTotal));
+  const store = before && after ? { storeCommandsPerReg: (after.commands - before.commands) / regs, storeCpuUsPerReg: ((after.cpuMs - before.cpuMs) * 1000) / regs } : {};
+  return { ...run, ...store, loadgenCpuUsPerReg: (Number(run.cpuMs) * 1000) / regs, otherCores: otherCores(machineBefore, machineAfter) };
+}
+
+/** A cell's contenders: each one's median round (by throughput) with the medians of its CPU figures, and the ratios to the memory list. */
+function summarize(conc: number, contenders: Contender[]): Msg {
+  const memory = contenders[0]!.runs;
+  const cell: Msg = { conc, rounds: Object.fromEntries(contenders.map((x) => [x.name, x.runs.map((r) => Number(r.throughput))])) };
+  const compare: Msg[] = [];
+  for (const x of contenders) {
+    const summary = {
+      ...median(x.runs),
+      ...Object.fromEntries(["serverCpuUsPerReq", "loadgenCpuUsPerReg", "storeCpuUsPerReg", "storeCommandsPerReg", "otherCores"].map((k) => [k, medianOf(x.runs.map((r) => Number(r[k])))])),
+      // Each round against the memory round measured next to it.
+      ratio: medianOf(x.runs.map((r, i) => Number(r.throughput) / Number(memory[i]!.throughput))),
+    };
+    if (x.name === "memory" || x.name === "pingFloor" || x.name === "redis") cell[x.name] = summary;
+    else compare.push({ module: x.name, ...summary });
+  }
+  cell.ratio = (cell.redis as Msg).ratio;
+  if (compare.length) cell.compare = compare;
+  return cell;
+}
+
+function cellLine(cell: Msg): string {
+  const f = (x: Msg) => `${fmt(Number(x.throughput))}/s p99 ${fmt(p99(x))} ms, ${fmt(Number(x.serverCpuUsPerReq))} µs CPU`;
+  const store = (x: Msg) => `store ${Number(x.storeCommandsPerReg).toFixed(1)} commands, ${fmt(Number(x.storeCpuUsPerReg))} µs CPU`;
+  const [mem, floor, red] = [cell.memory as Msg, cell.pingFloor as Msg, cell.redis as Msg];
+  const others = ((cell.compare as Msg[] | undefined) ?? []).map((x) => ` | ${String(x.module)} ${f(x)} (${Number(x.ratio).toFixed(2)}x; ${store(x)})`).join("");
+  return (
+    `ha registration c=${String(cell.conc)}: memory ${f(mem)} | ping floor ${f(floor)} (${Number(floor.ratio).toFixed(2)}x) | ` +
+    `redis ${f(red)} (${Number(red.ratio).toFixed(2)}x; ${store(red)})${others}`
+  );
 }
 
 /** Registration on A, `joined` at an observer on B; then the same with one registry (memory list). */
@@ -307,6 +363,12 @@ class StoreProbe {
 /** The round with the median throughput. */
 function median(runs: Msg[]): Msg {
   return runs.slice().sort((a, b) => Number(a.throughput) - Number(b.throughput))[Math.floor(runs.length / 2)]!;
+}
+
+/** The median of the numbers that are numbers (undefined if none). */
+function medianOf(xs: number[]): number | undefined {
+  const sorted = xs.filter((x) => Number.isFinite(x)).sort((a, b) => a - b);
+  return sorted.length ? sorted[Math.floor(sorted.length / 2)] : undefined;
 }
 
 function p99(run: Msg): number {

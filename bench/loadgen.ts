@@ -15,7 +15,7 @@
  *   {"cmd":"run","port":P,"conc":C,"warmupMs":W,"durationMs":D,"prefix":"x","tls":{"ca":"PEM","serverName":"localhost","resume":false}}
  */
 import { probeResponder } from "../harness.ts";
-import { dist, emit, serveCommands, type Msg } from "./lib.ts";
+import { cpuMs, dist, emit, serveCommands, type Msg } from "./lib.ts";
 
 /** TLS settings of a cell: the CA's PEM, the name to check, whether to resume sessions. */
 interface CellTls {
@@ -132,6 +132,7 @@ class Cell {
   private readonly conc: number;
   private readonly durationMs: number;
   private readonly start = performance.now();
+  private readonly startCpuMs = cpuMs();
   private readonly warmEnd: number;
   private readonly end: number;
   private readonly lat: number[] = [];
@@ -170,6 +171,8 @@ class Cell {
       unfinished: this.running,
       ...(this.tls ? { resumed: this.resumed } : {}),
       wallMs: performance.now() - this.start,
+      /** This process's CPU time over the whole cell (warm-up included, as completedTotal is). */
+      cpuMs: cpuMs() - this.startCpuMs,
     };
   }
 

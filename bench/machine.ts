@@ -94,6 +94,24 @@ export class NoiseMeter {
   }
 }
 
+/** The machine's busy CPU time and ours at one moment, for `otherCores` between two readings (undefined off Linux). */
+export interface CpuReading {
+  at: number;
+  busy: number;
+  ours: number;
+}
+
+export function cpuReading(): CpuReading | undefined {
+  const m = sampleMachine();
+  return m && { at: performance.now(), busy: m.busy, ours: oursTicks() };
+}
+
+/** Cores that processes other than ours kept busy between two readings. */
+export function otherCores(a: CpuReading | undefined, b: CpuReading | undefined): number | undefined {
+  if (!a || !b || b.at <= a.at) return undefined;
+  return Math.max(0, b.busy - a.busy - (b.ours - a.ours)) / TICKS / ((b.at - a.at) / 1000);
+}
+
 // --- internal ----------------------------------------------------------------
 
 /** USER_HZ: /proc reports CPU time in 1/100 s on every Linux we run on. */

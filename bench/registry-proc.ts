@@ -3,9 +3,12 @@
  * the options given as JSON in argv[2], no event printing (the library's cost,
  * not the log's), except the events named in `events`, printed with a wall
  * clock time. With `store` (a redis:// URL) the list is shared through it, as
- * `--store` does. Prints {"event":"listening","port":N,"pid":N} first (and
- * `httpPort` with `http: true`: the status server on 127.0.0.1 too).
- * `tls` ({cert, key, meshCa?}: files) puts its port in TLS.
+ * `--store` does (with BENCH_REGISTRY, through the redis.ts next to that
+ * registry.ts); with `pingFloor` (a redis:// URL) the list is in memory and
+ * each join waits for one PING to that server (bench/ping-floor.ts). Prints
+ * {"event":"listening","port":N,"pid":N} first (and `httpPort` with
+ * `http: true`: the status server on 127.0.0.1 too). `tls` ({cert, key,
+ * meshCa?}: files) puts its port in TLS.
  *
  * With `sampleLag: true` a timer in this process measures its own lateness
  * (the event loop's stalls, whatever caused them), and RSS and unsent bytes
@@ -16,6 +19,7 @@
  * {"cmd":"gc"} -> full GC first, then the same; {"cmd":"window"}.
  */
 import { readFileSync } from "node:fs";
+import { dirname, join } from "node:path";
 import { tcp, type Conn, type Transport } from "../net.ts";
 import { tls, type TlsOptions } from "../tls.ts";
 import type { RegistryOptions, startRegistry as Start } from "../registry.ts";
@@ -137,20 +141,26 @@ function timedTransport(into: Map<string, number>): Transport {
   };
 }
 
-// BENCH_REGISTRY=/path/to/registry.ts measures another version (before/after comparisons).
-const { startRegistry } = (await import(process.env.BENCH_REGISTRY || "../registry.ts")) as { startRegistry: typeof Start };
+// BENCH_REGISTRY=/path/to/registry.ts measures another version (before/after comparisons), with the redis.ts next to it.
+const registryModule = process.env.BENCH_REGISTRY || "../registry.ts";
+const { startRegistry } = (await import(registryModule)) as { startRegistry: typeof Start };
 
-const opts = JSON.parse(process.argv[2] ?? "{}") as RegistryOptions & { events?: string[]; http?: boolean; sampleLag?: boolean; store?: string; tls?: TlsOptions };
+const opts = JSON.parse(process.argv[2] ?? "{}") as RegistryOptions & { events?: string[]; http?: boolean; sampleLag?: boolean; store?: string; pingFloor?: string; tls?: TlsOptions };
 const wanted = new Set(opts.events ?? []);
-const { http, sampleLag, store } = opts;
+const { http, sampleLag, store, pingFloor } = opts;
 const secure = opts.tls ? tls(opts.tls) : undefined;
 delete opts.events;
 delete opts.http;
 delete opts.sampleLag;
 delete opts.store;
 delete opts.tls;
-// Loaded only when asked for: the memory registry's RSS is measured without it.
-const membership = store ? await (await import("../redis.ts")).openStore(store, { registryId: crypto.randomUUID().slice(0, 8) }) : undefined;
+delete opts.pingFloor;
+// Loaded only when asked for: the memory registry's RSS is measured without them.
+const membership = store
+  ? await ((await import(join(dirname(registryModule), "redis.ts"))) as typeof import("../redis.ts")).openStore(store, { registryId: crypto.randomUUID().slice(0, 8) })
+  : pingFloor
+    ? await (await import("./ping-floor.ts")).PingFloor.open(pingFloor)
+    : undefined;
 
 const sampler = sampleLag ? new LoopSampler() : undefined;
 const registry = await startRegistry({

@@ -218,10 +218,10 @@ function haTargets(r: Msg): Target[] {
   }
   const rows: Target[] = [];
   for (const c of ((ha.registration as Msg | undefined)?.cells as Msg[] | undefined) ?? []) {
-    const [mem, red] = [c.memory as Run, c.redis as Run];
+    const [mem, red, floor] = [c.memory as Run, c.redis as Run, c.pingFloor as (Run & Msg) | undefined];
     rows.push({
       what: `Redis store >= 0.5x the memory list's registrations/s, concurrency ${String(c.conc)}`,
-      measured: `${int(red.throughput)}/s (${Number(c.ratio).toFixed(2)}x), p99 ${ms(red.latencyMs.p99)} ms`,
+      measured: `${int(red.throughput)}/s (${Number(c.ratio).toFixed(2)}x), p99 ${ms(red.latencyMs.p99)} ms${floor ? `; one bare round trip per join: ${Number(floor.ratio).toFixed(2)}x` : ""}`,
       floor: `${int(mem.throughput)}/s, p99 ${ms(mem.latencyMs.p99)} ms`,
       met: Number(c.ratio) >= 0.5,
     });
@@ -613,38 +613,79 @@ function haSection(r: Msg): string {
 function haRegistration(ha: Msg): string {
   const reg = ha.registration as Msg | undefined;
   if (!reg || reg.error) return `Registration: ${reg?.error ? `failed: ${String(reg.error)}` : "not measured"}.`;
-  const rows = (reg.cells as Msg[]).map((c) => {
-    const [mem, red] = [c.memory as Run & Msg, c.redis as Run & Msg];
+  const cells = reg.cells as Msg[];
+  const rounds = Number(reg.rounds ?? roundsOf(cells));
+  const x = (run: Msg | undefined, k: string) => (run && Number.isFinite(Number(run[k])) ? Number(run[k]) : NaN);
+  const us = (v: number) => (Number.isFinite(v) ? int(v) : "–");
+  const speed = (run: Msg | undefined, withRatio = true) =>
+    run ? `${int(Number(run.throughput))}/s${withRatio ? ` (${Number(run.ratio).toFixed(2)}x)` : ""}, ${lat(run as Run)}` : "–";
+  const throughput = cells.map((c) => [String(c.conc), speed(c.memory as Msg, false), speed(c.pingFloor as Msg | undefined), speed(c.redis as Msg)]);
+  const cpu = cells.map((c) => {
+    const [mem, floor, red] = [c.memory as Msg, c.pingFloor as Msg | undefined, c.redis as Msg];
     return [
       String(c.conc),
-      `${int(mem.throughput)}/s, ${lat(mem)}`,
-      `${int(red.throughput)}/s, ${lat(red)}`,
-      `${Number(c.ratio).toFixed(2)}x`,
-      `${int(Number(mem.serverCpuUsPerReq))} / ${int(Number(red.serverCpuUsPerReq))} µs`,
-      `${Number(red.storeCommandsPerReg).toFixed(1)}, ${int(Number(red.storeCpuUsPerReg))} µs`,
+      `${us(x(mem, "serverCpuUsPerReq"))} / ${us(x(floor, "serverCpuUsPerReq"))} / ${us(x(red, "serverCpuUsPerReq"))}`,
+      `${us(x(mem, "loadgenCpuUsPerReg"))} / ${us(x(floor, "loadgenCpuUsPerReg"))} / ${us(x(red, "loadgenCpuUsPerReg"))}`,
+      `${us(x(floor, "storeCpuUsPerReg"))} / ${us(x(red, "storeCpuUsPerReg"))}`,
+      Number.isFinite(x(red, "storeCommandsPerReg")) ? x(red, "storeCommandsPerReg").toFixed(1) : "–",
+      [mem, floor, red].map((r) => (Number.isFinite(x(r, "otherCores")) ? cores(x(r, "otherCores")) : "–")).join(" / "),
     ];
   });
+  const compared = cells.flatMap((c) =>
+    ((c.compare as Msg[] | undefined) ?? []).map((o) => [String(c.conc), `\`${String(o.module)}\``, speed(o), us(x(o, "serverCpuUsPerReq")), us(x(o, "storeCpuUsPerReg")), x(o, "storeCommandsPerReg").toFixed(1)]),
+  );
   return [
-    "**Registration** (probe off, nothing else registered; the same cells as section 1: a connection, `register`, the reply, a reset close, which the registry takes as a leave):",
+    "**Registration** (probe off, nothing else registered; the same cells as section 1: a connection, `register`, the reply, a reset close, which the registry takes as a leave). Three registries: the memory list; the **PING floor**, the memory list with one `PING` to a redis-server before each join is decided (what one round trip to the store alone costs a registration on this machine); and the Redis store. Ratios are to the memory list:",
     "",
-    table(["Conc.", "Memory list: registrations/s, p50 / p99 / max ms", "Redis store: the same", "Ratio", "Registry CPU per registration, memory / Redis", "Store: commands (scripts' included), CPU per registration"], rows),
+    table(["Conc.", "Memory list: registrations/s, p50 / p99 / max ms", "PING floor", "Redis store"], throughput),
     "",
-    `Each cell ran ${String(roundsOf(reg.cells as Msg[]))} times, the two lists alternating; the table shows the median round of each. All rounds, registrations/s (memory; Redis): ` +
-      (reg.cells as Msg[]).map((c) => `c=${String(c.conc)}: ${roundsText(c.rounds as Msg | undefined)}`).join("; ") +
+    `Each cell ran ${rounds === 1 ? "once" : `${String(rounds)} times`}, the registries taking turns (the order reversed every other round); the table shows each one's median round, and the ratio is the median of the rounds' own ratios (each round against the memory list's round next to it). All rounds, registrations/s: ` +
+      cells.map((c) => `c=${String(c.conc)}: ${roundsText(c.rounds as Msg | undefined)}`).join("; ") +
       ".",
     "",
-    "Where the time goes: with the store, a registration's join and its leave are one script each (the 28 or so commands per registration are the scripts' own), a round trip to the store that the reply waits for (the join) or that follows it (the leave), and the registry's log reader wakes for each of the two entries as well: four exchanges with the store, each a write and a read system call, plus parsing and applying each change. That is the registry's CPU per registration roughly doubling (the CPU column), and on two cores shared by the load generator, the registry and the store, throughput follows it. At concurrency 1 nothing overlaps, so the round trips and the store's script time (its CPU column) add to every registration's latency as well. Profiling (`--profile`) showed a timer per command and a full schema check of every log entry taking half of the store client's CPU; both are gone (docs/STORE.md).",
+    "CPU per registration (µs, the median of the rounds), of each party: memory list / PING floor / Redis store; the store's commands per registration count its scripts' own; the last column is how busy other processes kept the machine meanwhile (cores):",
+    "",
+    table(["Conc.", "Registry", "Load generator", "Store (floor / Redis)", "Store commands", "Other processes"], cpu),
+    ...(compared.length
+      ? ["", "Other versions on the Redis store (`--compare`), in the same rounds:", "", table(["Conc.", "Version", "Registrations/s (÷ memory), p50 / p99 / max ms", "Registry CPU µs", "Store CPU µs", "Store commands"], compared)]
+      : []),
+    "",
+    haWhereTheTimeGoes(cells),
   ].join("\n");
 }
 
+/** The paragraph under the registration tables, from their figures. */
+function haWhereTheTimeGoes(cells: Msg[]): string {
+  const at = (c: number) => cells.find((x) => x.conc === c);
+  const [one, busy] = [at(Math.min(...cells.map((x) => Number(x.conc)))), at(Math.max(...cells.map((x) => Number(x.conc))))];
+  if (!one || !busy) return "";
+  const f = (cell: Msg, who: string, k: string) => int(Number((cell[who] as Msg | undefined)?.[k]));
+  const cmds = (cell: Msg) => Number((cell.redis as Msg).storeCommandsPerReg).toFixed(1);
+  const floor = one.pingFloor as Msg | undefined;
+  return [
+    "Where the time goes: with the store, a registration's join is decided, numbered and logged by a script in the store before the reply, one round trip; its leave follows in another script call after the reply. Changes made in the same turn of the registry's event loop share one script call, so under load one call carries many registrations' joins and leaves: " +
+      `${cmds(one)} store commands per registration at concurrency ${String(one.conc)}, ${cmds(busy)} at ${String(busy.conc)} (the scripts' own included). ` +
+      `The registry's CPU per registration goes from ${f(busy, "memory", "serverCpuUsPerReq")} µs with the memory list to ${f(busy, "redis", "serverCpuUsPerReq")} µs with the store at concurrency ${String(busy.conc)} (sending the batch, reading its reply, applying each change to its copy of the list), and the store adds ${f(busy, "redis", "storeCpuUsPerReg")} µs of its own; ` +
+      "on two cores shared by the load generator, the registry and the store, throughput follows the sum.",
+    floor
+      ? `At concurrency ${String(one.conc)} nothing overlaps: every registration waits for its round trip, and each message between processes wakes one that was idle. The PING floor shows what one bare round trip costs here (${Number(floor.ratio).toFixed(2)}x the memory list's throughput); the store's scripts and the leave's own exchange take the Redis store to ${Number((one.redis as Msg).ratio).toFixed(2)}x (store CPU per registration: ${f(one, "pingFloor", "storeCpuUsPerReg")} µs for the PING, ${f(one, "redis", "storeCpuUsPerReg")} µs for the scripts).`
+      : "",
+  ]
+    .filter(Boolean)
+    .join(" ");
+}
+
 function roundsOf(cells: Msg[]): number {
-  return ((cells[0]?.rounds as Msg | undefined)?.memory as number[] | undefined)?.length ?? 1;
+  const r = cells[0]?.rounds as Msg | undefined;
+  return ((r?.memory as number[] | undefined) ?? []).length || 1;
 }
 
 function roundsText(rounds: Msg | undefined): string {
   if (!rounds) return "one round";
-  const list = (k: string) => ((rounds[k] as number[] | undefined) ?? []).map(int).join(", ");
-  return `${list("memory")}; ${list("redis")}`;
+  const names: Record<string, string> = { memory: "memory", pingFloor: "floor", redis: "Redis" };
+  return Object.entries(rounds)
+    .map(([k, v]) => `${names[k] ?? k} ${(v as number[]).map(int).join(", ")}`)
+    .join("; ");
 }
 
 function haPropagation(ha: Msg): string {
@@ -691,7 +732,7 @@ function haScale(ha: Msg): string {
     "",
     table(["Registry", "Sessions held", "RSS", "RSS after full GC", "Heartbeat CPU", "Evicted"], rows),
     "",
-    `The store: ${mbs(Number(st.usedMemory))} MB used (${mbs(Number(st.rss))} MB RSS), ${int(Number(st.commandsPerSec))} commands/s and ${Number(st.cpuPct).toFixed(2)}% of a core during the window, while the registries answered ${int(Number(st.pingsPerSec))} pings/s: pings never reach the store (a registry renews one lease per second, and reads its log).`,
+    `The store: ${mbs(Number(st.usedMemory))} MB used (${mbs(Number(st.rss))} MB RSS), ${int(Number(st.commandsPerSec))} commands/s and ${Number(st.cpuPct).toFixed(2)}% of a core during the window, while the registries answered ${int(Number(st.pingsPerSec))} pings/s: pings never reach the store (a registry renews one lease per second; the others' changes come to it as messages).`,
   ].join("\n");
 }
 

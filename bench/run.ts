@@ -191,7 +191,8 @@ async function main(out: string | undefined, only: string[] | undefined): Promis
  */
 async function mergedInto(json: string, phases: string[]): Promise<Msg> {
   const old = JSON.parse(await Bun.file(json).text()) as Msg;
-  const run = { phases, date: results.date, command: `bun bench/run.ts --only ${phases.join(",")} --merge`, machine: results.machine, config: results.config, noise: results.noise, totalMs: results.totalMs };
+  const compare = COMPARE.length ? ` --compare ${COMPARE.join(",")}` : "";
+  const run = { phases, date: results.date, command: `bun bench/run.ts --only ${phases.join(",")} --merge${compare}`, machine: results.machine, config: results.config, noise: results.noise, totalMs: results.totalMs };
   // Each phase keeps its own run too; `merged` lists the runs merged in so far (the latest last), dropping one whose phases were all measured again.
   const earlier = (Array.isArray(old.merged) ? old.merged : old.merged ? [old.merged] : []) as Msg[];
   const kept = earlier.filter((m) => (m.phases as string[]).some((p) => !phases.includes(p)));
@@ -415,7 +416,8 @@ async function ha(): Promise<Msg> {
     {
       quick: QUICK,
       concs: CFG.concs,
-      startRegistry: (label, opts) => startRegistryProc(label, opts),
+      compare: COMPARE,
+      startRegistry: (label, opts, env) => startRegistryProc(label, opts, env),
       startReady,
       // Fleets on one shared list must not register the same addresses: each gets its own port range.
       fleet: (tag, port, probe, pingMs = 0, failover = []) => new Fleet(tag, port, probe, perHolder, pingMs, undefined, failover, 1024 + (fleets++ % 6) * 5_000),
@@ -898,7 +900,7 @@ if (import.meta.main) {
       counts: option("Registered counts of the registration sweep, e.g. 0,1000"),
       concs: option("Concurrencies of the registration sweep, e.g. 1,16"),
       profile: option("Directory for Bun CPU profiles of the registries, written when they exit"),
-      compare: option("Other registry.ts versions measured in the same registration cells (probe off), comma-separated"),
+      compare: option("Other registry.ts versions measured in the same registration cells (probe off), comma-separated; in the ha phase with the redis.ts next to each, on the Redis store"),
       "budget-ms": option("The run's time limit, ms (default 540000; 90000 with --quick)"),
       merge: { type: "boolean", description: "Keep the other phases' results of the results.json already there (with --only)" },
       attackers: option("Attackers of the attack phase, comma-separated (default all): sync-spam, ping-flood, peers-flood, churn, slow-consumers"),

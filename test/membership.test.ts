@@ -170,6 +170,17 @@ for (const kind of kinds) {
       expect(new Set([...m.members()].map((x) => x.ticket))).toEqual(new Set([...live.values()].map((x) => x.ticket)));
     });
 
+    test("changes made at the same moment are decided one by one, in the order they were made", async () => {
+      const { m, log } = await recorded(kind.open);
+      const [a, b, c] = [member("a", 7001), member("b", 7001), member("c", 7002)];
+      await m.join(a, []);
+      // Not awaited one by one: a shared store sends them together, in one script call.
+      const results = await Promise.all([m.join(b, []), m.leave(a, "closed"), m.join(b, []), m.join(c, []), m.leave({ ...c, ticket: "another" }, "closed")]);
+      expect(results).toEqual([{ ok: false, holder: a }, true, { ok: true, seq: 3 }, { ok: true, seq: 4 }, false]);
+      expect(history(log)).toEqual([`1 joined a ${a.ticket}`, `2 left a ${a.ticket}`, `3 joined b ${b.ticket}`, `4 joined c ${c.ticket}`]);
+      expect([...m.members()]).toEqual([b, c]);
+    });
+
     test("receipts: greeted pairs, mesh completeness, and links gone with a member", async () => {
       const { m, log } = await recorded(kind.open);
       const [a, b, c, d] = [member("a", 7001), member("b", 7002), member("c", 7003), member("d", 7004)];
@@ -340,28 +351,61 @@ describe.skipIf(redisUnavailable !== null)("a registry frozen", () => {
 });
 
 describe.skipIf(redisUnavailable !== null)("the log and leases", () => {
-  test("a broken chain in the log (entries lost) makes every mirror reload the list and announce reset", async () => {
+  /** Registries A and B on a list of their own, both past A's first join. */
+  async function twoMirrors() {
     const prefix = freshPrefix();
     const [a, b] = [await openRedis(server!.url, "A", prefix), await openRedis(server!.url, "B", prefix)];
     const [logA, logB] = [record(a), record(b)];
     await a.join(member("a1", 7001, "A"), []);
     await waitUntil(() => b.seq === 1, WAIT_MS, "B to apply seq 1");
-    // An entry that does not follow the last one: what a reader finds after the log was trimmed past it.
+    return { prefix, a, b, logA, logB };
+  }
+
+  /** A script run on the store behind the registries' backs. */
+  async function evalOnStore(args: string[]): Promise<void> {
     const raw = new RedisClient(server!.url);
     try {
-      await raw.send("EVAL", [
-        "local at = redis.call('XADD', KEYS[1], '1-*', 'p', 'lost', 'c', '{}') redis.call('SET', KEYS[2], at) return at",
-        "2",
-        `${prefix}log`,
-        `${prefix}last`,
-      ]);
+      await raw.send("EVAL", args);
     } finally {
       raw.close();
     }
+  }
+
+  test("a broken chain in the log (entries lost) makes every mirror reload the list and announce reset", async () => {
+    const { prefix, a, b, logA, logB } = await twoMirrors();
+    // An entry that does not follow the last one: what a reader finds after the log was trimmed past it.
+    await evalOnStore([
+      "local at = redis.call('XADD', KEYS[1], '1-*', 'p', 'lost', 'c', '{}') redis.call('SET', KEYS[2], at) return at",
+      "2",
+      `${prefix}log`,
+      `${prefix}last`,
+    ]);
     for (const log of [logA, logB]) expect(await log.waitFor("reset", WAIT_MS, "a reload")).toMatchObject({ boot: a.boot, seq: 1 });
     // And the log goes on from there.
     await b.join(member("b1", 7002, "B"), []);
     await logA.waitFor((e) => e.event === "joined" && e.seq === 2, WAIT_MS, "A to apply B's join");
+    expect(a.peerList()).toBe(b.peerList());
+  });
+
+  test("an entry that reached the log but no registry's channel is read from the log within a beat, in order, without a reload", async () => {
+    const { prefix, a, b, logA, logB } = await twoMirrors();
+    // Written as a script would, but published to nobody: what a lost message looks like.
+    const x = member("x1", 7009, "X");
+    await evalOnStore([
+      "local prev = redis.call('GET', KEYS[1]) local seq = redis.call('INCR', KEYS[2]) " +
+        "local at = redis.call('XADD', KEYS[3], seq .. '-0', 'p', prev, 'c', '{\"kind\":\"joined\",\"seq\":' .. seq .. ',\"member\":' .. ARGV[1] .. '}') " +
+        "redis.call('SET', KEYS[1], at) return at",
+      "3",
+      `${prefix}last`,
+      `${prefix}seq`,
+      `${prefix}log`,
+      JSON.stringify(x),
+    ]);
+    for (const log of [logA, logB]) expect(await log.waitFor((e) => e.event === "joined" && e.seq === 2, WAIT_MS, "the unpublished entry")).toMatchObject({ member: x });
+    expect([logA.named("reset"), logB.named("reset")]).toEqual([[], []]);
+    // And what follows is published again as usual.
+    await b.join(member("b1", 7002, "B"), []);
+    await logA.waitFor((e) => e.event === "joined" && e.seq === 3, WAIT_MS, "A to apply B's next join");
     expect(a.peerList()).toBe(b.peerList());
   });
 
