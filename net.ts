@@ -447,7 +447,15 @@ async function connectWithTimeout<S>(
   try {
     return await Promise.race([p, timeout]);
   } catch (e) {
-    p.then((s) => s.terminate(), () => {}); // a late success is closed, a late failure swallowed
+    // A late success is closed unseen: the role's hooks ran `open` on it, but its dial has failed and
+    // nothing awaits it, so its close must not reach them. A late failure is swallowed.
+    p.then(
+      (s) => {
+        s.data.closed = true;
+        s.terminate();
+      },
+      () => {},
+    );
     const code = (e as { code?: string }).code;
     throw code ? e : new DialError((e as Error).message, "ECONNREFUSED", { cause: e });
   } finally {

@@ -9,7 +9,7 @@ import { afterEach, describe, expect, test } from "bun:test";
 import { startRegistry } from "../registry.ts";
 import { startNode } from "../client.ts";
 import { PROTOCOL_VERSION, type Peer } from "../protocol.ts";
-import { EventLog, RawClient, closedPort, disposeAll, spawnNode, spawnRegistry, spawnScript, waitUntil, withDeadline, type Proc } from "../harness.ts";
+import { EventLog, RawClient, closedPort, disposeAll, exec, readLines, spawnNode, spawnRegistry, spawnScript, waitUntil, withDeadline, type Proc } from "../harness.ts";
 
 /** Short timings: a beat every 500 ms, eviction after 3 missed beats (1.5 s: a loaded CI machine can stall a process for less). */
 const HEARTBEAT_MS = 500;
@@ -199,7 +199,69 @@ describe("addresses (in-process registry, raw sockets)", () => {
     expect(sorted(node.peers().map((p) => p.id))).toEqual(sorted(["fake-refused", "fake-silent", ...real.map((n) => n.id)]));
   });
 
+  test("a peer whose connection opens only after the greeting gave up: greet-failed, and the late connection is closed without harm", async () => {
+    // The peer is a frozen process whose accept queue is full, so the kernel drops the greeting's SYN
+    // and the dial's deadline passes; thawed, it drains the queue and the retransmitted SYN opens the
+    // connection after the greeter has given up on it.
+    const unhandled: unknown[] = [];
+    const onUnhandled = (e: unknown) => void unhandled.push(e);
+    process.on("unhandledRejection", onUnhandled);
+    const peer = track(stuckListener());
+    try {
+      const port = await peer.port;
+      peer.proc.kill("SIGSTOP");
+      const fillers: Promise<Bun.Socket>[] = [];
+      // Until the queue is full; beyond that, further fillers wait in SYN-SENT like the greeting will.
+      for (let i = 0; (await acceptQueue(port)).full === false; i++) {
+        if (i >= 5_000) throw new Error(`accept queue of port ${port} never filled`);
+        fillers.push(Bun.connect({ hostname: "127.0.0.1", port, socket: { data() {} } }));
+        if (i % 64 === 63) await Bun.sleep(0); // let the handshakes land before asking the kernel again
+      }
+      const reg = track(await startRegistry({ host: "127.0.0.1", port: 0, probe: false, heartbeatMs: 60_000 }));
+      await using fake = await rawRegister(reg.port, { id: "fake-stuck", port });
+      const log = new EventLog();
+      const node = track(await startNode({ registryHost: "127.0.0.1", registryPort: reg.port, listenHost: "127.0.0.1", greetTimeoutMs: 300, greetRetries: 0, onEvent: log.push }));
+      const failed = await log.waitFor((e) => e.event === "greet-failed" && e.peer === "fake-stuck", SOON, "the greeting to give up");
+      expect(String(failed.reason)).toContain("timeout");
+
+      peer.proc.kill("SIGCONT");
+      // The peer reports a close only for the late greeting connection: the fillers stay open.
+      await peer.closed(SOON + 7_000); // a dropped SYN is sent again 1 s, then 3 s later
+      await Promise.all(fillers.map((f) => f.then((s) => s.terminate(), () => {})));
+      expect(unhandled).toEqual([]);
+      expect(node.registered).toBe(true);
+      expect(fake.closed).toBe(false);
+      expect(log.named("greeted")).toEqual([]);
+    } finally {
+      process.off("unhandledRejection", onUnhandled);
+    }
+  });
 });
+
+/** A listener in a process of its own that prints its port, then `closed` for each connection its peer ends. */
+function stuckListener() {
+  const code = `const s = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {}, close() { console.log("closed"); } } }); console.log(s.port);`;
+  const proc = Bun.spawn([process.execPath, "-e", code], { stdout: "pipe", stderr: "ignore" });
+  const lines = new EventLog();
+  void readLines(proc.stdout, (line) => lines.push({ event: line }));
+  return {
+    proc,
+    port: lines.waitFor(() => true, SOON, "the listener's port").then((e) => Number(e.event)),
+    closed: (ms: number) => lines.waitFor((e) => e.event === "closed", ms, "the late connection to reach the peer and be closed"),
+    async [Symbol.asyncDispose]() {
+      proc.kill("SIGCONT");
+      proc.kill("SIGKILL");
+      await proc.exited;
+    },
+  };
+}
+
+/** A listening port's accept queue, from the kernel: full once it holds more than its backlog. */
+async function acceptQueue(port: number): Promise<{ full: boolean }> {
+  const out = await exec(["ss", "-Hltn", `sport = :${port}`], 5_000);
+  const [queued, backlog] = out.stdout.trim().split(/\s+/).slice(1, 3).map(Number);
+  return { full: queued! > backlog! };
+}
 
 
 describe("views (a fake registry)", () => {
