@@ -212,6 +212,8 @@ export interface ConnHooks<S> extends ConnLimits {
   open?(conn: Conn<S>): void;
   line(conn: Conn<S>, line: string): void;
   close?(conn: Conn<S>, error?: Error): void;
+  /** Called for every chunk read, before its lines are handled (which a hold may put off). */
+  received?(conn: Conn<S>, chunk: Uint8Array): void;
   /**
    * A chunk that is exactly `bytes` (one whole line with its newline, nothing
    * buffered before it) goes to `handle` without being split or decoded; if
@@ -248,6 +250,7 @@ export function lineHandlers<S>(hooks: ConnHooks<S>): Bun.SocketHandler<Conn<S>>
     data(socket, chunk) {
       const conn = socket.data;
       if (conn.closed) return;
+      hooks.received?.(conn, chunk);
       if (exact && chunk.byteLength === exact.bytes.byteLength && conn.splitter.idle && exact.bytes.equals(chunk)) {
         try {
           if (exact.handle(conn)) return;

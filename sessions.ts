@@ -165,10 +165,15 @@ export class Sessions {
         handle: (conn) => {
           const s = conn.state;
           if (s.phase !== "registered" || !this.allowLine(s)) return false;
-          s.lastSeen = this.deadlines.clock.now();
           conn.send(PONG_BYTES);
           return true;
         },
+      },
+      // The sign of life is a line arriving (its end, 0x0a), not a line handled: one held
+      // back by a rate limit may be handled long after its sender is gone, and meanwhile
+      // the socket is not read, so its close goes unseen too.
+      received: (conn, chunk) => {
+        if (conn.state.phase === "registered" && chunk.includes(0x0a)) conn.state.lastSeen = this.deadlines.clock.now();
       },
       open: (conn) => this.onOpen(conn),
       line: (conn, line) => this.onLine(conn, line),
@@ -230,7 +235,6 @@ export class Sessions {
     const s = conn.state;
     if (s.phase === "closing") return;
     if (!this.allowLine(s)) return this.overRate(conn, "lines", Math.max(s.lines.waitMs(), this.addressLines.waitMs(conn.remoteAddress)));
-    s.lastSeen = this.deadlines.clock.now();
     if (line === PING_LINE && s.phase === "registered") {
       conn.send(PONG_LINE);
       return;

@@ -310,6 +310,25 @@ describe("liveness the registry cannot fake", () => {
     expect(reg.stats().stalledMs).toBeGreaterThan(1_000);
     expect(reg.nodes().length).toBe(5);
   });
+
+  test("lines held back by a rate limit are no sign of life: a sync spammer that dies with its backlog unread is removed on time", async () => {
+    // 20 syncs a second: the backlog is handled a line every 50 ms, well within the timeout (600 ms).
+    const { reg, log } = await f.registry({ probe: false, heartbeatMs: 200, heartbeatMisses: 3, rateSessionSyncs: 20 });
+    const spam = await f.raw(reg.port, "127.0.0.2");
+    await spam.send({ type: "register", v: 1, id: "spam", port: 46_100 });
+    await spam.waitFor("registered", 5_000);
+    spam.pause();
+    // The registry answers a burst of these, then handles them at their rate from what it read.
+    await spam.write('{"type":"sync"}\n'.repeat(300));
+    await waitUntil(() => (reg.stats().rejected["rate-limited"] ?? 0) > 0, 5_000, "the syncs to go over their rate");
+    // More while it holds those: it stops reading the socket, and so does not see the spammer's end either.
+    await spam.write('{"type":"sync"}\n'.repeat(300));
+    spam.end();
+    // Within the heartbeat timeout of its last bytes, not once its backlog is worked off (25 s).
+    const left = await log.waitFor((e) => e.event === "node-left" && e.id === "spam", 5_000, "the dead spammer to be removed");
+    expect(left.reason).toBe("timeout");
+    expect(reg.nodes()).toEqual([]);
+  });
 });
 
 describe("a node's listener", () => {
