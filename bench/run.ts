@@ -549,15 +549,18 @@ async function attackWindow(reg: RegistryProc, fleet: Fleet, honest: Child, sc: 
   } finally {
     await atk?.close();
     // The next window starts clean: the attacker's sessions gone, their backlog freed.
+    let last: Msg = {};
     await waitUntil(
       async () => {
-        const s = await reg.child.request({ cmd: "stats" }, 10_000);
-        return Number(s.nodes) === A.held && Number(s.unsentBytes) < 1e6;
+        last = await reg.child.request({ cmd: "stats" }, 10_000);
+        return Number(last.nodes) === A.held && Number(last.unsentBytes) < 1e6;
       },
       30_000,
       `the registry to settle after ${sc.name}`,
       100,
-    );
+    ).catch((e: Error) => {
+      throw new Error(`${e.message} (${A.held} held sessions; last stats: ${JSON.stringify(last)})`);
+    });
   }
 }
 
