@@ -81,8 +81,11 @@ export class Admission {
   /**
    * The registrations a newcomer may replace: whatever holds its id (the node
    * registering again) or its address (a node restarted on the same port),
-   * provided that registration's session is gone or silent, or its address no
-   * longer answers as it. A live, answering holder keeps its place: `id-in-use`.
+   * provided that registration's session is gone or silent, or its address
+   * refuses the probe or answers as someone else. A live, answering holder
+   * keeps its place: `id-in-use`. When that cannot be told (the probe got no
+   * answer, or a busy one; the holder is at the newcomer's own address),
+   * `unavailable`: once the holder misses a beat, a retry gets in.
    */
   async replaceable(member: Member, holding: (m: Member) => Holding | Promise<Holding>, source: string): Promise<Member[] | Refusal> {
     const byId = this.membership.get(member.id);
@@ -92,11 +95,20 @@ export class Admission {
       if (!holder) continue;
       if ((await holding(holder)) === "live") {
         const taken = holder.id === member.id ? `node ${holder.id} is registered and alive at ${addressOf(holder)}` : `${addressOf(holder)} is held by live node ${holder.id}`;
+        // The same id at the same address: the node restarted while its old session lingers (a host
+        // that froze mid-crash), or someone else claims it. A probe would reach whoever listens there
+        // now, and tell the two apart no better; the old session's next missed beat will.
+        if (holder.id === member.id && addressOf(holder) === addressOf(member)) {
+          return refuse("unavailable", `${taken} on a session that has not lapsed; if that node has just restarted, retry after a heartbeat`);
+        }
         if (!this.s.probe) return refuse("id-in-use", taken);
         // Alive by its heartbeats, but a crashed host's session can linger: does its address still answer as it?
         const gone = await this.probeFor(source, holder.host, holder.port, holder.id);
         if (!gone) return refuse("id-in-use", taken);
         if (gone.code === "rate-limited") return gone;
+        // Only a refusal or another answer shows it gone. Silence or a full listener may be load,
+        // or someone holding the holder's listener busy to take its place.
+        if (gone.code === "unavailable") return refuse("unavailable", `${taken}, as far as can be told now; retry in a few seconds`);
       }
       out.push(holder);
     }
@@ -164,7 +176,7 @@ export class Admission {
     const address = formatAddress(host, port);
     return {
       ok: false,
-      code: outcome.timedOut ? "unavailable" : "unreachable",
+      code: outcome.retryable ? "unavailable" : "unreachable",
       message: `no node answered as ${id} at ${address}; if nodes must reach this node at another address, start it with --advertise host[:port]`,
       detail: outcome.detail,
     };
@@ -173,25 +185,22 @@ export class Admission {
   /**
    * Dials a node back to check that `id` listens at `host:port`. Only the
    * node's own answer (a refusal, another id, not our protocol) is final;
-   * silence may be a dropped packet, a starved node or the registry's own load.
+   * silence may be a dropped packet, a starved node or the registry's own
+   * load, and a listener at its connection cap is there, only busy.
    */
-  private async probe(host: string, port: number, id: string): Promise<{ ok: true } | { ok: false; timedOut: boolean; detail: string }> {
+  private async probe(host: string, port: number, id: string): Promise<{ ok: true } | { ok: false; retryable: boolean; detail: string }> {
     const nonce = randomId();
-    const reply = Promise.withResolvers<string | null>();
-    let timedOut = false;
-    const timer = setTimeout(() => {
-      timedOut = true;
-      reply.resolve(`no answer within ${this.s.probeTimeoutMs}ms`);
-    }, this.s.probeTimeoutMs);
+    const reply = Promise.withResolvers<ProbeFailure | null>();
+    const timer = setTimeout(() => reply.resolve({ retryable: true, detail: `no answer within ${this.s.probeTimeoutMs}ms` }), this.s.probeTimeoutMs);
     let conn: Conn<ProbeState> | undefined;
     try {
       conn = await this.transport.dial<ProbeState>(host, port, probeHandlers, this.s.probeTimeoutMs, { node: id });
       conn.state = { done: reply.resolve, nonce, id };
       conn.send({ type: "probe", v: PROTOCOL_VERSION, id, nonce });
       const failure = await reply.promise;
-      return failure === null ? { ok: true } : { ok: false, timedOut, detail: failure };
+      return failure === null ? { ok: true } : { ok: false, ...failure };
     } catch (e) {
-      return { ok: false, timedOut: (e as { code?: string }).code === "ETIMEDOUT", detail: (e as Error).message };
+      return { ok: false, retryable: (e as { code?: string }).code === "ETIMEDOUT", detail: (e as Error).message };
     } finally {
       clearTimeout(timer);
       conn?.destroy(); // a reset, not a close: probing thousands of nodes leaves no sockets in TIME_WAIT
@@ -205,8 +214,13 @@ function refuse(code: ErrorCode, message: string): Refusal {
   return { ok: false, code, message };
 }
 
+interface ProbeFailure {
+  retryable: boolean;
+  detail: string;
+}
+
 interface ProbeState {
-  done: (failure: string | null) => void;
+  done: (failure: ProbeFailure | null) => void;
   nonce: string;
   id: string;
 }
@@ -217,14 +231,14 @@ const probeHandlers = lineHandlers<ProbeState>({
   line(conn, line) {
     const r = decode(FromListener, line);
     const s = conn.state;
-    if (!r.ok) return s.done(`bad answer: ${r.message}`);
+    if (!r.ok) return s.done({ retryable: false, detail: `bad answer: ${r.message}` });
     const m = r.msg;
     if (m.type === "probe-ok" && m.nonce === s.nonce && m.id === s.id) return s.done(null);
-    if (m.type === "error") return s.done(`${m.code}: ${m.message}`);
-    s.done(`unexpected answer ${m.type}`);
+    if (m.type === "error") return s.done({ retryable: m.code === "too-many-connections", detail: `${m.code}: ${m.message}` });
+    s.done({ retryable: false, detail: `unexpected answer ${m.type}` });
   },
   close(conn) {
-    conn.state.done("connection closed before the probe was answered");
+    conn.state.done({ retryable: false, detail: "connection closed before the probe was answered" });
   },
 });
 

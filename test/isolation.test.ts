@@ -92,6 +92,45 @@ describe("identity: nobody replaces a live node", () => {
     expect(reg.nodes().map((n) => `${n.id}:${n.port}`)).toEqual([`moved:${fresh.port}`]);
   });
 
+  test("filling a live node's listener does not clear its place: the busy probe proves nothing, and the newcomer is told unavailable", async () => {
+    const { reg } = await f.registry({});
+    const victimLog = new EventLog();
+    const victim = await f.node(reg.port, { onEvent: victimLog.push, maxInboundConns: 4 });
+    for (let i = 0; i < 4; i++) await f.raw(victim.port, "127.0.0.2");
+    // The cap is full once one more connection is turned away.
+    const extra = await f.raw(victim.port, "127.0.0.3");
+    expect((await extra.waitFor("error", 5_000, "the listener's refusal")).code).toBe("too-many-connections");
+    const lure = probeResponder("127.0.0.4");
+    f.defer(() => lure.stop());
+    const attacker = await f.raw(reg.port, "127.0.0.4");
+    await attacker.send({ type: "register", v: 1, id: victim.id, port: lure.port });
+    const err = await attacker.waitFor("error", 5_000, "the attacker's refusal");
+    expect(err.code).toBe("unavailable");
+    expect(reg.nodes().map((n) => `${n.id}:${n.port}`)).toEqual([`${victim.id}:${victim.port}`]);
+    expect(victimLog.named("error")).toEqual([]);
+    expect(victimLog.named("disconnected")).toEqual([]);
+  });
+
+  test("a node restarted at its old address while its old session lingers is told unavailable, and gets in once that session misses a beat", async () => {
+    const clock = new ManualClock();
+    const { reg } = await f.registry({ clock, heartbeatMs: 1_000, heartbeatMisses: 100 });
+    const old = probeResponder();
+    const holder = await f.raw(reg.port);
+    await holder.send({ type: "register", v: 1, id: "stable", port: old.port });
+    await holder.waitFor("registered", 5_000);
+    old.stop(); // the old process is gone; its session is not (a host that froze mid-crash)
+    const log = new EventLog();
+    const restarted = f.node(reg.port, { id: "stable", port: old.port, onEvent: log.push });
+    const refusal = await log.waitFor("error", 5_000, "the restarted node's first refusal");
+    expect(refusal.code).toBe("unavailable");
+    // One and a half beats of silence on the registry's clock: the old session missed one.
+    clock.advance(1_600);
+    const node = await restarted;
+    expect(node.registered).toBe(true);
+    expect((await holder.waitFor("error", 5_000, "the old session's notice")).code).toBe("replaced");
+    expect(reg.nodes().map((n) => `${n.id}:${n.port}`)).toEqual([`stable:${old.port}`]);
+  });
+
   test("processes: a second live node with the same --id is refused and exits 1; the first carries on; after kill -9 the id is free at once", async () => {
     const reg = f.track(await spawnRegistry());
     const first = f.track(await spawnNode(reg.port, ["--id", "twin", "--listen", "127.0.0.1"]));
