@@ -206,7 +206,7 @@ function describe(e: CliEvent): string {
     case "pair-greeted":
       return `${e.a} and ${e.b} have greeted each other`;
     case "mesh-complete":
-      return `mesh complete: ${e.nodes} nodes, ${e.pairs} pairs, ${e.ms} ms after the last join`;
+      return `mesh complete: ${e.nodes} nodes, ${e.pairs} pair${e.pairs === 1 ? "" : "s"}, ${e.ms} ms after the last join`;
     case "error":
       return `${e.remote} ${e.code}: ${e.message}${e.detail ? ` (${e.detail})` : ""}`;
     case "http-listening":
