@@ -165,16 +165,21 @@ export interface ListenerSettings {
  * counts as a greeting only from a node the registry lists under that id at
  * that address: anyone can claim an id, so a hello from an id not (yet)
  * listed is answered and kept aside, and reported once the registry lists
- * that node (its `joined` often arrives just after its greeting). With
- * mutual TLS a `hello` must name the node the connection's certificate
- * names, and the greeter checks the certificate of the node it dials.
+ * that node at the address the hello claims (its `joined` often arrives
+ * just after its greeting). With mutual TLS a `hello` must name the node the
+ * connection's certificate names, and the greeter checks the certificate of
+ * the node it dials.
  */
 export class Listener {
   readonly port: number;
   private readonly listeners: Listening["listeners"];
   private readonly caps: ConnectionCaps;
-  /** Hellos from nodes not listed yet, by id: the first claim of each, bounded. */
-  private readonly pending = new Map<string, { address: string; name?: string }>();
+  /**
+   * Hellos from nodes not listed yet, by id and then by claimed address: a
+   * false claim sent first must not shadow the real node's. Bounded in all.
+   */
+  private readonly pending = new Map<string, Map<string, { name?: string }>>();
+  private pendingClaims = 0;
 
   constructor(
     s: ListenerSettings,
@@ -208,10 +213,14 @@ export class Listener {
 
   /** The registry lists `peer` (now, or again): a greeting it sent before is reported now. */
   onListed(peer: Peer): void {
-    const p = this.pending.get(peer.id);
-    if (!p) return;
+    const claims = this.pending.get(peer.id);
+    if (!claims) return;
+    // The registry has said who that is: the other claims to the id are false.
     this.pending.delete(peer.id);
-    if (p.address === formatAddress(peer.host, peer.port)) this.greeted(peer.id, p.address, p.name);
+    this.pendingClaims -= claims.size;
+    const address = formatAddress(peer.host, peer.port);
+    const claim = claims.get(address);
+    if (claim) this.greeted(peer.id, address, claim.name);
   }
 
   stop(): void {
@@ -243,9 +252,18 @@ export class Listener {
       if (formatAddress(peer.host, peer.port) === address) this.greeted(m.id, address, m.name);
       return;
     }
-    if (this.pending.has(m.id)) return; // the first claim stands until the registry says who that is
-    if (this.pending.size >= MAX_PENDING) this.pending.delete(this.pending.keys().next().value!);
-    this.pending.set(m.id, { address, name: m.name });
+    if (this.pending.get(m.id)?.has(address)) return; // a repeated claim is kept once
+    if (this.pendingClaims >= MAX_PENDING) {
+      // The id first claimed loses its oldest claim: near enough to the oldest of all, without a scan.
+      const [oldId, oldClaims] = this.pending.entries().next().value!;
+      oldClaims.delete(oldClaims.keys().next().value!);
+      if (!oldClaims.size) this.pending.delete(oldId);
+      this.pendingClaims--;
+    }
+    // Looked up after the eviction, which may have emptied and removed this id's claims.
+    const claims = this.pending.get(m.id) ?? new Map<string, { name?: string }>();
+    this.pending.set(m.id, claims.set(address, { name: m.name }));
+    this.pendingClaims++;
   }
 
   private greeted(peer: string, address: string, name: string | undefined): void {
@@ -259,7 +277,7 @@ export class Listener {
 /** Peers remembered as met before those that left are forgotten: twice the registry's default node cap. */
 const MAX_MET = 2 * DEFAULTS.maxNodes;
 
-/** Hellos from nodes not listed yet, kept until the registry lists them: enough for a burst of joins, bounded against made-up ids. */
+/** Hellos from nodes not listed yet, kept until the registry lists them: enough for a burst of joins, bounded against made-up ids and addresses. */
 const MAX_PENDING = 1024;
 
 interface InboundState {

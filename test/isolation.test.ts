@@ -399,6 +399,26 @@ describe("a node's listener", () => {
     expect(g.address).toBe("127.0.0.1:47000");
   });
 
+  test("a false hello for an id not listed yet does not shadow the real one that follows: the real one is reported once listed", async () => {
+    const { reg } = await f.registry({ probe: false });
+    const aLog = new EventLog();
+    const a = await f.node(reg.port, { onEvent: aLog.push });
+    // The listener keeps a claim aside in the step that sends its welcome: once both are answered,
+    // both are pending, the false one first, and the registry has not listed "shadowed" yet.
+    for (const [from, port] of [["127.0.0.2", 47_201], ["127.0.0.1", 47_200]] as const) {
+      const c = await f.raw(a.port, from);
+      await c.send({ type: "hello", v: 1, id: "shadowed", host: "127.0.0.1", port });
+      await c.waitFor("welcome", 5_000, `the welcome for the hello from port ${port}`);
+    }
+    expect(aLog.named("greeting")).toEqual([]);
+    const session = await f.raw(reg.port);
+    await session.send({ type: "register", v: 1, id: "shadowed", port: 47_200 });
+    await session.waitFor("registered", 5_000);
+    const g = await aLog.waitFor((e) => e.event === "greeting" && e.peer === "shadowed", 3_000, "the real hello reported");
+    expect(g.address).toBe("127.0.0.1:47200");
+    expect(aLog.named("greeting").filter((e) => e.peer === "shadowed").length).toBe(1);
+  });
+
   test("two hellos on one connection: the first is answered and counted, the second is not read", async () => {
     const { reg } = await f.registry({ probe: false });
     const aLog = new EventLog();
