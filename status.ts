@@ -1,7 +1,7 @@
 /**
  * The registry's optional HTTP side (`--http <port>`): a JSON and Prometheus
  * status API and one live page that shows the mesh forming. Built on
- * Bun.serve behind a connection gate (net.ts serveGated); it only reads the
+ * Bun.serve behind a connection gate (gate.ts serveGated); it only reads the
  * registry through its public handle, and every client gets a bounded share:
  * connections are capped in all and per source address, `/events` streams in
  * number and in unsent bytes, and what a request costs the registry is built
