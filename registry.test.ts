@@ -149,8 +149,8 @@ describe("bad input to the registry", () => {
   const garbage = Uint8Array.from([0x00, 0xff, 0xfe, 0x80, 0xc3, 0x28, 0x01, 0x7f, 0x1b, 0x5b, 0xe2, 0x82, 0x0d, 0x0a]);
   const cases: [string, string | Uint8Array, string, string][] = [
     ["invalid JSON", "this is not json\n", "bad-json", "invalid JSON"],
-    ["wrong types", '{"type":"register","v":1,"id":"x","port":"8080"}\n', "bad-message", "port: "],
-    ["a field out of range", '{"type":"register","v":1,"id":"x","port":70000}\n', "bad-message", "port: "],
+    ["wrong types", '{"type":"register","v":1,"id":"x","port":"8080"}\n', "bad-message", 'port: Invalid type: Expected number but received "8080"'],
+    ["a field out of range", '{"type":"register","v":1,"id":"x","port":70000}\n', "bad-message", "port: Invalid value: Expected <=65535 but received 70000"],
     ["a missing field", '{"type":"register","v":1,"port":1}\n', "bad-message", "id: "],
     ["unknown type", '{"type":"frobnicate"}\n', "bad-message", "type: "],
     // The schema looks for `type` first, so an array is told its type is missing.
