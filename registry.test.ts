@@ -9,7 +9,7 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { startNode, type PeerNode } from "./client.ts";
 import { PROTOCOL_VERSION } from "./protocol.ts";
 import { startRegistry, type Registry } from "./registry.ts";
-import { EventLog, RawClient, closedPort, waitUntil, watchedTransport, type WireMessage } from "./harness.ts";
+import { EventLog, RawClient, freePort, waitUntil, watchedTransport, type WireMessage } from "./harness.ts";
 
 const LOCAL = { host: "127.0.0.1", port: 0 } as const;
 
@@ -324,7 +324,7 @@ describe("framing over real sockets", () => {
 
 describe("the probe", () => {
   test("a register naming a port where nothing listens is refused as unreachable, naming the address", async () => {
-    const port = closedPort();
+    const port = freePort();
     const log = new EventLog();
     await using reg = await startRegistry({ ...LOCAL, onEvent: log.push });
     await using c = await RawClient.connect(reg.port);
@@ -350,7 +350,7 @@ describe("the probe", () => {
   });
 
   test("with probe: false the same register is accepted", async () => {
-    const port = closedPort();
+    const port = freePort();
     await using reg = await startRegistry({ ...LOCAL, probe: false });
     await using c = await RawClient.connect(reg.port);
     const reply = await register(c, "ghost", port);

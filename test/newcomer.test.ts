@@ -7,7 +7,7 @@
  */
 import { afterEach, describe, expect, test } from "bun:test";
 import { startNode, type PeerNode } from "../client.ts";
-import { Fixtures, ROOT, closedPort, exec, spawnNode, spawnRegistry, spawnScript, waitUntil, withDeadline, type Proc } from "../harness.ts";
+import { Fixtures, ROOT, exec, freePort, spawnNode, spawnRegistry, spawnScript, waitUntil, withDeadline, type Proc } from "../harness.ts";
 
 const f = new Fixtures();
 afterEach(() => f.cleanup());
@@ -42,7 +42,7 @@ describe("the registry's readable log", () => {
 
 describe("a node that cannot reach its registry", () => {
   test("one warning naming the address and the likely cause, a reminder every 10 attempts; --give-up-after exits 1", async () => {
-    const port = closedPort();
+    const port = freePort();
     const node = readable("client.ts", ["127.0.0.1", String(port), "--reconnect-max", "40", "--give-up-after", "1500"]);
     expect(await withDeadline(node.exited(), 15_000, "the node to give up")).toBe(1);
     const out = lines(node);
