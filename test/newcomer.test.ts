@@ -139,4 +139,18 @@ describe("the command line", () => {
     // Nobody registered: the list is the three nodes, and no node left or joined.
     expect(reg.log.named("node-registered").length).toBe(3);
   });
+
+  test("`list` warns on stderr, as a node does, when its token would travel in clear to another host", async () => {
+    const list = (host: string, ...extra: string[]) =>
+      exec([process.execPath, "client.ts", "list", host, String(freePort()), "--token", "t", ...extra], 15_000, { ...process.env, NO_COLOR: "1" }, ROOT);
+    // A name that never resolves stands for another host: the warning comes before the dial, which then fails.
+    const remote = await list("remote.invalid", "--json");
+    expect(remote.code).toBe(1);
+    expect(remote.stdout).toBe("");
+    expect(remote.stderr).toContain("the token travels in clear to remote.invalid: connect with TLS (--tls, or --tls-ca FILE)");
+    const local = await list("127.0.0.1");
+    expect(local.code).toBe(1);
+    expect(local.stderr).toContain("ECONNREFUSED");
+    expect(local.stderr).not.toContain("travels in clear");
+  });
 });
