@@ -100,10 +100,8 @@ export async function startNode(options: NodeOptions): Promise<PeerNode> {
   const transport = options.transport ?? tcp;
   const emit = options.onEvent ?? (() => {});
   const me: Identity = { id: options.id ?? transport.identity?.node ?? randomId(), name: options.name || undefined };
-  const remote = s.registries.find((r) => !isLoopbackHost(r.host));
-  if (s.token && !transport.encrypted && remote) {
-    emit({ event: "warning", message: `the token travels in clear to ${remote.host}: connect with TLS (--tls, or --tls-ca FILE)` });
-  }
+  const clear = tokenInClear(s.token, transport, s.registries);
+  if (clear) emit(clear);
   const view = new Map<string, Peer>();
   const listed = (id: string) => view.has(id);
   const met = new Met(listed);
@@ -162,6 +160,17 @@ export async function startNode(options: NodeOptions): Promise<PeerNode> {
 }
 
 // --- internal ----------------------------------------------------------------
+
+/**
+ * The warning due when `token` would cross a network unencrypted: no TLS, and
+ * a registry not on this host. Shared by the node and `list`, which send the
+ * same token the same way.
+ */
+function tokenInClear(token: string | undefined, transport: Transport, registries: { host: string }[]): { event: "warning"; message: string } | undefined {
+  const remote = registries.find((r) => !isLoopbackHost(r.host));
+  if (!token || transport.encrypted || !remote) return undefined;
+  return { event: "warning", message: `the token travels in clear to ${remote.host}: connect with TLS (--tls, or --tls-ca FILE)` };
+}
 
 /** Every setting, defaults filled in: what the listener, the greeter and the registration need. */
 function settingsOf(options: NodeOptions) {
@@ -523,7 +532,11 @@ export const listCommand = defineCommand({
       const { text: flag, on } = readSettings(args, rawArgs, listFlags);
       const registry = registryArg(flag, "bun client.ts list");
       const transport = nodeTransport(tlsFlags(flag, on), undefined, DEFAULTS.handshakeTimeoutMs);
-      const list = await listNodes(registry.host, registry.port, { token: flag("token", "REGISTRY_TOKEN"), transport });
+      const token = flag("token", "REGISTRY_TOKEN");
+      const clear = tokenInClear(token, transport ?? tcp, [registry]);
+      // On stderr whatever the format: stdout carries only the list, which scripts parse.
+      if (clear) createLog("list")("warn", describeCommon(clear));
+      const list = await listNodes(registry.host, registry.port, { token, transport });
       if (on("json", "LOG_JSON")) return void process.stdout.write(JSON.stringify({ ...list, count: list.peers.length }) + "\n");
       process.stdout.write(table(["id", "name", "address"], list.peers.map((p) => [p.id, p.name ?? "", formatAddress(p.host, p.port)])));
       process.stdout.write(`${list.peers.length} node${list.peers.length === 1 ? "" : "s"} (boot ${list.boot}, seq ${list.seq})\n`);

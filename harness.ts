@@ -735,8 +735,12 @@ export function probeResponder(hostname = "127.0.0.1"): { port: number; probes()
   return { port: l.port, probes: () => probes, stop: () => l.stop(true) };
 }
 
-/** A loopback port nothing listens on right now (bound, then released): connects to it are refused. */
-export function closedPort(): number {
+/**
+ * A loopback port nothing listens on right now (bound, then released): free
+ * for a server to bind, and refusing connects until one does. Another process
+ * may take it meanwhile, so a caller that binds it must be ready to retry.
+ */
+export function freePort(): number {
   const l = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
   const port = l.port;
   l.stop(true);
@@ -1328,13 +1332,6 @@ export class RedisServer {
   async [Symbol.asyncDispose](): Promise<void> {
     await this.kill();
   }
-}
-
-function freePort(): number {
-  const l = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
-  const port = l.port;
-  l.stop(true);
-  return port;
 }
 
 // --- fixtures ------------------------------------------------------------------

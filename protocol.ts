@@ -50,7 +50,7 @@ export const DEFAULTS = {
   rateSessionSyncs: 1,
   rateAddressProbes: 100,
   rateAddressLists: 10,
-  /** Failed tokens per source address per minute before its registrations are refused for a while. */
+  /** Failed tokens per source address per minute before its registrations and list requests are refused for a while. */
   authFailuresPerMinute: 10,
   /** A TLS handshake must be over this long after the TCP connect: Bun sets no deadline of its own. */
   handshakeTimeoutMs: 3_000,

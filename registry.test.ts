@@ -9,7 +9,7 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { startNode, type PeerNode } from "./client.ts";
 import { PROTOCOL_VERSION } from "./protocol.ts";
 import { startRegistry, type Registry } from "./registry.ts";
-import { EventLog, RawClient, closedPort, waitUntil, watchedTransport, type WireMessage } from "./harness.ts";
+import { EventLog, RawClient, freePort, waitUntil, watchedTransport, type WireMessage } from "./harness.ts";
 
 const LOCAL = { host: "127.0.0.1", port: 0 } as const;
 
@@ -149,8 +149,8 @@ describe("bad input to the registry", () => {
   const garbage = Uint8Array.from([0x00, 0xff, 0xfe, 0x80, 0xc3, 0x28, 0x01, 0x7f, 0x1b, 0x5b, 0xe2, 0x82, 0x0d, 0x0a]);
   const cases: [string, string | Uint8Array, string, string][] = [
     ["invalid JSON", "this is not json\n", "bad-json", "invalid JSON"],
-    ["wrong types", '{"type":"register","v":1,"id":"x","port":"8080"}\n', "bad-message", "port: "],
-    ["a field out of range", '{"type":"register","v":1,"id":"x","port":70000}\n', "bad-message", "port: "],
+    ["wrong types", '{"type":"register","v":1,"id":"x","port":"8080"}\n', "bad-message", 'port: Invalid type: Expected number but received "8080"'],
+    ["a field out of range", '{"type":"register","v":1,"id":"x","port":70000}\n', "bad-message", "port: Invalid value: Expected <=65535 but received 70000"],
     ["a missing field", '{"type":"register","v":1,"port":1}\n', "bad-message", "id: "],
     ["unknown type", '{"type":"frobnicate"}\n', "bad-message", "type: "],
     // The schema looks for `type` first, so an array is told its type is missing.
@@ -324,7 +324,7 @@ describe("framing over real sockets", () => {
 
 describe("the probe", () => {
   test("a register naming a port where nothing listens is refused as unreachable, naming the address", async () => {
-    const port = closedPort();
+    const port = freePort();
     const log = new EventLog();
     await using reg = await startRegistry({ ...LOCAL, onEvent: log.push });
     await using c = await RawClient.connect(reg.port);
@@ -350,7 +350,7 @@ describe("the probe", () => {
   });
 
   test("with probe: false the same register is accepted", async () => {
-    const port = closedPort();
+    const port = freePort();
     await using reg = await startRegistry({ ...LOCAL, probe: false });
     await using c = await RawClient.connect(reg.port);
     const reply = await register(c, "ghost", port);

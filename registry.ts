@@ -52,7 +52,7 @@ export interface RegistryOptions {
   rateSessionSyncs?: number;
   /** Probes per second registrations from one source address may cause (0 = no limit). */
   rateAddressProbes?: number;
-  /** Wrong tokens per minute from one source address before its registrations are refused for a while (0 = no limit). */
+  /** Wrong tokens per minute from one source address before its registrations and list requests are refused for a while (0 = no limit). */
   authFailuresPerMinute?: number;
   /** `list` requests per second from one source address (0 = no limit). */
   rateAddressLists?: number;
@@ -293,7 +293,7 @@ const flags = {
   "rate-sync": { type: "string", valueHint: "per s", description: `sync requests per second per session, 0 = no limit [env REGISTRY_RATE_SYNC, default ${DEFAULTS.rateSessionSyncs}]` },
   "rate-probe": { type: "string", valueHint: "per s", description: `Probes per second for registrations from one source address, 0 = no limit [env REGISTRY_RATE_PROBE, default ${DEFAULTS.rateAddressProbes}]` },
   "rate-list": { type: "string", valueHint: "per s", description: `list requests per second from one source address, 0 = no limit [env REGISTRY_RATE_LIST, default ${DEFAULTS.rateAddressLists}]` },
-  "auth-failures": { type: "string", valueHint: "per min", description: `Wrong tokens per minute from one source address before its registrations are refused for a while, 0 = no limit [env REGISTRY_AUTH_FAILURES, default ${DEFAULTS.authFailuresPerMinute}]` },
+  "auth-failures": { type: "string", valueHint: "per min", description: `Wrong tokens per minute from one source address before its registrations and list requests are refused for a while, 0 = no limit [env REGISTRY_AUTH_FAILURES, default ${DEFAULTS.authFailuresPerMinute}]` },
   store: {
     type: "string",
     valueHint: "url",

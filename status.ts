@@ -1,7 +1,7 @@
 /**
  * The registry's optional HTTP side (`--http <port>`): a JSON and Prometheus
  * status API and one live page that shows the mesh forming. Built on
- * Bun.serve behind a connection gate (net.ts serveGated); it only reads the
+ * Bun.serve behind a connection gate (gate.ts serveGated); it only reads the
  * registry through its public handle, and every client gets a bounded share:
  * connections are capped in all and per source address, `/events` streams in
  * number and in unsent bytes, and what a request costs the registry is built
@@ -755,8 +755,8 @@ function metricsText({ s, boot, rate, window, feed, gate }: Figures): string {
   one(`${p}_unsent_bytes`, "gauge", "Bytes queued for connections that have not read them yet (shared buffers counted once).", s.unsentBytes);
   one(`${p}_unsent_bytes_budget`, "gauge", "The most unsent bytes all connections may hold together; 0 = no budget.", s.maxUnsentBytes);
   one(`${p}_coalesced_syncs_total`, "counter", "sync requests answered by a snapshot already on its way.", s.coalescedSyncs);
-  one(`${p}_auth_failures_total`, "counter", "Registrations with a missing or wrong token.", s.authFailures);
-  one(`${p}_auth_blocked_total`, "counter", "Registrations refused because their address sent too many wrong tokens.", s.authBlocked);
+  one(`${p}_auth_failures_total`, "counter", "Registrations and list requests with a missing or wrong token.", s.authFailures);
+  one(`${p}_auth_blocked_total`, "counter", "Registrations and list requests refused because their address sent too many wrong tokens.", s.authBlocked);
   one(`${p}_stalled_seconds_total`, "counter", "Time the registry's own event loop was stalled, left out of every deadline.", s.stalledMs / 1000);
   return out.join("\n") + "\n";
 }

@@ -32,7 +32,7 @@ import {
   ATTACK_KINDS,
   RawClient,
   clientHello,
-  closedPort,
+  freePort,
   killAllOnExit,
   mulberry32,
   probeResponder,
@@ -150,7 +150,7 @@ class FuzzRun {
       const registry = (this.registry = await spawnRegistry(args, { REGISTRY_TOKEN: TOKEN }));
       const node = (this.node = await spawnNode(registry.port, ["--listen", "127.0.0.1", ...(tls?.nodeArgs ?? [])], { REGISTRY_TOKEN: TOKEN }));
       const probed = this.responder.port;
-      this.gen.targets = { nodeId: node.id, registerPorts: [probed, probed, probed, node.port, registry.port, closedPort()], token: TOKEN };
+      this.gen.targets = { nodeId: node.id, registerPorts: [probed, probed, probed, node.port, registry.port, freePort()], token: TOKEN };
       const http = String((await registry.log.waitFor("http-listening", 10_000, "the status server")).url);
       this.attacks = new Attackers(o.attackers, registry.port, http);
       this.rss.watch("registry", registry.pid);

@@ -9,7 +9,7 @@ import { afterEach, describe, expect, test } from "bun:test";
 import { startRegistry } from "../registry.ts";
 import { startNode } from "../client.ts";
 import { PROTOCOL_VERSION, type Peer } from "../protocol.ts";
-import { EventLog, RawClient, closedPort, disposeAll, exec, readLines, spawnNode, spawnRegistry, spawnScript, waitUntil, withDeadline, type Proc } from "../harness.ts";
+import { EventLog, RawClient, disposeAll, exec, freePort, readLines, spawnNode, spawnRegistry, spawnScript, waitUntil, withDeadline, type Proc } from "../harness.ts";
 
 /** Short timings: a beat every 500 ms, eviction after 3 missed beats (1.5 s: a loaded CI machine can stall a process for less). */
 const HEARTBEAT_MS = 500;
@@ -99,7 +99,7 @@ describe("node faults (processes)", () => {
   });
 
   test("a node without its registry retries with capped exponential backoff, and SIGTERM still exits 0", async () => {
-    const port = closedPort();
+    const port = freePort();
     const n = track(spawnScript("client.ts", ["127.0.0.1", String(port), "--json", ...NODE_ARGS], { label: "node" }));
     const tries = (await n.log.waitForCount("reconnecting", 6, SOON, "six reconnect attempts")).slice(0, 6);
     // Full jitter: each delay lies in [0, min(cap, base * 2^attempt)], base 100 ms, cap --reconnect-max 300.
@@ -169,7 +169,7 @@ describe("registry faults (processes)", () => {
 describe("addresses (in-process registry, raw sockets)", () => {
   test("an unreachable address in the list: one greet-failed for it, greeted for the rest, round finishes", async () => {
     const reg = track(await startRegistry({ host: "127.0.0.1", port: 0, probe: false, heartbeatMs: 60_000 }));
-    const refused = closedPort();
+    const refused = freePort();
     await using silent = await RawClient.serve();
     await using fakeA = await rawRegister(reg.port, { id: "fake-refused", port: refused });
     await using fakeB = await rawRegister(reg.port, { id: "fake-silent", port: silent.port });

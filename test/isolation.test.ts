@@ -9,7 +9,7 @@
  */
 import { afterEach, describe, expect, test } from "bun:test";
 import { Admission } from "../admission.ts";
-import { EventLog, Fixtures, ManualClock, RawClient, closedPort, probeResponder, spawnNode, spawnRegistry, spawnScript, waitUntil, watchedTransport, withDeadline, type Accepted, type Proc } from "../harness.ts";
+import { EventLog, Fixtures, ManualClock, RawClient, freePort, probeResponder, spawnNode, spawnRegistry, spawnScript, waitUntil, watchedTransport, withDeadline, type Accepted, type Proc } from "../harness.ts";
 import { MemoryMembership } from "../membership.ts";
 import { tcp } from "../net.ts";
 import type { Registry } from "../registry.ts";
@@ -259,7 +259,7 @@ describe("rates: one client cannot keep the registry to itself", () => {
 
   test("probes are rate-limited per source address", async () => {
     const { reg } = await f.registry({ rateAddressProbes: 1 });
-    const dead = closedPort();
+    const dead = freePort();
     const codes: string[] = [];
     for (let i = 0; i < 11; i++) {
       const c = await f.raw(reg.port, "127.0.0.2");
@@ -286,7 +286,7 @@ describe("the probe is no port scanner", () => {
     f.defer(() => [silent, ssh, http].forEach((l) => l.stop(true)));
     const texts: string[] = [];
     const codes: string[] = [];
-    for (const port of [closedPort(), silent.port, ssh.port, http.port]) {
+    for (const port of [freePort(), silent.port, ssh.port, http.port]) {
       const c = await f.raw(reg.port);
       await c.send({ type: "register", v: 1, id: "scan", port });
       const err = await c.waitFor("error", 5_000, `refusal for port ${port}`);

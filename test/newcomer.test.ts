@@ -7,7 +7,7 @@
  */
 import { afterEach, describe, expect, test } from "bun:test";
 import { startNode, type PeerNode } from "../client.ts";
-import { Fixtures, ROOT, closedPort, exec, spawnNode, spawnRegistry, spawnScript, waitUntil, withDeadline, type Proc } from "../harness.ts";
+import { Fixtures, ROOT, exec, freePort, spawnNode, spawnRegistry, spawnScript, waitUntil, withDeadline, type Proc } from "../harness.ts";
 
 const f = new Fixtures();
 afterEach(() => f.cleanup());
@@ -42,7 +42,7 @@ describe("the registry's readable log", () => {
 
 describe("a node that cannot reach its registry", () => {
   test("one warning naming the address and the likely cause, a reminder every 10 attempts; --give-up-after exits 1", async () => {
-    const port = closedPort();
+    const port = freePort();
     const node = readable("client.ts", ["127.0.0.1", String(port), "--reconnect-max", "40", "--give-up-after", "1500"]);
     expect(await withDeadline(node.exited(), 15_000, "the node to give up")).toBe(1);
     const out = lines(node);
@@ -138,5 +138,19 @@ describe("the command line", () => {
     expect(out.at(-1)).toMatch(/^3 nodes \(boot /);
     // Nobody registered: the list is the three nodes, and no node left or joined.
     expect(reg.log.named("node-registered").length).toBe(3);
+  });
+
+  test("`list` warns on stderr, as a node does, when its token would travel in clear to another host", async () => {
+    const list = (host: string, ...extra: string[]) =>
+      exec([process.execPath, "client.ts", "list", host, String(freePort()), "--token", "t", ...extra], 15_000, { ...process.env, NO_COLOR: "1" }, ROOT);
+    // A name that never resolves stands for another host: the warning comes before the dial, which then fails.
+    const remote = await list("remote.invalid", "--json");
+    expect(remote.code).toBe(1);
+    expect(remote.stdout).toBe("");
+    expect(remote.stderr).toContain("the token travels in clear to remote.invalid: connect with TLS (--tls, or --tls-ca FILE)");
+    const local = await list("127.0.0.1");
+    expect(local.code).toBe(1);
+    expect(local.stderr).toContain("ECONNREFUSED");
+    expect(local.stderr).not.toContain("travels in clear");
   });
 });
