@@ -48,7 +48,7 @@ export interface RegistryStats {
   maxUnsentBytes: number;
   /** `sync` requests answered by a snapshot still on its way. */
   coalescedSyncs: number;
-  /** Wrong tokens, and registrations refused because their address sent too many. */
+  /** Wrong tokens (in `register` or `list`), and requests refused because their address sent too many. */
   authFailures: number;
   authBlocked: number;
   /** Time the registry's own event loop was stalled, ms in all (left out of every deadline). */
