@@ -10,6 +10,8 @@ import { identityMismatch } from "./tls.ts";
 import { DEFAULTS, FromListener, PROTOCOL_VERSION, ToListener, decode, type Peer } from "./protocol.ts";
 
 export type GreetingEvent =
+  /** Once: plain TCP reached this node's TLS listener (a registry without --tls-client-ca probes that way). */
+  | { event: "warning"; message: string }
   /** A greeting this node sent was acknowledged. */
   | { event: "greeted"; peer: string; address: string; name?: string; tries: number }
   /** This node received a greeting (once per sender). */
@@ -180,6 +182,7 @@ export class Listener {
    */
   private readonly pending = new Map<string, Map<string, { name?: string }>>();
   private pendingClaims = 0;
+  private warnedPlainText = false;
 
   constructor(
     s: ListenerSettings,
@@ -204,6 +207,7 @@ export class Listener {
       close: (conn) => {
         if (conn.state.caps) this.caps.release(conn.state.caps);
         clearTimeout(conn.state.timer);
+        if (conn.limitHit?.code === "tls-required") this.plainTextReached(conn.remoteAddress);
       },
     });
     const listening = transport.listen(s.listenHost, s.port, handlers);
@@ -225,6 +229,19 @@ export class Listener {
 
   stop(): void {
     for (const l of this.listeners) l.stop(true);
+  }
+
+  /**
+   * Said once: a registry with TLS but no client CA probes nodes in plain TCP,
+   * and the refusal the node then gets (`unreachable`) cannot say why.
+   */
+  private plainTextReached(from: string): void {
+    if (this.warnedPlainText) return;
+    this.warnedPlainText = true;
+    this.emit({
+      event: "warning",
+      message: `plain TCP from ${from} reached this node's TLS listener: if that was the registry's probe, a mesh with node certificates needs the registry started with --tls-client-ca`,
+    });
   }
 
   private onLine(conn: Conn<InboundState>, line: string): void {

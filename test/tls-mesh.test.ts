@@ -148,6 +148,17 @@ describe("TLS on the registry port", () => {
     expect(secure.reg.stats().rejected).toEqual({ "tls-required": 1 });
     expect(plain.reg.stats().rejected).toEqual({ "tls-unsupported": 1 });
   });
+
+  test("a node with a certificate, refused by a registry without a client CA, is told why by its own listener: the probe came in plain TCP", async () => {
+    const { reg } = await registryWith(certs.registryTransport(false));
+    const log = new EventLog();
+    const refused = startNode({ registryHost: "127.0.0.1", registryPort: reg.port, listenHost: "127.0.0.1", transport: certs.nodeTransport("node-0"), onEvent: (e: NodeEvent) => log.push(e) });
+    await expect(refused).rejects.toThrow(/^unreachable: no node answered as node-0/);
+    // The listener's close and the registry's refusal race: the warning may come just after.
+    const warning = await log.waitFor("warning", 5_000, "the listener's warning");
+    expect(log.named("warning").length).toBe(1);
+    expect(String(warning.message)).toContain("reached this node's TLS listener: if that was the registry's probe, a mesh with node certificates needs the registry started with --tls-client-ca");
+  });
 });
 
 describe("mutual TLS", () => {
