@@ -11,7 +11,7 @@
  * and the backoff. Here they are wired together; the command line comes last.
  */
 import { defineCommand, runMain, type ArgsDef } from "citty";
-import { UsageError, createLog, createPrinter, describeCommon, isWarning, portsRecorder, readSettings, reloadOnHangup, renderHelp, repeatedFlag, runCli, stopOnSignals, tlsFromFlags, type CommonEvent, type Level } from "./cli.ts";
+import { UsageError, createLog, createPrinter, describeCommon, isWarning, portsRecorder, readSettings, reloadOnHangup, renderHelp, repeatedFlag, runCli, stopOnSignals, tlsFromFlags, type CommonEvent, type Help, type Level } from "./cli.ts";
 import { Greeter, Listener, Met, type GreetingEvent, type Identity } from "./greetings.ts";
 import { systemClock, type Clock } from "./liveness.ts";
 import { formatAddress, isLoopbackHost, lineHandlers, parseHostPort, parsePort, tcp, type Conn, type Transport } from "./net.ts";
@@ -523,6 +523,13 @@ const listFlags = {
   "tls-key": flags["tls-key"],
 } satisfies ArgsDef;
 
+const listHelp = {
+  usage: ["bun client.ts list <registry-host> <registry-port> [options]"],
+  description: "Prints the registry's nodes (id, name, address) without registering, then exits.",
+  required: ["registry-host", "registry-port"],
+  examples: ["bun client.ts list localhost 8080", "bun client.ts list registry.example 8443 --tls --json"],
+};
+
 /** `bun client.ts list HOST PORT`: the registry's nodes, read with the protocol's `list` request. */
 export const listCommand = defineCommand({
   meta: { name: "list", version: "0.1.0", description: "Print the registry's nodes without registering, then exit." },
@@ -591,7 +598,7 @@ function table(head: string[], rows: string[][]): string {
 
 if (import.meta.main) {
   const [first, ...rest] = process.argv.slice(2);
-  const showUsage = async () => void process.stdout.write(renderHelp(help, flags));
-  if (first === "list") await runMain(listCommand, { rawArgs: rest, showUsage });
-  else await runMain(command, { showUsage });
+  const usage = (h: Help, args: ArgsDef) => async () => void process.stdout.write(renderHelp(h, args));
+  if (first === "list") await runMain(listCommand, { rawArgs: rest, showUsage: usage(listHelp, listFlags) });
+  else await runMain(command, { showUsage: usage(help, flags) });
 }

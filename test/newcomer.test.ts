@@ -101,18 +101,21 @@ describe("a registry restart", () => {
 
 describe("the command line", () => {
   test("--help shows the command users type, what is required, the variables and examples, without colour codes", async () => {
-    for (const [script, usage] of [
-      ["client.ts", "Usage: bun client.ts <registry-host> <registry-port> [options]"],
-      ["registry.ts", "Usage: bun registry.ts [host] [port] [options]"],
+    for (const [script, args, usage] of [
+      ["client.ts", ["--help"], "Usage: bun client.ts <registry-host> <registry-port> [options]"],
+      ["client.ts", ["list", "--help"], "Usage: bun client.ts list <registry-host> <registry-port> [options]"],
+      ["registry.ts", ["--help"], "Usage: bun registry.ts [host] [port] [options]"],
     ] as const) {
-      const p = spawnScript(script, ["--help"], { env: { FORCE_COLOR: "1" } });
-      expect(await withDeadline(p.exited(), 15_000, `${script} --help`)).toBe(0);
+      const p = spawnScript(script, [...args], { env: { FORCE_COLOR: "1" } });
+      expect(await withDeadline(p.exited(), 15_000, `${script} ${args.join(" ")}`)).toBe(0);
       const text = lines(p).join("\n");
       expect(text).toStartWith(usage);
       expect(text).toContain("Examples:");
       expect(text).toMatch(/\[env [A-Z_]+/);
       expect(text).not.toContain("\u001b[");
       if (script === "client.ts") expect(text).toMatch(/<registry-host> +Registry host .*\(required\)/);
+      // list's own options only: nothing about greeting, which it never does.
+      if (args[0] === "list") expect(text).not.toContain("--greet-timeout");
     }
   });
 
