@@ -1,13 +1,14 @@
 /**
  * The one harness for tests, scripts, benchmarks and the demo: processes
  * with their --json events parsed, waits for an event (never for time) under
- * a deadline that names what was awaited, a raw NDJSON TCP client, a probe
- * responder, the seeded PRNG, and the mesh check. It drives the product
- * from outside (processes, sockets, start functions); nothing in the product
- * imports it.
+ * a deadline that names what was awaited, a raw NDJSON client over TCP or
+ * TLS, a probe responder, the seeded PRNG, and the mesh check. It drives the
+ * product from outside (processes, sockets, start functions); nothing in the
+ * product imports it.
  */
 import { defineCommand, runMain, type ArgsDef, type CommandMeta, type ParsedArgs } from "citty";
 import net from "node:net";
+import nodeTls from "node:tls";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -561,12 +562,19 @@ export class RawClient implements AsyncDisposable {
     };
   }
 
-  /** Connects to `host:port` (default 127.0.0.1), optionally from a given local address. */
-  static async connect(port: number, o: { host?: string; localAddress?: string; collect?: boolean; timeoutMs?: number } = {}): Promise<RawClient> {
-    const socket = net.connect({ host: o.host ?? "127.0.0.1", port, ...(o.localAddress ? { localAddress: o.localAddress } : {}) });
+  /**
+   * Connects to `host:port` (default 127.0.0.1), optionally from a given
+   * local address. With `tls` it speaks TLS, presenting that certificate (`{}`:
+   * none) and resolving once the handshake is done; it checks nothing of the
+   * server's, since what a raw client tests is how the server treats it.
+   */
+  static async connect(port: number, o: { host?: string; localAddress?: string; collect?: boolean; timeoutMs?: number; tls?: Partial<KeyPair> } = {}): Promise<RawClient> {
+    const where = { host: o.host ?? "127.0.0.1", port, ...(o.localAddress ? { localAddress: o.localAddress } : {}) };
+    const pair = o.tls?.cert && o.tls.key ? { cert: readFileSync(o.tls.cert), key: readFileSync(o.tls.key) } : {};
+    const socket = o.tls ? nodeTls.connect({ ...where, rejectUnauthorized: false, ...pair }) : net.connect(where);
     const client = new RawClient(socket, o.collect ?? true);
     const connected = new Promise<RawClient>((resolve, reject) => {
-      socket.once("connect", () => resolve(client));
+      socket.once(o.tls ? "secureConnect" : "connect", () => resolve(client));
       socket.once("error", reject);
     });
     return withDeadline(connected, o.timeoutMs ?? 5_000, `raw connection to port ${port}`).catch((e) => {
@@ -683,6 +691,14 @@ export class RawClient implements AsyncDisposable {
     }
     if (start < chunk.byteLength) this.parts.push(Buffer.from(chunk.subarray(start)));
   }
+}
+
+/** The first message a bare TLS client presenting `pair` (or no certificate) gets back after sending `msg`. */
+export async function tlsAnswer(port: number, pair: KeyPair | undefined, msg: object): Promise<WireMessage> {
+  await using c = await RawClient.connect(port, { tls: pair ?? {} });
+  void c.send(msg);
+  // Awaited here: returned as is, the promise would outlive `c`, disposed on the way out.
+  return await c.waitFor(() => true, 5_000, `an answer over TLS on port ${port}`);
 }
 
 /** See RawClient.serve. */

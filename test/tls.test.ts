@@ -9,7 +9,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test
 import { copyFileSync, writeFileSync } from "node:fs";
 import net from "node:net";
 import { join } from "node:path";
-import { RawClient, testCerts, waitUntil, withDeadline, type TestCerts } from "../harness.ts";
+import { RawClient, testCerts, tlsAnswer, waitUntil, withDeadline, type TestCerts } from "../harness.ts";
 import { DialError, lineHandlers, tcp, type Conn, type Transport } from "../net.ts";
 import { tls } from "../tls.ts";
 
@@ -227,7 +227,7 @@ describe("mutual TLS", () => {
   test("without a certificate, with another CA's, or with an expired one, a client is refused with its own code, over TLS", async () => {
     const s = serve(certs.registryTransport(true));
     // Raw clients: our own transport would not even load an expired certificate.
-    const answers = await Promise.all([undefined, certs.stranger.nodes[0]!, await certs.expired("node-0")].map((pair) => rawTlsAnswer(s.port, certs.mesh.ca, pair)));
+    const answers = await Promise.all([undefined, certs.stranger.nodes[0]!, await certs.expired("node-0")].map((pair) => tlsAnswer(s.port, pair, { type: "ping" })));
     expect(answers.map((a) => a.code)).toEqual(["certificate-required", "bad-certificate", "bad-certificate"]);
     expect(answers[1]!.message).toContain("signed by a CA that is not trusted here");
     expect(answers[2]!.message).toBe("the client certificate is refused: the certificate has expired (CERT_HAS_EXPIRED)");
@@ -302,20 +302,6 @@ describe("loading and reloading the files", () => {
 });
 
 // --- internal ----------------------------------------------------------------
-
-/** What a bare Bun TLS client presenting `pair` (or nothing) reads first from a registry port, after saying ping. */
-async function rawTlsAnswer(port: number, ca: string, pair?: { cert: string; key: string }): Promise<{ code: string; message: string }> {
-  const line = Promise.withResolvers<string>();
-  const files = pair ? { cert: Bun.file(pair.cert), key: Bun.file(pair.key) } : {};
-  const s = await Bun.connect({
-    hostname: "127.0.0.1",
-    port,
-    tls: { ca: Bun.file(ca), serverName: "localhost", ...files },
-    socket: { handshake: (s) => void s.write('{"type":"ping"}\n'), data: (_, d) => line.resolve(String(d)), close: () => line.resolve("(closed)") },
-  });
-  cleanups.push(() => s.terminate());
-  return JSON.parse(await withDeadline(line.promise, 5_000, "the registry's answer")) as { code: string; message: string };
-}
 
 /** A new certificate for `id` from the mesh CA (a renewal): same id, another key and serial. */
 async function reissue(c: TestCerts, id: string, dir: string): Promise<{ cert: string; key: string }> {
