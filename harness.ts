@@ -16,6 +16,7 @@ import { makeCerts, type CertSet } from "./certs.ts";
 import { checkFlags, runCli } from "./cli.ts";
 import { command as nodeCommand, startNode, type NodeOptions, type PeerNode } from "./client.ts";
 import type { Clock } from "./liveness.ts";
+import { PROTOCOL_VERSION } from "./protocol.ts";
 import { tcp, type Conn, type Transport } from "./net.ts";
 import { tls, type TlsTransport } from "./tls.ts";
 import { command as registryCommand, startRegistry, type Registry, type RegistryOptions } from "./registry.ts";
@@ -615,6 +616,14 @@ export class RawClient implements AsyncDisposable {
     return this.write(JSON.stringify(msg) + "\n");
   }
 
+  /** Sends `register` and waits for the reply; fails with the registry's error if there is one. */
+  async register(id: string, port: number, extra: Record<string, unknown> = {}, timeoutMs = 10_000): Promise<WireMessage> {
+    void this.send({ type: "register", v: PROTOCOL_VERSION, id, port, ...extra });
+    const m = await this.waitFor((m) => m.type === "registered" || m.type === "error", timeoutMs, `the reply to register ${id}`);
+    if (m.type !== "registered") throw new Error(`register ${id} refused: ${JSON.stringify(m)}`);
+    return m;
+  }
+
   /** Writes one byte per loop turn, so the peer reads the data in many small chunks. */
   async writeSlowly(data: string | Uint8Array): Promise<void> {
     const bytes = typeof data === "string" ? new TextEncoder().encode(data) : data;
@@ -954,12 +963,10 @@ export class Attack implements AsyncDisposable {
   /** Registers `c`; true once listed. */
   private async register(c: RawClient, i: number, token = this.o.token): Promise<boolean> {
     const id = `${this.o.kind}-${this.o.from}-${i}-${++this.ids}`.slice(0, 64);
-    await c.send({ type: "register", v: 1, id, port: this.portFor(i), ...(token === undefined ? {} : { token }) });
     this.counts.lines++;
-    const answer = await c.waitFor((m) => m.type === "registered" || m.type === "error", 15_000, "the registry's answer").catch(() => undefined);
-    if (answer?.type !== "registered") return false;
-    this.counts.registered++;
-    return true;
+    const listed = await c.register(id, this.portFor(i), token === undefined ? {} : { token }, 15_000).then(() => true, () => false);
+    if (listed) this.counts.registered++;
+    return listed;
   }
 
   /** A port of ours on `from` for worker i: with the probe on, a listener that answers it for any id. */
