@@ -58,6 +58,11 @@ export async function waitUntil(cond: () => boolean | Promise<boolean>, ms: numb
   }
 }
 
+/** Whether two lists hold the same items in the same order: the test of a list polled until it is what was expected. */
+export function same(a: string[], b: string[]): boolean {
+  return a.length === b.length && a.every((x, i) => x === b[i]);
+}
+
 type Pred<T> = (item: T) => boolean;
 
 /**

@@ -9,7 +9,7 @@ import { afterEach, describe, expect, test } from "bun:test";
 import { startRegistry } from "../registry.ts";
 import { startNode } from "../client.ts";
 import { PROTOCOL_VERSION, type Peer } from "../protocol.ts";
-import { EventLog, RawClient, closedPort, disposeAll, exec, readLines, spawnNode, spawnRegistry, spawnScript, waitUntil, withDeadline, type Proc } from "../harness.ts";
+import { EventLog, RawClient, closedPort, disposeAll, exec, readLines, same, spawnNode, spawnRegistry, spawnScript, waitUntil, withDeadline, type Proc } from "../harness.ts";
 
 /** Short timings: a beat every 500 ms, eviction after 3 missed beats (1.5 s: a loaded CI machine can stall a process for less). */
 const HEARTBEAT_MS = 500;
@@ -374,10 +374,6 @@ function registryBoot(reg: Proc): string {
 
 function sorted(xs: string[]): string[] {
   return [...xs].sort();
-}
-
-function same(a: string[], b: string[]): boolean {
-  return a.length === b.length && a.every((x, i) => x === b[i]);
 }
 
 /**
