@@ -1,13 +1,14 @@
 /**
  * The one harness for tests, scripts, benchmarks and the demo: processes
  * with their --json events parsed, waits for an event (never for time) under
- * a deadline that names what was awaited, a raw NDJSON TCP client, a probe
- * responder, the seeded PRNG, and the mesh check. It drives the product
- * from outside (processes, sockets, start functions); nothing in the product
- * imports it.
+ * a deadline that names what was awaited, a raw NDJSON client over TCP or
+ * TLS, a probe responder, the seeded PRNG, and the mesh check. It drives the
+ * product from outside (processes, sockets, start functions); nothing in the
+ * product imports it.
  */
 import { defineCommand, runMain, type ArgsDef, type CommandMeta, type ParsedArgs } from "citty";
 import net from "node:net";
+import nodeTls from "node:tls";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -15,6 +16,7 @@ import { makeCerts, type CertSet } from "./certs.ts";
 import { checkFlags, runCli } from "./cli.ts";
 import { command as nodeCommand, startNode, type NodeOptions, type PeerNode } from "./client.ts";
 import type { Clock } from "./liveness.ts";
+import { PROTOCOL_VERSION } from "./protocol.ts";
 import { tcp, type Conn, type Transport } from "./net.ts";
 import { tls, type TlsTransport } from "./tls.ts";
 import { command as registryCommand, startRegistry, type Registry, type RegistryOptions } from "./registry.ts";
@@ -54,6 +56,11 @@ export async function waitUntil(cond: () => boolean | Promise<boolean>, ms: numb
     if (performance.now() > deadline) throw new Error(`timed out after ${ms}ms waiting for ${what}`);
     await Bun.sleep(everyMs);
   }
+}
+
+/** Whether two lists hold the same items in the same order: the test of a list polled until it is what was expected. */
+export function same(a: string[], b: string[]): boolean {
+  return a.length === b.length && a.every((x, i) => x === b[i]);
 }
 
 type Pred<T> = (item: T) => boolean;
@@ -561,12 +568,19 @@ export class RawClient implements AsyncDisposable {
     };
   }
 
-  /** Connects to `host:port` (default 127.0.0.1), optionally from a given local address. */
-  static async connect(port: number, o: { host?: string; localAddress?: string; collect?: boolean; timeoutMs?: number } = {}): Promise<RawClient> {
-    const socket = net.connect({ host: o.host ?? "127.0.0.1", port, ...(o.localAddress ? { localAddress: o.localAddress } : {}) });
+  /**
+   * Connects to `host:port` (default 127.0.0.1), optionally from a given
+   * local address. With `tls` it speaks TLS, presenting that certificate (`{}`:
+   * none) and resolving once the handshake is done; it checks nothing of the
+   * server's, since what a raw client tests is how the server treats it.
+   */
+  static async connect(port: number, o: { host?: string; localAddress?: string; collect?: boolean; timeoutMs?: number; tls?: Partial<KeyPair> } = {}): Promise<RawClient> {
+    const where = { host: o.host ?? "127.0.0.1", port, ...(o.localAddress ? { localAddress: o.localAddress } : {}) };
+    const pair = o.tls?.cert && o.tls.key ? { cert: readFileSync(o.tls.cert), key: readFileSync(o.tls.key) } : {};
+    const socket = o.tls ? nodeTls.connect({ ...where, rejectUnauthorized: false, ...pair }) : net.connect(where);
     const client = new RawClient(socket, o.collect ?? true);
     const connected = new Promise<RawClient>((resolve, reject) => {
-      socket.once("connect", () => resolve(client));
+      socket.once(o.tls ? "secureConnect" : "connect", () => resolve(client));
       socket.once("error", reject);
     });
     return withDeadline(connected, o.timeoutMs ?? 5_000, `raw connection to port ${port}`).catch((e) => {
@@ -605,6 +619,14 @@ export class RawClient implements AsyncDisposable {
   /** One JSON message plus newline. */
   send(msg: object): Promise<boolean> {
     return this.write(JSON.stringify(msg) + "\n");
+  }
+
+  /** Sends `register` and waits for the reply; fails with the registry's error if there is one. */
+  async register(id: string, port: number, extra: Record<string, unknown> = {}, timeoutMs = 10_000): Promise<WireMessage> {
+    void this.send({ type: "register", v: PROTOCOL_VERSION, id, port, ...extra });
+    const m = await this.waitFor((m) => m.type === "registered" || m.type === "error", timeoutMs, `the reply to register ${id}`);
+    if (m.type !== "registered") throw new Error(`register ${id} refused: ${JSON.stringify(m)}`);
+    return m;
   }
 
   /** Writes one byte per loop turn, so the peer reads the data in many small chunks. */
@@ -683,6 +705,14 @@ export class RawClient implements AsyncDisposable {
     }
     if (start < chunk.byteLength) this.parts.push(Buffer.from(chunk.subarray(start)));
   }
+}
+
+/** The first message a bare TLS client presenting `pair` (or no certificate) gets back after sending `msg`. */
+export async function tlsAnswer(port: number, pair: KeyPair | undefined, msg: object): Promise<WireMessage> {
+  await using c = await RawClient.connect(port, { tls: pair ?? {} });
+  void c.send(msg);
+  // Awaited here: returned as is, the promise would outlive `c`, disposed on the way out.
+  return await c.waitFor(() => true, 5_000, `an answer over TLS on port ${port}`);
 }
 
 /** See RawClient.serve. */
@@ -942,12 +972,10 @@ export class Attack implements AsyncDisposable {
   /** Registers `c`; true once listed. */
   private async register(c: RawClient, i: number, token = this.o.token): Promise<boolean> {
     const id = `${this.o.kind}-${this.o.from}-${i}-${++this.ids}`.slice(0, 64);
-    await c.send({ type: "register", v: 1, id, port: this.portFor(i), ...(token === undefined ? {} : { token }) });
     this.counts.lines++;
-    const answer = await c.waitFor((m) => m.type === "registered" || m.type === "error", 15_000, "the registry's answer").catch(() => undefined);
-    if (answer?.type !== "registered") return false;
-    this.counts.registered++;
-    return true;
+    const listed = await c.register(id, this.portFor(i), token === undefined ? {} : { token }, 15_000).then(() => true, () => false);
+    if (listed) this.counts.registered++;
+    return listed;
   }
 
   /** A port of ours on `from` for worker i: with the probe on, a listener that answers it for any id. */

@@ -20,7 +20,7 @@ describe("membership", () => {
     expect(reg.stats().nodes).toBe(0);
 
     await using a = await RawClient.connect(reg.port);
-    const reply = await register(a, "node-a", 40001, { name: "alice" });
+    const reply = await a.register("node-a", 40001, { name: "alice" });
     expect(reply.peers).toEqual([]);
     expect(reply.self).toEqual({ id: "node-a", host: "127.0.0.1", port: 40001, name: "alice" });
     expect(reply.v).toBe(PROTOCOL_VERSION);
@@ -37,7 +37,7 @@ describe("membership", () => {
     const ids = ["n1", "n2", "n3", "n4"];
     for (const [i, id] of ids.entries()) {
       const c = await clients.connect(reg.port);
-      const reply = await register(c, id, 41000 + i);
+      const reply = await c.register(id, 41000 + i);
       const peers = reply.peers as { id: string; host: string; port: number }[];
       expect(peers.map((p) => p.id).sort()).toEqual(ids.slice(0, i).sort());
       expect(peers.every((p) => p.host === "127.0.0.1")).toBe(true);
@@ -50,11 +50,11 @@ describe("membership", () => {
     await using reg = await startRegistry({ ...LOCAL, probe: false });
     await using clients = new ClientSet();
     const a = await clients.connect(reg.port);
-    const first = await register(a, "a", 42001);
+    const first = await a.register("a", 42001);
     const b = await clients.connect(reg.port);
-    const second = await register(b, "b", 42002);
+    const second = await b.register("b", 42002);
     const c = await clients.connect(reg.port);
-    const third = await register(c, "c", 42003);
+    const third = await c.register("c", 42003);
     expect([second.seq, third.seq]).toEqual([Number(first.seq) + 1, Number(first.seq) + 2]);
 
     const joinB = await a.waitFor((m) => m.type === "joined" && peerId(m) === "b", 5_000, "a told of b");
@@ -74,11 +74,11 @@ describe("membership", () => {
     await using reg = await startRegistry({ ...LOCAL, probe: false, onEvent: log.push });
     await using clients = new ClientSet();
     const a = await clients.connect(reg.port);
-    await register(a, "a", 43001);
+    await a.register("a", 43001);
     const b = await clients.connect(reg.port);
-    await register(b, "b", 43002);
+    await b.register("b", 43002);
     const c = await clients.connect(reg.port);
-    await register(c, "c", 43003);
+    await c.register("c", 43003);
 
     b.destroy(); // a reset, as when the process dies
     const leftAtA = await a.waitFor((m) => m.type === "left" && m.id === "b", 5_000, "a told b left");
@@ -90,7 +90,7 @@ describe("membership", () => {
     expect(await log.waitFor((e) => e.event === "node-left" && e.id === "b")).toMatchObject({ reason: "closed", nodes: 2 });
 
     const d = await clients.connect(reg.port);
-    const reply = await register(d, "d", 43004);
+    const reply = await d.register("d", 43004);
     const peers = reply.peers as { id: string; port: number }[];
     expect(peers.map((p) => p.id).sort()).toEqual(["a", "c"]);
     expect(peers.some((p) => p.port === 43002)).toBe(false);
@@ -100,9 +100,9 @@ describe("membership", () => {
     await using reg = await startRegistry({ ...LOCAL, probe: false });
     await using clients = new ClientSet();
     const a = await clients.connect(reg.port);
-    await register(a, "a", 44001);
+    await a.register("a", 44001);
     const b = await clients.connect(reg.port);
-    await register(b, "b", 44002);
+    await b.register("b", 44002);
     b.send({ type: "leave" });
     const left = await a.waitFor((m) => m.type === "left" && m.id === "b", 5_000, "a told b left");
     expect(left.reason).toBe("leave");
@@ -199,7 +199,7 @@ describe("bad input to the registry", () => {
     await using r = await startRegistry({ ...LOCAL, probe: false });
     await using clients = new ClientSet();
     const a = await clients.connect(r.port);
-    await register(a, "a", 45001);
+    await a.register("a", 45001);
     const sent: [string, string][] = [
       ["garbage\n", "bad-json"],
       ['{"type":"receipt","ids":"not-a-list"}\n', "bad-message"],
@@ -218,7 +218,7 @@ describe("bad input to the registry", () => {
     await a.waitFor("pong", 5_000);
     // Still a member: told of a later node.
     const b = await clients.connect(r.port);
-    await register(b, "b", 45002);
+    await b.register("b", 45002);
     await a.waitFor((m) => m.type === "joined" && peerId(m) === "b", 5_000, "a told of b");
   });
 });
@@ -313,7 +313,7 @@ describe("framing over real sockets", () => {
     await using reg = await startRegistry({ ...LOCAL, probe: false });
     await using clients = new ClientSet();
     const watcher = await clients.connect(reg.port);
-    const base = Number((await register(watcher, "watcher", 47000)).seq);
+    const base = Number((await watcher.register("watcher", 47000)).seq);
     const joiners = await Promise.all(Array.from({ length: 20 }, () => clients.connect(reg.port)));
     joiners.forEach((j, i) => j.send({ type: "register", v: 1, id: `j${i}`, port: 47001 + i }));
     const joins = await waitForCount(watcher, (m) => m.type === "joined" && Number(m.seq) > base, 20);
@@ -353,7 +353,7 @@ describe("the probe", () => {
     const port = freePort();
     await using reg = await startRegistry({ ...LOCAL, probe: false });
     await using c = await RawClient.connect(reg.port);
-    const reply = await register(c, "ghost", port);
+    const reply = await c.register("ghost", port);
     expect(reply.self).toMatchObject({ id: "ghost", port });
     expect(reg.nodes().map((n) => n.port)).toEqual([port]);
   });
@@ -439,14 +439,6 @@ class ClientSet implements AsyncDisposable {
   async [Symbol.asyncDispose](): Promise<void> {
     await Promise.allSettled(this.all.map((c) => c[Symbol.asyncDispose]()));
   }
-}
-
-/** Sends `register` and waits for the reply; fails with the registry's error if there is one. */
-async function register(c: RawClient, id: string, port: number, extra: Record<string, unknown> = {}): Promise<WireMessage> {
-  c.send({ type: "register", v: PROTOCOL_VERSION, id, port, ...extra });
-  const m = await c.waitFor((m) => m.type === "registered" || m.type === "error", 10_000, `reply to register ${id}`);
-  if (m.type !== "registered") throw new Error(`register ${id} refused: ${JSON.stringify(m)}`);
-  return m;
 }
 
 function waitForCount(c: RawClient, pred: (m: WireMessage) => boolean, n: number, ms = 10_000): Promise<WireMessage[]> {

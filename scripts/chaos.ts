@@ -24,7 +24,7 @@
  * "chaos-report").
  */
 import { intArg } from "../cli.ts";
-import { RedisServer, askView, killAllOnExit, listed, mulberry32, redisUnavailable, runScript, spawnScript, withDeadline, withStatus, type Proc } from "../harness.ts";
+import { RedisServer, askView, killAllOnExit, listed, mulberry32, redisUnavailable, runScript, same, spawnScript, withDeadline, withStatus, type Proc } from "../harness.ts";
 
 interface ChaosOptions {
   durationMs: number;
@@ -556,10 +556,6 @@ function listProblems(list: Map<string, { host: string; port: number }>, live: M
     byAddress.set(a, id);
   }
   return problems;
-}
-
-function same(a: string[], b: string[]): boolean {
-  return a.length === b.length && a.every((x, i) => x === b[i]);
 }
 
 if (import.meta.main) {

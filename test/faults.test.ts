@@ -9,7 +9,7 @@ import { afterEach, describe, expect, test } from "bun:test";
 import { startRegistry } from "../registry.ts";
 import { startNode } from "../client.ts";
 import { PROTOCOL_VERSION, type Peer } from "../protocol.ts";
-import { EventLog, RawClient, disposeAll, exec, freePort, readLines, spawnNode, spawnRegistry, spawnScript, waitUntil, withDeadline, type Proc } from "../harness.ts";
+import { EventLog, RawClient, disposeAll, exec, freePort, readLines, same, spawnNode, spawnRegistry, spawnScript, waitUntil, withDeadline, type Proc } from "../harness.ts";
 
 /** Short timings: a beat every 500 ms, eviction after 3 missed beats (1.5 s: a loaded CI machine can stall a process for less). */
 const HEARTBEAT_MS = 500;
@@ -171,8 +171,10 @@ describe("addresses (in-process registry, raw sockets)", () => {
     const reg = track(await startRegistry({ host: "127.0.0.1", port: 0, probe: false, heartbeatMs: 60_000 }));
     const refused = freePort();
     await using silent = await RawClient.serve();
-    await using fakeA = await rawRegister(reg.port, { id: "fake-refused", port: refused });
-    await using fakeB = await rawRegister(reg.port, { id: "fake-silent", port: silent.port });
+    await using fakeA = await RawClient.connect(reg.port);
+    await fakeA.register("fake-refused", refused);
+    await using fakeB = await RawClient.connect(reg.port);
+    await fakeB.register("fake-silent", silent.port);
     expect(fakeA.named("registered")).toHaveLength(1);
     expect(fakeB.named("registered")).toHaveLength(1);
 
@@ -218,7 +220,8 @@ describe("addresses (in-process registry, raw sockets)", () => {
         if (i % 64 === 63) await Bun.sleep(0); // let the handshakes land before asking the kernel again
       }
       const reg = track(await startRegistry({ host: "127.0.0.1", port: 0, probe: false, heartbeatMs: 60_000 }));
-      await using fake = await rawRegister(reg.port, { id: "fake-stuck", port });
+      await using fake = await RawClient.connect(reg.port);
+      await fake.register("fake-stuck", port);
       const log = new EventLog();
       const node = track(await startNode({ registryHost: "127.0.0.1", registryPort: reg.port, listenHost: "127.0.0.1", greetTimeoutMs: 300, greetRetries: 0, onEvent: log.push }));
       const failed = await log.waitFor((e) => e.event === "greet-failed" && e.peer === "fake-stuck", SOON, "the greeting to give up");
@@ -371,19 +374,6 @@ function registryBoot(reg: Proc): string {
 
 function sorted(xs: string[]): string[] {
   return [...xs].sort();
-}
-
-function same(a: string[], b: string[]): boolean {
-  return a.length === b.length && a.every((x, i) => x === b[i]);
-}
-
-/** Registers a fake node over a raw socket (probes off), resolving once the registry answered. */
-async function rawRegister(registryPort: number, fields: { id: string; port: number; host?: string }): Promise<RawClient> {
-  const c = await RawClient.connect(registryPort);
-  void c.send({ type: "register", v: PROTOCOL_VERSION, ...fields });
-  const reply = await c.waitFor((m) => m.type === "registered" || m.type === "error", SOON, `registry to answer ${fields.id}`);
-  if (reply.type !== "registered") throw new Error(`register ${fields.id} refused: ${JSON.stringify(reply)}`);
-  return c;
 }
 
 /**

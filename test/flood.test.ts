@@ -15,17 +15,15 @@
 import { afterEach, expect, test } from "bun:test";
 import { readdirSync, readlinkSync } from "node:fs";
 import { startNode, type PeerNode } from "../client.ts";
-import { EventLog, RawClient, clientHello, rssBytes, spawnRegistry, startAttackers, testCerts, waitUntil, type AttackKind } from "../harness.ts";
+import { EventLog, Fixtures, RawClient, clientHello, rssBytes, spawnRegistry, startAttackers, testCerts, waitUntil, type AttackKind } from "../harness.ts";
 
 const CAP = 20;
 const PER_ADDRESS = 3 * CAP;
 const REGISTER_TIMEOUT_MS = 1500;
 const REAL_NODES = 5;
 
-const cleanups: (() => unknown)[] = [];
-afterEach(async () => {
-  for (const fn of cleanups.splice(0).reverse()) await Promise.resolve().then(fn).catch(() => {});
-});
+const f = new Fixtures();
+afterEach(() => f.cleanup());
 
 type Kind = "idle" | "partial" | "trickle" | "half-closed";
 const ATTACKERS: [Kind, string][] = [
@@ -36,8 +34,7 @@ const ATTACKERS: [Kind, string][] = [
 ];
 
 test("idle, half-sent, trickling and half-closed floods are capped per address and cut at the deadline; real nodes register meanwhile; the registry ends with no leftover sockets", async () => {
-  const registry = await spawnRegistry(["--register-timeout", String(REGISTER_TIMEOUT_MS), "--max-conns-per-ip", String(CAP)]);
-  cleanups.push(() => registry[Symbol.asyncDispose]());
+  const registry = f.track(await spawnRegistry(["--register-timeout", String(REGISTER_TIMEOUT_MS), "--max-conns-per-ip", String(CAP)]));
   // Warm up (one registration and its probe) before counting the registry's sockets.
   const warm = await startNode({ registryHost: "127.0.0.1", registryPort: registry.port, listenHost: "127.0.0.1" });
   await warm.stop();
@@ -48,7 +45,7 @@ test("idle, half-sent, trickling and half-closed floods are capped per address a
   const flood = new Map<Kind, RawClient[]>();
   const opening = ATTACKERS.map(async ([kind, from]) => {
     const conns = await Promise.all(Array.from({ length: PER_ADDRESS }, () => RawClient.connect(registry.port, { localAddress: from, timeoutMs: 10_000 })));
-    for (const c of conns) cleanups.push(() => c.destroy());
+    for (const c of conns) f.defer(() => c.destroy());
     flood.set(kind, conns);
     for (const c of conns) void attack(kind, c);
   });
@@ -59,7 +56,7 @@ test("idle, half-sent, trickling and half-closed floods are capped per address a
   const starting = logs.map(async (log) => {
     // Cleaned up from its start, so a node that misses the deadline is stopped all the same.
     const n = await startNode({ registryHost: "127.0.0.1", registryPort: registry.port, listenHost: "127.0.0.1", onEvent: log.push, waitForRegistration: false });
-    cleanups.push(() => n.stop());
+    f.defer(() => n.stop());
     await log.waitFor("registered", 20_000, "a real node to register during the flood");
     nodes.push(n);
   });
@@ -98,9 +95,9 @@ test("idle, half-sent, trickling and half-closed floods are capped per address a
 
   // The per-address counts are back to zero: an address gets its full cap again, and no more.
   const again = await Promise.all(Array.from({ length: CAP }, () => RawClient.connect(registry.port, { localAddress: "127.0.0.2" })));
-  for (const c of again) cleanups.push(() => c.destroy());
+  for (const c of again) f.defer(() => c.destroy());
   const extra = await RawClient.connect(registry.port, { localAddress: "127.0.0.2" });
-  cleanups.push(() => extra.destroy());
+  f.defer(() => extra.destroy());
   expect((await extra.waitFor((m) => m.type === "error", 5_000, "the cap to refuse the extra connection")).code).toBe("too-many-connections");
   for (const c of again) await c.write('{"type":"sync"}\n');
   const answers = await Promise.all(again.map((c) => c.waitFor((m) => m.type === "error", 5_000, "an admitted connection's answer")));
@@ -119,8 +116,7 @@ const HANDSHAKERS: [Handshake, string][] = [
 
 test("on the TLS port, handshakes that never end are capped per address and cut at the handshake deadline; mutual-TLS nodes register meanwhile; sockets and memory come back", async () => {
   await using certs = await testCerts(["node-0", "node-1", "node-2", "node-3", "node-4", "warm"]);
-  const registry = await spawnRegistry([...certs.registryArgs(true), "--register-timeout", String(REGISTER_TIMEOUT_MS), "--max-conns-per-ip", String(CAP)]);
-  cleanups.push(() => registry[Symbol.asyncDispose]());
+  const registry = f.track(await spawnRegistry([...certs.registryArgs(true), "--register-timeout", String(REGISTER_TIMEOUT_MS), "--max-conns-per-ip", String(CAP)]));
   const join = (id: string, log?: EventLog) =>
     startNode({ registryHost: "127.0.0.1", registryPort: registry.port, listenHost: "127.0.0.1", transport: certs.nodeTransport(id), onEvent: log?.push, waitForRegistration: false });
   const warm = await join("warm");
@@ -133,7 +129,7 @@ test("on the TLS port, handshakes that never end are capped per address and cut 
   const flood = await Promise.all(
     HANDSHAKERS.map(async ([kind, from]) => {
       const conns = await Promise.all(Array.from({ length: PER_ADDRESS }, () => RawClient.connect(registry.port, { localAddress: from, timeoutMs: 10_000 })));
-      for (const c of conns) cleanups.push(() => c.destroy());
+      for (const c of conns) f.defer(() => c.destroy());
       for (const c of conns) void shake(kind, c, hello);
       return { kind, from, conns };
     }),
@@ -141,7 +137,7 @@ test("on the TLS port, handshakes that never end are capped per address and cut 
   const ids = ["node-0", "node-1", "node-2", "node-3", "node-4"];
   const logs = ids.map(() => new EventLog());
   const nodes: PeerNode[] = await Promise.all(ids.map((id, i) => join(id, logs[i])));
-  for (const n of nodes) cleanups.push(() => n.stop());
+  for (const n of nodes) f.defer(() => n.stop());
   await Promise.all(logs.map((l) => l.waitFor("registered", 20_000, "a mutual-TLS node to register during the flood")));
   await waitUntil(() => nodes.every((n) => ids.every((id) => id === n.id || n.met().includes(id))), 20_000, "the real nodes to meet each other");
 
@@ -172,15 +168,14 @@ const BUDGET = 4 * 1024 * 1024;
 
 test("sync spam from non-readers, a ping flood, a /peers flood, churn, slow consumers and token guesses, all at once: real nodes registered before and during it are neither refused nor evicted; unsent bytes stay within the budget; the registry runs on", async () => {
   const args = ["--heartbeat", String(HEARTBEAT_MS), "--max-queue-total", String(BUDGET), "--http", "0"];
-  const registry = await spawnRegistry(args, { REGISTRY_TOKEN: TOKEN });
-  cleanups.push(() => registry[Symbol.asyncDispose]());
+  const registry = f.track(await spawnRegistry(args, { REGISTRY_TOKEN: TOKEN }));
   const statsUrl = String((await registry.log.waitFor("http-listening", 10_000)).url) + "stats";
   const stats = async () => (await (await fetch(statsUrl)).json()) as Record<string, any>; // /stats as documented in PROTOCOL.md
   const baseRss = rssBytes(registry.pid)!;
 
   const before = await realNodes(registry.port, 3);
   const attacks = startAttackers({ port: registry.port, httpPort: Number(new URL(statsUrl).port), token: TOKEN });
-  for (const a of attacks) cleanups.push(() => a.stop());
+  for (const a of attacks) f.defer(() => a.stop());
   await Promise.all(attacks.map((a) => a.ready));
 
   // The budget and memory are watched all along, not only at the end.
@@ -189,7 +184,7 @@ test("sync spam from non-readers, a ping flood, a /peers flood, churn, slow cons
     const s = await stats().catch(() => undefined);
     if (s) peak = { unsent: Math.max(peak.unsent, s.unsentBytes), max: s.maxUnsentBytes, rss: Math.max(peak.rss, rssBytes(registry.pid) ?? 0) };
   }, 50);
-  cleanups.push(() => clearInterval(watching));
+  f.defer(() => clearInterval(watching));
 
   const during = await realNodes(registry.port, 3);
   const all = [...before, ...during];
@@ -230,7 +225,7 @@ async function realNodes(registryPort: number, n: number): Promise<{ node: PeerN
     Array.from({ length: n }, async () => {
       const log = new EventLog();
       const node = await startNode({ registryHost: "127.0.0.1", registryPort, listenHost: "127.0.0.1", token: TOKEN, onEvent: log.push, waitForRegistration: false });
-      cleanups.push(() => node.stop());
+      f.defer(() => node.stop());
       await log.waitFor("registered", 20_000, "a real node to register under attack");
       return { node, log };
     }),

@@ -111,8 +111,7 @@ describe("event streams", () => {
     for (let i = 0; server.clients() > 1; i++) {
       if (i === 400) throw new Error(`streams not dropped after ${i} crossings; open: ${server.clients()}`);
       const c = await raw(registry.port);
-      c.send({ type: "register", v: 1, id: `churn-${i}`, port: 20_000 + i, name: "x".repeat(64) });
-      await c.waitFor("registered", 5_000);
+      await c.register(`churn-${i}`, 20_000 + i, { name: "x".repeat(64) }, 5_000);
       await c[Symbol.asyncDispose]();
       await waitUntil(() => registry.nodes().length === LISTED, 5_000, "the churn node gone");
       queued.push((await requestJson(server.port, "127.0.0.1", "/stats")).statusServer.streamBytesQueued);
@@ -123,8 +122,7 @@ describe("event streams", () => {
     expect(stats.statusServer).toMatchObject({ streams: 1, streamsDropped: 2 });
     // The reader is still live: a change reaches it as a fresh picture.
     const late = await raw(registry.port);
-    late.send({ type: "register", v: 1, id: "late", port: 30_000 });
-    await late.waitFor("registered", 5_000);
+    await late.register("late", 30_000, {}, 5_000);
     const pic = await reader.snapshot(5_000, (s) => s.nodes.some((n) => n.id === "late"));
     expect(pic.nodes).toHaveLength(LISTED + 1);
   }, 60_000);
@@ -163,8 +161,7 @@ describe("caches", () => {
     // A change just before a request is in its answer, though the cache is younger than the interval.
     await requestJson(server.port, "127.0.0.1", "/peers");
     const c = await raw(registry.port);
-    c.send({ type: "register", v: 1, id: "newcomer", port: 40_000 });
-    await c.waitFor("registered", 5_000);
+    await c.register("newcomer", 40_000, {}, 5_000);
     const peers = await requestJson(server.port, "127.0.0.1", "/peers");
     expect(peers.count).toBe(21);
     expect(peers.peers.map((p: { id: string }) => p.id)).toContain("newcomer");

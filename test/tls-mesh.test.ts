@@ -21,6 +21,7 @@ import {
   spawnRegistry,
   spawnScript,
   testCerts,
+  tlsAnswer,
   waitUntil,
   withDeadline,
   type KeyPair,
@@ -211,10 +212,10 @@ describe("mutual TLS", () => {
     const { node, log } = await nodeWith(reg.port, certs.nodeTransport("node-0"));
     const hello = (id: string) => ({ type: "hello", v: 1, id, host: "127.0.0.1", port: 1 });
     const answers = await Promise.all([
-      rawTls(node.port, undefined, hello("node-1")),
-      rawTls(node.port, certs.stranger.nodes[1]!, hello("node-1")),
-      rawTls(node.port, certs.node("node-2"), hello("node-1")),
-      rawTls(node.port, certs.node("node-2"), hello("node-2")),
+      tlsAnswer(node.port, undefined, hello("node-1")),
+      tlsAnswer(node.port, certs.stranger.nodes[1]!, hello("node-1")),
+      tlsAnswer(node.port, certs.node("node-2"), hello("node-1")),
+      tlsAnswer(node.port, certs.node("node-2"), hello("node-2")),
     ]);
     expect(answers.map((a) => a.code ?? a.type)).toEqual(["certificate-required", "bad-certificate", "identity-mismatch", "welcome"]);
     expect(answers[2]!.message).toBe("this connection's certificate is for node node-2, not node-1");
@@ -376,23 +377,6 @@ async function servedSerial(port: number, serverName: string): Promise<string> {
   });
   try {
     return await withDeadline(got.promise, 5_000, `the certificate on port ${port}`);
-  } finally {
-    s.terminate();
-  }
-}
-
-/** A bare TLS client: presents `pair` (or no certificate), sends one message, returns the first line back. */
-async function rawTls(port: number, pair: { cert: string; key: string } | undefined, msg: object): Promise<Record<string, string>> {
-  const line = Promise.withResolvers<string>();
-  const files = pair ? { cert: Bun.file(pair.cert), key: Bun.file(pair.key) } : {};
-  const s = await Bun.connect({
-    hostname: "127.0.0.1",
-    port,
-    tls: { ca: Bun.file(certs.mesh.ca), rejectUnauthorized: false, ...files },
-    socket: { handshake: (s) => void s.write(JSON.stringify(msg) + "\n"), data: (_, d) => line.resolve(String(d)), close: () => line.resolve('{"type":"(closed)"}') },
-  });
-  try {
-    return JSON.parse(await withDeadline(line.promise, 5_000, "the listener's answer")) as Record<string, string>;
   } finally {
     s.terminate();
   }

@@ -9,7 +9,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test
 import { copyFileSync, writeFileSync } from "node:fs";
 import net from "node:net";
 import { join } from "node:path";
-import { RawClient, testCerts, waitUntil, withDeadline, type TestCerts } from "../harness.ts";
+import { Fixtures, RawClient, testCerts, tlsAnswer, waitUntil, withDeadline, type TestCerts } from "../harness.ts";
 import { DialError, lineHandlers, tcp, type Conn, type Transport } from "../net.ts";
 import { tls } from "../tls.ts";
 
@@ -19,10 +19,8 @@ beforeAll(async () => {
 }, 30_000);
 afterAll(() => certs?.[Symbol.asyncDispose]());
 
-const cleanups: (() => unknown)[] = [];
-afterEach(async () => {
-  for (const fn of cleanups.splice(0).reverse()) await Promise.resolve().then(fn).catch(() => {});
-});
+const f = new Fixtures();
+afterEach(() => f.cleanup());
 
 /** What a listener saw: each accepted connection's certified peer and lines, and why each one closed. */
 interface Served {
@@ -47,7 +45,7 @@ function serve(transport: Transport): Served {
     close: (c) => void served.closed.push(c.limitHit),
   });
   const l = transport.listen("127.0.0.1", 0, handlers);
-  cleanups.push(() => l.listeners.forEach((x) => x.stop(true)));
+  f.defer(() => l.listeners.forEach((x) => x.stop(true)));
   served.port = l.port;
   return served;
 }
@@ -62,7 +60,7 @@ async function ask(transport: Transport, port: number, o: { host?: string; node?
   } catch (e) {
     return `${(e as DialError).code}: ${(e as Error).message}`;
   }
-  cleanups.push(() => conn.destroy());
+  f.defer(() => conn.destroy());
   conn.send('{"type":"ping"}\n');
   return withDeadline(reply.promise, 5_000, "an answer");
 }
@@ -94,7 +92,7 @@ describe("Bun's server-side upgradeTLS (undocumented: the TLS listener stands on
         },
       },
     });
-    cleanups.push(() => l.stop(true));
+    f.defer(() => l.stop(true));
     const serverName = async () => {
       const got = Promise.withResolvers<string>();
       await Bun.connect({
@@ -128,7 +126,7 @@ describe("Bun's server-side upgradeTLS (undocumented: the TLS listener stands on
         },
       },
     });
-    cleanups.push(() => l.stop(true));
+    f.defer(() => l.stop(true));
     await using c = await RawClient.connect(l.port);
     await c.write("hello\n");
     await c.waitClosed(5_000);
@@ -184,7 +182,7 @@ describe("TLS on the registry port", () => {
     const c = net.connect(s.port, "127.0.0.1");
     const closed = new Promise<void>((resolve) => c.on("close", () => resolve()));
     c.on("error", () => {});
-    cleanups.push(() => c.destroy());
+    f.defer(() => c.destroy());
     for (const w of writes) c.write(Buffer.from(w));
     await withDeadline(closed, 5_000, "the server to cut the connection");
     await waitUntil(() => s.closed.length === 1, 5_000, "the server side to close");
@@ -227,7 +225,7 @@ describe("mutual TLS", () => {
   test("without a certificate, with another CA's, or with an expired one, a client is refused with its own code, over TLS", async () => {
     const s = serve(certs.registryTransport(true));
     // Raw clients: our own transport would not even load an expired certificate.
-    const answers = await Promise.all([undefined, certs.stranger.nodes[0]!, await certs.expired("node-0")].map((pair) => rawTlsAnswer(s.port, certs.mesh.ca, pair)));
+    const answers = await Promise.all([undefined, certs.stranger.nodes[0]!, await certs.expired("node-0")].map((pair) => tlsAnswer(s.port, pair, { type: "ping" })));
     expect(answers.map((a) => a.code)).toEqual(["certificate-required", "bad-certificate", "bad-certificate"]);
     expect(answers[1]!.message).toContain("signed by a CA that is not trusted here");
     expect(answers[2]!.message).toBe("the client certificate is refused: the certificate has expired (CERT_HAS_EXPIRED)");
@@ -280,7 +278,7 @@ describe("loading and reloading the files", () => {
     const reply = Promise.withResolvers<string>();
     const handlers = lineHandlers<object>({ maxLineBytes: 1024, state: () => ({}), line: (_, l) => reply.resolve(l) });
     const open = await me.dial("127.0.0.1", s.port, handlers, 5_000, { node: "node-1" });
-    cleanups.push(() => open.destroy());
+    f.defer(() => open.destroy());
 
     writeFileSync(files.key, "not a key\n");
     expect(transport.reload()).toEqual({ event: "tls-reload-failed", message: expect.stringContaining(`${files.key} is not a PEM file`) });
@@ -302,20 +300,6 @@ describe("loading and reloading the files", () => {
 });
 
 // --- internal ----------------------------------------------------------------
-
-/** What a bare Bun TLS client presenting `pair` (or nothing) reads first from a registry port, after saying ping. */
-async function rawTlsAnswer(port: number, ca: string, pair?: { cert: string; key: string }): Promise<{ code: string; message: string }> {
-  const line = Promise.withResolvers<string>();
-  const files = pair ? { cert: Bun.file(pair.cert), key: Bun.file(pair.key) } : {};
-  const s = await Bun.connect({
-    hostname: "127.0.0.1",
-    port,
-    tls: { ca: Bun.file(ca), serverName: "localhost", ...files },
-    socket: { handshake: (s) => void s.write('{"type":"ping"}\n'), data: (_, d) => line.resolve(String(d)), close: () => line.resolve("(closed)") },
-  });
-  cleanups.push(() => s.terminate());
-  return JSON.parse(await withDeadline(line.promise, 5_000, "the registry's answer")) as { code: string; message: string };
-}
 
 /** A new certificate for `id` from the mesh CA (a renewal): same id, another key and serial. */
 async function reissue(c: TestCerts, id: string, dir: string): Promise<{ cert: string; key: string }> {
