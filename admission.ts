@@ -115,10 +115,14 @@ export class Admission {
     return out;
   }
 
-  /** Refusals quote what the peer sent (a parser's message, a field's value); the token must not travel on that way. */
-  redact(text: string): string {
-    const t = this.s.token;
-    return t ? text.split(t).join("[token]").split(JSON.stringify(t).slice(1, -1)).join("[token]") : text;
+  /**
+   * Whether a refusal may quote a client's line (a field's value, what the
+   * parser choked on): not with a token, which the line may hold. Cutting the
+   * quote always, rather than the token where it occurs, tells a client
+   * nothing about the token and garbles no message.
+   */
+  get quoteLines(): boolean {
+    return !this.tokenDigest;
   }
 
   /** Forgets the rate-limit buckets that have refilled; call now and then. */

@@ -174,19 +174,28 @@ export function encode(msg: Message): string {
 
 export type Decoded<T> = { ok: true; msg: T } | { ok: false; code: ErrorCode; message: string };
 
-/** Parses one line against a schema, or says precisely what is wrong with it. */
-export function decode<S extends v.GenericSchema>(schema: S, line: string): Decoded<v.InferOutput<S>> {
+/**
+ * Parses one line against a schema, or says precisely what is wrong with it.
+ * With `quote` false the message names the field and what it expects but
+ * quotes nothing of the line: a line may hold a secret (the token) that no
+ * error, nor any log of it, may repeat.
+ */
+export function decode<S extends v.GenericSchema>(schema: S, line: string, quote = true): Decoded<v.InferOutput<S>> {
   let raw: unknown;
   try {
     raw = JSON.parse(line);
   } catch (e) {
-    return { ok: false, code: "bad-json", message: `invalid JSON: ${(e as Error).message}` };
+    const why = (e as Error).message;
+    // The parser quotes what it choked on in double quotes ('Unexpected identifier "abc"').
+    return { ok: false, code: "bad-json", message: `invalid JSON: ${quote ? why : why.replace(/ *"[^"]*"/g, "")}` };
   }
   const r = v.safeParse(schema, raw);
   if (r.success) return { ok: true, msg: r.output };
   const issue = r.issues[0];
   const path = issue.path?.map((p) => String(p.key)).join(".");
-  return { ok: false, code: "bad-message", message: clip(path ? `${path}: ${issue.message}` : issue.message) };
+  // valibot's messages end "but received <the value>".
+  const why = quote ? issue.message : issue.message.replace(/ but received [\s\S]*$/, "");
+  return { ok: false, code: "bad-message", message: clip(path ? `${path}: ${why}` : why) };
 }
 
 /** Longest error text: a message quotes what it got (valibot does), and a 16 KiB field must not come back as a 16 KiB error. */

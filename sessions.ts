@@ -239,7 +239,7 @@ export class Sessions {
       conn.send(PONG_LINE);
       return;
     }
-    const r = decode(ToRegistry, line);
+    const r = decode(ToRegistry, line, this.admission.quoteLines);
     if (!r.ok) {
       // Before registration a bad line ends the connection; afterwards the
       // session stays, since a live node's membership should not hinge on one bad line.
@@ -495,17 +495,16 @@ export class Sessions {
   /** Answers a bad line on a registered session, which stays. */
   private answerError(conn: Conn<Session>, code: ErrorCode, message: string): void {
     this.counters.reject(code);
-    conn.send({ type: "error", code, message: this.admission.redact(message) });
+    conn.send({ type: "error", code, message });
   }
 
   /** Refuses a connection: tells it why, counts and reports it, and closes it. */
-  private reject(conn: Conn<Session>, code: ErrorCode, rawMessage: string, detail?: string): void {
-    const message = this.admission.redact(rawMessage);
+  private reject(conn: Conn<Session>, code: ErrorCode, message: string, detail?: string): void {
     this.counters.reject(code);
     conn.state.phase = "closing";
     conn.state.lastSeen = this.deadlines.clock.now();
     const remote = formatAddress(conn.remoteAddress, conn.remotePort);
-    this.emit({ event: "error", code, message, remote, ...(detail ? { detail: this.admission.redact(detail) } : {}) });
+    this.emit({ event: "error", code, message, remote, ...(detail ? { detail } : {}) });
     conn.fail(code, message);
   }
 

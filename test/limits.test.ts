@@ -265,6 +265,18 @@ describe("token", () => {
     expect(log.named("error").every((e) => typeof e.code === "string" && typeof e.message === "string")).toBe(true);
   });
 
+  test("with a token, refusals quote nothing of a client's line, and the registry's own words stay whole even when they contain the token", async () => {
+    const { reg } = await f.registry({ token: "t" });
+    const answer = async (line: string) => {
+      const c = await f.raw(reg.port);
+      await c.write(line + "\n");
+      return c.waitFor("error", 5_000, `the refusal of ${line}`);
+    };
+    expect(await answer('{"type":"register","v":1,"id":"n","port":1}')).toMatchObject({ code: "unauthorized", message: "this registry requires a token" });
+    expect(await answer('{"type":"register","v":1,"id":"n","port":"7t"}')).toMatchObject({ code: "bad-message", message: "port: Invalid type: Expected number" });
+    expect(await answer('{"type":"register","token":tt}')).toMatchObject({ code: "bad-json", message: "invalid JSON: JSON Parse error: Unexpected identifier" });
+  });
+
   test("processes: REGISTRY_TOKEN from the environment on both sides; a wrong --token exits 1 with unauthorized; no output shows the token", async () => {
     const registryProc = await spawnRegistry([], { REGISTRY_TOKEN: TOKEN });
     f.defer(() => registryProc[Symbol.asyncDispose]());
