@@ -12,7 +12,7 @@ import { chmodSync, existsSync, mkdirSync, mkdtempSync, renameSync, rmSync, writ
 import { isIP } from "node:net";
 import { join } from "node:path";
 import * as v from "valibot";
-import { checkFlags, intArg, runCli, UsageError } from "./cli.ts";
+import { VERSION, checkFlags, intArg, runCli, UsageError } from "./cli.ts";
 import { normalizeHost } from "./net.ts";
 import { NODE_URI_PREFIX } from "./tls.ts";
 import { Peer } from "./protocol.ts";
@@ -187,7 +187,7 @@ async function inBatches<T>(items: T[], size: number, fn: (item: T) => Promise<v
 const list = (text: string | undefined) => text?.split(",").map((s) => s.trim()).filter(Boolean);
 
 export const command = defineCommand({
-  meta: { name: "certs", version: "0.1.0", description: "Make a private CA, a registry certificate and node certificates (EC P-256, via openssl)." },
+  meta: { name: "certs", version: VERSION, description: "Make a private CA, a registry certificate and node certificates (EC P-256, via openssl)." },
   args: {
     out: { type: "string", description: "Directory to write to; a CA already there is reused [default certs]" },
     nodes: { type: "string", description: "Node certificates node-0 ... node-<N-1> [default 3]" },

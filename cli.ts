@@ -8,6 +8,10 @@ import type { ArgsDef, ParsedArgs } from "citty";
 import { createConsola } from "consola";
 import { TlsConfigError, tls, type TlsEvent, type TlsOptions, type TlsTransport } from "./tls.ts";
 import { appendFileSync } from "node:fs";
+import pkg from "./package.json" with { type: "json" };
+
+/** The version `--version` prints: the package's, wherever it is installed (npm, the image). */
+export const VERSION: string = pkg.version;
 
 /** How loud a readable line is: debug lines show only with CONSOLA_LEVEL=4 or more. */
 export type Level = "warn" | "success" | "info" | "debug";

@@ -11,7 +11,7 @@
  * and the backoff. Here they are wired together; the command line comes last.
  */
 import { defineCommand, runMain, type ArgsDef } from "citty";
-import { UsageError, createLog, createPrinter, describeCommon, isWarning, portsRecorder, readSettings, reloadOnHangup, renderHelp, repeatedFlag, runCli, stopOnSignals, tlsFromFlags, type CommonEvent, type Help, type Level } from "./cli.ts";
+import { UsageError, VERSION, createLog, createPrinter, describeCommon, isWarning, portsRecorder, readSettings, reloadOnHangup, renderHelp, repeatedFlag, runCli, stopOnSignals, tlsFromFlags, type CommonEvent, type Help, type Level } from "./cli.ts";
 import { Greeter, Listener, Met, type GreetingEvent, type Identity } from "./greetings.ts";
 import { systemClock, type Clock } from "./liveness.ts";
 import { formatAddress, isLoopbackHost, lineHandlers, parseHostPort, parsePort, tcp, type Conn, type Transport } from "./net.ts";
@@ -183,7 +183,7 @@ function settingsOf(options: NodeOptions) {
     greetTimeoutMs: options.greetTimeoutMs ?? DEFAULTS.greetTimeoutMs,
     greetConcurrency: options.greetConcurrency ?? DEFAULTS.greetConcurrency,
     greetRetries: options.greetRetries ?? DEFAULTS.greetRetries,
-    connectTimeoutMs: options.connectTimeoutMs ?? 3_000,
+    connectTimeoutMs: options.connectTimeoutMs ?? DEFAULTS.connectTimeoutMs,
     // Twice the registry's own deadline for `register`, so a registry busy probing is not abandoned early.
     registerTimeoutMs: options.registerTimeoutMs ?? 2 * DEFAULTS.registerTimeoutMs,
     reconnectBaseMs: options.reconnectBaseMs ?? DEFAULTS.reconnectBaseMs,
@@ -442,7 +442,7 @@ function registriesFrom(flag: (key: "registry-host" | "registry-port", env: stri
 }
 
 export const command = defineCommand({
-  meta: { name: "client", version: "0.1.0", description: help.description },
+  meta: { name: "client", version: VERSION, description: help.description },
   args: flags,
   async run({ args, rawArgs }) {
     await runCli(async () => {
@@ -532,7 +532,7 @@ const listHelp = {
 
 /** `bun client.ts list HOST PORT`: the registry's nodes, read with the protocol's `list` request. */
 export const listCommand = defineCommand({
-  meta: { name: "list", version: "0.1.0", description: "Print the registry's nodes without registering, then exit." },
+  meta: { name: "list", version: VERSION, description: "Print the registry's nodes without registering, then exit." },
   args: listFlags,
   async run({ args, rawArgs }) {
     await runCli(async () => {

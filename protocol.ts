@@ -37,6 +37,8 @@ export const DEFAULTS = {
   maxInboundConns: 512,
   /** Half the total: one address cannot take every slot, and a whole host of nodes greeting at once still fits. */
   maxInboundPerAddress: 256,
+  /** A node's connect to its registry, the TLS handshake included; then it retries with backoff. */
+  connectTimeoutMs: 3_000,
   /** Reconnect backoff to the registry: full jitter between 0 and min(cap, base*2^n). */
   reconnectBaseMs: 100,
   reconnectMaxMs: 2_000,

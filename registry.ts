@@ -12,7 +12,7 @@
  */
 import { defineCommand, runMain, type ArgsDef } from "citty";
 import { Admission } from "./admission.ts";
-import { UsageError, createPrinter, describeCommon, isWarning, portsRecorder, readSettings, reloadOnHangup, renderHelp, runCli, stopOnSignals, tlsFromFlags, type Level } from "./cli.ts";
+import { UsageError, VERSION, createPrinter, describeCommon, isWarning, portsRecorder, readSettings, reloadOnHangup, renderHelp, runCli, stopOnSignals, tlsFromFlags, type Level } from "./cli.ts";
 import { GATE_FDS_PER_CONN, GATE_MAX_REFUSING } from "./gate.ts";
 import { HTTP_LIMITS, fitCapsToFdLimit, readFdUsage } from "./limits.ts";
 import { systemClock, type Clock } from "./liveness.ts";
@@ -359,7 +359,7 @@ const help = {
 };
 
 export const command = defineCommand({
-  meta: { name: "registry", version: "0.1.0", description: "Contact registry: lists running peer nodes and tells them about each other." },
+  meta: { name: "registry", version: VERSION, description: "Contact registry: lists running peer nodes and tells them about each other." },
   args: flags,
   async run({ args, rawArgs }) {
     await runCli(async () => {

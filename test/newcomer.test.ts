@@ -100,6 +100,14 @@ describe("a registry restart", () => {
 });
 
 describe("the command line", () => {
+  test("--version prints the package's version, for each program", async () => {
+    const { version } = (await Bun.file(`${ROOT}/package.json`).json()) as { version: string };
+    for (const args of [["registry.ts"], ["client.ts"], ["client.ts", "list"], ["certs.ts"]]) {
+      const out = await exec([process.execPath, ...args, "--version"], 15_000, undefined, ROOT);
+      expect({ args, code: out.code, stdout: out.stdout.trim() }).toEqual({ args, code: 0, stdout: version });
+    }
+  });
+
   test("--help shows the command users type, what is required, the variables and examples, without colour codes", async () => {
     for (const [script, args, usage] of [
       ["client.ts", ["--help"], "Usage: bun client.ts <registry-host> <registry-port> [options]"],
