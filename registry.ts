@@ -321,6 +321,11 @@ const flags = {
     description: "Certificate (PEM) for HTTPS on the status server [env REGISTRY_HTTP_TLS_CERT, default: --tls-cert, so a TLS registry serves HTTPS]",
   },
   "http-tls-key": { type: "string", valueHint: "file", description: "The key of --http-tls-cert (PEM) [env REGISTRY_HTTP_TLS_KEY, default: --tls-key]" },
+  "http-tls-client-ca": {
+    type: "string",
+    valueHint: "file",
+    description: "CA certificate (PEM): the status server then requires a client certificate it signed, the mesh's ports' rule (e.g. the mesh CA; curl --cert) [env REGISTRY_HTTP_TLS_CLIENT_CA, default: none, browsers welcome]",
+  },
   "ports-file": { type: "string", valueHint: "file", description: "Append what it listens on to this file, one JSON line each (the Docker HEALTHCHECK reads it) [env PORTS_FILE]" },
 } satisfies ArgsDef;
 
@@ -335,15 +340,20 @@ function registryTransport(f: { cert?: string; key?: string; clientCa?: string }
 
 /**
  * HTTPS for the status server: its own certificate, or the registry's. A
- * browser has no mesh certificate, so this is TLS without client
- * certificates even when the registry port is mutual TLS.
+ * browser has no mesh certificate, so client certificates are asked for only
+ * with --http-tls-client-ca, even when the registry port is mutual TLS.
  */
-function statusTransport(f: { cert?: string; key?: string }, registry: { cert?: string; key?: string }, http: boolean): TlsTransport | undefined {
-  if (!http && (f.cert !== undefined || f.key !== undefined)) throw new UsageError("--http-tls-cert and --http-tls-key need --http: they are the status server's");
+function statusTransport(f: { cert?: string; key?: string; clientCa?: string }, registry: { cert?: string; key?: string }, http: boolean): TlsTransport | undefined {
+  if (!http && (f.cert !== undefined || f.key !== undefined || f.clientCa !== undefined)) {
+    throw new UsageError("--http-tls-cert, --http-tls-key and --http-tls-client-ca need --http: they are the status server's");
+  }
   const cert = f.cert ?? registry.cert;
   const key = f.key ?? registry.key;
-  if (!http || (cert === undefined && key === undefined)) return undefined;
-  return tlsFromFlags({ cert, key });
+  if (!http || (cert === undefined && key === undefined)) {
+    if (f.clientCa !== undefined) throw new UsageError("--http-tls-client-ca needs HTTPS on the status server: --http-tls-cert and --http-tls-key, or a TLS registry's");
+    return undefined;
+  }
+  return tlsFromFlags({ cert, key, meshCa: f.clientCa });
 }
 
 const help = {
@@ -415,7 +425,7 @@ function registryOptions({ text: flag, int: num, on }: Settings, port: number, o
   const tlsFiles = { cert: flag("tls-cert", "REGISTRY_TLS_CERT"), key: flag("tls-key", "REGISTRY_TLS_KEY"), clientCa: flag("tls-client-ca", "REGISTRY_TLS_CLIENT_CA") };
   const transport = registryTransport(tlsFiles, Math.min(DEFAULTS.handshakeTimeoutMs, registerTimeoutMs ?? DEFAULTS.registerTimeoutMs));
   const httpTransport = statusTransport(
-    { cert: flag("http-tls-cert", "REGISTRY_HTTP_TLS_CERT"), key: flag("http-tls-key", "REGISTRY_HTTP_TLS_KEY") },
+    { cert: flag("http-tls-cert", "REGISTRY_HTTP_TLS_CERT"), key: flag("http-tls-key", "REGISTRY_HTTP_TLS_KEY"), clientCa: flag("http-tls-client-ca", "REGISTRY_HTTP_TLS_CLIENT_CA") },
     tlsFiles,
     flag("http", "REGISTRY_HTTP_PORT") !== undefined,
   );

@@ -51,7 +51,7 @@ export async function check(portsFile = process.env.PORTS_FILE): Promise<Result>
   const http = records.findLast((r) => r.event === "http-listening");
   const tls = ownCertificate(listening.role);
   if (listening.role === "registry") {
-    return http ? getHealthz(http.url) : closesOnLeave(loopback(listening.host), listening.port, tls);
+    return http ? getHealthz(http.url, tls) : closesOnLeave(loopback(listening.host), listening.port, tls);
   }
   if (!listening.id) return { ok: false, text: `node record in ${portsFile} has no id` };
   return answersProbe(loopback(listening.host), listening.port, listening.id, tls);
@@ -91,11 +91,13 @@ function loopback(host: string): string {
   return host === "::" || host === "0.0.0.0" || host === "" ? "localhost" : host;
 }
 
-async function getHealthz(url: string): Promise<Result> {
+async function getHealthz(url: string, own: KeyPair | undefined): Promise<Result> {
   const target = new URL("healthz", url).href;
   try {
-    // Over HTTPS the certificate is the registry's own, for names that need not include this loopback address.
-    const res = await fetch(target, { signal: AbortSignal.timeout(TIMEOUT_MS), tls: { rejectUnauthorized: false } });
+    // Over HTTPS the certificate is the registry's own, for names that need not include this loopback
+    // address. Its own certificate gets it past --http-tls-client-ca, which may ask for one.
+    const cert = own ? { cert: Bun.file(own.cert), key: Bun.file(own.key) } : {};
+    const res = await fetch(target, { signal: AbortSignal.timeout(TIMEOUT_MS), tls: { rejectUnauthorized: false, ...cert } });
     await res.body?.cancel();
     return { ok: res.ok, text: `registry: /healthz ${res.status} (${target})` };
   } catch (e) {

@@ -323,11 +323,33 @@ describe("HTTPS for the status server", () => {
     T,
   );
 
-  test("--http-tls-cert without --http is a usage error", async () => {
-    const p = spawnScript("registry.ts", ["127.0.0.1", "0", "--http-tls-cert", certs.mesh.registry!.cert], { label: "registry" });
-    fixtures.push(p);
-    expect(await withDeadline(p.exited(), WAIT, "the registry to exit")).toBe(2);
-    expect(p.stderr.join("\n")).toContain("usage error: --http-tls-cert and --http-tls-key need --http");
+  test(
+    "with --http-tls-client-ca the status server, like the mesh's ports, serves only clients with a certificate that CA signed",
+    async () => {
+      const registry = await spawnRegistry([...certs.registryArgs(true), "--http", "0", "--http-host", "127.0.0.1", "--http-tls-client-ca", certs.mesh.ca]);
+      fixtures.push(registry);
+      const url = `${String((await registry.log.waitFor("http-listening", WAIT)).url)}healthz`;
+      const ca = await Bun.file(certs.mesh.ca).text();
+      const as = (pair: KeyPair | undefined) => fetch(url, { tls: { ca, ...(pair ? { cert: Bun.file(pair.cert), key: Bun.file(pair.key) } : {}) } }).then((r) => r.status, (e: Error) => e.message);
+      expect(await as(certs.node("node-0"))).toBe(200);
+      // No HTTP answer for the others: the connection carries the refusal's one JSON line, and closes.
+      expect(await as(undefined)).toMatch(/Malformed_HTTP_Response/);
+      expect(await as(certs.stranger.nodes.find((n) => n.id === "node-0"))).toMatch(/Malformed_HTTP_Response/);
+    },
+    T,
+  );
+
+  test("the status server's TLS flags without --http, or a client CA without HTTPS, are usage errors", async () => {
+    for (const [args, says] of [
+      [["--http-tls-cert", certs.mesh.registry!.cert], "usage error: --http-tls-cert, --http-tls-key and --http-tls-client-ca need --http"],
+      [["--http-tls-client-ca", certs.mesh.ca], "usage error: --http-tls-cert, --http-tls-key and --http-tls-client-ca need --http"],
+      [["--http", "0", "--http-tls-client-ca", certs.mesh.ca], "usage error: --http-tls-client-ca needs HTTPS on the status server"],
+    ] as const) {
+      const p = spawnScript("registry.ts", ["127.0.0.1", "0", ...args], { label: "registry" });
+      fixtures.push(p);
+      expect(await withDeadline(p.exited(), WAIT, "the registry to exit")).toBe(2);
+      expect(p.stderr.join("\n")).toContain(says);
+    }
   });
 });
 
