@@ -192,7 +192,9 @@ function settingsOf(options: RegistryOptions) {
 type CliEvent =
   | RegistryEvent
   /** The connection caps needed more file descriptors than the process may open, and were lowered. */
-  | { event: "fd-limit"; limit: number; reserved: number; lowered: { flag: string; from: number; to: number }[] };
+  | { event: "fd-limit"; limit: number; reserved: number; lowered: { flag: string; from: number; to: number }[] }
+  /** Readable log only: the mesh has not completed `ms` after the last join or leave. */
+  | { event: "mesh-incomplete"; nodes: number; greeted: number; pairs: number; ms: number };
 
 function describe(e: CliEvent): string {
   const who = (id: string, name: string | undefined) => `${id}${name ? ` (${name})` : ""}`;
@@ -207,6 +209,8 @@ function describe(e: CliEvent): string {
       return `${e.a} and ${e.b} have greeted each other`;
     case "mesh-complete":
       return `mesh complete: ${e.nodes} nodes, ${e.pairs} pair${e.pairs === 1 ? "" : "s"}, ${e.ms} ms after the last join`;
+    case "mesh-incomplete":
+      return `mesh incomplete: ${e.greeted} of ${e.pairs} pairs greeted among ${e.nodes} nodes, ${e.ms / 1000} s after the last join or leave (the pairs are on the status page; a node's greet-failed says why)`;
     case "error":
       return `${e.remote} ${e.code}: ${e.message}${e.detail ? ` (${e.detail})` : ""}`;
     case "http-listening":
@@ -230,7 +234,7 @@ function describe(e: CliEvent): string {
 
 function level(e: CliEvent): Level {
   if (e.event === "pair-greeted") return "debug";
-  if (e.event === "error" || e.event === "fd-limit" || (e.event === "store" && e.state === "degraded") || isWarning(e)) return "warn";
+  if (e.event === "error" || e.event === "fd-limit" || e.event === "mesh-incomplete" || (e.event === "store" && e.state === "degraded") || isWarning(e)) return "warn";
   return e.event === "listening" ? "success" : "info";
 }
 
@@ -256,17 +260,34 @@ function fitToFdLimit<C extends { maxConns: number; httpMaxConns?: number }>(cap
 /** How long the mesh must stay complete before the readable log says so: a fleet joining one by one would otherwise log it after every join. */
 const MESH_QUIET_MS = 1_000;
 
-/** The readable log's one line per settled mesh: a `mesh-complete` is held until no node has joined or left for a second. */
-function settledMesh(print: (e: CliEvent) => void): (e: CliEvent) => void {
+/** A mesh still incomplete this long after the last join or leave is said to be: past a greeting's every retry (3 × 2 s by default). */
+const MESH_STUCK_MS = 10_000;
+
+/**
+ * The readable log's one line per settled mesh: a `mesh-complete` is held
+ * until no node has joined or left for a second; a mesh that has not
+ * completed 10 s after the last join or leave is reported incomplete, once.
+ */
+function settledMesh(print: (e: CliEvent) => void, mesh: () => { nodes: number; pairsGreeted: number; pairsExpected: number }): (e: CliEvent) => void {
   let held: Timer | undefined;
+  let stuck: Timer | undefined;
   return (e) => {
     if (e.event === "mesh-complete") {
       clearTimeout(held);
+      clearTimeout(stuck);
       held = setTimeout(() => print(e), MESH_QUIET_MS);
       held.unref();
       return;
     }
-    if (e.event === "node-registered" || e.event === "node-left") clearTimeout(held);
+    if (e.event === "node-registered" || e.event === "node-left") {
+      clearTimeout(held);
+      clearTimeout(stuck);
+      stuck = setTimeout(() => {
+        const m = mesh();
+        if (m.pairsGreeted < m.pairsExpected) print({ event: "mesh-incomplete", nodes: m.nodes, greeted: m.pairsGreeted, pairs: m.pairsExpected, ms: MESH_STUCK_MS });
+      }, MESH_STUCK_MS);
+      stuck.unref();
+    }
     print(e);
   };
 }
@@ -384,7 +405,8 @@ export const command = defineCommand({
       const json = on("json", "LOG_JSON");
       const record = portsRecorder(flag("ports-file", "PORTS_FILE"), "registry");
       const printer = createPrinter("registry", json, describe, level);
-      const show = json ? printer : settledMesh(printer);
+      let registry: Registry | undefined;
+      const show = json ? printer : settledMesh(printer, () => registry?.stats() ?? { nodes: 0, pairsGreeted: 0, pairsExpected: 0 });
       const print = (e: CliEvent) => {
         record(e);
         show(e);
@@ -394,7 +416,7 @@ export const command = defineCommand({
       const { options, httpTransport } = registryOptions(settings, port, print);
       const http = httpPort === undefined ? undefined : httpOptions(settings, httpPort);
       const caps = fitToFdLimit({ maxConns: options.maxConns, httpMaxConns: http?.maxConns }, print);
-      const registry = await startRegistry({ ...options, maxConns: caps.maxConns, membership: await store?.open() });
+      registry = await startRegistry({ ...options, maxConns: caps.maxConns, membership: await store?.open() });
       let status: { stop(): Promise<void> } | undefined;
       if (http) {
         const { startStatusServer } = await import("./status.ts");

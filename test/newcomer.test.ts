@@ -37,6 +37,24 @@ describe("the registry's readable log", () => {
     expect(out.some((l) => l.includes("(n7)"))).toBe(true);
     expect(out.filter((l) => l.includes("greeted each other"))).toEqual([]);
     expect(out.length).toBeLessThanOrEqual(30);
+    expect(out.filter((l) => l.includes("mesh incomplete"))).toEqual([]);
+  }, 60_000);
+
+  test("a mesh that does not complete is said to be, once, 10 s after the last join", async () => {
+    // Beats of 20 s: the silent ghost below stays listed through the test.
+    const reg = readable("registry.ts", ["127.0.0.1", "0", "--no-probe", "--heartbeat", "20000"]);
+    await waitUntil(() => lines(reg).some((l) => l.includes("registry listening on")), 15_000, "the registry to listen");
+    const port = Number(/listening on 127\.0\.0\.1:(\d+)/.exec(lines(reg).join("\n"))![1]);
+    // A node listed at a port where nobody listens: the other's greeting fails, and it greets nobody.
+    const ghost = await f.raw(port);
+    await ghost.register("ghost", freePort());
+    const node = await startNode({ registryHost: "127.0.0.1", registryPort: port, listenHost: "127.0.0.1", name: "real" });
+    f.defer(() => node.stop());
+    await waitUntil(() => lines(reg).some((l) => l.includes("mesh incomplete")), 20_000, "the incomplete mesh line");
+    expect(lines(reg).filter((l) => l.includes("mesh incomplete"))).toEqual([
+      expect.stringContaining("mesh incomplete: 0 of 1 pairs greeted among 2 nodes, 10 s after the last join or leave"),
+    ]);
+    expect(lines(reg).filter((l) => l.includes("mesh complete"))).toEqual([]);
   }, 60_000);
 });
 
