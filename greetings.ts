@@ -145,7 +145,9 @@ export class Greeter {
       clearTimeout(timer);
       if (conn) {
         this.conns.delete(conn);
-        conn.end();
+        // A reset, not a close, as the registry's probe does: the welcome is in, nothing more is
+        // due either way, and a full mesh would otherwise leave a socket in TIME_WAIT per greeting.
+        conn.destroy();
       }
     }
   }
