@@ -1293,10 +1293,12 @@ export class RedisServer {
     readonly host: string,
     /** A command it runs under, e.g. `ip netns exec NS`. */
     private readonly prefix: string[],
+    /** Its certificate and key: it then speaks TLS only (rediss://), with no client certificates asked for. */
+    private readonly tls: KeyPair | undefined,
   ) {}
 
   get url(): string {
-    return `redis://${this.host.includes(":") ? `[${this.host}]` : this.host}:${this.port}`;
+    return `${this.tls ? "rediss" : "redis"}://${this.host.includes(":") ? `[${this.host}]` : this.host}:${this.port}`;
   }
 
   get running(): boolean {
@@ -1309,10 +1311,10 @@ export class RedisServer {
   }
 
   /** Starts a server on a free port (a few tries: the port is free when picked, not necessarily when bound). */
-  static async start(o: { host?: string; prefix?: string[] } = {}): Promise<RedisServer> {
+  static async start(o: { host?: string; prefix?: string[]; tls?: KeyPair } = {}): Promise<RedisServer> {
     let lastError: unknown;
     for (let i = 0; i < 5; i++) {
-      const server = new RedisServer(freePort(), o.host ?? "127.0.0.1", o.prefix ?? []);
+      const server = new RedisServer(freePort(), o.host ?? "127.0.0.1", o.prefix ?? [], o.tls);
       try {
         await server.restart();
         return server;
@@ -1328,9 +1330,12 @@ export class RedisServer {
   async restart(): Promise<void> {
     if (this.running) throw new Error(`redis-server on ${this.port} is still running`);
     this.output = [];
+    const port = this.tls
+      ? ["--port", "0", "--tls-port", String(this.port), "--tls-cert-file", this.tls.cert, "--tls-key-file", this.tls.key, "--tls-auth-clients", "no"]
+      : ["--port", String(this.port)];
     const proc = Bun.spawn(
       // Protected mode would refuse every client but loopback ones (a namespace host's registries).
-      [...this.prefix, "redis-server", "--port", String(this.port), "--bind", this.host, "--protected-mode", "no", "--save", "", "--appendonly", "no", "--loglevel", "notice"],
+      [...this.prefix, "redis-server", ...port, "--bind", this.host, "--protected-mode", "no", "--save", "", "--appendonly", "no", "--loglevel", "notice"],
       { stdin: "ignore", stdout: "pipe", stderr: "pipe" },
     );
     this.proc = proc;

@@ -19,6 +19,7 @@ import {
   spawnNode,
   spawnStoreRegistry,
   statusJson,
+  testCerts,
   waitUntil,
   withDeadline,
   type Proc,
@@ -253,5 +254,23 @@ describe.skipIf(redisUnavailable !== null)("several registries on one store (pro
     await agree([r!], [node], WAIT_MS, "the node listed in the store's list");
     expect(r!.log.named("store").map((e) => e.state)).toEqual(["degraded", "ok"]);
     expect(String(r!.log.named("store")[0]!.reason)).toContain(`127.0.0.1:${s.port}`);
+  }, TEST_MS);
+
+  test("rediss://: two registries share the list through a store that speaks TLS, its private CA given by NODE_EXTRA_CA_CERTS; without the CA, no connection", async () => {
+    await using certs = await testCerts([]);
+    const s = await RedisServer.start({ tls: certs.mesh.registry! });
+    fixtures.push(s);
+    expect(s.url).toStartWith("rediss://127.0.0.1:");
+    const trusting = { NODE_EXTRA_CA_CERTS: certs.mesh.ca };
+    const regs = await Promise.all([spawnStoreRegistry(s.url, [], trusting), spawnStoreRegistry(s.url, [], trusting)]);
+    fixtures.push(...regs);
+    const all = await Promise.all(regs.map((r) => spawnNode(r.port)));
+    fixtures.push(...all);
+    await agree(regs, all, WAIT_MS, "both registries to list both nodes");
+    for (const r of regs) expect((await statusJson(r.http, "/stats")).store).toBe("ok");
+    // A registry that does not trust the store's CA cannot reach it: degraded, serving only its own.
+    const [doubting] = await registries(s.url, 1);
+    const lost = await doubting!.log.waitFor((e) => e.event === "store" && e.state === "degraded", WAIT_MS, "the untrusting registry to report the store unreachable");
+    expect(String(lost.reason)).toContain("TLS setting");
   }, TEST_MS);
 });
