@@ -6,7 +6,7 @@
  * `bun demo.ts [--nodes 5]` (or `npm run demo`).
  */
 import { intArg } from "./cli.ts";
-import { disposeAll, greetingsOf, killAllOnExit, meshProblems, runScript, spawnNode, spawnRegistry, waitUntil, type Proc } from "./harness.ts";
+import { disposeAll, greetingsOf, killAllOnExit, meshProblems, runScript, spawnNode, spawnRegistry, waitUntil, type NodeLine, type NodeProc, type Proc } from "./harness.ts";
 
 async function demo(n: number, deadlineMs: number, procs: Proc[]): Promise<boolean> {
   const say = (text: string) => process.stdout.write(`${text}\n`);
@@ -15,7 +15,7 @@ async function demo(n: number, deadlineMs: number, procs: Proc[]): Promise<boole
   say(`registry  listening on 127.0.0.1:${registry.port}`);
 
   const names = Array.from({ length: n }, (_, i) => `node-${i + 1}`);
-  const nodes: (Proc & { id: string; port: number })[] = [];
+  const nodes: NodeProc[] = [];
   for (const name of names) {
     const node = await spawnNode(registry.port, ["--name", name]);
     procs.push(node);
@@ -26,13 +26,13 @@ async function demo(n: number, deadlineMs: number, procs: Proc[]): Promise<boole
 
   const byId = new Map(nodes.map((p, i) => [p.id, names[i]!]));
   const expected = (n * (n - 1)) / 2;
-  const count = (event: string) => nodes.reduce((sum, p) => sum + p.log.named(event).length, 0);
+  const count = (event: NodeLine["event"]) => nodes.reduce((sum, p) => sum + p.log.named(event).length, 0);
   await waitUntil(() => count("greeted") >= expected, deadlineMs, `${expected} greetings`);
   // Count receptions too: a greeting is complete when the receiver logged it.
   await waitUntil(() => count("greeting") >= expected, deadlineMs, `${expected} receptions`);
 
   for (const [i, p] of nodes.entries()) {
-    const who = p.log.named("greeted").map((e) => byId.get(String(e.peer)) ?? e.peer);
+    const who = p.log.named("greeted").map((e) => byId.get(e.peer) ?? e.peer);
     if (who.length) say(`${names[i]!.padEnd(9)} greeted ${who.join(", ")}`);
   }
   say("");

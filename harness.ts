@@ -14,12 +14,12 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { makeCerts, type CertSet } from "./certs.ts";
 import { checkFlags, runCli } from "./cli.ts";
-import { command as nodeCommand, startNode, type NodeOptions, type PeerNode } from "./client.ts";
+import { command as nodeCommand, startNode, type NodeEvent, type NodeOptions, type PeerNode } from "./client.ts";
 import type { Clock } from "./liveness.ts";
 import { PROTOCOL_VERSION } from "./protocol.ts";
 import { tcp, type Conn, type Transport } from "./net.ts";
 import { tls, type TlsTransport } from "./tls.ts";
-import { command as registryCommand, startRegistry, type Registry, type RegistryOptions } from "./registry.ts";
+import { command as registryCommand, startRegistry, type CliEvent, type Registry, type RegistryEvent, type RegistryOptions } from "./registry.ts";
 
 /** The project root: where the scripts are started from. */
 export const ROOT = import.meta.dir;
@@ -63,27 +63,50 @@ export function same(a: string[], b: string[]): boolean {
   return a.length === b.length && a.every((x, i) => x === b[i]);
 }
 
-type Pred<T> = (item: T) => boolean;
+/**
+ * A test of an item. Declared as a method, whose parameter is bivariant, so
+ * a log of one role's events passes where a log of any events is taken.
+ */
+type Pred<T> = { test(item: T): boolean }["test"];
+
+/**
+ * The members of `T` whose `K` can be `V`. Not `Extract<T, { [k in K]: V }>`:
+ * that is `never` for a loosely typed item (`event: string`), where every
+ * item can match.
+ */
+export type Having<T, K extends PropertyKey, V> = T extends { [k in K]?: infer X } ? (V extends X ? T : never) : never;
+
+/** Whether an item's `key` field is `value`: the one place that field is trusted to say which member of `T` an item is. */
+function having<T, K extends keyof T, V extends T[K]>(key: K, value: V): (i: T) => i is Having<T, K, V> {
+  return (i): i is Having<T, K, V> => i[key] === value;
+}
 
 /**
  * Items that arrive over time (a process's events, a connection's messages),
  * and waits for them, past or future, under a deadline. Once the source ends
  * (the process exited, the connection closed), a wait for what is not there
- * fails at once, saying why.
+ * fails at once, saying why. A wait or filter by a value of the key field
+ * (`waitFor("pong")`) accepts only values `T` has, and yields the members
+ * of `T` that have it.
  */
-export class Feed<T extends Record<string, unknown>> {
+export class Feed<T extends object, K extends keyof T & string> {
   readonly items: T[] = [];
   private ended: string | undefined;
   private readonly wakers = new Set<() => void>();
 
   /** `key` is the field a string predicate names: `waitFor("pong")` is `waitFor((m) => m.type === "pong")`. */
-  constructor(private readonly key: string) {}
+  constructor(private readonly key: K) {
+    // Bound, so it can be passed as a callback (`onEvent: log.push`); a method
+    // rather than an arrow property, so a log of one role's events still
+    // passes where a log of any events is taken (method parameters are bivariant).
+    this.push = this.push.bind(this);
+  }
 
-  /** Adds an item; an arrow function, so it can be passed as a callback (`onEvent: log.push`). */
-  readonly push = (item: T): void => {
+  /** Adds an item. */
+  push(item: T): void {
     this.items.push(item);
     this.wake();
-  };
+  }
 
   /** No more items will come; `why` goes into the message of every wait that cannot be met. */
   end(why: string): void {
@@ -92,19 +115,29 @@ export class Feed<T extends Record<string, unknown>> {
   }
 
   /** Items whose key field is `value`, in order. */
-  named(value: string): T[] {
-    return this.items.filter((i) => i[this.key] === value);
+  named<V extends T[K] & string>(value: V): Having<T, K, V>[] {
+    return this.items.filter(having(this.key, value));
   }
 
   /** Resolves with the first item (already seen or still to come) matching `pred`. */
-  async waitFor(pred: Pred<T> | string, timeoutMs = 10_000, what?: string): Promise<T> {
-    const p = this.pred(pred);
-    return (await this.waitForCount(p, 1, timeoutMs, what ?? this.label(pred)))[0]!;
+  waitFor<V extends T[K] & string>(value: V, timeoutMs?: number, what?: string): Promise<Having<T, K, V>>;
+  waitFor(pred: Pred<T> | (T[K] & string), timeoutMs?: number, what?: string): Promise<T>;
+  async waitFor(pred: Pred<T> | (T[K] & string), timeoutMs = 10_000, what?: string): Promise<T> {
+    return (await this.waitForCount(pred, 1, timeoutMs, what ?? this.label(pred)))[0]!;
+  }
+
+  /** Resolves with the first item of key `value` for which `where` holds: a predicate that sees the fields that value's items have. */
+  async waitForWhere<V extends T[K] & string>(value: V, where: Pred<Having<T, K, V>>, timeoutMs = 10_000, what?: string): Promise<Having<T, K, V>> {
+    const is = having<T, K, V>(this.key, value);
+    const found = await this.waitForCount((i) => is(i) && where(i), 1, timeoutMs, what ?? `a matching ${this.label(value)}`);
+    return found.filter(is)[0]!;
   }
 
   /** Resolves with all matching items once there are at least `count`. */
-  async waitForCount(pred: Pred<T> | string, count: number, timeoutMs = 10_000, what?: string): Promise<T[]> {
-    const p = this.pred(pred);
+  waitForCount<V extends T[K] & string>(value: V, count: number, timeoutMs?: number, what?: string): Promise<Having<T, K, V>[]>;
+  waitForCount(pred: Pred<T> | (T[K] & string), count: number, timeoutMs?: number, what?: string): Promise<T[]>;
+  async waitForCount(pred: Pred<T> | (T[K] & string), count: number, timeoutMs = 10_000, what?: string): Promise<T[]> {
+    const p = typeof pred === "string" ? having<T, K, typeof pred>(this.key, pred) : pred;
     const label = what ?? `${count} x ${this.label(pred)}`;
     const result = Promise.withResolvers<T[]>();
     const check = () => {
@@ -121,10 +154,6 @@ export class Feed<T extends Record<string, unknown>> {
     }
   }
 
-  private pred(pred: Pred<T> | string): Pred<T> {
-    return typeof pred === "string" ? (i) => i[this.key] === pred : pred;
-  }
-
   private label(pred: Pred<T> | string): string {
     return typeof pred === "string" ? `${this.key} ${pred}` : "a matching item";
   }
@@ -138,16 +167,29 @@ export class Feed<T extends Record<string, unknown>> {
   }
 }
 
-/** A role's events, from a process's stdout or an in-process `onEvent`. */
-export class EventLog extends Feed<JsonEvent> {
+/**
+ * A role's events, from a process's stdout or an in-process `onEvent`: `E`
+ * is the role's event union where it is known, so predicates and fields are
+ * checked; the loose default is for code that takes any process's events.
+ */
+export class EventLog<E extends { event: string } = JsonEvent> extends Feed<E, "event"> {
   constructor() {
     super("event");
   }
 
-  get events(): JsonEvent[] {
+  get events(): E[] {
     return this.items;
   }
 }
+
+/** A line a role's command prints with --json: the event, and when it was printed. */
+export type Printed<E> = E & { time: string };
+
+/** What a registry process prints: its own events and its command line's (`fd-limit`, ...). */
+export type RegistryLine = Printed<CliEvent>;
+
+/** What a node process prints. */
+export type NodeLine = Printed<NodeEvent>;
 
 // --- processes ---------------------------------------------------------------
 
@@ -159,8 +201,8 @@ export const children = new Set<Proc>();
  * it prints lands in `stderr` (stdout lines prefixed "stdout: "). Its log
  * ends when it exits, so a wait for an event that never came fails then.
  */
-export class Proc implements AsyncDisposable {
-  readonly log = new EventLog();
+export class Proc<E extends { event: string } = JsonEvent> implements AsyncDisposable {
+  readonly log = new EventLog<E>();
   readonly stderr: string[] = [];
   private readonly done: Promise<number>;
 
@@ -224,7 +266,7 @@ export class Proc implements AsyncDisposable {
   }
 
   /** A parsed stdout line; subclasses may take some for themselves. */
-  protected onJson(m: JsonEvent): void {
+  protected onJson(m: E): void {
     this.log.push(m);
   }
 
@@ -235,7 +277,7 @@ export class Proc implements AsyncDisposable {
     } catch {
       m = undefined;
     }
-    if (m && typeof m === "object") this.onJson(m as JsonEvent);
+    if (m && typeof m === "object") this.onJson(m as E); // what the script prints is trusted to be its role's events
     else this.stderr.push(`stdout: ${line}`);
   }
 }
@@ -344,19 +386,25 @@ export function spawnBun(script: string, args: string[], o: SpawnOptions = {}): 
   });
 }
 
-/** `bun <script> ...args` as a Proc (see spawnBun). */
-export function spawnScript(script: string, args: string[], o: SpawnOptions = {}): Proc {
-  return new Proc(spawnBun(script, args, o), o.label ?? script);
+/** `bun <script> ...args` as a Proc (see spawnBun); `E`, what the script prints, is the caller's word. */
+export function spawnScript<E extends { event: string } = JsonEvent>(script: string, args: string[], o: SpawnOptions = {}): Proc<E> {
+  return new Proc<E>(spawnBun(script, args, o), o.label ?? script);
 }
 
+/** A registry process, and the port it listens on. */
+export type RegistryProc = Proc<RegistryLine> & { port: number };
+
+/** A node process, its id and the port it listens on. */
+export type NodeProc = Proc<NodeLine> & { id: string; port: number };
+
 /** A registry process on 127.0.0.1 and a free port; resolves once it listens. */
-export async function spawnRegistry(args: string[] = [], env: Record<string, string> = {}): Promise<Proc & { port: number }> {
-  const p = spawnScript("registry.ts", ["127.0.0.1", "0", "--json", ...args], { env, label: "registry" });
+export async function spawnRegistry(args: string[] = [], env: Record<string, string> = {}): Promise<RegistryProc> {
+  const p = spawnScript<RegistryLine>("registry.ts", ["127.0.0.1", "0", "--json", ...args], { env, label: "registry" });
   const e = await p.log.waitFor("listening", 15_000, "registry to listen").catch(async (err) => {
     await p[Symbol.asyncDispose]();
     throw new Error(`${(err as Error).message}; stderr: ${p.stderr.join("\n")}`);
   });
-  return Object.assign(p, { port: Number(e.port) });
+  return Object.assign(p, { port: e.port });
 }
 
 /** A node process; resolves once it is registered (its `listening` event gives id and port). */
@@ -365,12 +413,12 @@ export async function spawnNode(
   args: string[] = [],
   env: Record<string, string> = {},
   registryHost = "127.0.0.1",
-): Promise<Proc & { id: string; port: number }> {
-  const p = spawnScript("client.ts", [registryHost, String(registryPort), "--json", ...args], { env, label: "node" });
+): Promise<NodeProc> {
+  const p = spawnScript<NodeLine>("client.ts", [registryHost, String(registryPort), "--json", ...args], { env, label: "node" });
   try {
     const l = await p.log.waitFor("listening", 15_000, "node to listen");
     await p.log.waitFor("registered", 15_000, "node to register");
-    return Object.assign(p, { id: String(l.id), port: Number(l.port) });
+    return Object.assign(p, { id: l.id, port: l.port });
   } catch (err) {
     await p[Symbol.asyncDispose]();
     throw new Error(`${(err as Error).message}; stderr: ${p.stderr.join("\n")}`);
@@ -380,7 +428,7 @@ export async function spawnNode(
 // --- several registries --------------------------------------------------------
 
 /** A registry process sharing a store, with its status server: `http` is its base URL, `id` its registry id. */
-export type StoreRegistry = Proc & { port: number; http: string; id: string };
+export type StoreRegistry = RegistryProc & { http: string; id: string };
 
 /**
  * A registry on 127.0.0.1 sharing the list through `store` (a redis:// URL),
@@ -392,10 +440,10 @@ export async function spawnStoreRegistry(store: string, args: string[] = [], env
 }
 
 /** Adds the status server's URL and the registry's id to a registry process started with --http. */
-export async function withStatus<P extends Proc>(p: P): Promise<P & { http: string; id: string }> {
+export async function withStatus<P extends Proc<RegistryLine>>(p: P): Promise<P & { http: string; id: string }> {
   try {
     const e = await p.log.waitFor("http-listening", 15_000, "the status server to listen");
-    const http = String(e.url);
+    const http = e.url;
     const stats = (await statusJson(http, "/stats")) as { registry: string };
     return Object.assign(p, { http, id: stats.registry });
   } catch (err) {
@@ -421,12 +469,12 @@ export async function listed(base: string): Promise<Map<string, { host: string; 
  * A node process's view as it prints it on SIGUSR1 (client.ts's `view`
  * event): whether it is registered, and its peers' ids, sorted.
  */
-export async function askView(p: Proc, timeoutMs = 5_000): Promise<{ registered: boolean; peers: string[] }> {
+export async function askView(p: Proc<NodeLine>, timeoutMs = 5_000): Promise<{ registered: boolean; peers: string[] }> {
   const before = p.log.named("view").length;
   p.signal("SIGUSR1");
   const views = await p.log.waitForCount("view", before + 1, timeoutMs, `${p.label} to print its view`);
   const v = views[before]!;
-  return { registered: v.registered === true, peers: ((v.peers as string[]) ?? []).slice().sort() };
+  return { registered: v.registered, peers: v.peers.slice().sort() };
 }
 
 /** Disposes every fixture even if some fail; for finally blocks and afterEach. */
@@ -504,8 +552,8 @@ function pairProblems(ids: string[], arrows: [string, string][], what: string): 
 }
 
 /** The greetings that node processes logged: `greeted` (sent) and `greeting` (received), by node id. */
-export function greetingsOf(nodes: { id: string; log: EventLog }[]): { greeted: Map<string, string[]>; received: Map<string, string[]> } {
-  const peers = (log: EventLog, event: string) => log.named(event).map((e) => String(e.peer));
+export function greetingsOf(nodes: { id: string; log: EventLog<NodeLine> }[]): { greeted: Map<string, string[]>; received: Map<string, string[]> } {
+  const peers = (log: EventLog<NodeLine>, event: "greeted" | "greeting") => log.named(event).map((e) => e.peer);
   return {
     greeted: new Map(nodes.map((n) => [n.id, peers(n.log, "greeted")])),
     received: new Map(nodes.map((n) => [n.id, peers(n.log, "greeting")])),
@@ -525,7 +573,7 @@ export function greetingsOf(nodes: { id: string; log: EventLog }[]): { greeted: 
  * but whose traffic is not under test).
  */
 export class RawClient implements AsyncDisposable {
-  private readonly feed = new Feed<WireMessage>("type");
+  private readonly feed = new Feed<WireMessage, "type">("type");
   bytesReceived = 0;
   closed = false;
   private parts: Buffer[] = [];
@@ -1388,8 +1436,8 @@ export class Fixtures {
     return x;
   }
 
-  async registry(options: RegistryOptions = {}): Promise<{ reg: Registry; log: EventLog }> {
-    const log = new EventLog();
+  async registry(options: RegistryOptions = {}): Promise<{ reg: Registry; log: EventLog<RegistryEvent> }> {
+    const log = new EventLog<RegistryEvent>();
     const reg = await startRegistry({ host: "127.0.0.1", port: 0, onEvent: log.push, ...options });
     this.defer(() => reg.stop());
     return { reg, log };

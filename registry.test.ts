@@ -87,7 +87,7 @@ describe("membership", () => {
     expect(reg.nodes().map((n) => n.id).sort()).toEqual(["a", "c"]);
     const leftAtC = await c.waitFor((m) => m.type === "left" && m.id === "b", 5_000, "c told b left");
     expect(leftAtC.seq).toBe(leftAtA.seq);
-    expect(await log.waitFor((e) => e.event === "node-left" && e.id === "b")).toMatchObject({ reason: "closed", nodes: 2 });
+    expect(await log.waitForWhere("node-left", (e) => e.id === "b")).toMatchObject({ reason: "closed", nodes: 2 });
 
     const d = await clients.connect(reg.port);
     const reply = await d.register("d", 43004);
@@ -127,7 +127,7 @@ describe("membership", () => {
 
       nodes[1]!.kill(); // no `leave`: the session just closes
       for (const i of [0, 2]) {
-        const e = await logs[i]!.waitFor((e) => e.event === "peer-left" && e.peer === ids[1], 10_000, `node ${i} told of the kill`);
+        const e = await logs[i]!.waitForWhere("peer-left", (e) => e.peer === ids[1], 10_000, `node ${i} told of the kill`);
         expect(e.reason).toBe("closed");
         expect(nodes[i]!.peers().map((p) => p.id)).not.toContain(ids[1]!);
       }
@@ -258,8 +258,8 @@ describe("bad input to a node's listener", () => {
     }
     const log = new EventLog();
     await using later = await startNode({ registryHost: "127.0.0.1", registryPort: reg.port, onEvent: log.push });
-    await log.waitFor((e) => e.event === "greeted" && e.peer === target.id, 10_000, "the later node's greeting acknowledged");
-    await targetLog.waitFor((e) => e.event === "greeting" && e.peer === later.id, 10_000, "the target to log the greeting");
+    await log.waitForWhere("greeted", (e) => e.peer === target.id, 10_000, "the later node's greeting acknowledged");
+    await targetLog.waitForWhere("greeting", (e) => e.peer === later.id, 10_000, "the target to log the greeting");
     // The intruder's lines were never taken for greetings.
     expect(targetLog.named("greeting").some((e) => e.peer === "intruder")).toBe(false);
   });
@@ -275,7 +275,7 @@ describe("bad input to a node's listener", () => {
     // A listed node's greeting after it is reported, so the unlisted one's absence is not a matter of time.
     const log = new EventLog();
     await using later = await startNode({ registryHost: "127.0.0.1", registryPort: reg.port, onEvent: log.push });
-    await targetLog.waitFor((e) => e.event === "greeting" && e.peer === later.id, 10_000, "the listed node's greeting");
+    await targetLog.waitForWhere("greeting", (e) => e.peer === later.id, 10_000, "the listed node's greeting");
     expect(targetLog.named("greeting").filter((e) => e.peer === "raw-greeter")).toEqual([]);
   });
 });

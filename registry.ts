@@ -189,7 +189,7 @@ function settingsOf(options: RegistryOptions) {
 // --- command line ------------------------------------------------------------
 
 /** What the command line prints besides the registry's own events. */
-type CliEvent =
+export type CliEvent =
   | RegistryEvent
   /** The connection caps needed more file descriptors than the process may open, and were lowered. */
   | { event: "fd-limit"; limit: number; reserved: number; lowered: { flag: string; from: number; to: number }[] }

@@ -24,7 +24,7 @@
  * "chaos-report").
  */
 import { intArg } from "../cli.ts";
-import { RedisServer, askView, killAllOnExit, listed, mulberry32, redisUnavailable, runScript, same, spawnScript, withDeadline, withStatus, type Proc } from "../harness.ts";
+import { RedisServer, askView, killAllOnExit, listed, mulberry32, redisUnavailable, runScript, same, spawnScript, withDeadline, withStatus, type NodeLine, type Proc, type RegistryLine } from "../harness.ts";
 
 interface ChaosOptions {
   durationMs: number;
@@ -76,7 +76,7 @@ const START_DEADLINE_MS = 20_000;
 /** A registry process; restarted on the same port, its status server on a new one. */
 interface RegistrySlot {
   index: number;
-  proc?: Proc;
+  proc?: Proc<RegistryLine>;
   port: number;
   http: string;
   down: boolean;
@@ -85,7 +85,7 @@ interface RegistrySlot {
 
 interface Slot {
   index: number;
-  proc?: Proc;
+  proc?: Proc<NodeLine>;
   /** From the process's `listening` event; undefined while it starts. */
   id?: string;
   port?: number;
@@ -315,7 +315,7 @@ class ChaosRun {
     if (sameIdentity) args.push("--id", s.lastId!, "--port", String(s.lastPort));
     await this.spawnSlot();
     try {
-      const proc = spawnScript("client.ts", args, { label: `node#${s.index}` });
+      const proc = spawnScript<NodeLine>("client.ts", args, { label: `node#${s.index}` });
       s.proc = proc;
       s.id = s.port = undefined;
       s.ending = false;
@@ -430,7 +430,7 @@ class ChaosRun {
       ...(this.store ? ["--store", this.store.url] : []),
     ];
     for (let attempt = 1; ; attempt++) {
-      const proc = spawnScript("registry.ts", args, { label: `registry#${r.index}` });
+      const proc = spawnScript<RegistryLine>("registry.ts", args, { label: `registry#${r.index}` });
       this.all.add(proc);
       try {
         const l = await proc.log.waitFor("listening", START_DEADLINE_MS, "registry to listen");

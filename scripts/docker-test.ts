@@ -31,7 +31,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { makeCerts } from "../certs.ts";
 import { checkFlags, intArg, runCli, UsageError } from "../cli.ts";
-import { ROOT, Proc, exec, greetingsOf, meshProblems, waitUntil, withDeadline, type JsonEvent } from "../harness.ts";
+import { ROOT, Proc, exec, greetingsOf, meshProblems, waitUntil, withDeadline, type JsonEvent, type NodeLine } from "../harness.ts";
 import { Abort, CheckRun, tail, type Exec } from "./check-run.ts";
 
 const LABEL = "contact-registry-test.pid";
@@ -216,7 +216,7 @@ class Run extends CheckRun {
     }, true);
 
     const names = Array.from({ length: this.o.nodes }, (_, i) => `${this.tag}-node${i + 1}`);
-    const nodes = await Promise.all(names.map((n) => this.start(n, net, ["client", registry, "8080", "--json"])));
+    const nodes = await Promise.all(names.map((n) => this.start<NodeLine>(n, net, ["client", registry, "8080", "--json"])));
     const ids = new Map<Proc, string>();
     await this.check(`${names.length} node containers register`, async () => {
       await Promise.all(
@@ -245,7 +245,7 @@ class Run extends CheckRun {
     await this.check(`full mesh: each of the ${pairs} pairs exactly one greeted and one greeting`, () => fullMesh(nodes));
 
     await this.check("the registry reports the mesh complete", async () => {
-      const e = await reg.log.waitFor((e) => e.event === "mesh-complete" && e.nodes === names.length, 15_000, "mesh-complete over all nodes");
+      const e = await reg.log.waitForWhere("mesh-complete", (e) => e.nodes === names.length, 15_000, "mesh-complete over all nodes");
       return `${e.pairs} pairs`;
     });
 
@@ -266,7 +266,7 @@ class Run extends CheckRun {
         nodes
           .filter((p) => p !== last)
           .map((p) =>
-            p.log.waitFor((e) => e.event === "peer-left" && e.peer === lastId, 15_000, `${p.label} to see ${lastId} leave`).then((e) => {
+            p.log.waitForWhere("peer-left", (e) => e.peer === lastId, 15_000, `${p.label} to see ${lastId} leave`).then((e) => {
               if (e.reason !== "leave") throw new Error(`${p.label} saw it leave with reason ${e.reason}, expected leave`);
             }),
           ),
@@ -311,7 +311,7 @@ class Run extends CheckRun {
     }, true);
     const v6 = (await this.execOk(["inspect", "-f", `{{(index .NetworkSettings.Networks "${net}").GlobalIPv6Address}}`, registry])).trim();
     if (!v6) return this.fail("IPv6: registry address", `container ${registry} got no IPv6 address on ${net}`);
-    const nodes = await Promise.all(["a", "b"].map((s) => this.start(`${this.tag}-node6${s}`, net, ["client", v6, "8080", "--json"])));
+    const nodes = await Promise.all(["a", "b"].map((s) => this.start<NodeLine>(`${this.tag}-node6${s}`, net, ["client", v6, "8080", "--json"])));
     await this.check(`IPv6: nodes register over IPv6 (registry at [${v6}]) and greet each other`, async () => {
       for (const p of nodes) {
         const e = await p.log.waitFor("registered", 30_000, `${p.label} to register`).catch((e: Error) => {
@@ -355,7 +355,7 @@ class Run extends CheckRun {
     const [registries, clients] = await Promise.all([this.composeNames(project, "registry"), this.composeNames(project, "client")]);
     await this.check(`compose: ${scale} clients form a full mesh`, async () => {
       if (registries.length !== 1 || clients.length !== scale) throw new Error(`found ${registries.length} registry and ${clients.length} client containers`);
-      await fullMesh(clients.map((c) => this.follow(c)));
+      await fullMesh(clients.map((c) => this.follow<NodeLine>(c)));
     });
     await this.check("compose: the token reaches the registry, and a node without it is refused", async () => {
       const registry = registries[0]!;
@@ -388,7 +388,7 @@ class Run extends CheckRun {
       if (!up) return;
       const nodes = (await Promise.all(ids.map((id) => this.composeContainers(project, id)))).flat();
       await this.check("compose.tls.yaml: three nodes form a full mesh in mutual TLS, each with its certificate's id", async () => {
-        const followed = nodes.map((c) => this.follow(c));
+        const followed = nodes.map((c) => this.follow<NodeLine>(c));
         await fullMesh(followed);
         const named = followed.map((p) => String(p.log.named("listening")[0]?.id)).sort();
         if (named.join() !== ids.join()) throw new Error(`the nodes took the ids ${named.join(", ")}`);
@@ -464,7 +464,7 @@ class Run extends CheckRun {
     if (!up) return;
     const names = (service: string) => this.composeNames(project, service);
     const [[r1], [r2], clientNames] = await Promise.all([names("registry1"), names("registry2"), names("client")]);
-    const clients = clientNames.map((c) => this.follow(c));
+    const clients = clientNames.map((c) => this.follow<NodeLine>(c));
     let ids: string[] = [];
     await this.check(`compose.ha.yaml: ${scale} clients over two registries form a full mesh, and both list all`, async () => {
       if (!r1 || !r2 || clients.length !== scale) throw new Error(`found registries ${r1}, ${r2} and ${clients.length} clients`);
@@ -479,7 +479,7 @@ class Run extends CheckRun {
       const before = new Map(moving.map((c) => [c, c.log.named("registered").length]));
       await this.execOk(["kill", "-s", "KILL", r1!]);
       for (const c of moving) {
-        await c.log.waitFor((e) => e.event === "registered" && c.log.named("registered").length > before.get(c)!, 30_000, `${c.label} to register again`);
+        await c.log.waitForWhere("registered", (e) => c.log.named("registered").length > before.get(c)!, 30_000, `${c.label} to register again`);
         if (on(c) === `${ip}:8080`) throw new Error(`${c.label} registered with the killed registry again`);
       }
       await this.listsExactly(r2!, ids);
@@ -512,7 +512,7 @@ class Run extends CheckRun {
   }
 
   /** Starts a labelled container and follows its log; the follower parses --json lines. */
-  private async start(name: string, net: string, args: string[], runFlags: string[] = []): Promise<Proc> {
+  private async start<E extends { event: string } = JsonEvent>(name: string, net: string, args: string[], runFlags: string[] = []): Promise<Proc<E>> {
     if (this.stopping) throw new Abort("stopping");
     this.containers.add(name);
     const r = await this.creates(
@@ -522,12 +522,12 @@ class Run extends CheckRun {
       60_000,
     );
     if (r.code !== 0) throw new Error(`docker run ${name} exited ${r.code}: ${r.stderr.trim()}`);
-    return this.follow(name);
+    return this.follow<E>(name);
   }
 
-  /** Follows a container's output; --json lines become events. */
-  private follow(name: string): Proc {
-    const follower = new Proc(Bun.spawn([this.docker, "logs", "-f", name], { stdin: "ignore", stdout: "pipe", stderr: "pipe" }), name);
+  /** Follows a container's output; --json lines become events, of the kind `E` the caller knows the container prints. */
+  private follow<E extends { event: string } = JsonEvent>(name: string): Proc<E> {
+    const follower = new Proc<E>(Bun.spawn([this.docker, "logs", "-f", name], { stdin: "ignore", stdout: "pipe", stderr: "pipe" }), name);
     this.followers.add(follower);
     return follower;
   }
@@ -657,10 +657,10 @@ class Run extends CheckRun {
  * Waits for every pair of nodes to have greeted, then checks each pair has
  * exactly one `greeted` and one `greeting`, told by both of its ends.
  */
-async function fullMesh(nodes: Proc[]): Promise<void> {
+async function fullMesh(nodes: Proc<NodeLine>[]): Promise<void> {
   const ids = await Promise.all(nodes.map(async (p) => String((await p.log.waitFor("listening", 30_000, `${p.label} to listen`)).id)));
   const pairs = (nodes.length * (nodes.length - 1)) / 2;
-  const count = (event: string) => nodes.reduce((n, p) => n + p.log.named(event).length, 0);
+  const count = (event: NodeLine["event"]) => nodes.reduce((n, p) => n + p.log.named(event).length, 0);
   await waitUntil(() => count("greeted") >= pairs && count("greeting") >= pairs, 30_000, `${pairs} greeted and greeting events`).catch(
     (e: Error) => {
       throw new Error(`${e.message} (have ${count("greeted")} greeted, ${count("greeting")} greeting)`);

@@ -5,9 +5,8 @@
  * cores take seconds), never expectations.
  */
 import { describe, expect, test } from "bun:test";
-import { disposeAll, greetingsOf, meshProblems, spawnNode, spawnRegistry, spawnScript, waitUntil, withDeadline, type Proc } from "../harness.ts";
+import { disposeAll, greetingsOf, meshProblems, spawnNode, spawnRegistry, spawnScript, waitUntil, withDeadline, type NodeLine, type NodeProc, type Proc } from "../harness.ts";
 
-type NodeProc = Proc & { id: string; port: number };
 
 describe("full mesh of greetings between processes", () => {
   test.each([2, 5, 10])(
@@ -22,7 +21,7 @@ describe("full mesh of greetings between processes", () => {
         expect(new Set(ids).size).toBe(n);
 
         const pairs = (n * (n - 1)) / 2;
-        const total = (event: string) => nodes.reduce((sum, p) => sum + p.log.named(event).length, 0);
+        const total = (event: NodeLine["event"]) => nodes.reduce((sum, p) => sum + p.log.named(event).length, 0);
         await waitUntil(() => total("greeted") >= pairs && total("greeting") >= pairs, 60_000, `${pairs} greetings sent and received`);
 
         // Each pair once on either side, and the two sides describe the same greetings: A greeted B exactly when B logged a greeting from A.
@@ -61,10 +60,10 @@ describe("departure", () => {
       gone.signal("SIGTERM");
       expect(await withDeadline(gone.exited(), 20_000, "the SIGTERMed node to exit")).toBe(0);
       for (const p of stay) {
-        const left = await p.log.waitFor((e) => e.event === "peer-left" && e.peer === gone.id, 20_000, `peer-left at ${p.id}`);
+        const left = await p.log.waitForWhere("peer-left", (e) => e.peer === gone.id, 20_000, `peer-left at ${p.id}`);
         expect(left.reason).toBe("leave"); // SIGTERM is a clean stop: the node says goodbye
       }
-      const regLeft = await registry.log.waitFor((e) => e.event === "node-left" && e.id === gone.id, 20_000, "registry node-left");
+      const regLeft = await registry.log.waitForWhere("node-left", (e) => e.id === gone.id, 20_000, "registry node-left");
       expect(regLeft.nodes).toBe(3);
 
       const late = await spawnNode(registry.port);
@@ -74,7 +73,7 @@ describe("departure", () => {
       const pairs = 3;
       await waitUntil(() => late.log.named("greeted").length >= pairs, 30_000, "the late node to greet the live nodes");
       expect(late.log.named("greeted").map((e) => String(e.peer)).sort()).toEqual(stay.map((p) => p.id).sort());
-      expect(late.log.events.some((e) => e.peer === gone.id || e.address === `127.0.0.1:${gone.port}`)).toBe(false);
+      expect(late.log.events.some((e) => ("peer" in e && e.peer === gone.id) || ("address" in e && e.address === `127.0.0.1:${gone.port}`))).toBe(false);
       expect(late.log.named("greet-failed")).toEqual([]);
     } finally {
       await disposeAll(procs);
@@ -88,9 +87,9 @@ describe("departure", () => {
       procs.push(registry);
       const [a, killed] = (await spawnNodes(registry.port, 2, procs)) as [NodeProc, NodeProc];
       await killed.kill("SIGKILL");
-      const left = await a.log.waitFor((e) => e.event === "peer-left" && e.peer === killed.id, 20_000, "peer-left");
+      const left = await a.log.waitForWhere("peer-left", (e) => e.peer === killed.id, 20_000, "peer-left");
       expect(left.reason).toBe("closed");
-      const regLeft = await registry.log.waitFor((e) => e.event === "node-left" && e.id === killed.id, 20_000, "registry node-left");
+      const regLeft = await registry.log.waitForWhere("node-left", (e) => e.id === killed.id, 20_000, "registry node-left");
       expect(regLeft.reason).toBe("closed");
       const late = await spawnNode(registry.port);
       procs.push(late);
@@ -161,8 +160,8 @@ describe("command line", () => {
       procs.push(a);
       const b = await spawnNode(port, [], {}, "localhost");
       procs.push(b);
-      await b.log.waitFor((e) => e.event === "greeted" && e.peer === a.id, 30_000, "b to greet a");
-      await a.log.waitFor((e) => e.event === "greeting" && e.peer === b.id, 30_000, "a to log b's greeting");
+      await b.log.waitForWhere("greeted", (e) => e.peer === a.id, 30_000, "b to greet a");
+      await a.log.waitForWhere("greeting", (e) => e.peer === b.id, 30_000, "a to log b's greeting");
 
       // Without --json: readable lines saying who registered and whom it greeted.
       const human = spawnScript("client.ts", ["localhost", String(port)], { label: "human" });

@@ -36,9 +36,9 @@ describe("node faults (processes)", () => {
     const [a, b, c] = await startNodes(reg.port, 3);
 
     await b.kill("SIGKILL");
-    await reg.log.waitFor((e) => e.event === "node-left" && e.id === b.id, SOON, "registry to drop the killed node");
+    await reg.log.waitForWhere("node-left", (e) => e.id === b.id, SOON, "registry to drop the killed node");
     for (const n of [a, c]) {
-      const left = await n.log.waitFor((e) => e.event === "peer-left" && e.peer === b.id, SOON, `${n.id} to see ${b.id} leave`);
+      const left = await n.log.waitForWhere("peer-left", (e) => e.peer === b.id, SOON, `${n.id} to see ${b.id} leave`);
       expect(left.reason).toBe("closed");
     }
     expect(registryLeft(reg, b.id)).toEqual(["closed"]);
@@ -52,23 +52,23 @@ describe("node faults (processes)", () => {
 
     b.signal("SIGSTOP");
     // How soon is for bench/ (departure), not for a test on a shared machine; here: evicted, and by the heartbeat.
-    await reg.log.waitFor((e) => e.event === "node-left" && e.id === b.id, SOON, "heartbeat eviction of the frozen node");
+    await reg.log.waitForWhere("node-left", (e) => e.id === b.id, SOON, "heartbeat eviction of the frozen node");
     expect(registryLeft(reg, b.id)).toEqual(["timeout"]);
     for (const n of [a, c]) {
-      const left = await n.log.waitFor((e) => e.event === "peer-left" && e.peer === b.id, SOON, `${n.id} to see the frozen node leave`);
+      const left = await n.log.waitForWhere("peer-left", (e) => e.peer === b.id, SOON, `${n.id} to see the frozen node leave`);
       expect(left.reason).toBe("timeout");
     }
     expect(registryList(reg)).toEqual(sorted([a.id, c.id]));
 
     b.signal("SIGCONT");
-    const again = await b.log.waitFor((e) => e.event === "registered" && e.again === true, SOON, "the thawed node to register again");
+    const again = await b.log.waitForWhere("registered", (e) => e.again === true, SOON, "the thawed node to register again");
     expect(again.boot).toBe(registryBoot(reg));
-    for (const n of [a, c]) await n.log.waitFor((e) => e.event === "peer-joined" && e.peer === b.id, SOON, `${n.id} to see it rejoin`);
+    for (const n of [a, c]) await n.log.waitForWhere("peer-joined", (e) => e.peer === b.id, SOON, `${n.id} to see it rejoin`);
     expect(registryList(reg)).toEqual(sorted([a.id, b.id, c.id]));
     expect(reg.log.events.filter((e) => e.event === "node-registered" && e.id === b.id)).toHaveLength(2);
     // A later node's greeting reaching b marks a point after any greeting b would have sent on re-registering.
     const d = track(await spawnNode(reg.port, NODE_ARGS));
-    for (const n of [b, c]) await n.log.waitFor((e) => e.event === "greeting" && e.peer === d.id, SOON, `${n.id} to answer a new node`);
+    for (const n of [b, c]) await n.log.waitForWhere("greeting", (e) => e.peer === d.id, SOON, `${n.id} to answer a new node`);
     // It already met both peers: re-registration must not greet them again.
     expect(b.log.named("greeted")).toHaveLength(1);
     expect(c.log.named("greeting").map((e) => e.peer)).toEqual([d.id]);
@@ -82,9 +82,9 @@ describe("node faults (processes)", () => {
       n.signal(sig);
       expect(await withDeadline(n.exited(), SOON, `${n.id} to exit on ${sig}`)).toBe(0);
       await n.log.waitFor("stopped", 0, `${n.id} to print stopped`);
-      await reg.log.waitFor((e) => e.event === "node-left" && e.id === n.id, SOON, `registry to drop ${n.id}`);
+      await reg.log.waitForWhere("node-left", (e) => e.id === n.id, SOON, `registry to drop ${n.id}`);
       expect(registryLeft(reg, n.id)).toEqual(["leave"]);
-      const left = await c.log.waitFor((e) => e.event === "peer-left" && e.peer === n.id, SOON, `c to see ${n.id} leave`);
+      const left = await c.log.waitForWhere("peer-left", (e) => e.peer === n.id, SOON, `c to see ${n.id} leave`);
       expect(left.reason).toBe("leave");
     }
     expect(registryList(reg)).toEqual([c.id]);
@@ -121,11 +121,11 @@ describe("registry faults (processes)", () => {
 
     reg.signal("SIGSTOP");
     for (const n of nodes) {
-      const d = await n.log.waitFor((e) => e.event === "disconnected" && e.registered === true, SOON, `${n.id} to notice the frozen registry`);
+      const d = await n.log.waitForWhere("disconnected", (e) => e.registered === true, SOON, `${n.id} to notice the frozen registry`);
       expect(String(d.reason)).toContain("silent");
     }
     reg.signal("SIGCONT");
-    for (const n of nodes) await n.log.waitFor((e) => e.event === "registered" && e.again === true, SOON, `${n.id} to register again`);
+    for (const n of nodes) await n.log.waitForWhere("registered", (e) => e.again === true, SOON, `${n.id} to register again`);
     await waitUntil(() => same(registryList(reg), sorted(nodes.map((n) => n.id))), SOON, "registry list to equal the live nodes");
     // Exactly once: one registration before the freeze and one after, per node, and no entry replaced by a duplicate.
     for (const n of nodes) expect(reg.log.events.filter((e) => e.event === "node-registered" && e.id === n.id)).toHaveLength(2);
@@ -149,7 +149,7 @@ describe("registry faults (processes)", () => {
     const boot = String(listening.boot);
     expect(boot).not.toBe(registryBoot(first));
     for (const n of old) {
-      await n.log.waitFor((e) => e.event === "registered" && e.again === true && e.boot === boot, SOON, `${n.id} to re-register`);
+      await n.log.waitForWhere("registered", (e) => e.again === true && e.boot === boot, SOON, `${n.id} to re-register`);
     }
     const ids = sorted(old.map((n) => n.id));
     await waitUntil(() => same(registryList(second), ids), SOON, "the new registry to list every live node");
@@ -159,7 +159,7 @@ describe("registry faults (processes)", () => {
     const greeted = await late.log.waitForCount("greeted", 3, SOON, "the late node to greet every live node");
     expect(sorted(greeted.map((e) => String(e.peer)))).toEqual(ids);
     expect(late.log.named("greet-failed")).toEqual([]);
-    for (const n of old) await n.log.waitFor((e) => e.event === "greeting" && e.peer === late.id, SOON, `${n.id} to be greeted`);
+    for (const n of old) await n.log.waitForWhere("greeting", (e) => e.peer === late.id, SOON, `${n.id} to be greeted`);
     // Old pairs had met before the restart; re-registering must not greet them again.
     expect(old.map((n) => n.log.named("greeted").length)).toEqual(greetedBefore);
     expect(registryList(second)).toEqual(sorted([...ids, late.id]));
@@ -224,7 +224,7 @@ describe("addresses (in-process registry, raw sockets)", () => {
       await fake.register("fake-stuck", port);
       const log = new EventLog();
       const node = track(await startNode({ registryHost: "127.0.0.1", registryPort: reg.port, listenHost: "127.0.0.1", greetTimeoutMs: 300, greetRetries: 0, onEvent: log.push }));
-      const failed = await log.waitFor((e) => e.event === "greet-failed" && e.peer === "fake-stuck", SOON, "the greeting to give up");
+      const failed = await log.waitForWhere("greet-failed", (e) => e.peer === "fake-stuck", SOON, "the greeting to give up");
       expect(String(failed.reason)).toContain("timeout");
 
       peer.proc.kill("SIGCONT");
@@ -294,7 +294,7 @@ describe("views (a fake registry)", () => {
     fake.nextBoot = "boot-2";
     fake.nextPeers = [p(5)];
     s1.end();
-    const again = await log.waitFor((e) => e.event === "registered" && e.again === true, SOON, "the node to register again");
+    const again = await log.waitForWhere("registered", (e) => e.again === true, SOON, "the node to register again");
     expect(again.boot).toBe("boot-2");
     expect(ids()).toEqual(["p5"]);
     const restartLeaves = log.events.filter((e) => e.event === "peer-left" && e.reason === "restart").map((e) => String(e.peer));
@@ -320,8 +320,8 @@ describe("views (a fake registry)", () => {
     // E.g. a restarted registry whose dial-back probe timed out under load: the node's address has not changed.
     fake.nextRefusal = "unreachable";
     fake.sessions[0]!.end();
-    await log.waitFor((e) => e.event === "error" && e.code === "unreachable", SOON, "the refusal");
-    await log.waitFor((e) => e.event === "registered" && e.again === true, SOON, "the node to try again and register");
+    await log.waitForWhere("error", (e) => e.code === "unreachable", SOON, "the refusal");
+    await log.waitForWhere("registered", (e) => e.again === true, SOON, "the node to try again and register");
     expect(fake.sessions.map((x) => x.named("register").length)).toEqual([1, 1, 1]);
     expect(node.registered).toBe(true);
   });

@@ -38,7 +38,7 @@ test("idle, half-sent, trickling and half-closed floods are capped per address a
   // Warm up (one registration and its probe) before counting the registry's sockets.
   const warm = await startNode({ registryHost: "127.0.0.1", registryPort: registry.port, listenHost: "127.0.0.1" });
   await warm.stop();
-  await registry.log.waitFor((e) => e.event === "node-left" && e.id === warm.id, 10_000);
+  await registry.log.waitForWhere("node-left", (e) => e.id === warm.id, 10_000);
   const baseline = socketCount(registry.pid);
 
   // The flood: every connection opened at once, per address.
@@ -120,9 +120,9 @@ test("on the TLS port, handshakes that never end are capped per address and cut 
   const join = (id: string, log?: EventLog) =>
     startNode({ registryHost: "127.0.0.1", registryPort: registry.port, listenHost: "127.0.0.1", transport: certs.nodeTransport(id), onEvent: log?.push, waitForRegistration: false });
   const warm = await join("warm");
-  await registry.log.waitFor((e) => e.event === "node-registered" && e.id === "warm", 10_000);
+  await registry.log.waitForWhere("node-registered", (e) => e.id === "warm", 10_000);
   await warm.stop();
-  await registry.log.waitFor((e) => e.event === "node-left" && e.id === "warm", 10_000);
+  await registry.log.waitForWhere("node-left", (e) => e.id === "warm", 10_000);
   const baseline = { sockets: socketCount(registry.pid), rss: rssBytes(registry.pid) ?? 0 };
 
   const hello = await clientHello();

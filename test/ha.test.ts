@@ -22,6 +22,8 @@ import {
   testCerts,
   waitUntil,
   withDeadline,
+  type NodeLine,
+  type NodeProc,
   type Proc,
   type StoreRegistry,
 } from "../harness.ts";
@@ -30,7 +32,6 @@ import { STORE_DEFAULTS } from "../redis.ts";
 
 if (redisUnavailable) console.log(`SKIP redis: ${redisUnavailable}`);
 
-type NodeProc = Proc & { id: string; port: number };
 
 const TEST_MS = 60_000;
 const WAIT_MS = 20_000;
@@ -97,7 +98,7 @@ async function agree(regs: StoreRegistry[], live: NodeProc[], ms: number, what: 
 /** Waits for every pair of `all` to have greeted (both ends logged it); the mesh must then be exact. */
 async function meshFormed(all: NodeProc[]): Promise<void> {
   const pairs = (all.length * (all.length - 1)) / 2;
-  const count = (event: string) => all.reduce((sum, n) => sum + n.log.named(event).length, 0);
+  const count = (event: NodeLine["event"]) => all.reduce((sum, n) => sum + n.log.named(event).length, 0);
   await waitUntil(() => count("greeted") >= pairs && count("greeting") >= pairs, WAIT_MS, `${pairs} greetings, both ends`, 20);
 }
 
@@ -153,7 +154,7 @@ describe.skipIf(redisUnavailable !== null)("several registries on one store (pro
     victim.killNow();
     doomed.killNow();
     await Promise.all(
-      movers.map((n) => n.log.waitFor((e) => e.event === "registered" && e.again === true && since(n).includes(e), WAIT_MS, `${n.id} to register elsewhere`)),
+      movers.map((n) => n.log.waitForWhere("registered", (e) => e.again === true && since(n).includes(e), WAIT_MS, `${n.id} to register elsewhere`)),
     );
     for (const n of movers) expect(survivors).toContain(registryOf(n, regs));
     await agree(survivors, live, DEAD_NODE_BOUND_MS - (performance.now() - killedAt), "the survivors to list exactly the live nodes");
@@ -185,7 +186,7 @@ describe.skipIf(redisUnavailable !== null)("several registries on one store (pro
 
     await s.kill();
     for (const r of regs) {
-      await r.log.waitFor((e) => e.event === "store" && e.state === "degraded", WAIT_MS, `${r.id} to report the store lost`);
+      await r.log.waitForWhere("store", (e) => e.state === "degraded", WAIT_MS, `${r.id} to report the store lost`);
       // Still healthy (200): it serves its own nodes. /healthz may answer from figures a cache interval old.
       await waitUntil(async () => (await statusJson(r.http, "/healthz")).status === "degraded", WAIT_MS, `${r.id}'s /healthz to say degraded`, 50);
       expect(await statusJson(r.http, "/healthz")).toMatchObject({ status: "degraded", nodes: 6 });
@@ -196,7 +197,7 @@ describe.skipIf(redisUnavailable !== null)("several registries on one store (pro
     const registrations = all.map((n) => n.log.named("registered").length);
 
     await s.restart();
-    for (const r of regs) await r.log.waitFor((e) => e.event === "store" && e.state === "ok", WAIT_MS, `${r.id} to report the store back`);
+    for (const r of regs) await r.log.waitForWhere("store", (e) => e.state === "ok", WAIT_MS, `${r.id} to report the store back`);
     await agree(regs, [...all, late], WAIT_MS, "every list and view to be whole again");
     await waitUntil(async () => (await Promise.all(regs.map((r) => statusJson(r.http, "/stats")))).every((x) => x.store === "ok"), WAIT_MS, "/stats to say ok", 50);
     const stats = await Promise.all(regs.map((r) => statusJson(r.http, "/stats")));
@@ -250,7 +251,7 @@ describe.skipIf(redisUnavailable !== null)("several registries on one store (pro
     const node = await spawnNode(r!.port);
     fixtures.push(node);
     await s.restart();
-    await withDeadline(r!.log.waitFor((e) => e.event === "store" && e.state === "ok", WAIT_MS), WAIT_MS, "the store to be reached");
+    await withDeadline(r!.log.waitForWhere("store", (e) => e.state === "ok", WAIT_MS), WAIT_MS, "the store to be reached");
     await agree([r!], [node], WAIT_MS, "the node listed in the store's list");
     expect(r!.log.named("store").map((e) => e.state)).toEqual(["degraded", "ok"]);
     expect(String(r!.log.named("store")[0]!.reason)).toContain(`127.0.0.1:${s.port}`);
@@ -270,7 +271,7 @@ describe.skipIf(redisUnavailable !== null)("several registries on one store (pro
     for (const r of regs) expect((await statusJson(r.http, "/stats")).store).toBe("ok");
     // A registry that does not trust the store's CA cannot reach it: degraded, serving only its own.
     const [doubting] = await registries(s.url, 1);
-    const lost = await doubting!.log.waitFor((e) => e.event === "store" && e.state === "degraded", WAIT_MS, "the untrusting registry to report the store unreachable");
+    const lost = await doubting!.log.waitForWhere("store", (e) => e.state === "degraded", WAIT_MS, "the untrusting registry to report the store unreachable");
     expect(String(lost.reason)).toContain("TLS setting");
   }, TEST_MS);
 });

@@ -60,7 +60,7 @@ describe("identity: nobody replaces a live node", () => {
     await first.send({ type: "register", v: 1, id: "n1", port: 41_011 });
     await first.waitFor("registered", 5_000);
     first.destroy();
-    await log.waitFor((e) => e.event === "node-left" && e.id === "n1", 5_000, "the closed session's node to leave");
+    await log.waitForWhere("node-left", (e) => e.id === "n1", 5_000, "the closed session's node to leave");
     const second = await f.raw(reg.port);
     await second.send({ type: "register", v: 1, id: "n1", port: 41_012 });
     await second.waitFor("registered", 5_000);
@@ -144,7 +144,7 @@ describe("identity: nobody replaces a live node", () => {
     await first.kill("SIGKILL");
     const third = f.track(await spawnNode(reg.port, ["--id", "twin", "--listen", "127.0.0.1"]));
     expect(third.log.named("error")).toEqual([]);
-    await reg.log.waitFor((e) => e.event === "node-registered" && e.port === third.port, 10_000, "the restarted twin listed");
+    await reg.log.waitForWhere("node-registered", (e) => e.port === third.port, 10_000, "the restarted twin listed");
   }, 60_000);
 });
 
@@ -364,7 +364,7 @@ describe("liveness the registry cannot fake", () => {
     await spam.write('{"type":"sync"}\n'.repeat(300));
     spam.end();
     // Within the heartbeat timeout of its last bytes, not once its backlog is worked off (25 s).
-    const left = await log.waitFor((e) => e.event === "node-left" && e.id === "spam", 5_000, "the dead spammer to be removed");
+    const left = await log.waitForWhere("node-left", (e) => e.id === "spam", 5_000, "the dead spammer to be removed");
     expect(left.reason).toBe("timeout");
     expect(reg.nodes()).toEqual([]);
   });
@@ -379,7 +379,7 @@ describe("a node's listener", () => {
     await fake.send({ type: "hello", v: 1, id: "late-b", host: "127.0.0.1", port: 9 });
     await fake.waitFor("welcome", 5_000);
     const b = await f.node(reg.port, { id: "late-b" });
-    const g = await aLog.waitFor((e) => e.event === "greeting" && e.peer === "late-b", 10_000, "b's greeting");
+    const g = await aLog.waitForWhere("greeting", (e) => e.peer === "late-b", 10_000, "b's greeting");
     expect(g.address).toBe(`127.0.0.1:${b.port}`);
     expect(aLog.named("greeting").filter((e) => e.peer === "late-b").length).toBe(1);
   });
@@ -395,7 +395,7 @@ describe("a node's listener", () => {
     const session = await f.raw(reg.port);
     await session.send({ type: "register", v: 1, id: "early", port: 47_000 });
     await session.waitFor("registered", 5_000);
-    const g = await aLog.waitFor((e) => e.event === "greeting" && e.peer === "early", 10_000, "the early hello reported");
+    const g = await aLog.waitForWhere("greeting", (e) => e.peer === "early", 10_000, "the early hello reported");
     expect(g.address).toBe("127.0.0.1:47000");
   });
 
@@ -414,7 +414,7 @@ describe("a node's listener", () => {
     const session = await f.raw(reg.port);
     await session.send({ type: "register", v: 1, id: "shadowed", port: 47_200 });
     await session.waitFor("registered", 5_000);
-    const g = await aLog.waitFor((e) => e.event === "greeting" && e.peer === "shadowed", 3_000, "the real hello reported");
+    const g = await aLog.waitForWhere("greeting", (e) => e.peer === "shadowed", 3_000, "the real hello reported");
     expect(g.address).toBe("127.0.0.1:47200");
     expect(aLog.named("greeting").filter((e) => e.peer === "shadowed").length).toBe(1);
   });
@@ -435,7 +435,7 @@ describe("a node's listener", () => {
     );
     await c.waitClosed(5_000);
     expect(c.messages.map((m) => m.type)).toEqual(["welcome"]);
-    await aLog.waitFor((e) => e.event === "greeting" && e.peer === "h1", 5_000, "h1's greeting");
+    await aLog.waitForWhere("greeting", (e) => e.peer === "h1", 5_000, "h1's greeting");
     expect(aLog.named("greeting").map((e) => e.peer)).toEqual(["h1"]);
   });
 

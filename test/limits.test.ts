@@ -96,7 +96,7 @@ describe("registry limits", () => {
     const node = await f.node(reg.port);
     expect(node.registered).toBe(true);
     // The registry reports the overflow like every other refusal.
-    await log.waitFor((e) => e.event === "error" && e.code === "line-too-long", 5_000, "line-too-long event");
+    await log.waitForWhere("error", (e) => e.code === "line-too-long", 5_000, "line-too-long event");
     expect(reg.stats().rejected["line-too-long"]).toBe(2);
   });
 
@@ -113,7 +113,7 @@ describe("registry limits", () => {
 
     const waitingLog = new EventLog();
     const waiting = await f.node(reg.port, { onEvent: waitingLog.push, waitForRegistration: false });
-    await waitingLog.waitFor((e) => e.event === "error" && e.code === "registry-full", 10_000, "registry-full for the third node");
+    await waitingLog.waitForWhere("error", (e) => e.code === "registry-full", 10_000, "registry-full for the third node");
     expect(waiting.registered).toBe(false);
     expect(a.registered && b.registered).toBe(true);
     await a.stop();
@@ -155,7 +155,7 @@ describe("registry limits", () => {
     expect(err.code).toBe("too-many-connections");
     expect(String(err.message)).toContain("more than 3 connections from 127.0.0.2");
     await over.waitClosed(5_000);
-    await log.waitFor((e) => e.event === "error" && e.code === "too-many-connections" && String(e.remote).startsWith("127.0.0.2:"), 5_000);
+    await log.waitForWhere("error", (e) => e.code === "too-many-connections" && String(e.remote).startsWith("127.0.0.2:"), 5_000);
 
     // Another source address is not affected, and neither is a real node.
     const other = await f.raw(reg.port, "127.0.0.3");
@@ -208,7 +208,7 @@ describe("registry limits", () => {
         await c.waitClosed(5_000);
       }
     }
-    const left = await log.waitFor((e) => e.event === "node-left" && e.id === "slow-reader", 10_000, "the slow reader to be dropped");
+    const left = await log.waitForWhere("node-left", (e) => e.id === "slow-reader", 10_000, "the slow reader to be dropped");
     expect(left.reason).toBe("closed");
     const why = log.named("error").find((e) => e.code === "slow-consumer")!;
     expect(String(why.message)).toContain("over 65536 bytes unsent: the peer does not read");
@@ -282,14 +282,14 @@ describe("token", () => {
     f.defer(() => registryProc[Symbol.asyncDispose]());
     const good = await spawnNode(registryProc.port, [], { REGISTRY_TOKEN: TOKEN });
     f.defer(() => good[Symbol.asyncDispose]());
-    await registryProc.log.waitFor((e) => e.event === "node-registered" && e.id === good.id, 10_000);
+    await registryProc.log.waitForWhere("node-registered", (e) => e.id === good.id, 10_000);
 
     const bad = spawnScript("client.ts", ["127.0.0.1", String(registryProc.port), "--json", "--token", "not-the-token"]);
     f.defer(() => bad[Symbol.asyncDispose]());
     expect(await withDeadline(bad.exited(), 15_000, "node with a wrong token to exit")).toBe(1);
     expect(bad.log.named("error").map((e) => e.code)).toContain("unauthorized");
     expect(bad.stderr.join("\n")).toContain("unauthorized");
-    await registryProc.log.waitFor((e) => e.event === "error" && e.code === "unauthorized", 5_000);
+    await registryProc.log.waitForWhere("error", (e) => e.code === "unauthorized", 5_000);
 
     const outputs = (p: Proc) => [...p.log.events.map((e) => JSON.stringify(e)), ...p.stderr];
     expect([...outputs(registryProc), ...outputs(good), ...outputs(bad)].filter((l) => l.includes(TOKEN))).toEqual([]);
@@ -346,8 +346,8 @@ describe("a node's greeting listener", () => {
 
     const greeterLog = new EventLog();
     const greeter = await f.node(reg.port, { onEvent: greeterLog.push });
-    await greeterLog.waitFor((e) => e.event === "greeted" && e.peer === target.id, 10_000, "greeting of the bounded node");
-    await targetLog.waitFor((e) => e.event === "greeting" && e.peer === greeter.id, 10_000);
+    await greeterLog.waitForWhere("greeted", (e) => e.peer === target.id, 10_000, "greeting of the bounded node");
+    await targetLog.waitForWhere("greeting", (e) => e.peer === greeter.id, 10_000);
   });
 });
 
@@ -405,7 +405,7 @@ describe("a hostile registry", () => {
     expect(codes).toContain("bad-message");
     expect(String(log.named("disconnected")[0]?.reason)).toContain("line-too-long");
     expect(conns()).toBeGreaterThanOrEqual(2);
-    await log.waitFor((e) => e.event === "greet-failed" && e.peer === "ghost", 10_000);
+    await log.waitForWhere("greet-failed", (e) => e.peer === "ghost", 10_000);
     await log.waitFor("resync", 5_000);
     await waitUntil(() => received().some((m) => m.type === "sync"), 5_000, "the node to ask for a snapshot");
     // Timers beyond what setInterval can hold must not turn into a 1 ms ping loop.

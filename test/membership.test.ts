@@ -383,7 +383,7 @@ describe.skipIf(redisUnavailable !== null)("the log and leases", () => {
     for (const log of [logA, logB]) expect(await log.waitFor("reset", WAIT_MS, "a reload")).toMatchObject({ boot: a.boot, seq: 1 });
     // And the log goes on from there.
     await b.join(member("b1", 7002, "B"), []);
-    await logA.waitFor((e) => e.event === "joined" && e.seq === 2, WAIT_MS, "A to apply B's join");
+    await logA.waitForWhere("joined", (e) => e.seq === 2, WAIT_MS, "A to apply B's join");
     expect(a.peerList()).toBe(b.peerList());
   });
 
@@ -401,11 +401,11 @@ describe.skipIf(redisUnavailable !== null)("the log and leases", () => {
       `${prefix}log`,
       JSON.stringify(x),
     ]);
-    for (const log of [logA, logB]) expect(await log.waitFor((e) => e.event === "joined" && e.seq === 2, WAIT_MS, "the unpublished entry")).toMatchObject({ member: x });
+    for (const log of [logA, logB]) expect(await log.waitForWhere("joined", (e) => e.seq === 2, WAIT_MS, "the unpublished entry")).toMatchObject({ member: x });
     expect([logA.named("reset"), logB.named("reset")]).toEqual([[], []]);
     // And what follows is published again as usual.
     await b.join(member("b1", 7002, "B"), []);
-    await logA.waitFor((e) => e.event === "joined" && e.seq === 3, WAIT_MS, "A to apply B's next join");
+    await logA.waitForWhere("joined", (e) => e.seq === 3, WAIT_MS, "A to apply B's next join");
     expect(a.peerList()).toBe(b.peerList());
   });
 
@@ -419,7 +419,7 @@ describe.skipIf(redisUnavailable !== null)("the log and leases", () => {
     await a.join(a1, []);
     const swept = await logB.waitFor((e) => e.event === "left", WAIT_MS, "B to sweep A's node");
     expect(swept).toMatchObject({ reason: "timeout", member: a1 });
-    const back = await logB.waitFor((e) => e.event === "joined" && Number(e.seq) > Number(swept.seq), WAIT_MS, "A to write its node back");
+    const back = await logB.waitForWhere("joined", (e) => Number(e.seq) > Number(swept.seq), WAIT_MS, "A to write its node back");
     expect(back.member).toEqual(a1);
   });
 });
@@ -453,8 +453,8 @@ describe.skipIf(redisUnavailable !== null)("the store fails", () => {
     await store.restart();
     for (const log of [logA, logB]) {
       // The list is reloaded (reset, sessions resync) before the store is reported back.
-      const reset = await log.waitFor((e) => e.event === "reset" && e.boot !== boot, WAIT_MS, "a reset into the new epoch");
-      const back = await log.waitFor((e) => e.event === "store" && e.state === "ok", WAIT_MS, "the store to be reported back");
+      const reset = await log.waitForWhere("reset", (e) => e.boot !== boot, WAIT_MS, "a reset into the new epoch");
+      const back = await log.waitForWhere("store", (e) => e.state === "ok", WAIT_MS, "the store to be reported back");
       expect(log.events.indexOf(back)).toBeGreaterThan(log.events.indexOf(reset));
     }
     const ids = (m: Membership) => [...m.members()].map((x) => x.id).sort();
@@ -497,7 +497,7 @@ describe.skipIf(redisUnavailable !== null)("the store fails", () => {
     expect(a.lastError).toContain(`127.0.0.1:${store.port}`);
     expect((await a.join(member("a1", 7001, "A"), [])).ok).toBe(true);
     await store.restart();
-    await log.waitFor((e) => e.event === "store" && e.state === "ok", WAIT_MS, "the store to be reached");
+    await log.waitForWhere("store", (e) => e.state === "ok", WAIT_MS, "the store to be reached");
     expect([...a.members()].map((x) => x.id)).toEqual(["a1"]);
   });
 });

@@ -13,7 +13,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { makeCerts } from "../certs.ts";
 import { formatAddress } from "../net.ts";
-import { RedisServer, greetingsOf, meshProblems, redisUnavailable, waitUntil, withDeadline, type Proc } from "../harness.ts";
+import { RedisServer, greetingsOf, meshProblems, redisUnavailable, waitUntil, withDeadline, type NodeLine, type NodeProc as HarnessNodeProc, type Proc, type RegistryLine, type RegistryProc } from "../harness.ts";
 import { SUBNET4, SUBNET6, UNUSED4, createNetwork, inNamespace, netnsUnavailable, removeOwn, type Host } from "./netns.ts";
 
 const unavailable = await netnsUnavailable();
@@ -44,15 +44,15 @@ describe.skipIf(unavailable !== null)("across hosts (network namespaces)", () =>
     const [a, b, c] = [net.host("a"), net.host("b"), net.host("c")];
     const reg = await registryOn(net.host("r"), "0.0.0.0", ["--heartbeat", "200", "--heartbeat-misses", "3"]);
     const nodes = await Promise.all([a, b, c].map((h) => nodeOn(h, net.host("r").ipv4, reg.port)));
-    await reg.log.waitFor((e) => e.event === "mesh-complete" && e.nodes === 3, WAIT_MS, "mesh-complete with 3 nodes");
+    await reg.log.waitForWhere("mesh-complete", (e) => e.nodes === 3, WAIT_MS, "mesh-complete with 3 nodes");
     const [na, nb, nc] = nodes as [NodeProc, NodeProc, NodeProc];
 
     await c.cutOff();
 
-    const left = await reg.log.waitFor((e) => e.event === "node-left" && e.id === nc.id, WAIT_MS, `registry to drop ${nc.id}`);
+    const left = await reg.log.waitForWhere("node-left", (e) => e.id === nc.id, WAIT_MS, `registry to drop ${nc.id}`);
     expect(left.reason).toBe("timeout");
     for (const n of [na, nb]) {
-      const e = await n.log.waitFor((x) => x.event === "peer-left" && x.peer === nc.id, WAIT_MS, `peer-left ${nc.id} on ${n.host.name}`);
+      const e = await n.log.waitForWhere("peer-left", (x) => x.peer === nc.id, WAIT_MS, `peer-left ${nc.id} on ${n.host.name}`);
       expect(e.reason).toBe("timeout");
     }
     // Silence, not a crash: the cut-off node still runs, and the survivors stay listed.
@@ -80,18 +80,20 @@ describe.skipIf(unavailable !== null)("across hosts (network namespaces)", () =>
         }),
       );
       expect(nodes.map((n) => n.id)).toEqual(ids);
-      await reg.log.waitFor((e) => e.event === "mesh-complete" && e.nodes === 3, WAIT_MS, "mesh-complete with 3 nodes");
-      const count = (event: string) => nodes.reduce((sum, n) => sum + n.log.named(event).length, 0);
+      await reg.log.waitForWhere("mesh-complete", (e) => e.nodes === 3, WAIT_MS, "mesh-complete with 3 nodes");
+      const count = (event: NodeLine["event"]) => nodes.reduce((sum, n) => sum + n.log.named(event).length, 0);
       await waitUntil(() => count("greeted") >= 3 && count("greeting") >= 3, WAIT_MS, "3 greeted and greeting events");
       const { greeted, received } = greetingsOf(nodes);
       expect(meshProblems(ids, greeted, received)).toEqual([]);
-      expect(reg.log.named("node-registered").map((e) => [e.id, e.host]).sort()).toEqual(hosts.map((h, i) => [ids[i], i === 2 ? h.ipv6 : h.ipv4]).sort());
-      for (const p of [reg, ...nodes]) expect([...p.log.named("error"), ...p.log.named("warning"), ...p.log.named("greet-failed")]).toEqual([]);
+      expect(reg.log.named("node-registered").map((e) => [e.id, e.host]).sort()).toEqual(hosts.map((h, i) => [ids[i]!, i === 2 ? h.ipv6 : h.ipv4]).sort());
+      const all: Proc<RegistryLine | NodeLine>[] = [reg, ...nodes];
+      for (const p of all) expect([...p.log.named("error"), ...p.log.named("warning"), ...p.log.named("greet-failed")]).toEqual([]);
 
       // The same token without TLS, across the link: both ends say so once, at start.
       const plain = await registryOn(r, "::", [], { REGISTRY_TOKEN: "s3cret" });
       const exposed = await nodeOn(hosts[0]!, r.ipv4, plain.port, [], { REGISTRY_TOKEN: "s3cret" });
-      for (const p of [plain, exposed]) {
+      const both: Proc<RegistryLine | NodeLine>[] = [plain, exposed];
+      for (const p of both) {
         expect(p.log.named("warning").map((e) => e.message)).toEqual([expect.stringMatching(/^the token travels in clear /)]);
       }
     } finally {
@@ -126,7 +128,7 @@ describe.skipIf(unavailable !== null)("across hosts (network namespaces)", () =>
     expect(await withDeadline(refused.exited(), WAIT_MS, "the refused node to exit")).not.toBe(0);
 
     // The registries' own reports come on other pipes than the nodes': wait for them rather than assume order.
-    await lenient.log.waitFor((e) => e.event === "node-registered" && e.id === honest.id, WAIT_MS, "the honest node's registration");
+    await lenient.log.waitForWhere("node-registered", (e) => e.id === honest.id, WAIT_MS, "the honest node's registration");
     await lenient.log.waitFor("error", WAIT_MS, "the lenient registry's error");
     await strict.log.waitFor("error", WAIT_MS, "the strict registry's error");
     expect(lenient.log.named("node-registered").map((e) => [e.id, e.host])).toEqual([[honest.id, b.ipv4]]);
@@ -145,7 +147,7 @@ describe.skipIf(unavailable !== null || redisUnavailable !== null)("several regi
     const hosts = [net.host("a"), net.host("b"), net.host("c")];
     const nodes = await Promise.all(hosts.map((h) => nodeOn(h, r1.ipv4, regs[0]!.port, ["--registry", `${r2.ipv4}:${regs[1]!.port}`])));
     const ids = nodes.map((n) => n.id).sort();
-    const count = (event: string) => nodes.reduce((sum, n) => sum + n.log.named(event).length, 0);
+    const count = (event: NodeLine["event"]) => nodes.reduce((sum, n) => sum + n.log.named(event).length, 0);
     await waitUntil(() => count("greeted") >= 3 && count("greeting") >= 3, WAIT_MS, "3 greeted and greeting events").catch((e: Error) => {
       // A store the registries cannot reach shows only as a split mesh: say what each process last reported.
       throw new Error(`${e.message}; ${[...regs, ...nodes].map((p) => `${p.label}: ${JSON.stringify(p.log.events.slice(-4))}`).join("; ")}`);
@@ -185,8 +187,7 @@ function listedBy(reg: RegistryProc): Map<string, string> {
 
 // --- internal ----------------------------------------------------------------
 
-type RegistryProc = Proc & { port: number };
-type NodeProc = Proc & { id: string; port: number; host: Host };
+type NodeProc = HarnessNodeProc & { host: Host };
 
 /** Registry on `host`, nodes on `nodeHosts` given only the registry's address; checks mesh and addresses. */
 async function meshAcrossHosts(host: Host, nodeHosts: Host[], family: 4 | 6, bind = "::"): Promise<void> {
@@ -196,9 +197,9 @@ async function meshAcrossHosts(host: Host, nodeHosts: Host[], family: 4 | 6, bin
   const byId = new Map(nodes.map((n) => [n.id, n]));
   const pairs = (nodes.length * (nodes.length - 1)) / 2;
 
-  await reg.log.waitFor((e) => e.event === "mesh-complete" && e.nodes === nodes.length, WAIT_MS, `mesh-complete with ${nodes.length} nodes`);
+  await reg.log.waitForWhere("mesh-complete", (e) => e.nodes === nodes.length, WAIT_MS, `mesh-complete with ${nodes.length} nodes`);
   // Both ends report a greeting, each on its own stdout; wait for all of them.
-  const count = (event: string) => nodes.reduce((sum, n) => sum + n.log.named(event).length, 0);
+  const count = (event: NodeLine["event"]) => nodes.reduce((sum, n) => sum + n.log.named(event).length, 0);
   await waitUntil(() => count("greeted") >= pairs && count("greeting") >= pairs, WAIT_MS, `${pairs} greeted and greeting events`);
 
   const { greeted, received } = greetingsOf(nodes);
@@ -228,19 +229,19 @@ async function meshAcrossHosts(host: Host, nodeHosts: Host[], family: 4 | 6, bin
 }
 
 async function registryOn(host: Host, bind: string, extra: string[] = [], env: Record<string, string> = {}): Promise<RegistryProc> {
-  const p = host.spawn("registry.ts", [bind, "0", "--json", ...extra], env, `registry@${host.name}`);
+  const p = host.spawn<RegistryLine>("registry.ts", [bind, "0", "--json", ...extra], env, `registry@${host.name}`);
   const e = await p.log.waitFor("listening", WAIT_MS, `registry on ${host.name} to listen`).catch((err) => {
     throw new Error(`${(err as Error).message}; stderr: ${p.stderr.join("\n")}`);
   });
-  return Object.assign(p, { port: Number(e.port) });
+  return Object.assign(p, { port: e.port });
 }
 
 async function nodeOn(host: Host, registryHost: string, registryPort: number, extra: string[] = [], env: Record<string, string> = {}): Promise<NodeProc> {
-  const p = host.spawn("client.ts", [registryHost, String(registryPort), "--json", "--name", host.name, ...extra], env, `node@${host.name}`);
+  const p = host.spawn<NodeLine>("client.ts", [registryHost, String(registryPort), "--json", "--name", host.name, ...extra], env, `node@${host.name}`);
   try {
     const l = await p.log.waitFor("listening", WAIT_MS, `node on ${host.name} to listen`);
     await p.log.waitFor("registered", WAIT_MS, `node on ${host.name} to register`);
-    return Object.assign(p, { id: String(l.id), port: Number(l.port), host });
+    return Object.assign(p, { id: l.id, port: l.port, host });
   } catch (err) {
     const events = p.log.events.map((e) => JSON.stringify(e)).join("\n");
     throw new Error(`${(err as Error).message}; events: ${events}; stderr: ${p.stderr.join("\n")}`);

@@ -13,7 +13,7 @@
  * leftovers of a crashed run can be told apart from a live one.
  */
 import { existsSync, readFileSync } from "node:fs";
-import { exec, spawnScript, type Proc } from "../harness.ts";
+import { exec, spawnScript, type JsonEvent, type Proc } from "../harness.ts";
 
 /** Name prefix of everything this process creates; `crn<pid>-`. */
 export const PREFIX = `crn${process.pid}-`;
@@ -34,7 +34,7 @@ export interface Host {
   readonly ipv4: string;
   readonly ipv6: string;
   /** Starts `bun <script> ...args` inside this host, stdout/stderr piped; the network kills it on dispose. */
-  spawn(script: string, args: string[], env?: Record<string, string>, label?: string): Proc;
+  spawn<E extends { event: string } = JsonEvent>(script: string, args: string[], env?: Record<string, string>, label?: string): Proc<E>;
   /** Takes the host's only link down from inside it: its peers see silence, no FIN or RST. */
   cutOff(): Promise<void>;
 }
@@ -114,8 +114,8 @@ export async function createNetwork(names: string[]): Promise<TestNetwork> {
         ns,
         ipv4: `${SUBNET4}.${n}`,
         ipv6: `${SUBNET6}${n}`,
-        spawn(script, args, env = {}, label = `${script}@${name}`) {
-          const p = spawnInNamespace(ns, script, args, env, label);
+        spawn<E extends { event: string } = JsonEvent>(script: string, args: string[], env: Record<string, string> = {}, label = `${script}@${name}`) {
+          const p = spawnInNamespace<E>(ns, script, args, env, label);
           procs.add(p);
           return p;
         },
@@ -141,8 +141,8 @@ export async function createNetwork(names: string[]): Promise<TestNetwork> {
 }
 
 /** `bun <script> ...args` inside namespace `ns`; `ip netns exec` execs, so the pid is bun's own. */
-export function spawnInNamespace(ns: string, script: string, args: string[], env: Record<string, string> = {}, label = script): Proc {
-  return spawnScript(script, args, { env, label, prefix: inNamespace(ns) });
+export function spawnInNamespace<E extends { event: string } = JsonEvent>(ns: string, script: string, args: string[], env: Record<string, string> = {}, label = script): Proc<E> {
+  return spawnScript<E>(script, args, { env, label, prefix: inNamespace(ns) });
 }
 
 /** The command prefix that runs a program inside namespace `ns` (it execs: the pid is the program's). */

@@ -15,7 +15,7 @@ import { afterEach, expect, test } from "bun:test";
 import { readFileSync, readdirSync } from "node:fs";
 import { lineHandlers, type Conn } from "../net.ts";
 import { PROTOCOL_VERSION } from "../protocol.ts";
-import { RawClient, disposeAll, rssBytes, spawnNode, spawnRegistry, spawnScript, waitUntil, withDeadline, type Proc, type WireMessage } from "../harness.ts";
+import { RawClient, disposeAll, rssBytes, spawnNode, spawnRegistry, spawnScript, waitUntil, withDeadline, type NodeLine, type Proc, type WireMessage } from "../harness.ts";
 
 const LISTED = 2_000;
 const JOINERS = 10; // real node processes per phase
@@ -142,7 +142,7 @@ async function phase(registry: Proc & { port: number }): Promise<Phase> {
     for (let i = 0; i < JOINERS; i++) {
       const node = await spawnNode(registry.port, ["--listen", "127.0.0.1"]);
       fixtures.push(node);
-      const at = (event: string) => Date.parse(String(node.log.named(event)[0]!.time));
+      const at = (event: NodeLine["event"]) => Date.parse(node.log.named(event)[0]!.time);
       joinMs.push(at("registered") - at("listening"));
       // Registered is what is measured. Left running, each joiner would greet every listed node: 2,000
       // connections apiece, load on this test process, and enough churn to fill a host's conntrack table.

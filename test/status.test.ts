@@ -53,7 +53,7 @@ describe("status API", () => {
     expect(body.registrationsPerSecondWindowSeconds).toBe(3600);
 
     await nodes[0]!.stop();
-    await log.waitFor((e) => e.event === "node-left" && e.id === nodes[0]!.id, 5_000, "node-left");
+    await log.waitForWhere("node-left", (e) => e.id === nodes[0]!.id, 5_000, "node-left");
     const after = await getJson(server, "/stats");
     expect(after.nodes).toBe(2);
     expect(after.leaves.leave).toBe(1);
@@ -63,7 +63,7 @@ describe("status API", () => {
   test("GET /metrics is valid Prometheus text with the registry's figures", async () => {
     const { registry, server, nodes, log } = await mesh(3);
     await nodes[2]!.stop();
-    await log.waitFor((e) => e.event === "node-left" && e.id === nodes[2]!.id, 5_000, "node-left");
+    await log.waitForWhere("node-left", (e) => e.id === nodes[2]!.id, 5_000, "node-left");
 
     const res = await get(server, "/metrics");
     expect(res.status).toBe(200);
@@ -157,14 +157,14 @@ describe("GET /events", () => {
     await waitUntil(() => server.clients() === 1, 5_000, "the server to count the client");
 
     const third = await node(registry, "late");
-    const join = await stream.log.waitFor((e) => e.event === "join" && data(e).node.id === third.id, 5_000, "join event");
+    const join = await stream.log.waitForWhere("join", (e) => data(e).node.id === third.id, 5_000, "join event");
     expect(data(join).node).toMatchObject({ name: "late", address: `127.0.0.1:${third.port}` });
     // Both older nodes greet the newcomer; the stream names each pair once.
     await stream.log.waitForCount((e) => e.event === "pair" && [data(e).a, data(e).b].includes(third.id), 2, 5_000, "two pair events");
-    await stream.log.waitFor((e) => e.event === "counts" && data(e).pairsGreeted === 3 && data(e).complete === true, 5_000, "complete counts");
+    await stream.log.waitForWhere("counts", (e) => data(e).pairsGreeted === 3 && data(e).complete === true, 5_000, "complete counts");
 
     await third.stop();
-    const leave = await stream.log.waitFor((e) => e.event === "leave" && data(e).id === third.id, 5_000, "leave event");
+    const leave = await stream.log.waitForWhere("leave", (e) => data(e).id === third.id, 5_000, "leave event");
     expect(data(leave)).toMatchObject({ reason: "leave", name: "late", nodes: 2 });
 
     await stream.close();
@@ -176,7 +176,7 @@ describe("GET /events", () => {
     const first = openEvents(server);
     await first.log.waitFor("snapshot", 5_000);
     const third = await node(registry, "third");
-    const joined = await first.log.waitFor((e) => e.event === "join" && data(e).node.id === third.id, 5_000, "the third node's join");
+    const joined = await first.log.waitForWhere("join", (e) => data(e).node.id === third.id, 5_000, "the third node's join");
     expect(data(joined).node.number).toBe(3);
     await nodes[0]!.stop();
     await first.log.waitFor("leave", 5_000);
@@ -186,7 +186,7 @@ describe("GET /events", () => {
     const numbers = Object.fromEntries(snap.nodes.map((n) => [n.id, (n as { number?: number }).number]));
     expect(numbers).toEqual({ [nodes[1]!.id]: 2, [third.id]: 3 });
     const fourth = await node(registry, "fourth");
-    const joinedLater = await later.log.waitFor((e) => e.event === "join" && data(e).node.id === fourth.id, 5_000, "the fourth node's join");
+    const joinedLater = await later.log.waitForWhere("join", (e) => data(e).node.id === fourth.id, 5_000, "the fourth node's join");
     expect(data(joinedLater).node.number).toBe(4);
     await Promise.all([first.close(), later.close()]);
   }, T);
@@ -206,11 +206,11 @@ describe("GET /events", () => {
     expect(first.pairs).toHaveLength(1);
 
     const third = await node(registry, "over");
-    const big = await stream.log.waitFor((e) => e.event === "snapshot" && (data(e) as Snapshot).nodes.length === 3, 5_000, "snapshot above the limit");
+    const big = await stream.log.waitForWhere("snapshot", (e) => (data(e) as Snapshot).nodes.length === 3, 5_000, "snapshot above the limit");
     expect((big.data as Snapshot).pairs).toBeNull();
 
     await third.stop();
-    const small = await stream.log.waitFor((e) => e.event === "snapshot" && (data(e) as Snapshot).nodes.length === 2, 5_000, "snapshot back under the limit");
+    const small = await stream.log.waitForWhere("snapshot", (e) => (data(e) as Snapshot).nodes.length === 2, 5_000, "snapshot back under the limit");
     expect((small.data as Snapshot).pairs).toEqual(registry.pairs());
     expect((small.data as Snapshot).nodes.map((n) => n.id).sort()).toEqual(nodes.map((n) => n.id).sort());
     await stream.close();

@@ -25,6 +25,7 @@ import {
   waitUntil,
   withDeadline,
   type KeyPair,
+  type NodeProc,
   type Proc,
   type TestCerts,
 } from "../harness.ts";
@@ -47,7 +48,6 @@ afterEach(async () => {
   await disposeAll(fixtures.splice(0));
 });
 
-type NodeProc = Proc & { id: string; port: number };
 
 /** A node process that is expected to be refused: resolves with its error event and exit code. */
 async function refusedNode(port: number, args: string[]): Promise<{ error: Record<string, unknown>; code: number; stderr: string }> {
@@ -245,7 +245,7 @@ describe("mutual TLS", () => {
     // node-1 names node-0's listener as its own: the probe finds node-0's certificate there.
     const refusal = await nodeWith(reg.port, certs.nodeTransport("node-1"), { advertise: `:${good.port}` }).catch((e: Error) => e.message);
     expect(refusal).toBe(`unreachable: no node answered as node-1 at 127.0.0.1:${good.port}; if nodes must reach this node at another address, start it with --advertise host[:port]`);
-    const report = await log.waitFor((e) => e.event === "error" && e.code === "unreachable", 5_000);
+    const report = await log.waitForWhere("error", (e) => e.code === "unreachable", 5_000);
     expect(String(report.detail)).toContain("reached a certificate for node node-0, expected node node-1");
     expect(reg.nodes().map((n) => n.id)).toEqual(["node-0"]);
   });
@@ -263,7 +263,7 @@ describe("rotation on SIGHUP", () => {
       fixtures.push(n0);
       const n1 = await spawnNode(registry.port, [...certs.nodeArgs("node-1"), "--listen", "127.0.0.1"]);
       fixtures.push(n1);
-      await registry.log.waitFor((e) => e.event === "mesh-complete" && e.nodes === 2, WAIT, "mesh-complete with 2 nodes");
+      await registry.log.waitForWhere("mesh-complete", (e) => e.nodes === 2, WAIT, "mesh-complete with 2 nodes");
       const before = { registry: await servedSerial(registry.port, "localhost"), node: await servedSerial(n0.port, "node-0") };
 
       const renewed = await renew(dir);
@@ -279,7 +279,7 @@ describe("rotation on SIGHUP", () => {
       // A third node joins with both new certificates in play: registry session, probe of it, greetings to node-0.
       const n2 = await spawnNode(registry.port, [...certs.nodeArgs("node-2"), "--listen", "127.0.0.1"]);
       fixtures.push(n2);
-      await registry.log.waitFor((e) => e.event === "mesh-complete" && e.nodes === 3, WAIT, "mesh-complete with 3 nodes");
+      await registry.log.waitForWhere("mesh-complete", (e) => e.nodes === 3, WAIT, "mesh-complete with 3 nodes");
 
       writeFileSync(live.registry.cert, "-----BEGIN CERTIFICATE-----\ntruncated\n");
       registry.signal("SIGHUP");
@@ -358,7 +358,7 @@ describe("HTTPS for the status server", () => {
 /** Every pair of `nodes` met exactly once, both ends agree, and nobody reported an error, a failed greeting or a warning. */
 async function expectFullMesh(registry: Proc, nodes: NodeProc[]): Promise<void> {
   const n = nodes.length;
-  await registry.log.waitFor((e) => e.event === "mesh-complete" && e.nodes === n, WAIT, `mesh-complete with ${n} nodes`);
+  await registry.log.waitForWhere("mesh-complete", (e) => e.nodes === n, WAIT, `mesh-complete with ${n} nodes`);
   const met = (x: NodeProc) => x.log.named("greeted").length + x.log.named("greeting").length;
   await waitUntil(() => nodes.every((x) => met(x) === n - 1), WAIT, "every node to meet every other");
   const { greeted, received } = greetingsOf(nodes);
