@@ -6,9 +6,9 @@
  * speak NDJSON byte for byte where the exact wire matters.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { startNode, type PeerNode } from "./client.ts";
+import { startNode, type PeerNode, type NodeEvent } from "./client.ts";
 import { PROTOCOL_VERSION } from "./protocol.ts";
-import { startRegistry, type Registry } from "./registry.ts";
+import { startRegistry, type Registry, type RegistryEvent } from "./registry.ts";
 import { EventLog, RawClient, freePort, waitUntil, watchedTransport, type WireMessage } from "./harness.ts";
 
 const LOCAL = { host: "127.0.0.1", port: 0 } as const;
@@ -70,7 +70,7 @@ describe("membership", () => {
   });
 
   test("a node whose session closes is removed at once; others get `left` (closed); a later node is not given it", async () => {
-    const log = new EventLog();
+    const log = new EventLog<RegistryEvent>();
     await using reg = await startRegistry({ ...LOCAL, probe: false, onEvent: log.push });
     await using clients = new ClientSet();
     const a = await clients.connect(reg.port);
@@ -140,7 +140,7 @@ describe("membership", () => {
 
 describe("bad input to the registry", () => {
   let reg: Registry;
-  const regLog = new EventLog();
+  const regLog = new EventLog<RegistryEvent>();
   beforeAll(async () => {
     reg = await startRegistry({ ...LOCAL, onEvent: regLog.push });
   });
@@ -179,7 +179,7 @@ describe("bad input to the registry", () => {
     expect(reg.stats().rejected[code as keyof ReturnType<Registry["stats"]>["rejected"]]).toBe(before + 1);
     // The operator sees every refusal in the registry's own events, overflows included.
     expect(regLog.named("error").filter((e) => e.code === code).length).toBe(before + 1);
-    const log = new EventLog();
+    const log = new EventLog<NodeEvent>();
     await using good = await startNode({ registryHost: "127.0.0.1", registryPort: reg.port, onEvent: log.push });
     expect(good.registered).toBe(true);
     expect(reg.nodes().map((n) => n.id)).toContain(good.id);
@@ -226,7 +226,7 @@ describe("bad input to the registry", () => {
 describe("bad input to a node's listener", () => {
   let reg: Registry;
   let target: PeerNode;
-  const targetLog = new EventLog();
+  const targetLog = new EventLog<NodeEvent>();
   beforeAll(async () => {
     reg = await startRegistry({ ...LOCAL });
     target = await startNode({ registryHost: "127.0.0.1", registryPort: reg.port, onEvent: targetLog.push });
@@ -256,7 +256,7 @@ describe("bad input to a node's listener", () => {
       expect(String(err.message)).toContain(text);
       await bad.waitClosed(5_000);
     }
-    const log = new EventLog();
+    const log = new EventLog<NodeEvent>();
     await using later = await startNode({ registryHost: "127.0.0.1", registryPort: reg.port, onEvent: log.push });
     await log.waitForWhere("greeted", (e) => e.peer === target.id, 10_000, "the later node's greeting acknowledged");
     await targetLog.waitForWhere("greeting", (e) => e.peer === later.id, 10_000, "the target to log the greeting");
@@ -273,7 +273,7 @@ describe("bad input to a node's listener", () => {
       await c.waitClosed(5_000);
     }
     // A listed node's greeting after it is reported, so the unlisted one's absence is not a matter of time.
-    const log = new EventLog();
+    const log = new EventLog<NodeEvent>();
     await using later = await startNode({ registryHost: "127.0.0.1", registryPort: reg.port, onEvent: log.push });
     await targetLog.waitForWhere("greeting", (e) => e.peer === later.id, 10_000, "the listed node's greeting");
     expect(targetLog.named("greeting").filter((e) => e.peer === "raw-greeter")).toEqual([]);
@@ -325,7 +325,7 @@ describe("framing over real sockets", () => {
 describe("the probe", () => {
   test("a register naming a port where nothing listens is refused as unreachable, naming the address", async () => {
     const port = freePort();
-    const log = new EventLog();
+    const log = new EventLog<RegistryEvent>();
     await using reg = await startRegistry({ ...LOCAL, onEvent: log.push });
     await using c = await RawClient.connect(reg.port);
     c.send({ type: "register", v: 1, id: "ghost", port });

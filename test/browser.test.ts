@@ -50,7 +50,7 @@ test.skipIf(!have)(
   async () => {
     const registry = await spawnRegistry(["--http", "0"]);
     procs.push(registry);
-    const url = String((await registry.log.waitFor("http-listening", 10_000)).url);
+    const url = (await registry.log.waitFor("http-listening", 10_000)).url;
 
     const { page, problems } = await openPage();
     await page.goto(url);

@@ -36,7 +36,7 @@ describe("full mesh of greetings between processes", () => {
           expect(p.log.named("error")).toEqual([]);
           const e = p.log.named("listening")[0]!;
           expect(e.time).toBeString();
-          expect(Number.isNaN(Date.parse(String(e.time)))).toBe(false);
+          expect(Number.isNaN(Date.parse(e.time))).toBe(false);
         }
         expect(registry.log.named("node-registered").length).toBe(n);
       } finally {
@@ -72,7 +72,7 @@ describe("departure", () => {
       expect(reg.peers).toBe(3);
       const pairs = 3;
       await waitUntil(() => late.log.named("greeted").length >= pairs, 30_000, "the late node to greet the live nodes");
-      expect(late.log.named("greeted").map((e) => String(e.peer)).sort()).toEqual(stay.map((p) => p.id).sort());
+      expect(late.log.named("greeted").map((e) => e.peer).sort()).toEqual(stay.map((p) => p.id).sort());
       expect(late.log.events.some((e) => ("peer" in e && e.peer === gone.id) || ("address" in e && e.address === `127.0.0.1:${gone.port}`))).toBe(false);
       expect(late.log.named("greet-failed")).toEqual([]);
     } finally {

@@ -7,9 +7,9 @@
  */
 import { afterEach, describe, expect, test } from "bun:test";
 import { startRegistry } from "../registry.ts";
-import { startNode } from "../client.ts";
+import { startNode, type NodeEvent } from "../client.ts";
 import { PROTOCOL_VERSION, type Peer } from "../protocol.ts";
-import { EventLog, RawClient, disposeAll, exec, freePort, readLines, same, spawnNode, spawnRegistry, spawnScript, waitUntil, withDeadline, type Proc } from "../harness.ts";
+import { EventLog, RawClient, disposeAll, exec, freePort, readLines, same, spawnNode, spawnRegistry, spawnScript, waitUntil, withDeadline, type NodeLine, type Proc, type RegistryLine } from "../harness.ts";
 
 /** Short timings: a beat every 500 ms, eviction after 3 missed beats (1.5 s: a loaded CI machine can stall a process for less). */
 const HEARTBEAT_MS = 500;
@@ -100,14 +100,14 @@ describe("node faults (processes)", () => {
 
   test("a node without its registry retries with capped exponential backoff, and SIGTERM still exits 0", async () => {
     const port = freePort();
-    const n = track(spawnScript("client.ts", ["127.0.0.1", String(port), "--json", ...NODE_ARGS], { label: "node" }));
+    const n = track(spawnScript<NodeLine>("client.ts", ["127.0.0.1", String(port), "--json", ...NODE_ARGS], { label: "node" }));
     const tries = (await n.log.waitForCount("reconnecting", 6, SOON, "six reconnect attempts")).slice(0, 6);
     // Full jitter: each delay lies in [0, min(cap, base * 2^attempt)], base 100 ms, cap --reconnect-max 300.
     expect(tries.map((e) => e.attempt)).toEqual([1, 2, 3, 4, 5, 6]);
     expect(tries.map((e) => e.capMs)).toEqual([100, 200, 300, 300, 300, 300]);
-    for (const e of tries) expect(Number(e.inMs)).toBeLessThanOrEqual(Number(e.capMs));
+    for (const e of tries) expect(e.inMs).toBeLessThanOrEqual(e.capMs);
     // Jitter, not zero: six uniform draws all under 1 ms would be a one-in-10^13 event.
-    expect(tries.some((e) => Number(e.inMs) > 0)).toBe(true);
+    expect(tries.some((e) => e.inMs > 0)).toBe(true);
     expect(n.log.named("registered")).toEqual([]);
     n.signal("SIGTERM");
     expect(await withDeadline(n.exited(), SOON, "the node to exit on SIGTERM")).toBe(0);
@@ -122,7 +122,7 @@ describe("registry faults (processes)", () => {
     reg.signal("SIGSTOP");
     for (const n of nodes) {
       const d = await n.log.waitForWhere("disconnected", (e) => e.registered === true, SOON, `${n.id} to notice the frozen registry`);
-      expect(String(d.reason)).toContain("silent");
+      expect(d.reason).toContain("silent");
     }
     reg.signal("SIGCONT");
     for (const n of nodes) await n.log.waitForWhere("registered", (e) => e.again === true, SOON, `${n.id} to register again`);
@@ -143,21 +143,21 @@ describe("registry faults (processes)", () => {
     await first.kill("SIGKILL");
     for (const n of old) await n.log.waitFor("disconnected", SOON, `${n.id} to notice the registry died`);
 
-    const second = track(spawnScript("registry.ts", ["127.0.0.1", String(port), "--json", ...REGISTRY_ARGS], { label: "registry2" }));
+    const second = track(spawnScript<RegistryLine>("registry.ts", ["127.0.0.1", String(port), "--json", ...REGISTRY_ARGS], { label: "registry2" }));
     const listening = await second.log.waitFor("listening", SOON, "the restarted registry to listen");
     expect(listening.port).toBe(port);
-    const boot = String(listening.boot);
+    const boot = listening.boot;
     expect(boot).not.toBe(registryBoot(first));
     for (const n of old) {
       await n.log.waitForWhere("registered", (e) => e.again === true && e.boot === boot, SOON, `${n.id} to re-register`);
     }
     const ids = sorted(old.map((n) => n.id));
     await waitUntil(() => same(registryList(second), ids), SOON, "the new registry to list every live node");
-    expect(sorted(second.log.named("node-registered").map((e) => String(e.id)))).toEqual(ids); // each exactly once
+    expect(sorted(second.log.named("node-registered").map((e) => e.id))).toEqual(ids); // each exactly once
 
     const late = track(await spawnNode(port, NODE_ARGS));
     const greeted = await late.log.waitForCount("greeted", 3, SOON, "the late node to greet every live node");
-    expect(sorted(greeted.map((e) => String(e.peer)))).toEqual(ids);
+    expect(sorted(greeted.map((e) => e.peer))).toEqual(ids);
     expect(late.log.named("greet-failed")).toEqual([]);
     for (const n of old) await n.log.waitForWhere("greeting", (e) => e.peer === late.id, SOON, `${n.id} to be greeted`);
     // Old pairs had met before the restart; re-registering must not greet them again.
@@ -180,7 +180,7 @@ describe("addresses (in-process registry, raw sockets)", () => {
 
     const real = [];
     for (let i = 0; i < 2; i++) real.push(track(await startNode({ registryHost: "127.0.0.1", registryPort: reg.port, listenHost: "127.0.0.1", greetRetries: 0, greetTimeoutMs: 300 })));
-    const log = new EventLog();
+    const log = new EventLog<NodeEvent>();
     // Long enough that greeting a real peer on a busy machine does not fail; the silent fake still fails in ~2 s.
     const greetTimeoutMs = 1000;
     const greetRetries = 1;
@@ -190,13 +190,13 @@ describe("addresses (in-process registry, raw sockets)", () => {
     const bound = (greetRetries + 1) * greetTimeoutMs + 400 * greetRetries + SOON;
     await log.waitForCount((e) => e.event === "greeted" || e.event === "greet-failed", 4, bound, "the greeting round to finish");
     const failed = log.named("greet-failed");
-    expect(sorted(failed.map((e) => String(e.peer)))).toEqual(["fake-refused", "fake-silent"]);
+    expect(sorted(failed.map((e) => e.peer))).toEqual(["fake-refused", "fake-silent"]);
     for (const f of failed) {
       expect(f.tries).toBe(greetRetries + 1);
-      expect(String(f.reason)).not.toBe("");
+      expect(f.reason).not.toBe("");
     }
-    expect(String(failed.find((e) => e.peer === "fake-silent")!.reason)).toContain("no welcome");
-    expect(sorted(log.named("greeted").map((e) => String(e.peer)))).toEqual(sorted(real.map((n) => n.id)));
+    expect(failed.find((e) => e.peer === "fake-silent")!.reason).toContain("no welcome");
+    expect(sorted(log.named("greeted").map((e) => e.peer))).toEqual(sorted(real.map((n) => n.id)));
     expect(node.registered).toBe(true);
     expect(sorted(node.peers().map((p) => p.id))).toEqual(sorted(["fake-refused", "fake-silent", ...real.map((n) => n.id)]));
   });
@@ -222,10 +222,10 @@ describe("addresses (in-process registry, raw sockets)", () => {
       const reg = track(await startRegistry({ host: "127.0.0.1", port: 0, probe: false, heartbeatMs: 60_000 }));
       await using fake = await RawClient.connect(reg.port);
       await fake.register("fake-stuck", port);
-      const log = new EventLog();
+      const log = new EventLog<NodeEvent>();
       const node = track(await startNode({ registryHost: "127.0.0.1", registryPort: reg.port, listenHost: "127.0.0.1", greetTimeoutMs: 300, greetRetries: 0, onEvent: log.push }));
       const failed = await log.waitForWhere("greet-failed", (e) => e.peer === "fake-stuck", SOON, "the greeting to give up");
-      expect(String(failed.reason)).toContain("timeout");
+      expect(failed.reason).toContain("timeout");
 
       peer.proc.kill("SIGCONT");
       // The peer reports a close only for the late greeting connection: the fillers stay open.
@@ -270,7 +270,7 @@ async function acceptQueue(port: number): Promise<{ full: boolean }> {
 describe("views (a fake registry)", () => {
   test("a sequence gap makes the node sync; a snapshot and a new boot replace its view, also one sent unsolicited on the live session", async () => {
     await using fake = await fakeRegistry();
-    const log = new EventLog();
+    const log = new EventLog<NodeEvent>();
     const node = track(
       await startNode({ registryHost: "127.0.0.1", registryPort: fake.port, listenHost: "127.0.0.1", greetRetries: 0, greetTimeoutMs: 200, reconnectBaseMs: 10, reconnectMaxMs: 50, onEvent: log.push }),
     );
@@ -297,7 +297,7 @@ describe("views (a fake registry)", () => {
     const again = await log.waitForWhere("registered", (e) => e.again === true, SOON, "the node to register again");
     expect(again.boot).toBe("boot-2");
     expect(ids()).toEqual(["p5"]);
-    const restartLeaves = log.events.filter((e) => e.event === "peer-left" && e.reason === "restart").map((e) => String(e.peer));
+    const restartLeaves = log.named("peer-left").filter((e) => e.reason === "restart").map((e) => e.peer);
     expect(sorted(restartLeaves)).toEqual(["p1", "p2", "p4"]);
 
     // Registries sharing a store send a snapshot unsolicited when the store started over: another
@@ -313,7 +313,7 @@ describe("views (a fake registry)", () => {
 
   test("a refusal after the node was registered once is retried, not fatal (a restarted registry may be briefly wrong)", async () => {
     await using fake = await fakeRegistry();
-    const log = new EventLog();
+    const log = new EventLog<NodeEvent>();
     const node = track(
       await startNode({ registryHost: "127.0.0.1", registryPort: fake.port, listenHost: "127.0.0.1", greetRetries: 0, greetTimeoutMs: 200, reconnectBaseMs: 10, reconnectMaxMs: 50, onEvent: log.push }),
     );
@@ -328,14 +328,14 @@ describe("views (a fake registry)", () => {
 
   test("a registry that accepts but never answers register is given up and retried", async () => {
     await using fake = await fakeRegistry({ answer: false });
-    const log = new EventLog();
+    const log = new EventLog<NodeEvent>();
     const node = track(
       await startNode({ registryHost: "127.0.0.1", registryPort: fake.port, listenHost: "127.0.0.1", registerTimeoutMs: 300, reconnectBaseMs: 10, reconnectMaxMs: 50, waitForRegistration: false, onEvent: log.push }),
     );
     await waitUntil(() => fake.sessions.length >= 2, SOON, "the node to give up on a silent registry and dial again");
     expect(node.registered).toBe(false);
     const gaveUp = await log.waitFor("disconnected", SOON, "a disconnected event");
-    expect(String(gaveUp.reason)).toContain("no answer to register");
+    expect(gaveUp.reason).toContain("no answer to register");
     expect(fake.sessions[0]!.named("register")).toHaveLength(1);
   });
 });
@@ -354,22 +354,22 @@ async function startNodes(registryPort: number, n: number): Promise<NodeProc[]> 
 }
 
 /** The registry's list, rebuilt from its events since its (last) start. */
-function registryList(reg: Proc): string[] {
+function registryList(reg: Proc<RegistryLine>): string[] {
   const ids = new Set<string>();
   for (const e of reg.log.events) {
     if (e.event === "listening") ids.clear();
-    else if (e.event === "node-registered") ids.add(String(e.id));
-    else if (e.event === "node-left") ids.delete(String(e.id));
+    else if (e.event === "node-registered") ids.add(e.id);
+    else if (e.event === "node-left") ids.delete(e.id);
   }
   return sorted([...ids]);
 }
 
-function registryLeft(reg: Proc, id: string): unknown[] {
-  return reg.log.events.filter((e) => e.event === "node-left" && e.id === id).map((e) => e.reason);
+function registryLeft(reg: Proc<RegistryLine>, id: string): string[] {
+  return reg.log.named("node-left").filter((e) => e.id === id).map((e) => e.reason);
 }
 
-function registryBoot(reg: Proc): string {
-  return String(reg.log.named("listening").at(-1)?.boot);
+function registryBoot(reg: Proc<RegistryLine>): string | undefined {
+  return reg.log.named("listening").at(-1)?.boot;
 }
 
 function sorted(xs: string[]): string[] {

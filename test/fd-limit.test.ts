@@ -5,7 +5,7 @@
  */
 import { afterEach, describe, expect, test } from "bun:test";
 import { fdMargin, fitCapsToFdLimit, parseFdLimit, readFdUsage } from "../limits.ts";
-import { RawClient, disposeAll, spawnScript } from "../harness.ts";
+import { RawClient, disposeAll, spawnScript, type RegistryLine } from "../harness.ts";
 
 let fixtures: AsyncDisposable[] = [];
 afterEach(async () => {
@@ -101,23 +101,23 @@ describe("reading the limit", () => {
 
 describe("the registry under a small limit", () => {
   test("caps that need more descriptors than the process has are lowered, with one warning, and hold", async () => {
-    const registry = spawnScript("registry.ts", ["127.0.0.1", "0", "--json", "--http", "0", "--http-host", "127.0.0.1"], { label: "registry", prefix: [
+    const registry = spawnScript<RegistryLine>("registry.ts", ["127.0.0.1", "0", "--json", "--http", "0", "--http-host", "127.0.0.1"], { label: "registry", prefix: [
       "prlimit",
       "--nofile=1024:1024",
       "--",
     ] });
     fixtures.push(registry);
     const warned = await registry.log.waitFor("fd-limit", 15_000, "the fd-limit warning");
-    const url = String((await registry.log.waitFor("http-listening", 15_000)).url);
+    const { url } = await registry.log.waitFor("http-listening", 15_000);
     expect(warned.limit).toBe(1024);
-    const lowered = warned.lowered as { flag: string; from: number; to: number }[];
+    const lowered = warned.lowered;
     expect(lowered.map((l) => [l.flag, l.from])).toEqual([
       ["max-conns", 60_000],
       ["http-max-conns", 256],
     ]);
     const httpCap = lowered[1]!.to;
     expect(httpCap).toBeGreaterThan(0);
-    expect(lowered[0]!.to + 3 * httpCap).toBeLessThanOrEqual(1024 - Number(warned.reserved));
+    expect(lowered[0]!.to + 3 * httpCap).toBeLessThanOrEqual(1024 - warned.reserved);
     expect(registry.log.named("fd-limit")).toHaveLength(1);
 
     // The lowered HTTP cap is the one enforced: that many idle connections, then a 503.

@@ -14,7 +14,7 @@
  */
 import { afterEach, expect, test } from "bun:test";
 import { readdirSync, readlinkSync } from "node:fs";
-import { startNode, type PeerNode } from "../client.ts";
+import { startNode, type NodeEvent, type PeerNode } from "../client.ts";
 import { EventLog, Fixtures, RawClient, clientHello, rssBytes, spawnRegistry, startAttackers, testCerts, waitUntil, type AttackKind } from "../harness.ts";
 
 const CAP = 20;
@@ -51,7 +51,7 @@ test("idle, half-sent, trickling and half-closed floods are capped per address a
   });
 
   // Real nodes register while the flood is open, from an address the flood does not use.
-  const logs = Array.from({ length: REAL_NODES }, () => new EventLog());
+  const logs = Array.from({ length: REAL_NODES }, () => new EventLog<NodeEvent>());
   const nodes: PeerNode[] = [];
   const starting = logs.map(async (log) => {
     // Cleaned up from its start, so a node that misses the deadline is stopped all the same.
@@ -85,9 +85,9 @@ test("idle, half-sent, trickling and half-closed floods are capped per address a
       expect(refused).toBeGreaterThanOrEqual(1);
     }
     // The registry reported each refusal for this address, and only for it.
-    expect(capEvents.filter((e) => String(e.remote).startsWith(`${from}:`)).length).toBe(refused);
+    expect(capEvents.filter((e) => e.remote.startsWith(`${from}:`)).length).toBe(refused);
   }
-  expect(capEvents.some((e) => String(e.remote).startsWith("127.0.0.1:"))).toBe(false);
+  expect(capEvents.some((e) => e.remote.startsWith("127.0.0.1:"))).toBe(false);
 
   // With the real nodes gone too, the registry holds no more sockets than before the flood.
   await Promise.all(nodes.map((n) => n.stop()));
@@ -135,7 +135,7 @@ test("on the TLS port, handshakes that never end are capped per address and cut 
     }),
   );
   const ids = ["node-0", "node-1", "node-2", "node-3", "node-4"];
-  const logs = ids.map(() => new EventLog());
+  const logs = ids.map(() => new EventLog<NodeEvent>());
   const nodes: PeerNode[] = await Promise.all(ids.map((id, i) => join(id, logs[i])));
   for (const n of nodes) f.defer(() => n.stop());
   await Promise.all(logs.map((l) => l.waitFor("registered", 20_000, "a mutual-TLS node to register during the flood")));
@@ -145,14 +145,14 @@ test("on the TLS port, handshakes that never end are capped per address and cut 
   for (const { kind, conns } of flood) await Promise.all(conns.map((c) => c.waitClosed(15_000, `the registry to cut every ${kind} connection`)));
   const errors = registry.log.named("error");
   for (const { kind, from, conns } of flood) {
-    const mine = errors.filter((e) => String(e.remote).startsWith(`${from}:`)).map((e) => String(e.code));
+    const mine = errors.filter((e) => e.remote.startsWith(`${from}:`)).map((e) => e.code);
     const cut = kind === "garbage" ? "handshake-failed" : "handshake-timeout";
     // One report per connection: the cap refused the excess before any handshake; the rest were cut.
     expect({ kind, reports: mine.length, other: mine.filter((c) => c !== cut && c !== "too-many-connections") }).toEqual({ kind, reports: conns.length, other: [] });
     expect(mine.filter((c) => c === cut).length).toBeGreaterThanOrEqual(CAP);
     expect(mine).toContain("too-many-connections");
   }
-  expect(errors.some((e) => String(e.remote).startsWith("127.0.0.1:"))).toBe(false);
+  expect(errors.some((e) => e.remote.startsWith("127.0.0.1:"))).toBe(false);
   expect(logs.flatMap((l) => l.named("error"))).toEqual([]);
 
   await Promise.all(nodes.map((n) => n.stop()));
@@ -169,7 +169,7 @@ const BUDGET = 4 * 1024 * 1024;
 test("sync spam from non-readers, a ping flood, a /peers flood, churn, slow consumers and token guesses, all at once: real nodes registered before and during it are neither refused nor evicted; unsent bytes stay within the budget; the registry runs on", async () => {
   const args = ["--heartbeat", String(HEARTBEAT_MS), "--max-queue-total", String(BUDGET), "--http", "0"];
   const registry = f.track(await spawnRegistry(args, { REGISTRY_TOKEN: TOKEN }));
-  const statsUrl = String((await registry.log.waitFor("http-listening", 10_000)).url) + "stats";
+  const statsUrl = (await registry.log.waitFor("http-listening", 10_000)).url + "stats";
   const stats = async () => (await (await fetch(statsUrl)).json()) as Record<string, any>; // /stats as documented in PROTOCOL.md
   const baseRss = rssBytes(registry.pid)!;
 
@@ -209,7 +209,7 @@ test("sync spam from non-readers, a ping flood, a /peers flood, churn, slow cons
   await Promise.all(attacks.map((a) => a.stop()));
 
   for (const n of all) expect({ id: n.node.id, registered: n.node.registered, trouble: n.log.events.filter((e) => e.event === "error" || e.event === "disconnected") }).toEqual({ id: n.node.id, registered: true, trouble: [] });
-  expect(registry.log.named("node-left").filter((e) => ids.includes(String(e.id)))).toEqual([]);
+  expect(registry.log.named("node-left").filter((e) => ids.includes(e.id))).toEqual([]);
   expect(registry.proc.exitCode).toBeNull();
   expect(peak.max).toBe(BUDGET);
   expect(peak.unsent).toBeLessThanOrEqual(BUDGET);
@@ -223,7 +223,7 @@ test("sync spam from non-readers, a ping flood, a /peers flood, churn, slow cons
 async function realNodes(registryPort: number, n: number): Promise<{ node: PeerNode; log: EventLog }[]> {
   return Promise.all(
     Array.from({ length: n }, async () => {
-      const log = new EventLog();
+      const log = new EventLog<NodeEvent>();
       const node = await startNode({ registryHost: "127.0.0.1", registryPort, listenHost: "127.0.0.1", token: TOKEN, onEvent: log.push, waitForRegistration: false });
       f.defer(() => node.stop());
       await log.waitFor("registered", 20_000, "a real node to register under attack");

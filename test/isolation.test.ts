@@ -10,6 +10,7 @@
 import { afterEach, describe, expect, test } from "bun:test";
 import { Admission } from "../admission.ts";
 import { EventLog, Fixtures, ManualClock, RawClient, freePort, probeResponder, spawnNode, spawnRegistry, spawnScript, waitUntil, watchedTransport, withDeadline, type Accepted, type Proc } from "../harness.ts";
+import type { NodeEvent } from "../client.ts";
 import { MemoryMembership } from "../membership.ts";
 import { tcp } from "../net.ts";
 import type { Registry } from "../registry.ts";
@@ -20,7 +21,7 @@ afterEach(() => f.cleanup());
 describe("identity: nobody replaces a live node", () => {
   test("a newcomer claiming a live node's id from its own listener is refused id-in-use; the victim keeps its place and hears nothing", async () => {
     const { reg } = await f.registry({});
-    const victimLog = new EventLog();
+    const victimLog = new EventLog<NodeEvent>();
     const victim = await f.node(reg.port, { onEvent: victimLog.push });
     // The attacker's listener answers every probe, for any id: the newcomer's own probe passes.
     const lure = probeResponder();
@@ -94,7 +95,7 @@ describe("identity: nobody replaces a live node", () => {
 
   test("filling a live node's listener does not clear its place: the busy probe proves nothing, and the newcomer is told unavailable", async () => {
     const { reg } = await f.registry({});
-    const victimLog = new EventLog();
+    const victimLog = new EventLog<NodeEvent>();
     const victim = await f.node(reg.port, { onEvent: victimLog.push, maxInboundConns: 4 });
     for (let i = 0; i < 4; i++) await f.raw(victim.port, "127.0.0.2");
     // The cap is full once one more connection is turned away.
@@ -119,7 +120,7 @@ describe("identity: nobody replaces a live node", () => {
     await holder.send({ type: "register", v: 1, id: "stable", port: old.port });
     await holder.waitFor("registered", 5_000);
     old.stop(); // the old process is gone; its session is not (a host that froze mid-crash)
-    const log = new EventLog();
+    const log = new EventLog<NodeEvent>();
     const restarted = f.node(reg.port, { id: "stable", port: old.port, onEvent: log.push });
     const refusal = await log.waitFor("error", 5_000, "the restarted node's first refusal");
     expect(refusal.code).toBe("unavailable");
@@ -299,7 +300,7 @@ describe("the probe is no port scanner", () => {
     expect(texts[0]).toContain("no node answered as scan at <address>");
     expect(texts[0]).not.toMatch(/SSH|HTTP|refused|timed|answer within/i);
     // The operator still learns what happened.
-    const details = log.named("error").map((e) => String(e.detail));
+    const details = log.named("error").map((e) => e.detail ?? "");
     expect(details.some((d) => /refused|ECONNREFUSED/i.test(d))).toBe(true);
     expect(details.some((d) => /no answer within/.test(d))).toBe(true);
   });
@@ -373,7 +374,7 @@ describe("liveness the registry cannot fake", () => {
 describe("a node's listener", () => {
   test("a hello sent first for a later node's id is not that node's greeting: the real one is reported, from its listed address, once", async () => {
     const { reg } = await f.registry({});
-    const aLog = new EventLog();
+    const aLog = new EventLog<NodeEvent>();
     const a = await f.node(reg.port, { onEvent: aLog.push });
     const fake = await f.raw(a.port);
     await fake.send({ type: "hello", v: 1, id: "late-b", host: "127.0.0.1", port: 9 });
@@ -386,7 +387,7 @@ describe("a node's listener", () => {
 
   test("a hello from a node the registry lists only later is reported once it is listed", async () => {
     const { reg } = await f.registry({ probe: false });
-    const aLog = new EventLog();
+    const aLog = new EventLog<NodeEvent>();
     const a = await f.node(reg.port, { onEvent: aLog.push });
     const early = await f.raw(a.port);
     await early.send({ type: "hello", v: 1, id: "early", host: "127.0.0.1", port: 47_000 });
@@ -401,7 +402,7 @@ describe("a node's listener", () => {
 
   test("a false hello for an id not listed yet does not shadow the real one that follows: the real one is reported once listed", async () => {
     const { reg } = await f.registry({ probe: false });
-    const aLog = new EventLog();
+    const aLog = new EventLog<NodeEvent>();
     const a = await f.node(reg.port, { onEvent: aLog.push });
     // The listener keeps a claim aside in the step that sends its welcome: once both are answered,
     // both are pending, the false one first, and the registry has not listed "shadowed" yet.
@@ -421,7 +422,7 @@ describe("a node's listener", () => {
 
   test("two hellos on one connection: the first is answered and counted, the second is not read", async () => {
     const { reg } = await f.registry({ probe: false });
-    const aLog = new EventLog();
+    const aLog = new EventLog<NodeEvent>();
     const a = await f.node(reg.port, { onEvent: aLog.push });
     for (const [id, port] of [["h1", 47_101], ["h2", 47_102]] as const) {
       const s = await f.raw(reg.port);

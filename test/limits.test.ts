@@ -8,7 +8,7 @@
  * host are bound to 127.0.0.2, 127.0.0.3, ... (all of 127/8 is loopback).
  */
 import { afterEach, describe, expect, test } from "bun:test";
-import { RegistrationError, startNode } from "../client.ts";
+import { RegistrationError, startNode, type NodeEvent } from "../client.ts";
 import { BucketMap, ByteBudget, TokenBucket } from "../limits.ts";
 import type { Registry } from "../registry.ts";
 import { EventLog, Fixtures, RawClient, freePort, spawnNode, spawnRegistry, spawnScript, waitUntil, watchedTransport, withDeadline, type Proc, type WireMessage } from "../harness.ts";
@@ -111,7 +111,7 @@ describe("registry limits", () => {
     expect(String(err.message)).toContain("maximum of 2 nodes");
     await over.waitClosed(5_000);
 
-    const waitingLog = new EventLog();
+    const waitingLog = new EventLog<NodeEvent>();
     const waiting = await f.node(reg.port, { onEvent: waitingLog.push, waitForRegistration: false });
     await waitingLog.waitForWhere("error", (e) => e.code === "registry-full", 10_000, "registry-full for the third node");
     expect(waiting.registered).toBe(false);
@@ -155,7 +155,7 @@ describe("registry limits", () => {
     expect(err.code).toBe("too-many-connections");
     expect(String(err.message)).toContain("more than 3 connections from 127.0.0.2");
     await over.waitClosed(5_000);
-    await log.waitForWhere("error", (e) => e.code === "too-many-connections" && String(e.remote).startsWith("127.0.0.2:"), 5_000);
+    await log.waitForWhere("error", (e) => e.code === "too-many-connections" && e.remote.startsWith("127.0.0.2:"), 5_000);
 
     // Another source address is not affected, and neither is a real node.
     const other = await f.raw(reg.port, "127.0.0.3");
@@ -225,7 +225,7 @@ describe("token", () => {
 
   test("missing or wrong token: unauthorized and closed; the right one registers; the token appears in no event", async () => {
     const { reg, log } = await f.registry({ token: TOKEN });
-    const nodeLog = new EventLog();
+    const nodeLog = new EventLog<NodeEvent>();
     for (const [token, message] of [
       [undefined, "this registry requires a token"],
       ["wrong", "wrong token"],
@@ -321,7 +321,7 @@ describe("advertised addresses", () => {
 describe("a node's greeting listener", () => {
   test("line size, open connections and connection lifetime are bounded; a real greeting still gets through", async () => {
     const { reg } = await f.registry({});
-    const targetLog = new EventLog();
+    const targetLog = new EventLog<NodeEvent>();
     // Lifetime 2 s: long enough that the first idle connection is still open when the third arrives on a busy machine.
     const target = await f.node(reg.port, { maxLineBytes: 256, maxInboundConns: 2, inboundTimeoutMs: 2_000, onEvent: targetLog.push });
 
@@ -344,7 +344,7 @@ describe("a node's greeting listener", () => {
     })();
     for (const c of idle) await c.waitClosed(10_000, "the inbound lifetime bound to close a held connection");
 
-    const greeterLog = new EventLog();
+    const greeterLog = new EventLog<NodeEvent>();
     const greeter = await f.node(reg.port, { onEvent: greeterLog.push });
     await greeterLog.waitForWhere("greeted", (e) => e.peer === target.id, 10_000, "greeting of the bounded node");
     await targetLog.waitForWhere("greeting", (e) => e.peer === greeter.id, 10_000);
@@ -430,7 +430,7 @@ describe("a hostile registry", () => {
     });
     f.defer(() => node.stop());
     const d = await log.waitFor("disconnected", 10_000, "the node to give up on a silent registry");
-    expect(String(d.reason)).toContain("no answer to register");
+    expect(d.reason).toContain("no answer to register");
     await waitUntil(() => conns() >= 2, 10_000, "a second connection");
   });
 

@@ -6,7 +6,7 @@
  */
 import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test";
 import { RedisClient } from "bun";
-import { MemoryMembership, peerOf, type JoinResult, type Member, type Membership } from "../membership.ts";
+import { MemoryMembership, peerOf, type Change, type JoinResult, type Member, type Membership } from "../membership.ts";
 import { openStore, storeUrl, type RedisMembership, type StoreOptions } from "../redis.ts";
 import { EventLog, RedisServer, redisUnavailable, spawnScript, waitUntil, withDeadline } from "../harness.ts";
 
@@ -56,10 +56,13 @@ function member(id: string, port: number, registry = "r1", name?: string): Membe
   return { id, host: "127.0.0.1", port, ...(name ? { name } : {}), source: "127.0.0.1", registry, joinedAt: Date.now(), ticket: `t${++tickets}` };
 }
 
+/** A change a membership announces, named by its kind. */
+type Recorded = Change extends infer C ? (C extends { kind: infer K } ? C & { event: K } : never) : never;
+
 /** Every change a membership announces, as events a test can wait for. */
-function record(m: Membership): EventLog {
-  const log = new EventLog();
-  m.subscribe((c) => log.push({ event: c.kind, ...c }));
+function record(m: Membership): EventLog<Recorded> {
+  const log = new EventLog<Recorded>();
+  m.subscribe((c) => log.push({ event: c.kind, ...c } as Recorded));
   return log;
 }
 
@@ -264,8 +267,8 @@ describe.skipIf(redisUnavailable !== null)("several registries on one store", ()
       );
     }
     const last = Math.max(a.seq, b.seq);
-    await logA.waitFor((e) => e.seq === last, WAIT_MS, `A to apply seq ${last}`);
-    await logB.waitFor((e) => e.seq === last, WAIT_MS, `B to apply seq ${last}`);
+    await logA.waitFor((e) => "seq" in e && e.seq === last, WAIT_MS, `A to apply seq ${last}`);
+    await logB.waitFor((e) => "seq" in e && e.seq === last, WAIT_MS, `B to apply seq ${last}`);
     expect(history(logA)).toEqual(history(logB));
     expect(history(logA).map((h) => Number(h.split(" ")[0]))).toEqual(Array.from({ length: last }, (_, i) => i + 1));
     expect(a.peerList()).toBe(b.peerList());
@@ -417,9 +420,9 @@ describe.skipIf(redisUnavailable !== null)("the log and leases", () => {
     const logB = record(b);
     const a1 = member("a1", 7001, "A");
     await a.join(a1, []);
-    const swept = await logB.waitFor((e) => e.event === "left", WAIT_MS, "B to sweep A's node");
+    const swept = await logB.waitFor("left", WAIT_MS, "B to sweep A's node");
     expect(swept).toMatchObject({ reason: "timeout", member: a1 });
-    const back = await logB.waitForWhere("joined", (e) => Number(e.seq) > Number(swept.seq), WAIT_MS, "A to write its node back");
+    const back = await logB.waitForWhere("joined", (e) => e.seq > swept.seq, WAIT_MS, "A to write its node back");
     expect(back.member).toEqual(a1);
   });
 });
@@ -482,10 +485,10 @@ describe.skipIf(redisUnavailable !== null)("the store fails", () => {
       store.freeze(false);
     }
     const reset = await log.waitFor("reset", WAIT_MS, "a reset after the store thawed");
-    expect({ boot: reset.boot, above: Number(reset.seq) > 2 }).toEqual({ boot, above: true });
+    expect({ boot: reset.boot, above: reset.seq > 2 }).toEqual({ boot, above: true });
     expect([...a.members()].map((x) => x.id).sort()).toEqual(["a1", "a2"]);
     // The next change continues from there, in the store too.
-    expect(await a.join(member("a3", 7003, "A"), [])).toEqual({ ok: true, seq: Number(reset.seq) + 1 });
+    expect(await a.join(member("a3", 7003, "A"), [])).toEqual({ ok: true, seq: reset.seq + 1 });
   });
 
   test("unreachable at start: degraded and serving, then the store's list once it is up", async () => {

@@ -116,15 +116,15 @@ describe.skipIf(unavailable !== null)("across hosts (network namespaces)", () =>
     // Nobody is there: silence (unavailable, retried until the ghost gives up) or, once the
     // neighbour table knows, "no route to host" (unreachable, final): the same text either way.
     const first = await ghost.log.waitFor("error", WAIT_MS, "the ghost node's error");
-    expect(String(first.message)).toContain(`${UNUSED4}:`);
-    expect(String(first.message)).toContain("--advertise");
+    expect(first.message).toContain(`${UNUSED4}:`);
+    expect(first.message).toContain("--advertise");
     expect(await withDeadline(ghost.exited(), WAIT_MS, "the ghost node to give up")).toBe(1);
-    const ghostCodes = new Set(ghost.log.named("error").map((e) => String(e.code)));
+    const ghostCodes = new Set(ghost.log.named("error").map((e) => e.code));
     expect([...ghostCodes].every((c) => c === "unavailable" || c === "unreachable")).toBe(true);
 
     const notAllowed = await refused.log.waitFor("error", WAIT_MS, "the refused node's error");
     expect(notAllowed.code).toBe("address-not-allowed");
-    expect(String(notAllowed.message)).toContain(UNUSED4);
+    expect(notAllowed.message).toContain(UNUSED4);
     expect(await withDeadline(refused.exited(), WAIT_MS, "the refused node to exit")).not.toBe(0);
 
     // The registries' own reports come on other pipes than the nodes': wait for them rather than assume order.
@@ -179,8 +179,8 @@ describe.skipIf(unavailable !== null || redisUnavailable !== null)("several regi
 function listedBy(reg: RegistryProc): Map<string, string> {
   const list = new Map<string, string>();
   for (const e of reg.log.events) {
-    if (e.event === "node-registered") list.set(String(e.id), String(e.host));
-    else if (e.event === "node-left") list.delete(String(e.id));
+    if (e.event === "node-registered") list.set(e.id, e.host);
+    else if (e.event === "node-left") list.delete(e.id);
   }
   return list;
 }
@@ -215,11 +215,11 @@ async function meshAcrossHosts(host: Host, nodeHosts: Host[], family: 4 | 6, bin
     expect(n.log.named("registered").map((e) => e.address)).toEqual([self]);
     // Whom it greeted, it reached at that node's own host address; who greeted it said its own.
     for (const e of n.log.named("greeted")) {
-      const peer = byId.get(String(e.peer))!;
+      const peer = byId.get(e.peer)!;
       expect(e.address).toBe(formatAddress(addr(peer.host), peer.port));
     }
     for (const e of n.log.named("greeting")) {
-      const peer = byId.get(String(e.peer))!;
+      const peer = byId.get(e.peer)!;
       expect(e.address).toBe(formatAddress(addr(peer.host), peer.port));
     }
     expect(n.log.named("error")).toEqual([]);

@@ -149,7 +149,7 @@ describe("the command line", () => {
     const reg = f.track(await spawnRegistry(["--http", "0", "--http-host", "127.0.0.1"]));
     const nodes = await Promise.all([0, 1, 2].map((i) => spawnNode(reg.port, ["--listen", "127.0.0.1", "--name", `list-${i}`])));
     nodes.forEach((n) => f.track(n));
-    const url = String((await reg.log.waitFor("http-listening", 10_000)).url);
+    const url = (await reg.log.waitFor("http-listening", 10_000)).url;
     const list = (...extra: string[]) => exec([process.execPath, "client.ts", "list", "127.0.0.1", String(reg.port), ...extra], 15_000, undefined, ROOT);
     const json = await list("--json");
     expect(json.code).toBe(0);

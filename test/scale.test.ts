@@ -28,8 +28,8 @@ test(`${N} in-process nodes form a full mesh: every pair exactly once, and the r
           id,
           waitForRegistration: false,
           onEvent: (e) => {
-            if (e.event === "greeted") greeted.get(id)!.push(String(e.peer));
-            else if (e.event === "greeting") received.get(id)!.push(String(e.peer));
+            if (e.event === "greeted") greeted.get(id)!.push(e.peer);
+            else if (e.event === "greeting") received.get(id)!.push(e.peer);
             else if (e.event === "greet-failed" || e.event === "error") failures.push({ ...e, node: id });
           },
         }),

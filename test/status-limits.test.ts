@@ -7,7 +7,7 @@
  * and ::1, so a client on ::1 counts as another source address.
  */
 import { afterEach, describe, expect, test } from "bun:test";
-import { startRegistry, type Registry, type RegistryOptions } from "../registry.ts";
+import { startRegistry, type Registry, type RegistryOptions, type RegistryEvent } from "../registry.ts";
 import { startStatusServer, type StatusServerOptions } from "../status.ts";
 import { EventLog, RawClient, disposeAll, spawnScript, waitUntil, withDeadline, type WireMessage } from "../harness.ts";
 
@@ -182,7 +182,7 @@ describe("command line", () => {
 // --- internal ----------------------------------------------------------------
 
 async function statusServer(options: StatusServerOptions, registryOptions: RegistryOptions = {}) {
-  const log = new EventLog();
+  const log = new EventLog<RegistryEvent>();
   const registry = await startRegistry({ host: "127.0.0.1", port: 0, onEvent: log.push, ...registryOptions });
   fixtures.push(registry);
   const server = startStatusServer(registry, { port: 0, ...options });

@@ -42,7 +42,7 @@ test(`with ${LISTED} nodes listed, GET /peers loops, a stalled /events and an id
     ].flat(),
   );
   fixtures.push(registry);
-  const http = Number(new URL(String((await registry.log.waitFor("http-listening", 10_000)).url)).port);
+  const http = Number(new URL((await registry.log.waitFor("http-listening", 10_000)).url).port);
   expect(registry.log.named("fd-limit")).toEqual([]); // the caps asked for fit: they are the ones under test
 
   const bulkStarted = performance.now();

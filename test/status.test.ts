@@ -7,7 +7,7 @@
 import { afterEach, describe, expect, test } from "bun:test";
 import { createHash } from "node:crypto";
 import { startNode, type PeerNode } from "../client.ts";
-import { startRegistry, type Registry } from "../registry.ts";
+import { startRegistry, type Registry, type RegistryEvent } from "../registry.ts";
 import { startStatusServer, type StatusServer, type StatusServerOptions } from "../status.ts";
 import { EventLog, disposeAll, readLines, waitUntil, withDeadline, type JsonEvent } from "../harness.ts";
 
@@ -239,7 +239,7 @@ interface Snapshot {
 
 /** A registry with a status server and `count` nodes that have all greeted each other. */
 async function mesh(count: number, options: StatusServerOptions = {}) {
-  const log = new EventLog();
+  const log = new EventLog<RegistryEvent>();
   const registry = await startRegistry({ host: "127.0.0.1", port: 0, onEvent: log.push });
   fixtures.push(registry);
   const server = startStatusServer(registry, { host: "127.0.0.1", port: 0, ...options });

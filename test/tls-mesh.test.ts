@@ -31,7 +31,7 @@ import {
 } from "../harness.ts";
 import { tcp, type Transport } from "../net.ts";
 import { tls } from "../tls.ts";
-import { startRegistry, type Registry } from "../registry.ts";
+import { startRegistry, type Registry, type RegistryEvent } from "../registry.ts";
 
 const T = 60_000;
 const WAIT = 20_000;
@@ -60,7 +60,7 @@ async function refusedNode(port: number, args: string[]): Promise<{ error: Recor
 
 /** In-process registry on 127.0.0.1, disposed after the test. */
 async function registryWith(transport: Transport): Promise<{ reg: Registry; log: EventLog }> {
-  const log = new EventLog();
+  const log = new EventLog<RegistryEvent>();
   const reg = await startRegistry({ host: "127.0.0.1", port: 0, transport, onEvent: log.push });
   fixtures.push(reg);
   return { reg, log };
@@ -152,13 +152,13 @@ describe("TLS on the registry port", () => {
 
   test("a node with a certificate, refused by a registry without a client CA, is told why by its own listener: the probe came in plain TCP", async () => {
     const { reg } = await registryWith(certs.registryTransport(false));
-    const log = new EventLog();
+    const log = new EventLog<NodeEvent>();
     const refused = startNode({ registryHost: "127.0.0.1", registryPort: reg.port, listenHost: "127.0.0.1", transport: certs.nodeTransport("node-0"), onEvent: (e: NodeEvent) => log.push(e) });
     await expect(refused).rejects.toThrow(/^unreachable: no node answered as node-0/);
     // The listener's close and the registry's refusal race: the warning may come just after.
     const warning = await log.waitFor("warning", 5_000, "the listener's warning");
     expect(log.named("warning").length).toBe(1);
-    expect(String(warning.message)).toContain("reached this node's TLS listener: if that was the registry's probe, a mesh with node certificates needs the registry started with --tls-client-ca");
+    expect(warning.message).toContain("reached this node's TLS listener: if that was the registry's probe, a mesh with node certificates needs the registry started with --tls-client-ca");
   });
 });
 
@@ -235,7 +235,7 @@ describe("mutual TLS", () => {
     greeter.greet({ id: "node-1", host: "127.0.0.1", port: silent.port });
     const failed = await log.waitFor("greet-failed", 5_000);
     expect(failed).toMatchObject({ peer: "node-1", tries: 2 });
-    expect(String(failed.reason)).toMatch(/no TLS connection within|no welcome within/);
+    expect(failed.reason).toMatch(/no TLS connection within|no welcome within/);
   });
 
   test("the probe works through TLS: the registry reaches the listener with its own certificate and checks the id it finds", async () => {
@@ -246,7 +246,7 @@ describe("mutual TLS", () => {
     const refusal = await nodeWith(reg.port, certs.nodeTransport("node-1"), { advertise: `:${good.port}` }).catch((e: Error) => e.message);
     expect(refusal).toBe(`unreachable: no node answered as node-1 at 127.0.0.1:${good.port}; if nodes must reach this node at another address, start it with --advertise host[:port]`);
     const report = await log.waitForWhere("error", (e) => e.code === "unreachable", 5_000);
-    expect(String(report.detail)).toContain("reached a certificate for node node-0, expected node node-1");
+    expect(report.detail).toContain("reached a certificate for node node-0, expected node node-1");
     expect(reg.nodes().map((n) => n.id)).toEqual(["node-0"]);
   });
 });
@@ -284,7 +284,7 @@ describe("rotation on SIGHUP", () => {
       writeFileSync(live.registry.cert, "-----BEGIN CERTIFICATE-----\ntruncated\n");
       registry.signal("SIGHUP");
       const failed = await registry.log.waitFor("tls-reload-failed", WAIT, "the registry to refuse the broken file");
-      expect(String(failed.message)).toContain(live.registry.cert);
+      expect(failed.message).toContain(live.registry.cert);
       expect(await servedSerial(registry.port, "localhost")).toBe(renewed.registry);
 
       // The sessions opened before either reload never dropped.
@@ -303,7 +303,7 @@ describe("HTTPS for the status server", () => {
       const live = await liveFiles(dir);
       const registry = await spawnRegistry(["--tls-cert", live.registry.cert, "--tls-key", live.registry.key, "--tls-client-ca", certs.mesh.ca, "--http", "0"]);
       fixtures.push(registry);
-      const url = String((await registry.log.waitFor("http-listening", WAIT)).url);
+      const url = (await registry.log.waitFor("http-listening", WAIT)).url;
       expect(url).toMatch(/^https:\/\/127\.0\.0\.1:\d+\/$/);
       const ca = await Bun.file(certs.mesh.ca).text();
       const healthz = await fetch(`${url}healthz`, { tls: { ca } });
@@ -328,7 +328,7 @@ describe("HTTPS for the status server", () => {
     async () => {
       const registry = await spawnRegistry([...certs.registryArgs(true), "--http", "0", "--http-host", "127.0.0.1", "--http-tls-client-ca", certs.mesh.ca]);
       fixtures.push(registry);
-      const url = `${String((await registry.log.waitFor("http-listening", WAIT)).url)}healthz`;
+      const url = `${(await registry.log.waitFor("http-listening", WAIT)).url}healthz`;
       const ca = await Bun.file(certs.mesh.ca).text();
       const as = (pair: KeyPair | undefined) => fetch(url, { tls: { ca, ...(pair ? { cert: Bun.file(pair.cert), key: Bun.file(pair.key) } : {}) } }).then((r) => r.status, (e: Error) => e.message);
       expect(await as(certs.node("node-0"))).toBe(200);
