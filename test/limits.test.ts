@@ -132,7 +132,7 @@ describe("registry limits", () => {
     void (async () => {
       for (let i = 0; !trickle.closed; i = (i + 1) % body.length) {
         await trickle.write(body[i]!);
-        await Bun.sleep(20);
+        await Bun.sleep(20); // the trickler's pace, not a wait for anything
       }
     })();
     const node = await f.node(reg.port);
@@ -339,7 +339,7 @@ describe("a node's greeting listener", () => {
     void (async () => {
       while (!idle[1]!.closed) {
         await idle[1]!.write(" ");
-        await Bun.sleep(20);
+        await Bun.sleep(20); // the slow writer's pace, not a wait for anything
       }
     })();
     for (const c of idle) await c.waitClosed(10_000, "the inbound lifetime bound to close a held connection");
